@@ -39,6 +39,7 @@ struct TableInfo {
   int64_t N = 0;
   int64_t D = 0;
   int64_t R = 0;  // r[K-1], the rank contracted with the last core
+  int64_t pooling = 0;
 };
 
 struct BatchInfo {
@@ -65,9 +66,9 @@ BatchInfo parse_and_check(
     at::IntArrayRef num_rows,
     at::IntArrayRef feature_table_map,
     const std::vector<std::string>& table_names,
+    at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    int64_t pooling_mode,
     const std::optional<at::Tensor>& per_sample_weights) {
   const auto T = static_cast<int64_t>(num_cores.size());
   TORCH_CHECK(T >= 1, op, ": needs at least one table");
@@ -75,10 +76,9 @@ BatchInfo parse_and_check(
       static_cast<int64_t>(num_rows.size()) == T && static_cast<int64_t>(table_names.size()) == T,
       op, ": num_cores, num_rows and table_names must have one entry per table, got ", T, ", ",
       num_rows.size(), " and ", table_names.size());
-  TORCH_CHECK(
-      pooling_mode == static_cast<int64_t>(PoolingMode::SUM) ||
-          pooling_mode == static_cast<int64_t>(PoolingMode::MEAN),
-      op, ": pooling_mode must be 0 (SUM) or 1 (MEAN), got ", pooling_mode);
+  TORCH_CHECK(static_cast<int64_t>(pooling_modes.size()) == T, op,
+              ": pooling_modes must have one entry per table, got ", pooling_modes.size(),
+              " for ", T, " tables");
   TORCH_CHECK(!cores.empty(), op, ": no cores given");
   BatchInfo info;
   info.dtype = cores[0].scalar_type();
@@ -100,6 +100,11 @@ BatchInfo parse_and_check(
                 op, ": p_shapes, q_shapes, ranks or cores are too short for ", table_label(ti));
     ti.first_core = core_pos;
     ti.N = num_rows[t];
+    ti.pooling = pooling_modes[t];
+    TORCH_CHECK(ti.pooling == static_cast<int64_t>(PoolingMode::SUM) ||
+                    ti.pooling == static_cast<int64_t>(PoolingMode::MEAN),
+                op, ": ", table_label(ti), " has pooling mode ", ti.pooling,
+                "; expected 0 (SUM) or 1 (MEAN)");
     TORCH_CHECK(ti.N >= 1, op, ": ", table_label(ti), " has num_rows ", ti.N);
     ti.r[0] = 1;
     ti.r[ti.K] = 1;
@@ -460,8 +465,8 @@ Dedup dedup_all(const char* op, const BatchInfo& info, const at::Tensor& indices
   return d;
 }
 
-inline double bag_scale(int64_t pooling_mode, int64_t len) {
-  return (pooling_mode == static_cast<int64_t>(PoolingMode::MEAN) && len > 0)
+inline double bag_scale(int64_t pooling, int64_t len) {
+  return (pooling == static_cast<int64_t>(PoolingMode::MEAN) && len > 0)
              ? 1.0 / static_cast<double>(len)
              : 1.0;
 }
@@ -491,7 +496,7 @@ std::vector<std::vector<scalar_t>> all_rows(const BatchInfo& info, const Dedup& 
 template <typename scalar_t>
 at::Tensor forward_impl(const BatchInfo& info, const std::vector<at::Tensor>& cores,
                         const at::Tensor& indices, const at::Tensor& offsets,
-                        int64_t pooling_mode, const std::optional<at::Tensor>& weights) {
+                        const std::optional<at::Tensor>& weights) {
   const char* op = "torchrec_tt::tt_embedding_bag";
   Dedup d = dedup_all(op, info, indices, offsets);
   auto rows = all_rows<scalar_t>(info, d, cores);
@@ -506,7 +511,7 @@ at::Tensor forward_impl(const BatchInfo& info, const std::vector<at::Tensor>& co
       const int64_t t = info.feature_table[f];
       const int64_t D = info.tables[t].D;
       scalar_t* dst = o + b * info.total_D + info.feature_col[f];
-      const scalar_t scale = static_cast<scalar_t>(bag_scale(pooling_mode, off[bag + 1] - off[bag]));
+      const scalar_t scale = static_cast<scalar_t>(bag_scale(info.tables[t].pooling, off[bag + 1] - off[bag]));
       for (int64_t j = off[bag]; j < off[bag + 1]; ++j) {
         const scalar_t c = wp ? wp[j] * scale : scale;
         const scalar_t* src = rows[t].data() + d.uid[j] * D;
@@ -626,7 +631,7 @@ void table_core_grads(const TableCores<scalar_t>& tc, const std::vector<int64_t>
 template <typename scalar_t>
 std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
     const BatchInfo& info, const at::Tensor& grad_output, const std::vector<at::Tensor>& cores,
-    const at::Tensor& indices, const at::Tensor& offsets, int64_t pooling_mode,
+    const at::Tensor& indices, const at::Tensor& offsets,
     const std::optional<at::Tensor>& weights, bool weights_grad) {
   const char* op = "torchrec_tt::tt_embedding_bag_backward";
   Dedup d = dedup_all(op, info, indices, offsets);
@@ -692,7 +697,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
           const int64_t bag = bag_of[j];
           const int64_t f = bag / info.B, b = bag % info.B;
           const scalar_t scale =
-              static_cast<scalar_t>(bag_scale(pooling_mode, off[bag + 1] - off[bag]));
+              static_cast<scalar_t>(bag_scale(info.tables[t].pooling, off[bag + 1] - off[bag]));
           const scalar_t c = wp ? wp[j] * scale : scale;
           const scalar_t* g = dy + b * info.total_D + info.feature_col[f];
 #pragma omp simd
@@ -728,16 +733,16 @@ at::Tensor tt_embedding_bag_cpu(
     at::IntArrayRef num_rows,
     at::IntArrayRef feature_table_map,
     const std::vector<std::string>& table_names,
+    at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    int64_t pooling_mode,
     const std::optional<at::Tensor>& per_sample_weights) {
   const BatchInfo info = parse_and_check(
       "torchrec_tt::tt_embedding_bag", cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
-      feature_table_map, table_names, indices, offsets, pooling_mode, per_sample_weights);
+      feature_table_map, table_names, pooling_modes, indices, offsets, per_sample_weights);
   const auto cc = contiguous_all(cores);
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_cpu", [&] {
-    return forward_impl<scalar_t>(info, cc, indices, offsets, pooling_mode, per_sample_weights);
+    return forward_impl<scalar_t>(info, cc, indices, offsets, per_sample_weights);
   });
 }
 
@@ -751,15 +756,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
     at::IntArrayRef num_rows,
     at::IntArrayRef feature_table_map,
     const std::vector<std::string>& table_names,
+    at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    int64_t pooling_mode,
     const std::optional<at::Tensor>& per_sample_weights,
     bool per_sample_weights_grad) {
   const char* op = "torchrec_tt::tt_embedding_bag_backward";
   const BatchInfo info =
       parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
-                      feature_table_map, table_names, indices, offsets, pooling_mode,
+                      feature_table_map, table_names, pooling_modes, indices, offsets,
                       per_sample_weights);
   TORCH_CHECK(per_sample_weights.has_value() || !per_sample_weights_grad, op,
               ": per_sample_weights_grad needs per_sample_weights");
@@ -771,7 +776,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
               grad_output.scalar_type(), " but the cores are ", info.dtype);
   const auto cc = contiguous_all(cores);
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_backward_cpu", [&] {
-    return backward_impl<scalar_t>(info, grad_output, cc, indices, offsets, pooling_mode,
+    return backward_impl<scalar_t>(info, grad_output, cc, indices, offsets,
                                    per_sample_weights, per_sample_weights_grad);
   });
 }

@@ -11,20 +11,19 @@ TORCH_LIBRARY(torchrec_tt, m) {
   // features back to back; `offsets` has F*B+1 entries and bag (f, b) is
   // indices[offsets[f*B+b] : offsets[f*B+b+1]]. Feature f looks up table feature_table_map[f];
   // table t has num_cores[t] cores given in order in `cores` (2-D, [p_k, r_{k-1}*q_k*r_k]).
-  // The output is [B, sum_f D_f], features side by side in order. pooling_mode: 0 SUM, 1 MEAN
-  // (MEAN divides the weighted sum by the bag length; empty bags give zeros).
+  // The output is [B, sum_f D_f], features side by side in order. pooling_modes[t]: 0 SUM,
+  // 1 MEAN (MEAN divides the weighted sum by the bag length; empty bags give zeros).
   m.def(
       "tt_embedding_bag(Tensor[] cores, int[] num_cores, int[] p_shapes, int[] q_shapes, "
       "int[] ranks, int[] num_rows, int[] feature_table_map, str[] table_names, "
-      "Tensor indices, Tensor offsets, int pooling_mode, "
-      "Tensor? per_sample_weights) -> Tensor");
+      "int[] pooling_modes, Tensor indices, Tensor offsets, Tensor? per_sample_weights) -> Tensor");
 
   // Dense gradients of every core (same shapes as `cores`) and, when per_sample_weights_grad,
   // the gradient of per_sample_weights (else an empty tensor).
   m.def(
       "tt_embedding_bag_backward(Tensor grad_output, Tensor[] cores, int[] num_cores, "
       "int[] p_shapes, int[] q_shapes, int[] ranks, int[] num_rows, int[] feature_table_map, "
-      "str[] table_names, Tensor indices, Tensor offsets, int pooling_mode, "
+      "str[] table_names, int[] pooling_modes, Tensor indices, Tensor offsets, "
       "Tensor? per_sample_weights, bool per_sample_weights_grad) -> (Tensor[], Tensor)");
 }
 

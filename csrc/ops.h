@@ -22,9 +22,9 @@ at::Tensor tt_embedding_bag_cpu(
     at::IntArrayRef num_rows,
     at::IntArrayRef feature_table_map,
     const std::vector<std::string>& table_names,
+    at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    int64_t pooling_mode,
     const std::optional<at::Tensor>& per_sample_weights);
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
@@ -37,9 +37,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
     at::IntArrayRef num_rows,
     at::IntArrayRef feature_table_map,
     const std::vector<std::string>& table_names,
+    at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    int64_t pooling_mode,
     const std::optional<at::Tensor>& per_sample_weights,
     bool per_sample_weights_grad);
 

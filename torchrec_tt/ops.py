@@ -8,8 +8,10 @@ loads ``torchrec_tt._C`` first so the Python registrations find the ops defined.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -27,6 +29,21 @@ class PoolingMode(enum.IntEnum):
     MEAN = 1
 
 
+class _TTShapeLike(Protocol):
+    num_rows: int
+    p: tuple[int, ...]
+    q: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+
+def _table_dims(num_cores: Sequence[int], q_shapes: Sequence[int]) -> list[int]:
+    dims, pos = [], 0
+    for k in num_cores:
+        dims.append(math.prod(q_shapes[pos : pos + k]))
+        pos += k
+    return dims
+
+
 @dataclass(frozen=True)
 class TTBatchLayout:
     """Static description of the tables in one table-batched call (flattened per table).
@@ -39,6 +56,7 @@ class TTBatchLayout:
         num_rows: N per table.
         feature_table_map: for every feature (KJT key, in output order) the table it looks up.
         table_names: used in error messages.
+        pooling_modes: ``PoolingMode`` value per table.
     """
 
     num_cores: tuple[int, ...]
@@ -48,41 +66,35 @@ class TTBatchLayout:
     num_rows: tuple[int, ...]
     feature_table_map: tuple[int, ...]
     table_names: tuple[str, ...]
+    pooling_modes: tuple[int, ...]
 
     @staticmethod
-    def from_tables(
-        tables: Sequence[tuple[str, int, Sequence[int], Sequence[int], Sequence[int]]],
+    def from_shapes(
+        table_names: Sequence[str],
+        shapes: Sequence[_TTShapeLike],
+        pooling_modes: Sequence[PoolingMode | int],
         feature_table_map: Sequence[int],
     ) -> TTBatchLayout:
-        """Builds a layout from ``(name, num_rows, p, q, ranks)`` per table."""
+        """Builds a layout from one shape (``num_rows, p, q, ranks``) per table."""
         return TTBatchLayout(
-            num_cores=tuple(len(p) for _, _, p, _, _ in tables),
-            p_shapes=tuple(x for _, _, p, _, _ in tables for x in p),
-            q_shapes=tuple(x for _, _, _, q, _ in tables for x in q),
-            ranks=tuple(x for _, _, _, _, r in tables for x in r),
-            num_rows=tuple(n for _, n, _, _, _ in tables),
+            num_cores=tuple(len(s.p) for s in shapes),
+            p_shapes=tuple(x for s in shapes for x in s.p),
+            q_shapes=tuple(x for s in shapes for x in s.q),
+            ranks=tuple(x for s in shapes for x in s.ranks),
+            num_rows=tuple(s.num_rows for s in shapes),
             feature_table_map=tuple(feature_table_map),
-            table_names=tuple(name for name, _, _, _, _ in tables),
+            table_names=tuple(table_names),
+            pooling_modes=tuple(int(m) for m in pooling_modes),
         )
-
-    def table_dims(self) -> list[int]:
-        """Embedding dimension D of every table."""
-        dims, pos = [], 0
-        for k in self.num_cores:
-            d = 1
-            for x in self.q_shapes[pos : pos + k]:
-                d *= x
-            dims.append(d)
-            pos += k
-        return dims
 
     def feature_dims(self) -> list[int]:
         """Embedding dimension of every feature, in output order."""
-        dims = self.table_dims()
+        dims = _table_dims(self.num_cores, self.q_shapes)
         return [dims[t] for t in self.feature_table_map]
 
-    def op_args(self) -> tuple[list[int], list[int], list[int], list[int], list[int], list[int], list[str]]:
-        return (
+    def op_args(self) -> list[Any]:
+        """The layout as the op's positional metadata arguments (``num_cores`` … ``pooling_modes``)."""
+        return [
             list(self.num_cores),
             list(self.p_shapes),
             list(self.q_shapes),
@@ -90,7 +102,8 @@ class TTBatchLayout:
             list(self.num_rows),
             list(self.feature_table_map),
             list(self.table_names),
-        )
+            list(self.pooling_modes),
+        ]
 
 
 def tt_embedding_bag(
@@ -98,37 +111,25 @@ def tt_embedding_bag(
     layout: TTBatchLayout,
     indices: Tensor,
     offsets: Tensor,
-    pooling_mode: PoolingMode = PoolingMode.SUM,
     per_sample_weights: Tensor | None = None,
 ) -> Tensor:
     """Pooled TT embedding lookups of many tables in one call.
 
     Args:
         cores: every table's cores in order, each 2-D ``[p_k, r_{k-1} * q_k * r_k]``.
-        layout: the tables' shapes and the feature → table map.
+        layout: the tables' shapes, pooling modes and the feature → table map.
         indices: 1-D int32/int64, the lookups of all F features back to back.
         offsets: 1-D int32/int64 of length ``F * B + 1``; bag ``(f, b)`` is
             ``indices[offsets[f * B + b] : offsets[f * B + b + 1]]`` (FBGEMM TBE layout).
-        pooling_mode: SUM, or MEAN (weighted sum divided by the bag length; empty bags give 0).
         per_sample_weights: optional 1-D weights, one per index, in the cores' dtype.
+            MEAN pooling divides the weighted sum by the bag length; empty bags give zeros.
 
     Returns:
         ``[B, sum of the features' D]``, features side by side in ``feature_table_map`` order.
     """
     return torch.ops.torchrec_tt.tt_embedding_bag(
-        list(cores), *layout.op_args(), indices, offsets, int(pooling_mode), per_sample_weights
+        list(cores), *layout.op_args(), indices, offsets, per_sample_weights
     )
-
-
-def _table_dims(num_cores: Sequence[int], q_shapes: Sequence[int]) -> list[int]:
-    dims, pos = [], 0
-    for k in num_cores:
-        d = 1
-        for x in q_shapes[pos : pos + k]:
-            d *= x
-        dims.append(d)
-        pos += k
-    return dims
 
 
 @torch.library.register_fake("torchrec_tt::tt_embedding_bag")
@@ -141,17 +142,17 @@ def _tt_embedding_bag_fake(
     num_rows: list[int],
     feature_table_map: list[int],
     table_names: list[str],
+    pooling_modes: list[int],
     indices: Tensor,
     offsets: Tensor,
-    pooling_mode: int,
-    per_sample_weights: Tensor | None = None,
+    per_sample_weights: Tensor | None,
 ) -> Tensor:
     num_features = len(feature_table_map)
     torch._check(num_features >= 1, lambda: "feature_table_map is empty")
-    torch._check(indices.dim() == 1 and offsets.dim() == 1, lambda: "indices and offsets must be 1-D")
+    torch._check(indices.dim() == 1, lambda: "indices must be 1-D")
+    torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D")
     torch._check(
-        (offsets.shape[0] - 1) % num_features == 0,
-        lambda: "offsets must have F*B+1 entries",
+        (offsets.shape[0] - 1) % num_features == 0, lambda: "offsets must have F*B+1 entries"
     )
     dims = _table_dims(num_cores, q_shapes)
     total_d = sum(dims[t] for t in feature_table_map)
@@ -170,9 +171,9 @@ def _tt_embedding_bag_backward_fake(
     num_rows: list[int],
     feature_table_map: list[int],
     table_names: list[str],
+    pooling_modes: list[int],
     indices: Tensor,
     offsets: Tensor,
-    pooling_mode: int,
     per_sample_weights: Tensor | None,
     per_sample_weights_grad: bool,
 ) -> tuple[list[Tensor], Tensor]:
@@ -181,43 +182,36 @@ def _tt_embedding_bag_backward_fake(
     return grads, grad_output.new_empty((n,))
 
 
-# Positions of the forward op's arguments (the autograd formula needs them by name).
+# Argument names of the forward op, in schema order (the autograd formula looks them up).
 _FWD_ARGS = (
     "cores num_cores p_shapes q_shapes ranks num_rows feature_table_map table_names "
-    "indices offsets pooling_mode per_sample_weights"
+    "pooling_modes indices offsets per_sample_weights"
 ).split()
+_NUM_META_ARGS = 8  # num_cores … pooling_modes
 
 
-def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     args = dict(zip(_FWD_ARGS, inputs))
-    cores = args["cores"]
-    weights = args["per_sample_weights"]
-    ctx.num_core_tensors = len(cores)
-    ctx.meta = tuple(args[k] for k in _FWD_ARGS[1:8])
-    ctx.pooling_mode = args["pooling_mode"]
-    ctx.has_weights = weights is not None
-    ctx.save_for_backward(args["indices"], args["offsets"], weights, *cores)
+    ctx.meta = tuple(args[k] for k in _FWD_ARGS[1 : 1 + _NUM_META_ARGS])
+    ctx.has_weights = args["per_sample_weights"] is not None
+    ctx.save_for_backward(
+        args["indices"], args["offsets"], args["per_sample_weights"], *args["cores"]
+    )
 
 
-def _backward(ctx, grad_output: Tensor):  # type: ignore[no-untyped-def]
+def _backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     indices, offsets, weights, *cores = ctx.saved_tensors
-    weights_grad = ctx.has_weights and ctx.needs_input_grad[_FWD_ARGS.index("per_sample_weights")]
+    weights_grad = bool(
+        ctx.has_weights and ctx.needs_input_grad[_FWD_ARGS.index("per_sample_weights")]
+    )
     core_grads, w_grad = torch.ops.torchrec_tt.tt_embedding_bag_backward(
-        grad_output.contiguous(),
-        cores,
-        *ctx.meta,
-        indices,
-        offsets,
-        ctx.pooling_mode,
-        weights,
-        bool(weights_grad),
+        grad_output.contiguous(), cores, *ctx.meta, indices, offsets, weights, weights_grad
     )
     return (
         list(core_grads),
-        None, None, None, None, None, None, None,  # the int/str metadata
+        *([None] * _NUM_META_ARGS),
         None,  # indices
         None,  # offsets
-        None,  # pooling_mode
         w_grad if weights_grad else None,
     )
 

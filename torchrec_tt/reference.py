@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torchrec_tt.ops import PoolingMode, TTBatchLayout
+
 
 def _row_digits(indices: Tensor, p: Sequence[int]) -> list[Tensor]:
     digits = []
@@ -68,3 +70,44 @@ def tt_rows_reference(
         g = cores[k][digits[k]].reshape(n, full[k], q[k] * full[k + 1])
         x = torch.bmm(x, g).reshape(n, -1, full[k + 1])
     return x.reshape(n, -1)
+
+
+def split_cores(cores: Sequence[Tensor], num_cores: Sequence[int]) -> list[list[Tensor]]:
+    """Splits the flat core list of a table-batched call into one list per table."""
+    out, pos = [], 0
+    for k in num_cores:
+        out.append(list(cores[pos : pos + k]))
+        pos += k
+    return out
+
+
+def tt_embedding_bag_dense_reference(
+    cores: Sequence[Tensor],
+    layout: TTBatchLayout,
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None = None,
+) -> Tensor:
+    """Same contract as :func:`torchrec_tt.ops.tt_embedding_bag`, computed with
+    ``F.embedding_bag`` over the dense reconstruction of every table (differentiable)."""
+    per_table = split_cores(cores, layout.num_cores)
+    p_t = split_cores(list(layout.p_shapes), layout.num_cores)
+    q_t = split_cores(list(layout.q_shapes), layout.num_cores)
+    r_t = split_cores(list(layout.ranks), [k - 1 for k in layout.num_cores])
+    num_features = len(layout.feature_table_map)
+    batch = (offsets.numel() - 1) // num_features
+    offsets = offsets.long()
+    outs = []
+    for f, t in enumerate(layout.feature_table_map):
+        dense = reconstruct_dense(per_table[t], p_t[t], q_t[t], r_t[t], layout.num_rows[t])
+        off = offsets[f * batch : (f + 1) * batch + 1]
+        lo, hi = int(off[0]), int(off[-1])
+        w = None if per_sample_weights is None else per_sample_weights[lo:hi]
+        pooled = torch.nn.functional.embedding_bag(
+            indices[lo:hi].long(), dense, off[:-1] - lo, mode="sum", per_sample_weights=w
+        )
+        if layout.pooling_modes[t] == PoolingMode.MEAN:
+            lengths = (off[1:] - off[:-1]).clamp(min=1).to(pooled.dtype)
+            pooled = pooled / lengths[:, None]
+        outs.append(pooled)
+    return torch.cat(outs, dim=1)

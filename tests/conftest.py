@@ -1,0 +1,6 @@
+"""Shared pytest set-up: a derandomised hypothesis profile so CI runs are reproducible."""
+
+from hypothesis import settings
+
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("ci")

@@ -1,0 +1,211 @@
+"""The table-batched TT embedding-bag op against F.embedding_bag over the dense reconstruction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.reference import tt_embedding_bag_dense_reference, tt_rows_reference
+from torchrec_tt.testing import random_problem
+
+
+def _check_against_reference(prob, weights_grad: bool = False) -> None:  # type: ignore[no-untyped-def]
+    cores = [c.clone().requires_grad_() for c in prob.cores]
+    weights = prob.per_sample_weights
+    if weights is not None and weights_grad:
+        weights = weights.clone().requires_grad_()
+    out = tt_embedding_bag(cores, prob.layout, prob.indices, prob.offsets, weights)
+    ref = tt_embedding_bag_dense_reference(cores, prob.layout, prob.indices, prob.offsets, weights)
+    assert out.shape == (prob.batch_size, sum(prob.layout.feature_dims()))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    wrt = cores + ([weights] if weights is not None and weights_grad else [])
+    got = torch.autograd.grad(out, wrt, grad_out)
+    want = torch.autograd.grad(ref, wrt, grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=60)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_tables=st.integers(1, 3),
+    extra_features=st.integers(0, 2),
+    batch_size=st.integers(1, 6),
+    index_dtype=st.sampled_from([torch.int32, torch.int64]),
+    weighted=st.booleans(),
+)
+def test_forward_backward_match_dense_reference(
+    seed: int, num_tables: int, extra_features: int, batch_size: int, index_dtype: torch.dtype, weighted: bool
+) -> None:
+    prob = random_problem(
+        seed,
+        num_tables=num_tables,
+        num_features=num_tables + extra_features,
+        batch_size=batch_size,
+        index_dtype=index_dtype,
+        weighted=weighted,
+    )
+    _check_against_reference(prob, weights_grad=weighted)
+
+
+@pytest.mark.parametrize("num_cores", [2, 3, 4])
+@pytest.mark.parametrize("pooling", list(PoolingMode))
+def test_each_core_count_and_pooling(num_cores: int, pooling: PoolingMode) -> None:
+    prob = random_problem(
+        num_cores * 10 + int(pooling), num_cores=num_cores, pooling=pooling, batch_size=8,
+        max_factor=5, max_rank=6, weighted=True,
+    )
+    _check_against_reference(prob, weights_grad=True)
+
+
+def test_larger_tables_with_shared_prefixes_float32() -> None:
+    # Many lookups per prefix group and the non-tiled path are exercised by a wide last core.
+    gen = torch.Generator().manual_seed(3)
+    p, q, ranks, n = (7, 5, 300), (2, 3, 5), (6, 4), 10_000
+    full = (1, *ranks, 1)
+    cores = [torch.randn(p[k], full[k] * q[k] * full[k + 1], generator=gen) for k in range(3)]
+    layout = TTBatchLayout.from_shapes(["big"], [type("S", (), dict(num_rows=n, p=p, q=q, ranks=ranks))], [PoolingMode.SUM], [0])
+    indices = torch.randint(0, n, (5000,), generator=gen)
+    offsets = torch.arange(0, 5001, 10)
+    out = tt_embedding_bag(cores, layout, indices, offsets)
+    ref = tt_embedding_bag_dense_reference(cores, layout, indices, offsets)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    rows = tt_rows_reference(cores, p, q, ranks, indices)
+    torch.testing.assert_close(out, rows.view(500, 10, -1).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_empty_bags_give_zeros_and_no_gradient() -> None:
+    prob = random_problem(1, num_tables=1, batch_size=3)
+    offsets = torch.zeros_like(prob.offsets)
+    indices = prob.indices[:0]
+    cores = [c.clone().requires_grad_() for c in prob.cores]
+    out = tt_embedding_bag(cores, prob.layout, indices, offsets)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), cores)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_gradcheck() -> None:
+    prob = random_problem(7, num_tables=2, batch_size=3, max_factor=3, max_rank=2, weighted=True)
+    cores = [c.clone().requires_grad_() for c in prob.cores]
+    weights = prob.per_sample_weights.clone().requires_grad_()
+
+    def fn(w: torch.Tensor, *cs: torch.Tensor) -> torch.Tensor:
+        return tt_embedding_bag(list(cs), prob.layout, prob.indices, prob.offsets, w)
+
+    assert torch.autograd.gradcheck(fn, (weights, *cores))
+
+
+def _opcheck_args(prob):  # type: ignore[no-untyped-def]
+    return (
+        [c.clone().requires_grad_() for c in prob.cores],
+        *prob.layout.op_args(),
+        prob.indices,
+        prob.offsets,
+        prob.per_sample_weights,
+    )
+
+
+@pytest.mark.parametrize("seed,weighted", [(11, False), (12, True)])
+def test_opcheck(seed: int, weighted: bool) -> None:
+    prob = random_problem(seed, num_tables=2, num_features=3, weighted=weighted)
+    torch.library.opcheck(torch.ops.torchrec_tt.tt_embedding_bag.default, _opcheck_args(prob))
+
+
+def test_meta_tensors_give_the_output_shape() -> None:
+    prob = random_problem(5, num_tables=2, num_features=3, batch_size=7)
+    cores = [c.to("meta") for c in prob.cores]
+    out = tt_embedding_bag(cores, prob.layout, prob.indices.to("meta"), prob.offsets.to("meta"))
+    assert out.device.type == "meta"
+    assert out.shape == (7, sum(prob.layout.feature_dims()))
+
+
+def test_torch_compile_fullgraph_matches_eager() -> None:
+    prob = random_problem(9, num_tables=2, batch_size=4, dtype=torch.float32)
+    cores = [c.clone().requires_grad_() for c in prob.cores]
+
+    def loss(indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return (tt_embedding_bag(cores, prob.layout, indices, offsets) ** 2).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(prob.indices, prob.offsets)
+    got_grads = torch.autograd.grad(got, cores)
+    want = loss(prob.indices, prob.offsets)
+    want_grads = torch.autograd.grad(want, cores)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+def _call(prob, **over):  # type: ignore[no-untyped-def]
+    args = dict(
+        cores=prob.cores, layout=prob.layout, indices=prob.indices, offsets=prob.offsets,
+        per_sample_weights=prob.per_sample_weights,
+    )
+    args.update(over)
+    return tt_embedding_bag(**args)
+
+
+@pytest.fixture
+def prob():  # type: ignore[no-untyped-def]
+    return random_problem(21, num_tables=2, batch_size=4, max_bag=3, weighted=True)
+
+
+def test_index_out_of_range_names_the_table(prob) -> None:  # type: ignore[no-untyped-def]
+    for bad in (-1, 10**6):
+        indices = prob.indices.clone()
+        indices[-1] = bad
+        with pytest.raises(RuntimeError, match=r"table 'table_\d'.*out of range"):
+            _call(prob, indices=indices)
+
+
+def test_bad_offsets(prob) -> None:  # type: ignore[no-untyped-def]
+    offsets = prob.offsets.clone()
+    offsets[-1] += 1
+    with pytest.raises(RuntimeError, match="must end at len\\(indices\\)"):
+        _call(prob, offsets=offsets)
+    offsets = prob.offsets.clone()
+    offsets[2], offsets[3] = offsets[3] + 1, offsets[2]
+    with pytest.raises(RuntimeError, match="offsets decrease"):
+        _call(prob, offsets=offsets)
+    with pytest.raises(RuntimeError, match="F\\*B\\+1"):
+        _call(prob, offsets=prob.offsets[:-1])
+    offsets = prob.offsets.clone()
+    offsets[0] = 1
+    with pytest.raises(RuntimeError, match="offsets\\[0\\] must be 0"):
+        _call(prob, offsets=offsets)
+
+
+def test_bad_dtypes_and_shapes(prob) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RuntimeError, match="indices must be int32 or int64"):
+        _call(prob, indices=prob.indices.double())
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        _call(prob, cores=[prob.cores[0]] + [c.float() for c in prob.cores[1:]])
+    with pytest.raises(RuntimeError, match="per_sample_weights has"):
+        _call(prob, per_sample_weights=prob.per_sample_weights[:-1])
+    with pytest.raises(RuntimeError, match="per_sample_weights is"):
+        _call(prob, per_sample_weights=prob.per_sample_weights.float())
+    with pytest.raises(RuntimeError, match="must have shape"):
+        _call(prob, cores=[prob.cores[0][:, :1]] + prob.cores[1:])
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        _call(prob, cores=[c.half() for c in prob.cores], per_sample_weights=None)
+
+
+def test_bad_layout(prob) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    lay = dataclasses.replace(prob.layout, num_rows=(10**9,) + prob.layout.num_rows[1:])
+    with pytest.raises(RuntimeError, match="table 'table_0' row factors multiply to"):
+        _call(prob, layout=lay)
+    lay = dataclasses.replace(prob.layout, feature_table_map=(0, 5))
+    with pytest.raises(RuntimeError, match="feature 1 maps to table 5"):
+        _call(prob, layout=lay)
+    lay = dataclasses.replace(prob.layout, pooling_modes=(0, 7))
+    with pytest.raises(RuntimeError, match="pooling mode 7"):
+        _call(prob, layout=lay)

@@ -1,0 +1,88 @@
+"""Helpers shared by tests, examples and benchmarks: random table-batched problems.
+
+Kept inside the package (not under tests/) so benchmarks and examples can import them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from torchrec_tt.ops import PoolingMode, TTBatchLayout
+
+
+@dataclass
+class RandomProblem:
+    """Cores, layout and a KJT-style (indices, offsets, weights) batch."""
+
+    cores: list[Tensor]
+    layout: TTBatchLayout
+    indices: Tensor
+    offsets: Tensor
+    per_sample_weights: Tensor | None
+    batch_size: int
+
+
+def random_problem(
+    seed: int,
+    *,
+    num_tables: int = 2,
+    num_features: int | None = None,
+    batch_size: int = 4,
+    max_bag: int = 4,
+    num_cores: int | None = None,
+    max_factor: int = 4,
+    max_rank: int = 4,
+    index_dtype: torch.dtype = torch.int64,
+    dtype: torch.dtype = torch.float64,
+    weighted: bool = False,
+    pooling: PoolingMode | None = None,
+) -> RandomProblem:
+    """A small random problem: tables with random K (2-4 unless given), factors and ranks,
+    N anywhere in (prod(p)/2, prod(p)], bags of 0..max_bag lookups (empty bags included)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = []
+    names = []
+    cores: list[Tensor] = []
+    for t in range(num_tables):
+        k = num_cores or rng.randint(2, 4)
+        p = tuple(rng.randint(1, max_factor) for _ in range(k))
+        q = tuple(rng.randint(1, max_factor) for _ in range(k))
+        ranks = tuple(rng.randint(1, max_rank) for _ in range(k - 1))
+        padded = math.prod(p)
+        n = rng.randint(max(1, padded // 2), padded)
+        full = (1, *ranks, 1)
+        for j in range(k):
+            cores.append(
+                torch.randn(p[j], full[j] * q[j] * full[j + 1], generator=gen, dtype=dtype)
+            )
+        shapes.append(_Shape(n, p, q, ranks))
+        names.append(f"table_{t}")
+    num_features = num_features or num_tables
+    feature_table_map = [f % num_tables for f in range(num_features)]
+    rng.shuffle(feature_table_map)
+    poolings = [pooling if pooling is not None else rng.choice(list(PoolingMode)) for _ in shapes]
+    layout = TTBatchLayout.from_shapes(names, shapes, poolings, feature_table_map)
+    lengths = torch.randint(0, max_bag + 1, (num_features * batch_size,), generator=gen)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=index_dtype)
+    offsets[1:] = lengths.cumsum(0)
+    parts = []
+    for f, t in enumerate(feature_table_map):
+        count = int(lengths[f * batch_size : (f + 1) * batch_size].sum())
+        parts.append(torch.randint(0, shapes[t].num_rows, (count,), generator=gen))
+    indices = torch.cat(parts).to(index_dtype)
+    weights = torch.rand(indices.numel(), generator=gen, dtype=dtype) if weighted else None
+    return RandomProblem(cores, layout, indices, offsets, weights, batch_size)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    num_rows: int
+    p: tuple[int, ...]
+    q: tuple[int, ...]
+    ranks: tuple[int, ...]
