@@ -1,6 +1,24 @@
-"""torchrec_tt: Tensor-Train embedding tables for TorchRec, with compiled CPU/CUDA kernels."""
+"""torchrec_tt: Tensor-Train embedding tables for TorchRec, with compiled CPU/CUDA kernels.
 
-from torchrec_tt import _C  # noqa: F401  (loads the operator library before anything uses it)
+Users write :class:`TTEmbeddingBagConfig` where they wrote ``EmbeddingBagConfig`` and build a
+:class:`TTEmbeddingBagCollection`; ``torchrec_tt.sharding`` holds the distributed side.
+"""
+
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
+from torchrec_tt import _C  # noqa: F401  (registers the operator library before anything uses it)
+from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
+from torchrec_tt.modules import TTEmbeddingBagCollection
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.shapes import TTShape, make_tt_shape
 
-__all__ = ["PoolingMode", "TTBatchLayout", "tt_embedding_bag"]
+__all__ = [
+    "PoolingMode",
+    "TTBatchLayout",
+    "TTEmbeddingBagCollection",
+    "TTEmbeddingBagConfig",
+    "TTInit",
+    "TTShape",
+    "make_tt_shape",
+    "tt_embedding_bag",
+]

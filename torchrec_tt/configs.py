@@ -1,0 +1,82 @@
+"""Table configs for TT-compressed embedding bags.
+
+A :class:`TTEmbeddingBagConfig` *is* a TorchRec ``EmbeddingBagConfig`` (same name, size, feature
+names, pooling and init bounds, so TorchRec's planner and models accept it) plus the TT fields.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+
+from torchrec_tt.shapes import TTShape, make_tt_shape
+
+__all__ = ["TTEmbeddingBagConfig", "TTInit"]
+
+
+@enum.unique
+class TTInit(str, enum.Enum):
+    """How the cores of a TT table are initialised.
+
+    Both match the variance TorchRec's default init gives a dense row (uniform between
+    ``weight_init_min`` and ``weight_init_max``, by default ``±sqrt(1/N)``).
+    """
+
+    SAMPLED_GAUSSIAN = "sampled_gaussian"  # i.i.d. Gaussian cores, std corrected for the ranks
+    ORTHOGONAL = "orthogonal"  # left-orthogonal cores, last core scaled to the target variance
+
+
+@dataclass
+class TTEmbeddingBagConfig(EmbeddingBagConfig):
+    """An ``EmbeddingBagConfig`` whose table is stored as a Tensor Train.
+
+    Args:
+        tt_ranks (list[int]): inner TT ranks, one fewer than the number of cores (2-4 cores):
+            ``[32, 32]`` means three cores.
+        tt_p_shapes (list[int] | None): row factors, ``prod >= num_embeddings``; chosen
+            automatically (near-balanced, little padding) when None.
+        tt_q_shapes (list[int] | None): column factors, ``prod == embedding_dim``; chosen
+            automatically (largest factor last) when None.
+        tt_init (TTInit): core initialisation.
+
+    Example::
+
+        TTEmbeddingBagConfig(name="t_user", num_embeddings=10_000_000, embedding_dim=64,
+                             feature_names=["user"], tt_ranks=[32, 32])
+    """
+
+    tt_ranks: list[int] = field(default_factory=lambda: [32, 32])
+    tt_p_shapes: list[int] | None = None
+    tt_q_shapes: list[int] | None = None
+    tt_init: TTInit = TTInit.SAMPLED_GAUSSIAN
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.feature_names:
+            self.feature_names = [self.name]
+        if not self.name or "." in self.name:
+            raise ValueError(f"TT table name {self.name!r} must be non-empty and contain no '.'")
+        if self.data_type != DataType.FP32:
+            raise ValueError(
+                f"TT table {self.name!r}: data_type {self.data_type} is not supported; TT cores "
+                "are stored in FP32"
+            )
+        if self.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(
+                f"TT table {self.name!r}: pooling {self.pooling} is not supported (SUM or MEAN)"
+            )
+        self.tt_init = TTInit(self.tt_init)
+        self.tt_shape()  # validates ranks and shapes, naming the table
+
+    def tt_shape(self) -> TTShape:
+        """The table's validated TT shape (factors chosen here when not given)."""
+        return make_tt_shape(
+            self.num_embeddings,
+            self.embedding_dim,
+            self.tt_ranks,
+            p=self.tt_p_shapes,
+            q=self.tt_q_shapes,
+            table_name=self.name,
+        )

@@ -1,0 +1,238 @@
+"""TTEmbeddingBagCollection: TorchRec's EmbeddingBagCollection contract over TT tables."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
+from torchrec_tt.initializers import (
+    default_target_std,
+    orthogonal_cores,
+    sampled_gaussian_cores,
+    tt_svd,
+)
+from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.reference import reconstruct_dense
+from torchrec_tt.shapes import TTShape
+
+__all__ = ["TTEmbeddingBagCollection", "TTEmbeddingTable"]
+
+_POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
+
+
+class TTEmbeddingTable(nn.Module):
+    """The cores of one TT table, as 2-D parameters ``core_0 … core_{K-1}``
+    (``core_k`` is ``[p_k, r_{k-1} * q_k * r_k]``)."""
+
+    def __init__(self, shape: TTShape, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.shape = shape
+        for k, (rows, cols) in enumerate(shape.core_shapes()):
+            self.register_parameter(
+                f"core_{k}", nn.Parameter(torch.empty(rows, cols, device=device))
+            )
+
+    def cores(self) -> list[Tensor]:
+        return [getattr(self, f"core_{k}") for k in range(self.shape.num_cores)]
+
+    def full_weight(self) -> Tensor:
+        """Dense ``[N, D]`` reconstruction (differentiable; memory ``N * D``)."""
+        s = self.shape
+        return reconstruct_dense(self.cores(), s.p, s.q, s.ranks, s.num_rows)
+
+
+class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """EmbeddingBagCollection whose tables are Tensor Trains, looked up by one table-batched op.
+
+    Takes the same arguments as ``torchrec.EmbeddingBagCollection`` and keeps its contract:
+    ``KeyedJaggedTensor`` (keys = the tables' feature names, any order; shape ``(F, B, L[f][i])``)
+    in, ``KeyedTensor`` (keys = feature names in table order, values ``[B, sum of D]``) out;
+    per-sample weights are used when ``is_weighted``.
+
+    NOTE: this module is unsharded; ``torchrec_tt.sharding`` distributes it.
+
+    Args:
+        tables: one ``TTEmbeddingBagConfig`` per table.
+        is_weighted: use the KJT's weights as per-sample weights.
+        device: where the cores live; ``torch.device("meta")`` builds without memory.
+
+    Example::
+
+        tables = [TTEmbeddingBagConfig(name="t1", num_embeddings=1_000_000, embedding_dim=64,
+                                       feature_names=["f1"], tt_ranks=[16, 16])]
+        ebc = TTEmbeddingBagCollection(tables)
+        kjt = KeyedJaggedTensor.from_lengths_sync(["f1"], torch.tensor([3, 7, 9]),
+                                                  torch.tensor([2, 1]))
+        ebc(kjt)["f1"].shape  # torch.Size([2, 64])
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[TTEmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("TTEmbeddingBagCollection needs at least one table")
+        names: set[str] = set()
+        features: list[str] = []
+        feature_table_map: list[int] = []
+        for t, cfg in enumerate(tables):
+            if not isinstance(cfg, TTEmbeddingBagConfig):
+                raise TypeError(
+                    f"table {getattr(cfg, 'name', cfg)!r} is a {type(cfg).__name__}; "
+                    "TTEmbeddingBagCollection takes TTEmbeddingBagConfig (plain tables belong in "
+                    "an EmbeddingBagCollection)"
+                )
+            if cfg.name in names:
+                raise ValueError(f"Duplicate table name {cfg.name!r}")
+            names.add(cfg.name)
+            for feature in cfg.feature_names:
+                if feature in features:
+                    raise ValueError(
+                        f"feature {feature!r} of table {cfg.name!r} is already used by table "
+                        f"{tables[feature_table_map[features.index(feature)]].name!r}"
+                    )
+                features.append(feature)
+                feature_table_map.append(t)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self._is_weighted = is_weighted
+        self._embedding_bag_configs = list(tables)
+        self._feature_names = features
+        self._shapes = [cfg.tt_shape() for cfg in tables]
+        self._layout = TTBatchLayout.from_shapes(
+            [cfg.name for cfg in tables],
+            self._shapes,
+            [_POOLING[cfg.pooling] for cfg in tables],
+            feature_table_map,
+        )
+        self._lengths_per_key = self._layout.feature_dims()
+        self.embedding_bags = nn.ModuleDict(
+            {cfg.name: TTEmbeddingTable(shape, device) for cfg, shape in zip(tables, self._shapes)}
+        )
+        self.reset_parameters()
+
+    # --- EmbeddingBagCollectionInterface ----------------------------------------------------
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._embedding_bag_configs)
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings of every feature; see the class docstring for the contract."""
+        kjt = self._ordered(features)
+        cores = self.cores()
+        if kjt.values().device != cores[0].device:
+            raise ValueError(
+                f"KeyedJaggedTensor is on {kjt.values().device} but the TT cores are on "
+                f"{cores[0].device}"
+            )
+        weights = None
+        if self._is_weighted:
+            weights = kjt.weights_or_none()
+            if weights is None:
+                raise ValueError(
+                    "TTEmbeddingBagCollection(is_weighted=True) got a KeyedJaggedTensor without weights"
+                )
+            weights = weights.to(cores[0].dtype)
+        values = tt_embedding_bag(cores, self._layout, kjt.values(), kjt.offsets(), weights)
+        return KeyedTensor(
+            keys=list(self._feature_names),
+            length_per_key=list(self._lengths_per_key),
+            values=values,
+        )
+
+    def _ordered(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        if not isinstance(features, KeyedJaggedTensor):
+            raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
+        keys = features.keys()
+        if keys == self._feature_names:
+            if features.variable_stride_per_key():
+                raise ValueError("variable batch size per feature (VBE) is not supported")
+            return features
+        unknown = [k for k in keys if k not in self._feature_names]
+        if unknown:
+            raise ValueError(
+                f"KeyedJaggedTensor keys {unknown} match no table of this "
+                f"TTEmbeddingBagCollection (features: {self._feature_names})"
+            )
+        missing = [f for f in self._feature_names if f not in keys]
+        if missing:
+            raise ValueError(f"KeyedJaggedTensor lacks the features {missing}")
+        return self._ordered(features.permute([keys.index(f) for f in self._feature_names]))
+
+    # --- TT-specific ------------------------------------------------------------------------
+
+    def cores(self) -> list[Tensor]:
+        """All cores, table after table (the op's ``cores`` argument)."""
+        return [c for table in self.embedding_bags.values() for c in table.cores()]
+
+    def tt_shapes(self) -> dict[str, TTShape]:
+        return {cfg.name: s for cfg, s in zip(self._embedding_bag_configs, self._shapes)}
+
+    def full_weight(self, table_name: str) -> Tensor:
+        """Dense ``[N, D]`` reconstruction of one table (differentiable)."""
+        return self._table(table_name).full_weight()
+
+    @torch.no_grad()
+    def load_dense_weight(self, table_name: str, weight: Tensor) -> None:
+        """Sets a table's cores to the TT-SVD of a dense ``[N, D]`` weight at its ranks."""
+        table = self._table(table_name)
+        s = table.shape
+        if tuple(weight.shape) != (s.num_rows, s.embedding_dim):
+            raise ValueError(
+                f"table {table_name!r}: dense weight has shape {tuple(weight.shape)}, expected "
+                f"({s.num_rows}, {s.embedding_dim})"
+            )
+        for core, new in zip(table.cores(), tt_svd(weight.detach().cpu(), s)):
+            core.copy_(new)
+
+    def compression_stats(self) -> dict[str, dict[str, float]]:
+        """Per table and ``"total"``: TT parameters, TT and dense FP32 bytes, compression ratio."""
+        stats: dict[str, dict[str, float]] = {}
+        for name, s in self.tt_shapes().items():
+            stats[name] = {
+                "tt_parameters": s.num_parameters(),
+                "tt_bytes": s.num_bytes(4),
+                "dense_bytes": s.dense_num_bytes(4),
+                "compression": s.compression_ratio(),
+            }
+        tt = sum(v["tt_bytes"] for v in stats.values())
+        dense = sum(v["dense_bytes"] for v in stats.values())
+        stats["total"] = {
+            "tt_parameters": sum(v["tt_parameters"] for v in stats.values()),
+            "tt_bytes": tt,
+            "dense_bytes": dense,
+            "compression": dense / tt,
+        }
+        return stats
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialises every table per its ``tt_init`` (a no-op on the meta device)."""
+        for cfg, table in zip(self._embedding_bag_configs, self.embedding_bags.values()):
+            cores = table.cores()
+            if cores[0].device.type == "meta":
+                continue
+            std = default_target_std(cfg.num_embeddings, cfg.weight_init_min, cfg.weight_init_max)
+            init = sampled_gaussian_cores if cfg.tt_init == TTInit.SAMPLED_GAUSSIAN else orthogonal_cores
+            for core, new in zip(cores, init(table.shape, std, dtype=cores[0].dtype, device=cores[0].device)):
+                core.copy_(new)
+
+    def _table(self, table_name: str) -> TTEmbeddingTable:
+        if table_name not in self.embedding_bags:
+            raise KeyError(
+                f"no TT table {table_name!r}; tables: {list(self.embedding_bags.keys())}"
+            )
+        return self.embedding_bags[table_name]  # type: ignore[return-value]
+
+

@@ -1,0 +1,322 @@
+"""Tensor-Train shape math: factorisations, validation, parameter and FLOP counts.
+
+Layout reminder (see ``reference.py``): core ``k`` is ``[p_k, r_{k-1} * q_k * r_k]`` with
+``r_0 = r_K = 1``; row digits and column digits are most-significant-first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = [
+    "SUPPORTED_NUM_CORES",
+    "TTShape",
+    "factor_dim",
+    "factor_rows",
+    "make_tt_shape",
+    "max_useful_ranks",
+]
+
+#: Core counts the kernels are built for.
+SUPPORTED_NUM_CORES: tuple[int, ...] = (2, 3, 4)
+
+# factor_rows searches each factor in [root / _ROW_WINDOW, root * _ROW_WINDOW]. A narrow window
+# keeps the factors near-balanced (parameter count ~ sum_k p_k, minimised by equal p_k) while still
+# offering hundreds of candidates for large N, so the minimum padding found is tiny.
+_ROW_WINDOW = 1.25
+# Cap on outer-level (Python-looped) candidates, spread over the K-2 outer levels, so the search
+# stays in the tens of milliseconds even for N ~ 1e10 and K = 4. The innermost pair is vectorised.
+_ROW_OUTER_BUDGET = 4096
+_PAIR_MAX_HALF_WINDOW = 1 << 19
+
+
+def _prod(xs: Sequence[int]) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def _table_prefix(table_name: str) -> str:
+    return f"TT table {table_name!r}: " if table_name else "TT table: "
+
+
+@dataclass(frozen=True)
+class TTShape:
+    """One TT-compressed table: ``N x D`` split as ``prod(p) >= N`` and ``prod(q) == D``."""
+
+    num_rows: int
+    embedding_dim: int
+    p: tuple[int, ...]
+    q: tuple[int, ...]
+    ranks: tuple[int, ...]  # inner ranks r_1..r_{K-1}
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers but store tuples so the shape stays hashable.
+        for name in ("p", "q", "ranks"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        _validate(self.num_rows, self.embedding_dim, self.p, self.q, self.ranks, "")
+
+    @property
+    def num_cores(self) -> int:
+        return len(self.p)
+
+    @property
+    def full_ranks(self) -> tuple[int, ...]:
+        """``(1, r_1, ..., r_{K-1}, 1)``."""
+        return (1, *self.ranks, 1)
+
+    @property
+    def padded_rows(self) -> int:
+        """``prod(p)``: rows the TT represents (rows ``>= num_rows`` are never looked up)."""
+        return _prod(self.p)
+
+    def core_shapes(self) -> list[tuple[int, int]]:
+        """2-D storage shapes ``[p_k, r_{k-1} * q_k * r_k]``."""
+        r = self.full_ranks
+        return [(pk, r[k] * qk * r[k + 1]) for k, (pk, qk) in enumerate(zip(self.p, self.q))]
+
+    def num_parameters(self) -> int:
+        return sum(a * b for a, b in self.core_shapes())
+
+    def num_bytes(self, element_size: int = 4) -> int:
+        return self.num_parameters() * element_size
+
+    def dense_num_bytes(self, element_size: int = 4) -> int:
+        """Bytes of the uncompressed ``[N, D]`` table (unpadded)."""
+        return self.num_rows * self.embedding_dim * element_size
+
+    def compression_ratio(self) -> float:
+        """Dense parameters / TT parameters (element size cancels)."""
+        return self.num_rows * self.embedding_dim / self.num_parameters()
+
+    def forward_flops_per_lookup(self) -> int:
+        """FLOPs of one row reconstruction without prefix dedup.
+
+        Left-to-right chain: the running product ``[q_1..q_{k-1}, r_{k-1}]`` times core slice
+        ``[r_{k-1}, q_k r_k]`` costs ``2 (q_1..q_{k-1}) r_{k-1} q_k r_k`` for ``k >= 2``. For K=3
+        with equal ranks R this is ``2R(q_1 q_2 R + D)``.
+        """
+        r = self.full_ranks
+        flops = 0
+        left = self.q[0]  # rows of the running product: q_1..q_{k-1}
+        for k in range(1, self.num_cores):
+            flops += 2 * left * r[k] * self.q[k] * r[k + 1]
+            left *= self.q[k]
+        return flops
+
+    def backward_flops_per_lookup(self) -> int:
+        """FLOPs of one row's gradient w.r.t. its K core slices: ``2 * forward``.
+
+        Each chain matmul ``Y_k = X_{k-1} @ G_k`` (``X_{k-1}: [m, r_{k-1}]``,
+        ``G_k: [r_{k-1}, q_k r_k]``, ``m = q_1..q_{k-1}``) needs ``dG_k = X_{k-1}^T dY_k`` and
+        ``dX_{k-1} = dY_k G_k^T``, each ``2 m r_{k-1} q_k r_k`` FLOPs; for ``k = 2``, ``dX_1`` is
+        core 1's slice gradient. Assumes the forward intermediates ``X_k`` are kept (recomputing
+        them adds one forward) and excludes the scatter-add of slice gradients into the cores.
+        """
+        return 2 * self.forward_flops_per_lookup()
+
+
+def _validate(
+    num_rows: int,
+    embedding_dim: int,
+    p: Sequence[int],
+    q: Sequence[int],
+    ranks: Sequence[int],
+    table_name: str,
+) -> None:
+    pre = _table_prefix(table_name)
+    if not _is_int(num_rows) or num_rows < 1:
+        raise ValueError(f"{pre}num_rows must be a positive int, got {num_rows!r}")
+    if not _is_int(embedding_dim) or embedding_dim < 1:
+        raise ValueError(f"{pre}embedding_dim must be a positive int, got {embedding_dim!r}")
+    k = len(ranks) + 1
+    if k not in SUPPORTED_NUM_CORES:
+        raise ValueError(
+            f"{pre}{len(ranks)} ranks give {k} cores; supported core counts are "
+            f"{SUPPORTED_NUM_CORES} (i.e. 1 to 3 inner ranks)"
+        )
+    if not all(_is_int(r) and r >= 1 for r in ranks):
+        raise ValueError(f"{pre}ranks must be positive ints, got {tuple(ranks)!r}")
+    for name, f in (("p", p), ("q", q)):
+        if len(f) != k:
+            raise ValueError(
+                f"{pre}len({name}) = {len(f)} but there are {k} cores ({name}={tuple(f)})"
+            )
+        if not all(_is_int(v) and v >= 1 for v in f):
+            raise ValueError(f"{pre}factors {name}={tuple(f)} must be positive ints")
+    if _prod(p) < num_rows:
+        raise ValueError(
+            f"{pre}row factors p={tuple(p)} (prod {_prod(p)}) cannot represent {num_rows} rows"
+        )
+    if _prod(q) != embedding_dim:
+        raise ValueError(
+            f"{pre}column factors q={tuple(q)} (prod {_prod(q)}) must multiply to "
+            f"embedding_dim={embedding_dim}"
+        )
+
+
+def _is_int(v: object) -> bool:
+    # bool is an int subclass but never a meaningful size; numpy ints are fine.
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _imbalance(f: Sequence[int]) -> float:
+    return max(f) / min(f)
+
+
+def _window(m: int, k: int) -> tuple[int, int]:
+    """Candidate range for one of ``k`` factors of ``m``, around ``m^(1/k)``."""
+    root = m ** (1.0 / k)
+    lo = max(1, min(math.floor(root), math.ceil(root / _ROW_WINDOW)))
+    hi = max(math.ceil(root), math.floor(root * _ROW_WINDOW))
+    return lo, min(hi, m)
+
+
+def _best_pair(m: int) -> tuple[int, tuple[int, int]]:
+    """(padding, (a, b)) with ``a * b >= m``, vectorised over the candidate window for ``a``."""
+    lo, hi = _window(m, 2)
+    # Cap the window for astronomically large m; for m <= 1e12 it is never hit.
+    mid = math.isqrt(m)
+    lo, hi = max(lo, mid - _PAIR_MAX_HALF_WINDOW), min(hi, mid + _PAIR_MAX_HALF_WINDOW)
+    a = np.arange(lo, hi + 1, dtype=np.int64)
+    b = -((-m) // a)  # ceil(m / a): the smallest partner, so padding is minimal for this a
+    pad = a * b - m
+    ratio = np.maximum(a, b) / np.minimum(a, b)
+    # Lexicographic (padding, imbalance): lexsort uses its last key as primary.
+    i = int(np.lexsort((ratio, pad))[0])
+    return int(pad[i]), (int(a[i]), int(b[i]))
+
+
+@lru_cache(maxsize=4096)
+def _best_factors(m: int, k: int, per_level: int) -> tuple[int, tuple[int, ...]]:
+    """(padding, factors) minimising padding of ``k`` factors covering ``m``, then imbalance."""
+    if k == 1:
+        return 0, (m,)
+    if k == 2:
+        return _best_pair(m)
+    lo, hi = _window(m, k)
+    # The per_level candidates nearest the root (the whole window when it is small enough).
+    mid = round(m ** (1.0 / k))
+    start = max(lo, min(mid - per_level // 2, hi - per_level + 1))
+    cands = range(start, min(hi, start + per_level - 1) + 1)
+    best: tuple[int, float, tuple[int, ...]] | None = None
+    for a in cands:
+        rest_m = -(-m // a)  # the other factors must cover ceil(m / a)
+        rest_pad, rest = _best_factors(rest_m, k - 1, per_level)
+        # Total padding a * (rest_m + rest_pad) - m: minimal for this a because rest is minimal.
+        pad = a * (rest_m + rest_pad) - m
+        f = (a, *rest)
+        key = (pad, _imbalance(f), f)
+        if best is None or key < best:
+            best = key
+    assert best is not None
+    return best[0], best[2]
+
+
+def factor_rows(num_rows: int, num_cores: int) -> tuple[int, ...]:
+    """Near-balanced row factors ``p`` (ascending) with ``prod(p) >= num_rows`` and little padding.
+
+    Each factor is searched in a window around ``N^(1/K)`` (recursively for the remaining product);
+    among candidates the minimal padding wins, then the smallest ``max/min`` ratio. The largest
+    factor goes last so that prefixes ``(i_1..i_{K-1})`` are shared by as many rows as possible.
+    """
+    if not _is_int(num_rows) or num_rows < 1:
+        raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
+    if not _is_int(num_cores) or num_cores < 1:
+        raise ValueError(f"num_cores must be a positive int, got {num_cores!r}")
+    outer_levels = max(1, num_cores - 2)
+    per_level = max(2, int(_ROW_OUTER_BUDGET ** (1.0 / outer_levels)))
+    _, f = _best_factors(int(num_rows), int(num_cores), per_level)
+    return tuple(sorted(f))
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def factor_dim(embedding_dim: int, num_cores: int) -> tuple[int, ...]:
+    """Exact factors of ``D`` (ascending, largest last), as balanced as possible.
+
+    Enumerates all non-decreasing factorisations (D is small) and minimises the variance of
+    ``log f`` around ``log D / K``, then the largest factor. A prime D gives ``(1, .., 1, D)``.
+    """
+    if not _is_int(embedding_dim) or embedding_dim < 1:
+        raise ValueError(f"embedding_dim must be a positive int, got {embedding_dim!r}")
+    if not _is_int(num_cores) or num_cores < 1:
+        raise ValueError(f"num_cores must be a positive int, got {num_cores!r}")
+    d, k = int(embedding_dim), int(num_cores)
+    divs = _divisors(d)
+    mean_log = math.log(d) / k
+
+    def partitions(n: int, parts: int, min_f: int) -> list[tuple[int, ...]]:
+        if parts == 1:
+            return [(n,)] if n >= min_f else []
+        out = []
+        for f in divs:
+            if f < min_f or n % f or f ** parts > n:  # f is the smallest of the remaining parts
+                continue
+            out.extend((f, *rest) for rest in partitions(n // f, parts - 1, f))
+        return out
+
+    def key(f: tuple[int, ...]) -> tuple[float, int]:
+        var = sum((math.log(x) - mean_log) ** 2 for x in f)
+        return (round(var, 12), max(f))  # round: ties must not hinge on float noise
+
+    return min(partitions(d, k, 1), key=key)
+
+
+def make_tt_shape(
+    num_rows: int,
+    embedding_dim: int,
+    ranks: Sequence[int],
+    p: Sequence[int] | None = None,
+    q: Sequence[int] | None = None,
+    table_name: str = "",
+) -> TTShape:
+    """Build a validated :class:`TTShape`, choosing ``p``/``q`` automatically when omitted.
+
+    Raises ``ValueError`` naming ``table_name`` and the problem for any invalid input.
+    """
+    pre = _table_prefix(table_name)
+    ranks = tuple(ranks)
+    if not all(_is_int(r) and r >= 1 for r in ranks):
+        raise ValueError(f"{pre}ranks must be positive ints, got {ranks!r}")
+    k = len(ranks) + 1
+    if k not in SUPPORTED_NUM_CORES:
+        raise ValueError(
+            f"{pre}{len(ranks)} ranks give {k} cores; supported core counts are "
+            f"{SUPPORTED_NUM_CORES} (i.e. 1 to 3 inner ranks)"
+        )
+    if not _is_int(num_rows) or num_rows < 1:
+        raise ValueError(f"{pre}num_rows must be a positive int, got {num_rows!r}")
+    if not _is_int(embedding_dim) or embedding_dim < 1:
+        raise ValueError(f"{pre}embedding_dim must be a positive int, got {embedding_dim!r}")
+    p_t = factor_rows(num_rows, k) if p is None else tuple(p)
+    q_t = factor_dim(embedding_dim, k) if q is None else tuple(q)
+    _validate(num_rows, embedding_dim, p_t, q_t, ranks, table_name)
+    return TTShape(
+        num_rows=int(num_rows),
+        embedding_dim=int(embedding_dim),
+        p=tuple(int(v) for v in p_t),
+        q=tuple(int(v) for v in q_t),
+        ranks=tuple(int(r) for r in ranks),
+    )
+
+
+def max_useful_ranks(p: Sequence[int], q: Sequence[int]) -> tuple[int, ...]:
+    """Largest ranks TT-SVD can use: ``r_k <= min(prod_{i<=k} p_i q_i, prod_{i>k} p_i q_i)``.
+
+    These are the ranks of the k-th unfolding of the padded ``[prod p, prod q]`` table viewed as a
+    tensor with modes ``(p_i q_i)``; higher ranks only add zero (or redundant) directions.
+    """
+    if len(p) != len(q):
+        raise ValueError(f"len(p) = {len(p)} != len(q) = {len(q)}")
+    modes = [int(a) * int(b) for a, b in zip(p, q)]
+    left = list(itertools.accumulate(modes, lambda x, y: x * y))
+    total = left[-1] if left else 1
+    return tuple(min(left[k], total // left[k]) for k in range(len(modes) - 1))
