@@ -16,7 +16,7 @@ import torch
 
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.reference import tt_rows_reference
-from torchrec_tt.shapes import factor_dim, factor_rows
+from torchrec_tt.shapes import make_tt_shape
 
 
 def reference_bag(cores, p, q, ranks, indices, offsets):  # type: ignore[no-untyped-def]
@@ -48,21 +48,21 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
 
-    p, q = factor_rows(args.rows, 3), factor_dim(args.dim, 3)
-    ranks = (args.rank, args.rank)
-    full = [1, *ranks, 1]
+    shape = make_tt_shape(args.rows, args.dim, [args.rank, args.rank])
+    p, q, ranks = shape.p, shape.q, shape.ranks
+    full = shape.full_ranks
     gen = torch.Generator().manual_seed(0)
     cores = [
         (0.3 * torch.randn(p[k], full[k] * q[k] * full[k + 1], generator=gen)).requires_grad_()
         for k in range(3)
     ]
-    layout = TTBatchLayout.from_tables([("t0", args.rows, p, q, ranks)], [0])
+    layout = TTBatchLayout.from_shapes(["t0"], [shape], [PoolingMode.SUM], [0])
     n = args.batch * args.pooling_factor
     offsets = torch.arange(0, n + 1, args.pooling_factor)
     index_sets = [torch.randint(0, args.rows, (n,), generator=gen) for _ in range(args.repeats + 1)]
 
     def run_op(r: int) -> None:
-        out = tt_embedding_bag(cores, layout, index_sets[r], offsets, PoolingMode.SUM)
+        out = tt_embedding_bag(cores, layout, index_sets[r], offsets)
         out.backward(torch.ones_like(out))
 
     def run_ref(r: int) -> None:

@@ -10,16 +10,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 stamp=.venv/.deps-installed
-deps_rev=3  # bump when the pins below change
-if [ "$(cat "$stamp" 2>/dev/null)" != "$deps_rev" ]; then
-  "$VPY" -m pip install -q --upgrade pip setuptools wheel ninja
-  # torch's CPU wheel: a bare `torch` would pull a multi-GB CUDA build.
-  "$VPY" -m pip install -q torch==2.13.0
-  # torchrec's metadata asks for the CUDA fbgemm-gpu; the CPU build is what loads here.
-  "$VPY" -m pip install -q --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.6.1
-  "$VPY" -m pip install -q tensordict torchmetrics==1.0.3 tqdm pyre-extensions numpy pytest hypothesis \
-      "iopath" "typing-inspect"
-  echo "$deps_rev" > "$stamp"
+deps_hash=$(cat requirements/*.txt | sha1sum | cut -c1-40)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$deps_hash" ]; then
+  "$VPY" -m pip install -q --upgrade pip setuptools wheel
+  "$VPY" -m pip install -q -r requirements/torch.txt
+  "$VPY" -m pip install -q --no-deps -r requirements/no-deps.txt
+  "$VPY" -m pip install -q -r requirements/base.txt
+  echo "$deps_hash" > "$stamp"
 fi
 # --no-build-isolation: build against the torch already in the venv, never a fresh download.
 build_stamp=.venv/.ext-built
