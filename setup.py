@@ -43,7 +43,7 @@ def _extension() -> cpp_extension.BuildExtension:
             cpp + cu,
             extra_compile_args={
                 "cxx": cxx + ["-DTORCHREC_TT_WITH_CUDA"],
-                "nvcc": ["-O3", "--use_fast_math", "-std=c++17"],
+                "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
             },
             extra_link_args=["-fopenmp"],
         )

@@ -209,3 +209,106 @@ def test_bad_layout(prob) -> None:  # type: ignore[no-untyped-def]
     lay = dataclasses.replace(prob.layout, pooling_modes=(0, 7))
     with pytest.raises(RuntimeError, match="pooling mode 7"):
         _call(prob, layout=lay)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+def _has_cuda_kernels() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("torchrec_tt::tt_embedding_bag", "CUDA")
+
+
+requires_cuda = pytest.mark.skipif(
+    not _has_cuda_kernels(), reason="needs a CUDA GPU and torchrec_tt built with its CUDA kernels"
+)
+
+
+def _to(prob, device: str, dtype: torch.dtype | None = None):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    conv = lambda t: None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() and dtype else t.dtype)  # noqa: E731
+    return dataclasses.replace(
+        prob,
+        cores=[conv(c) for c in prob.cores],
+        indices=prob.indices.to(device),
+        offsets=prob.offsets.to(device),
+        per_sample_weights=conv(prob.per_sample_weights),
+    )
+
+
+@requires_cuda
+@settings(max_examples=40)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_tables=st.integers(1, 3),
+    batch_size=st.integers(1, 6),
+    index_dtype=st.sampled_from([torch.int32, torch.int64]),
+    weighted=st.booleans(),
+)
+def test_cuda_matches_dense_reference(
+    seed: int, num_tables: int, batch_size: int, index_dtype: torch.dtype, weighted: bool
+) -> None:
+    prob = random_problem(
+        seed, num_tables=num_tables, num_features=num_tables + 1, batch_size=batch_size,
+        index_dtype=index_dtype, weighted=weighted,
+    )
+    _check_against_reference(_to(prob, "cuda"), weights_grad=weighted)
+
+
+@requires_cuda
+@pytest.mark.parametrize("num_lookups", [1 << 12, 1 << 20])
+def test_cuda_float32_matches_cpu_at_scale(num_lookups: int) -> None:
+    gen = torch.Generator().manual_seed(num_lookups)
+    p, q, ranks, n = (200, 220, 250), (4, 4, 4), (32, 32), 11_000_000
+    full = (1, *ranks, 1)
+    cores = [0.2 * torch.randn(p[k], full[k] * q[k] * full[k + 1], generator=gen) for k in range(3)]
+    shape = type("S", (), dict(num_rows=n, p=p, q=q, ranks=ranks))
+    layout = TTBatchLayout.from_shapes(["t"], [shape], [PoolingMode.MEAN], [0])
+    bags = num_lookups // 16
+    lengths = torch.randint(0, 33, (bags,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    # Zipf-like skew so that dedup and prefix runs matter.
+    indices = (torch.randint(0, 1000, (int(offsets[-1]),), generator=gen) ** 2) % n
+    cpu = [c.clone().requires_grad_() for c in cores]
+    gpu = [c.cuda().requires_grad_() for c in cores]
+    out_c = tt_embedding_bag(cpu, layout, indices, offsets)
+    out_g = tt_embedding_bag(gpu, layout, indices.cuda(), offsets.cuda())
+    torch.testing.assert_close(out_g.cpu(), out_c, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(out_c)
+    g_c = torch.autograd.grad(out_c, cpu, dy)
+    g_g = torch.autograd.grad(out_g, gpu, dy.cuda())
+    for a, b in zip(g_g, g_c):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-3, atol=1e-3)
+
+
+@requires_cuda
+def test_cuda_empty_batch_and_opcheck() -> None:
+    prob = _to(random_problem(31, num_tables=2, num_features=3, weighted=True), "cuda")
+    torch.library.opcheck(torch.ops.torchrec_tt.tt_embedding_bag.default, _opcheck_args(prob))
+    offsets = torch.zeros_like(prob.offsets)
+    out = tt_embedding_bag(prob.cores, prob.layout, prob.indices[:0], offsets)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@requires_cuda
+def test_cuda_out_of_range_index_is_caught_on_the_device() -> None:
+    # A device-side trap poisons the CUDA context, so run it in a child process.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch
+        from torchrec_tt.testing import random_problem
+        from torchrec_tt.ops import tt_embedding_bag
+        prob = random_problem(3, num_tables=1, batch_size=4)
+        idx = prob.indices.clone(); idx[-1] = 10**7
+        out = tt_embedding_bag([c.cuda() for c in prob.cores], prob.layout, idx.cuda(), prob.offsets.cuda())
+        torch.cuda.synchronize()
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "out of range" in res.stdout + res.stderr

@@ -1,0 +1,682 @@
+// CUDA kernels of the table-batched TT embedding bag (forward and dense-gradient backward).
+//
+// Pipeline (no host synchronisation; all sizes the host needs are known from input shapes):
+//   1. keys:   every lookup j gets key = (table << 40) | index and its bag; bounds are checked.
+//   2. dedup:  sort the keys; unique ids by a scan over "key differs from its predecessor".
+//   3. rows:   each block computes the rows of a chunk of consecutive unique keys. Sorted order
+//              puts rows with the same (i_1..i_{K-1}) prefix next to each other, so the prefix
+//              product is computed once per run within the chunk.
+//   4. pool:   one warp per bag sums the (weighted) unique rows of its lookups; per-lookup rows
+//              never exist in memory.
+// The backward recomputes 1-3, reduces dY onto the unique rows (segment sums over the sorted
+// lookups: deterministic), then each block backpropagates a chunk of unique rows through the
+// core chain, accumulating the dP of a prefix run before pushing it further down the chain.
+// Core gradients are accumulated with atomicAdd (order not deterministic).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdio>
+
+#include "embedding_bag_common.h"
+#include "ops.h"
+
+namespace torchrec_tt {
+namespace {
+
+constexpr int kMaxTables = 64;
+constexpr int kMaxFeatures = 512;
+constexpr int kKeyShift = 40;  // indices must be < 2^40 (checked on the host against N)
+constexpr int64_t kKeyMask = (int64_t{1} << kKeyShift) - 1;
+constexpr int kThreads = 128;
+constexpr int kRowsPerBlock = 8;
+
+struct DevTable {
+  int64_t N;
+  int64_t stride[kMaxCores];   // row i is in level-l prefix group i / stride[l]
+  int K, R, D, pooling;
+  int p[kMaxCores], q[kMaxCores], r[kMaxCores + 1];
+  int Q[kMaxCores];            // rows of the level-l prefix matrix [Q[l], r[l+1]]
+  int level_off[kMaxCores];    // offset of level l's buffer in shared memory
+  int prefix_floats;           // sum of the level buffers
+};
+
+// Passed by value (CUDA >= 12.1 allows 32 KB of kernel parameters), so a call needs no
+// host-to-device copy of its metadata and stays capturable in a CUDA graph.
+template <typename scalar_t>
+struct Params {
+  DevTable tables[kMaxTables];
+  const scalar_t* cores[kMaxTables][kMaxCores];
+  scalar_t* grads[kMaxTables][kMaxCores];
+  int16_t feature_table[kMaxFeatures];
+  int feature_col[kMaxFeatures];
+  int T, F;
+  int64_t B;
+  int total_D;
+  int row_stride;  // max D over tables: stride of the unique-row buffers
+};
+
+template <typename scalar_t>
+Params<scalar_t> make_params(const BatchInfo& info, const std::vector<at::Tensor>& cores,
+                             std::vector<at::Tensor>* grads) {
+  TORCH_CHECK(static_cast<int>(info.tables.size()) <= kMaxTables,
+              "torchrec_tt: the CUDA kernels take at most ", kMaxTables, " tables per call, got ",
+              info.tables.size());
+  TORCH_CHECK(info.F <= kMaxFeatures, "torchrec_tt: the CUDA kernels take at most ",
+              kMaxFeatures, " features per call, got ", info.F);
+  Params<scalar_t> P{};
+  P.T = static_cast<int>(info.tables.size());
+  P.F = static_cast<int>(info.F);
+  P.B = info.B;
+  P.total_D = static_cast<int>(info.total_D);
+  P.row_stride = 1;
+  for (int t = 0; t < P.T; ++t) {
+    const TableInfo& ti = info.tables[t];
+    TORCH_CHECK(ti.N <= kKeyMask, "torchrec_tt: ", table_label(ti), " has ", ti.N,
+                " rows; the CUDA kernels support up to 2^40");
+    DevTable& d = P.tables[t];
+    d.N = ti.N;
+    d.K = static_cast<int>(ti.K);
+    d.R = static_cast<int>(ti.R);
+    d.D = static_cast<int>(ti.D);
+    d.pooling = static_cast<int>(ti.pooling);
+    int off = 0;
+    for (int k = 0; k < d.K; ++k) {
+      d.p[k] = static_cast<int>(ti.p[k]);
+      d.q[k] = static_cast<int>(ti.q[k]);
+      d.r[k] = static_cast<int>(ti.r[k]);
+      d.Q[k] = static_cast<int>(ti.Q[k]);
+      d.stride[k] = ti.stride[k];
+      P.cores[t][k] = cores[ti.first_core + k].data_ptr<scalar_t>();
+      if (grads != nullptr) {
+        P.grads[t][k] = (*grads)[ti.first_core + k].data_ptr<scalar_t>();
+      }
+      if (k + 1 < d.K) {
+        d.level_off[k] = off;
+        off += static_cast<int>(ti.Q[k] * ti.r[k + 1]);
+      }
+    }
+    d.r[d.K] = 1;
+    d.prefix_floats = off;
+    P.row_stride = std::max(P.row_stride, d.D);
+  }
+  for (int f = 0; f < P.F; ++f) {
+    P.feature_table[f] = static_cast<int16_t>(info.feature_table[f]);
+    P.feature_col[f] = static_cast<int>(info.feature_col[f]);
+  }
+  return P;
+}
+
+__device__ __forceinline__ int64_t find_bag(const int64_t* off, int64_t num_bags, int64_t j) {
+  // Largest bag with off[bag] <= j (empty bags before it are skipped).
+  int64_t lo = 0, hi = num_bags;  // invariant: off[lo] <= j < off[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (off[mid] <= j) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+template <typename scalar_t>
+__global__ void check_offsets_kernel(const Params<scalar_t> P, const int64_t* off, int64_t n) {
+  const int64_t num_bags = P.F * P.B;
+  for (int64_t bag = blockIdx.x * blockDim.x + threadIdx.x; bag < num_bags;
+       bag += int64_t(gridDim.x) * blockDim.x) {
+    const bool bad = off[bag + 1] < off[bag] || (bag == 0 && off[0] != 0) ||
+                     (bag == num_bags - 1 && off[num_bags] != n);
+    if (bad) {
+      printf("torchrec_tt::tt_embedding_bag: offsets must start at 0, not decrease and end at "
+             "len(indices)=%lld; violated at bag %lld (feature %lld)\n",
+             static_cast<long long>(n), static_cast<long long>(bag),
+             static_cast<long long>(bag / P.B));
+      __trap();
+    }
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void keys_kernel(const Params<scalar_t> P, const index_t* __restrict__ idx,
+                            const int64_t* __restrict__ off, int64_t n, int64_t* __restrict__ keys,
+                            int32_t* __restrict__ bag_of) {
+  const int64_t num_bags = P.F * P.B;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t bag = find_bag(off, num_bags, j);
+    const int t = P.feature_table[bag / P.B];
+    const int64_t v = static_cast<int64_t>(idx[j]);
+    if (v < 0 || v >= P.tables[t].N) {
+      printf("torchrec_tt::tt_embedding_bag: table %d (feature %lld): index %lld at position "
+             "%lld is out of range [0, %lld)\n",
+             t, static_cast<long long>(bag / P.B), static_cast<long long>(v),
+             static_cast<long long>(j), static_cast<long long>(P.tables[t].N));
+      __trap();  // never read or write out of bounds
+    }
+    keys[j] = (int64_t(t) << kKeyShift) | v;
+    bag_of[j] = static_cast<int32_t>(bag);
+  }
+}
+
+__global__ void unique_kernel(const int64_t* __restrict__ sorted_keys,
+                              const int64_t* __restrict__ perm, const int32_t* __restrict__ uid_incl,
+                              int64_t n, int64_t* __restrict__ ukey, int64_t* __restrict__ seg_start,
+                              int32_t* __restrict__ uid_of, int32_t* __restrict__ num_unique) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t u = uid_incl[j] - 1;
+    if (j == 0 || sorted_keys[j] != sorted_keys[j - 1]) {
+      ukey[u] = sorted_keys[j];
+      seg_start[u] = j;
+    }
+    uid_of[perm[j]] = u;
+    if (j == n - 1) {
+      seg_start[u + 1] = n;
+      *num_unique = u + 1;
+    }
+  }
+}
+
+// Shared-memory cache of the prefix chain P_0..P_{K-2} of the current row (all threads of the
+// block hold identical copies of the bookkeeping, so branches on it are uniform).
+template <typename scalar_t>
+struct BlockPrefix {
+  int64_t key[kMaxCores];
+  int digit[kMaxCores];
+  int valid;
+  int table;
+
+  __device__ void reset() {
+    valid = 0;
+    table = -1;
+  }
+
+  // Brings the cache to row i of table t. Returns true when P_{K-2} changed.
+  __device__ bool update(const Params<scalar_t>& P, int t, int64_t i, scalar_t* sm) {
+    const DevTable& T = P.tables[t];
+    if (t != table) {
+      valid = 0;
+      table = t;
+    }
+    bool changed = false;
+    for (int l = 0; l + 1 < T.K; ++l) {
+      const int64_t k = i / T.stride[l];
+      if (l < valid && key[l] == k) {
+        continue;
+      }
+      __syncthreads();  // earlier readers of the level buffers are done
+      key[l] = k;
+      digit[l] = static_cast<int>(k % T.p[l]);
+      const int cols = T.q[l] * T.r[l + 1];
+      const scalar_t* g = P.cores[t][l] + int64_t(digit[l]) * T.r[l] * cols;
+      scalar_t* out = sm + T.level_off[l];
+      if (l == 0) {
+        for (int e = threadIdx.x; e < cols; e += blockDim.x) {
+          out[e] = g[e];
+        }
+      } else {
+        const scalar_t* in = sm + T.level_off[l - 1];
+        const int M = T.Q[l - 1], Kd = T.r[l];
+        for (int e = threadIdx.x; e < M * cols; e += blockDim.x) {
+          const int m = e / cols, c = e - m * cols;
+          scalar_t s = 0;
+          for (int a = 0; a < Kd; ++a) {
+            s += in[m * Kd + a] * g[a * cols + c];
+          }
+          out[e] = s;
+        }
+      }
+      __syncthreads();
+      valid = l + 1;
+      changed = true;
+    }
+    return changed;
+  }
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    rows_kernel(const Params<scalar_t> P, const int64_t* __restrict__ ukey,
+                const int32_t* __restrict__ num_unique, scalar_t* __restrict__ rows) {
+  extern __shared__ unsigned char smem_raw[];
+  scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
+  const int64_t U = *num_unique;
+  for (int64_t u0 = int64_t(blockIdx.x) * kRowsPerBlock; u0 < U;
+       u0 += int64_t(gridDim.x) * kRowsPerBlock) {
+    BlockPrefix<scalar_t> cache;
+    cache.reset();
+    const int64_t u1 = min(U, u0 + kRowsPerBlock);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int t = static_cast<int>(ukey[u] >> kKeyShift);
+      const int64_t i = ukey[u] & kKeyMask;
+      cache.update(P, t, i, sm);
+      const DevTable& T = P.tables[t];
+      const int qK = T.q[T.K - 1], R = T.R;
+      const scalar_t* pre = sm + T.level_off[T.K - 2];
+      const scalar_t* g = P.cores[t][T.K - 1] + (i % T.p[T.K - 1]) * R * qK;
+      for (int d = threadIdx.x; d < T.D; d += blockDim.x) {
+        const int m = d / qK, c = d - m * qK;
+        scalar_t s = 0;
+        for (int b = 0; b < R; ++b) {
+          s += pre[m * R + b] * g[b * qK + c];
+        }
+        rows[u * P.row_stride + d] = s;
+      }
+    }
+    __syncthreads();  // the next chunk overwrites the prefix buffers
+  }
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t bag_scale(const DevTable& T, int64_t len) {
+  return (T.pooling == static_cast<int>(PoolingMode::MEAN) && len > 0)
+             ? scalar_t(1) / static_cast<scalar_t>(len)
+             : scalar_t(1);
+}
+
+template <typename scalar_t>
+__global__ void pool_kernel(const Params<scalar_t> P, const int64_t* __restrict__ off,
+                            const int32_t* __restrict__ uid_of, const scalar_t* __restrict__ rows,
+                            const scalar_t* __restrict__ w, scalar_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t num_bags = P.F * P.B;
+  for (int64_t bag = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; bag < num_bags;
+       bag += int64_t(gridDim.x) * blockDim.x / 32) {
+    const int f = static_cast<int>(bag / P.B);
+    const int64_t b = bag - int64_t(f) * P.B;
+    const DevTable& T = P.tables[P.feature_table[f]];
+    const int64_t lo = off[bag], hi = off[bag + 1];
+    const scalar_t scale = bag_scale<scalar_t>(T, hi - lo);
+    scalar_t* dst = out + b * P.total_D + P.feature_col[f];
+    for (int d = lane; d < T.D; d += 32) {
+      scalar_t acc = 0;
+      for (int64_t j = lo; j < hi; ++j) {
+        const scalar_t c = w ? w[j] : scalar_t(1);
+        acc += c * rows[int64_t(uid_of[j]) * P.row_stride + d];
+      }
+      dst[d] = acc * scale;
+    }
+  }
+}
+
+// dY reduced onto the unique rows: drows[u] = sum over u's lookups of coef * dY[bag, feature].
+template <typename scalar_t>
+__global__ void drows_kernel(const Params<scalar_t> P, const int64_t* __restrict__ off,
+                             const int64_t* __restrict__ perm, const int64_t* __restrict__ seg_start,
+                             const int32_t* __restrict__ bag_of, const int32_t* __restrict__ num_unique,
+                             const int64_t* __restrict__ ukey, const scalar_t* __restrict__ w,
+                             const scalar_t* __restrict__ dy, scalar_t* __restrict__ drows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t U = *num_unique;
+  for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < U;
+       u += int64_t(gridDim.x) * blockDim.x / 32) {
+    const DevTable& T = P.tables[ukey[u] >> kKeyShift];
+    for (int d = lane; d < T.D; d += 32) {
+      scalar_t acc = 0;
+      for (int64_t s = seg_start[u]; s < seg_start[u + 1]; ++s) {
+        const int64_t j = perm[s];
+        const int64_t bag = bag_of[j];
+        const int f = static_cast<int>(bag / P.B);
+        const int64_t b = bag - int64_t(f) * P.B;
+        const scalar_t c = (w ? w[j] : scalar_t(1)) * bag_scale<scalar_t>(T, off[bag + 1] - off[bag]);
+        acc += c * dy[b * P.total_D + P.feature_col[f] + d];
+      }
+      drows[u * P.row_stride + d] = acc;
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void weight_grad_kernel(const Params<scalar_t> P, const int64_t* __restrict__ off,
+                                   const int32_t* __restrict__ bag_of,
+                                   const int32_t* __restrict__ uid_of,
+                                   const scalar_t* __restrict__ rows, const scalar_t* __restrict__ dy,
+                                   int64_t n, scalar_t* __restrict__ wgrad) {
+  const int lane = threadIdx.x & 31;
+  for (int64_t j = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; j < n;
+       j += int64_t(gridDim.x) * blockDim.x / 32) {
+    const int64_t bag = bag_of[j];
+    const int f = static_cast<int>(bag / P.B);
+    const int64_t b = bag - int64_t(f) * P.B;
+    const DevTable& T = P.tables[P.feature_table[f]];
+    const scalar_t* row = rows + int64_t(uid_of[j]) * P.row_stride;
+    const scalar_t* g = dy + b * P.total_D + P.feature_col[f];
+    scalar_t s = 0;
+    for (int d = lane; d < T.D; d += 32) {
+      s += row[d] * g[d];
+    }
+    for (int o = 16; o > 0; o /= 2) {
+      s += __shfl_down_sync(0xffffffffu, s, o);
+    }
+    if (lane == 0) {
+      wgrad[j] = s * bag_scale<scalar_t>(T, off[bag + 1] - off[bag]);
+    }
+  }
+}
+
+// Backpropagates the accumulated dP_{K-2} of the cached prefix run down the chain.
+template <typename scalar_t>
+__device__ void flush_prefix_grad(const Params<scalar_t>& P, const BlockPrefix<scalar_t>& cache,
+                                  scalar_t* sm, scalar_t* dsm) {
+  const int t = cache.table;
+  const DevTable& T = P.tables[t];
+  for (int l = T.K - 2; l >= 1; --l) {
+    const int cols = T.q[l] * T.r[l + 1];
+    const int M = T.Q[l - 1], Kd = T.r[l];
+    const scalar_t* Pin = sm + T.level_off[l - 1];
+    const scalar_t* dPl = dsm + T.level_off[l];
+    scalar_t* dPin = dsm + T.level_off[l - 1];
+    const scalar_t* g = P.cores[t][l] + int64_t(cache.digit[l]) * Kd * cols;
+    scalar_t* dg = P.grads[t][l] + int64_t(cache.digit[l]) * Kd * cols;
+    // dG_l[a][c] += sum_m P_{l-1}[m][a] * dP_l[m][c]
+    for (int e = threadIdx.x; e < Kd * cols; e += blockDim.x) {
+      const int a = e / cols, c = e - a * cols;
+      scalar_t s = 0;
+      for (int m = 0; m < M; ++m) {
+        s += Pin[m * Kd + a] * dPl[m * cols + c];
+      }
+      atomicAdd(dg + e, s);
+    }
+    // dP_{l-1}[m][a] = sum_c dP_l[m][c] * G_l[a][c]
+    for (int e = threadIdx.x; e < M * Kd; e += blockDim.x) {
+      const int m = e / Kd, a = e - m * Kd;
+      scalar_t s = 0;
+      for (int c = 0; c < cols; ++c) {
+        s += dPl[m * cols + c] * g[a * cols + c];
+      }
+      dPin[e] = s;
+    }
+    __syncthreads();
+  }
+  const int n0 = T.q[0] * T.r[1];
+  scalar_t* dg0 = P.grads[t][0] + int64_t(cache.digit[0]) * n0;
+  for (int e = threadIdx.x; e < n0; e += blockDim.x) {
+    atomicAdd(dg0 + e, dsm[e]);
+  }
+  __syncthreads();
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    core_grad_kernel(const Params<scalar_t> P, const int64_t* __restrict__ ukey,
+                     const int32_t* __restrict__ num_unique, const scalar_t* __restrict__ drows,
+                     int max_prefix_floats) {
+  extern __shared__ unsigned char smem_raw[];
+  scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);  // prefix levels
+  scalar_t* dsm = sm + max_prefix_floats;                 // their gradients
+  const int64_t U = *num_unique;
+  for (int64_t u0 = int64_t(blockIdx.x) * kRowsPerBlock; u0 < U;
+       u0 += int64_t(gridDim.x) * kRowsPerBlock) {
+    BlockPrefix<scalar_t> cache;
+    cache.reset();
+    bool have_run = false;
+    const int64_t u1 = min(U, u0 + kRowsPerBlock);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int t = static_cast<int>(ukey[u] >> kKeyShift);
+      const int64_t i = ukey[u] & kKeyMask;
+      const DevTable& T = P.tables[t];
+      const bool same_run = have_run && cache.table == t && cache.valid == T.K - 1 &&
+                            cache.key[T.K - 2] == i / T.stride[T.K - 2];
+      if (!same_run) {
+        if (have_run) {
+          flush_prefix_grad(P, cache, sm, dsm);
+        }
+        cache.update(P, t, i, sm);
+        const int top = T.Q[T.K - 2] * T.R;
+        for (int e = threadIdx.x; e < top; e += blockDim.x) {
+          dsm[T.level_off[T.K - 2] + e] = 0;
+        }
+        __syncthreads();
+        have_run = true;
+      }
+      const int qK = T.q[T.K - 1], R = T.R, Qp = T.Q[T.K - 2];
+      const int64_t iK = i % T.p[T.K - 1];
+      const scalar_t* pre = sm + T.level_off[T.K - 2];
+      scalar_t* dpre = dsm + T.level_off[T.K - 2];
+      const scalar_t* g = P.cores[t][T.K - 1] + iK * R * qK;
+      scalar_t* dg = P.grads[t][T.K - 1] + iK * R * qK;
+      const scalar_t* dr = drows + u * P.row_stride;
+      // dG_K[b][c] += sum_m P[m][b] * drow[m][c]
+      for (int e = threadIdx.x; e < R * qK; e += blockDim.x) {
+        const int b = e / qK, c = e - b * qK;
+        scalar_t s = 0;
+        for (int m = 0; m < Qp; ++m) {
+          s += pre[m * R + b] * dr[m * qK + c];
+        }
+        atomicAdd(dg + e, s);
+      }
+      // dP[m][b] += sum_c drow[m][c] * G_K[b][c]
+      for (int e = threadIdx.x; e < Qp * R; e += blockDim.x) {
+        const int m = e / R, b = e - m * R;
+        scalar_t s = 0;
+        for (int c = 0; c < qK; ++c) {
+          s += dr[m * qK + c] * g[b * qK + c];
+        }
+        dpre[e] += s;
+      }
+      __syncthreads();
+    }
+    if (have_run) {
+      flush_prefix_grad(P, cache, sm, dsm);
+    }
+  }
+}
+
+int grid_for(int64_t work, int per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t cap = int64_t(sms) * 32;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+struct CudaDedup {
+  at::Tensor off;         // int64 offsets
+  at::Tensor perm;        // sorted position -> lookup
+  at::Tensor ukey;        // unique keys (first num_unique valid)
+  at::Tensor seg_start;   // lookups of unique u: perm[seg_start[u] : seg_start[u+1]]
+  at::Tensor uid_of;      // lookup -> unique id
+  at::Tensor bag_of;      // lookup -> bag
+  at::Tensor num_unique;  // int32 [1], on the device
+};
+
+template <typename scalar_t>
+CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::Tensor& offsets) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = indices.numel();
+  CudaDedup d;
+  d.off = offsets.to(at::kLong).contiguous();
+  const int64_t num_bags = P.F * P.B;
+  if (num_bags > 0) {
+    check_offsets_kernel<scalar_t><<<grid_for(num_bags, 256), 256, 0, stream>>>(
+        P, d.off.data_ptr<int64_t>(), n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto opts = indices.options();
+  auto keys = at::empty({n}, opts.dtype(at::kLong));
+  d.bag_of = at::empty({n}, opts.dtype(at::kInt));
+  auto idx = indices.contiguous();
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "tt_keys", [&] {
+    keys_kernel<scalar_t, index_t><<<grid_for(n, 256), 256, 0, stream>>>(
+        P, idx.data_ptr<index_t>(), d.off.data_ptr<int64_t>(), n, keys.data_ptr<int64_t>(),
+        d.bag_of.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  auto [sorted_keys, perm] = at::sort(keys);
+  d.perm = perm;
+  auto heads = at::ones({n}, opts.dtype(at::kInt));
+  if (n > 1) {
+    heads.narrow(0, 1, n - 1).copy_(sorted_keys.narrow(0, 1, n - 1).ne(sorted_keys.narrow(0, 0, n - 1)));
+  }
+  auto uid_incl = at::cumsum(heads, 0, at::kInt);
+  d.ukey = at::empty({n}, opts.dtype(at::kLong));
+  d.seg_start = at::empty({n + 1}, opts.dtype(at::kLong));
+  d.uid_of = at::empty({n}, opts.dtype(at::kInt));
+  d.num_unique = at::zeros({1}, opts.dtype(at::kInt));
+  unique_kernel<<<grid_for(n, 256), 256, 0, stream>>>(
+      sorted_keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), uid_incl.data_ptr<int32_t>(), n,
+      d.ukey.data_ptr<int64_t>(), d.seg_start.data_ptr<int64_t>(), d.uid_of.data_ptr<int32_t>(),
+      d.num_unique.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return d;
+}
+
+template <typename scalar_t>
+int max_prefix_floats(const Params<scalar_t>& P) {
+  int m = 0;
+  for (int t = 0; t < P.T; ++t) {
+    m = std::max(m, P.tables[t].prefix_floats);
+  }
+  return m;
+}
+
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t bytes) {
+  TORCH_CHECK(bytes <= 227 * 1024, "torchrec_tt: the TT prefix buffers need ", bytes,
+              " bytes of shared memory; reduce the ranks or q factors of the largest table");
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
+}
+
+template <typename scalar_t>
+at::Tensor unique_rows(const Params<scalar_t>& P, const CudaDedup& d, int64_t n,
+                       const at::TensorOptions& opts) {
+  at::Tensor rows = at::empty({n, P.row_stride}, opts);
+  const size_t smem = sizeof(scalar_t) * max_prefix_floats(P);
+  allow_smem(rows_kernel<scalar_t>, smem);
+  const int64_t* ukey = d.ukey.data_ptr<int64_t>();
+  const int32_t* num_unique = d.num_unique.data_ptr<int32_t>();
+  scalar_t* out = rows.data_ptr<scalar_t>();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  rows_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(P, ukey, num_unique, out);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return rows;
+}
+
+}  // namespace
+
+at::Tensor tt_embedding_bag_cuda(
+    const std::vector<at::Tensor>& cores,
+    at::IntArrayRef num_cores,
+    at::IntArrayRef p_shapes,
+    at::IntArrayRef q_shapes,
+    at::IntArrayRef ranks,
+    at::IntArrayRef num_rows,
+    at::IntArrayRef feature_table_map,
+    const std::vector<std::string>& table_names,
+    at::IntArrayRef pooling_modes,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights) {
+  const char* op = "torchrec_tt::tt_embedding_bag";
+  const BatchInfo info = parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
+                                         feature_table_map, table_names, pooling_modes, indices,
+                                         offsets, per_sample_weights);
+  TORCH_CHECK(indices.is_cuda(), op, ": indices must be on a CUDA device, got ", indices.device());
+  c10::cuda::CUDAGuard guard(indices.device());
+  std::vector<at::Tensor> cc;
+  for (const auto& c : cores) {
+    cc.push_back(c.contiguous());
+  }
+  const int64_t n = indices.numel();
+  return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_cuda", [&] {
+    auto out = at::zeros({info.B, info.total_D}, cc[0].options());
+    if (n == 0 || info.B == 0) {
+      return out;
+    }
+    const auto P = make_params<scalar_t>(info, cc, nullptr);
+    const CudaDedup d = dedup(P, indices, offsets);
+    auto rows = unique_rows(P, d, n, cc[0].options());
+    at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+    pool_kernel<scalar_t><<<grid_for(info.F * info.B * 32, 256), 256, 0,
+                            c10::cuda::getCurrentCUDAStream()>>>(
+        P, d.off.data_ptr<int64_t>(), d.uid_of.data_ptr<int32_t>(), rows.data_ptr<scalar_t>(),
+        w.defined() ? w.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return out;
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
+    const at::Tensor& grad_output,
+    const std::vector<at::Tensor>& cores,
+    at::IntArrayRef num_cores,
+    at::IntArrayRef p_shapes,
+    at::IntArrayRef q_shapes,
+    at::IntArrayRef ranks,
+    at::IntArrayRef num_rows,
+    at::IntArrayRef feature_table_map,
+    const std::vector<std::string>& table_names,
+    at::IntArrayRef pooling_modes,
+    const at::Tensor& indices,
+    const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights,
+    bool per_sample_weights_grad) {
+  const char* op = "torchrec_tt::tt_embedding_bag_backward";
+  const BatchInfo info = parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
+                                         feature_table_map, table_names, pooling_modes, indices,
+                                         offsets, per_sample_weights);
+  TORCH_CHECK(per_sample_weights.has_value() || !per_sample_weights_grad, op,
+              ": per_sample_weights_grad needs per_sample_weights");
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == info.B &&
+                  grad_output.size(1) == info.total_D,
+              op, ": grad_output must have shape [", info.B, ", ", info.total_D, "], got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == info.dtype && grad_output.device() == indices.device(),
+              op, ": grad_output must be ", info.dtype, " on ", indices.device());
+  c10::cuda::CUDAGuard guard(indices.device());
+  std::vector<at::Tensor> cc, grads;
+  for (const auto& c : cores) {
+    cc.push_back(c.contiguous());
+    grads.push_back(at::zeros_like(cc.back()));
+  }
+  const int64_t n = indices.numel();
+  auto opts = grad_output.options();
+  at::Tensor wgrad = at::zeros({per_sample_weights_grad ? n : 0}, opts);
+  if (n == 0 || info.B == 0) {
+    return {grads, wgrad};
+  }
+  AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_backward_cuda", [&] {
+    const auto P = make_params<scalar_t>(info, cc, &grads);
+    const CudaDedup d = dedup(P, indices, offsets);
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    auto dy = grad_output.contiguous();
+    at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+    const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    auto drows = at::empty({n, P.row_stride}, opts);
+    drows_kernel<scalar_t><<<grid_for(n * 32, 256), 256, 0, stream>>>(
+        P, d.off.data_ptr<int64_t>(), d.perm.data_ptr<int64_t>(), d.seg_start.data_ptr<int64_t>(),
+        d.bag_of.data_ptr<int32_t>(), d.num_unique.data_ptr<int32_t>(), d.ukey.data_ptr<int64_t>(),
+        wp, dy.data_ptr<scalar_t>(), drows.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int mp = max_prefix_floats(P);
+    const size_t smem = sizeof(scalar_t) * 2 * mp;
+    allow_smem(core_grad_kernel<scalar_t>, smem);
+    core_grad_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(
+        P, d.ukey.data_ptr<int64_t>(), d.num_unique.data_ptr<int32_t>(), drows.data_ptr<scalar_t>(),
+        mp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (per_sample_weights_grad) {
+      auto rows = unique_rows(P, d, n, opts);
+      weight_grad_kernel<scalar_t><<<grid_for(n * 32, 256), 256, 0, stream>>>(
+          P, d.off.data_ptr<int64_t>(), d.bag_of.data_ptr<int32_t>(), d.uid_of.data_ptr<int32_t>(),
+          rows.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), n, wgrad.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {grads, wgrad};
+}
+
+TORCH_LIBRARY_IMPL(torchrec_tt, CUDA, m) {
+  m.impl("tt_embedding_bag", &tt_embedding_bag_cuda);
+  m.impl("tt_embedding_bag_backward", &tt_embedding_bag_backward_cuda);
+}
+
+}  // namespace torchrec_tt
