@@ -7,6 +7,7 @@ names, pooling and init bounds, so TorchRec's planner and models accept it) plus
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass, field
 
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -53,6 +54,12 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     tt_init: TTInit = TTInit.SAMPLED_GAUSSIAN
 
     def __post_init__(self) -> None:
+        # Checked before TorchRec's __post_init__, whose default init bounds divide by N.
+        if not isinstance(self.num_embeddings, numbers.Integral) or self.num_embeddings < 1:
+            raise ValueError(
+                f"TT table {self.name!r}: num_embeddings must be a positive int, got "
+                f"{self.num_embeddings!r}"
+            )
         super().__post_init__()
         if not self.feature_names:
             self.feature_names = [self.name]
@@ -67,7 +74,13 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             raise ValueError(
                 f"TT table {self.name!r}: pooling {self.pooling} is not supported (SUM or MEAN)"
             )
-        self.tt_init = TTInit(self.tt_init)
+        try:
+            self.tt_init = TTInit(self.tt_init)
+        except ValueError:
+            raise ValueError(
+                f"TT table {self.name!r}: tt_init {self.tt_init!r} is not one of "
+                f"{[i.value for i in TTInit]}"
+            ) from None
         self.tt_shape()  # validates ranks and shapes, naming the table
 
     def tt_shape(self) -> TTShape:

@@ -26,6 +26,55 @@ __all__ = ["TTEmbeddingBagCollection", "TTEmbeddingTable"]
 _POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
 
 
+@torch.fx.wrap
+def _lookup_inputs(
+    features: KeyedJaggedTensor,
+    feature_names: list[str],
+    feature_tables: list[str],
+    is_weighted: bool,
+    core: Tensor,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Checks a KJT against the collection and returns its ``(indices, offsets, weights)`` with
+    the features in the collection's order (weights cast to the cores' dtype when weighted)."""
+    if not isinstance(features, KeyedJaggedTensor):
+        raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
+    keys = features.keys()
+    if keys != feature_names:
+        unknown = [k for k in keys if k not in feature_names]
+        if unknown:
+            raise ValueError(
+                f"KeyedJaggedTensor keys {unknown} match no table of this "
+                f"TTEmbeddingBagCollection (features: {feature_names})"
+            )
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"KeyedJaggedTensor has the keys {duplicated} more than once")
+        missing = [
+            f"{f!r} (table {t!r})" for f, t in zip(feature_names, feature_tables) if f not in keys
+        ]
+        if missing:
+            raise ValueError(f"KeyedJaggedTensor lacks the features {', '.join(missing)}")
+        features = features.permute([keys.index(f) for f in feature_names])
+    if features.variable_stride_per_key():
+        raise ValueError("variable batch size per feature (VBE) is not supported")
+    values = features.values()
+    if values.device != core.device:
+        raise ValueError(
+            f"KeyedJaggedTensor is on {values.device} but the cores of TT tables "
+            f"{sorted(set(feature_tables))} are on {core.device}"
+        )
+    weights = None
+    if is_weighted:
+        weights = features.weights_or_none()
+        if weights is None:
+            raise ValueError(
+                "TTEmbeddingBagCollection(is_weighted=True) got a KeyedJaggedTensor without "
+                f"weights (tables {sorted(set(feature_tables))})"
+            )
+        weights = weights.to(core.dtype)
+    return values, features.offsets(), weights
+
+
 class TTEmbeddingTable(nn.Module):
     """The cores of one TT table, as 2-D parameters ``core_0 … core_{K-1}``
     (``core_k`` is ``[p_k, r_{k-1} * q_k * r_k]``)."""
@@ -106,6 +155,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._is_weighted = is_weighted
         self._embedding_bag_configs = list(tables)
         self._feature_names = features
+        self._feature_tables = [tables[t].name for t in feature_table_map]
         self._shapes = [cfg.tt_shape() for cfg in tables]
         self._layout = TTBatchLayout.from_shapes(
             [cfg.name for cfg in tables],
@@ -129,46 +179,20 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of every feature; see the class docstring for the contract."""
-        kjt = self._ordered(features)
         cores = self.cores()
-        if kjt.values().device != cores[0].device:
-            raise ValueError(
-                f"KeyedJaggedTensor is on {kjt.values().device} but the TT cores are on "
-                f"{cores[0].device}"
-            )
-        weights = None
-        if self._is_weighted:
-            weights = kjt.weights_or_none()
-            if weights is None:
-                raise ValueError(
-                    "TTEmbeddingBagCollection(is_weighted=True) got a KeyedJaggedTensor without weights"
-                )
-            weights = weights.to(cores[0].dtype)
-        values = tt_embedding_bag(cores, self._layout, kjt.values(), kjt.offsets(), weights)
+        # The checks and the reordering depend on the KJT's keys, which torch.fx cannot see, so
+        # they live in an fx-wrapped helper (a leaf for TorchRec's tracer, as in TorchRec's own
+        # EBC); the op itself stays visible in the traced graph.
+        inputs = _lookup_inputs(
+            features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
+        )
+        weights = inputs[2] if self._is_weighted else None
+        values = tt_embedding_bag(cores, self._layout, inputs[0], inputs[1], weights)
         return KeyedTensor(
             keys=list(self._feature_names),
             length_per_key=list(self._lengths_per_key),
             values=values,
         )
-
-    def _ordered(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        if not isinstance(features, KeyedJaggedTensor):
-            raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
-        keys = features.keys()
-        if keys == self._feature_names:
-            if features.variable_stride_per_key():
-                raise ValueError("variable batch size per feature (VBE) is not supported")
-            return features
-        unknown = [k for k in keys if k not in self._feature_names]
-        if unknown:
-            raise ValueError(
-                f"KeyedJaggedTensor keys {unknown} match no table of this "
-                f"TTEmbeddingBagCollection (features: {self._feature_names})"
-            )
-        missing = [f for f in self._feature_names if f not in keys]
-        if missing:
-            raise ValueError(f"KeyedJaggedTensor lacks the features {missing}")
-        return self._ordered(features.permute([keys.index(f) for f in self._feature_names]))
 
     # --- TT-specific ------------------------------------------------------------------------
 
