@@ -25,6 +25,34 @@ TORCH_LIBRARY(torchrec_tt, m) {
       "int[] p_shapes, int[] q_shapes, int[] ranks, int[] num_rows, int[] feature_table_map, "
       "str[] table_names, int[] pooling_modes, Tensor indices, Tensor offsets, "
       "Tensor? per_sample_weights, bool per_sample_weights_grad) -> (Tensor[], Tensor)");
+
+  // TT convolution (conv.h). Its fake kernels and autograd live in torchrec_tt.conv_ops; the
+  // module is switched back to torchrec_tt.ops after these definitions.
+  m.set_python_module("torchrec_tt.conv_ops");
+
+  // 1x1 C->r1 (core0 [r1, C, 1, 1]), KHxKW r1->r2 with stride, padding
+  // and dilation (core1 [r2, r1, KH, KW]), 1x1 r2->K (core2 [K, r2, 1, 1]), plus bias [K].
+  // input is [N, C, H, W] in any memory format; the output has the input's memory format.
+  m.def(
+      "tt_conv2d(Tensor input, Tensor core0, Tensor core1, Tensor core2, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+
+  // Gradients of tt_conv2d (the bias gradient is grad_output summed over N, H, W and is left to
+  // the caller): (grad_input, grad_core0, grad_core1, grad_core2), each computed only where
+  // output_mask says so and an empty tensor (numel 0) otherwise, as in
+  // aten::convolution_backward.
+  m.def(
+      "tt_conv2d_backward(Tensor grad_output, Tensor input, Tensor core0, Tensor core1, "
+      "Tensor core2, int[2] stride, int[2] padding, int[2] dilation, bool[4] output_mask) -> "
+      "(Tensor, Tensor, Tensor, Tensor)");
+
+  // Which tt_conv2d kernels a call with these arguments would run, for tests and benchmarks:
+  // [forward fused, input gradient fused, core gradients fused], 1 for the backend's fused
+  // kernel and 0 for the composition of ATen convolutions (always 0 on CPU).
+  m.def(
+      "tt_conv2d_kernel_info(Tensor input, Tensor core0, Tensor core1, Tensor core2, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> int[]");
+  m.set_python_module("torchrec_tt.ops");
 }
 
 // A plain module init (no pybind11): importing torchrec_tt._C only has to load this library so

@@ -8,17 +8,21 @@ import torch  # noqa: F401  (loads libtorch, which _C links against)
 
 from torchrec_tt import _C  # noqa: F401  (registers the operator library before anything uses it)
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
+from torchrec_tt.conv_ops import tt_conv2d  # also registers the TT conv fake kernels/autograd
 from torchrec_tt.modules import TTEmbeddingBagCollection
+from torchrec_tt.modules.conv import TTConv2d
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.shapes import TTShape, make_tt_shape
 
 __all__ = [
     "PoolingMode",
+    "TTConv2d",
     "TTBatchLayout",
     "TTEmbeddingBagCollection",
     "TTEmbeddingBagConfig",
     "TTInit",
     "TTShape",
     "make_tt_shape",
+    "tt_conv2d",
     "tt_embedding_bag",
 ]
