@@ -1,0 +1,53 @@
+"""Data-parallel sharding of TT tables: TorchRec's strategy with the TT lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
+from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor
+from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
+from torchrec.distributed.types import ShardingEnv
+
+from torchrec_tt.sharding.lookup import TTLocalTable, TTPooledEmbeddingsLookup
+
+__all__ = ["DpTTPooledEmbeddingSharding"]
+
+
+class DpTTPooledEmbeddingSharding(DpPooledEmbeddingSharding):
+    """Every rank holds every table and looks up its own batch: no all-to-all at all.
+
+    The caller wraps the lookup in ``DistributedDataParallel`` (its core gradients are averaged
+    over ranks, like TorchRec's data-parallel tables).
+
+    Args:
+        sharding_infos: the data-parallel tables.
+        env: sharding environment.
+        tables: the collection's ``TTLocalTable`` per table name.
+        is_weighted: whether the KJT carries per-sample weights.
+        device: compute device.
+    """
+
+    def __init__(
+        self,
+        sharding_infos: list[EmbeddingShardingInfo],
+        env: ShardingEnv,
+        tables: Mapping[str, TTLocalTable],
+        is_weighted: bool,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__(sharding_infos, env, device)
+        self._tt_tables = tables
+        self._is_weighted = is_weighted
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: BaseGroupedFeatureProcessor | None = None,
+    ) -> TTPooledEmbeddingsLookup:
+        return TTPooledEmbeddingsLookup(
+            self._grouped_embedding_configs, self._tt_tables, self._is_weighted
+        )

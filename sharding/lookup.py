@@ -1,0 +1,269 @@
+"""Local TT cores of a sharded collection and the lookup module that reads them.
+
+``TTLocalTable`` holds what one rank keeps of one TT table; ``TTPooledEmbeddingsLookup`` looks up
+all local tables (or column shards) of one sharding type with a single ``tt_embedding_bag`` call.
+TorchRec's ``GroupedPooledEmbeddingsLookup`` raises on ``customized_kernel``; this is its TT twin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torchrec.distributed.embedding_types import BaseEmbeddingLookup, GroupedEmbeddingConfig
+from torchrec.distributed.types import ShardingType
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.shapes import TTShape
+from torchrec_tt.sharding.tt_shards import column_shard_core0_columns, column_shard_shape
+
+__all__ = ["TTLocalTable", "TTPooledEmbeddingsLookup"]
+
+_POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
+
+
+class TTLocalTable(nn.Module):
+    """The cores one rank holds of one TT table.
+
+    * ``data_parallel``, and ``table_wise`` on the owning rank: ``core_0 .. core_{K-1}``, whole.
+    * ``table_wise`` elsewhere: nothing.
+    * ``column_wise``: ``core_1 .. core_{K-1}`` whole on every rank (shared by all column shards;
+      gradients summed across ranks), and ``core_0_shard_<i>``, the slice of ``core_0`` for each
+      column shard placed on this rank (columns ``core_0_shard_cols[i]`` of the embedding).
+
+    Parameter names follow the unsharded ``TTEmbeddingTable`` where the tensor is whole. The state
+    dict is written by ``ShardedTTEmbeddingBagCollection`` (with sharded tensors), not here.
+
+    Args:
+        name: table name.
+        shape: the table's TT shape.
+        sharding_type: a ``ShardingType`` value.
+        local_column_shards: ``(col_offset, num_cols)`` of every column shard on this rank
+            (column_wise only).
+        owns_table: whether this rank holds the whole table (data_parallel, table_wise owner).
+        device: where the cores live.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        shape: TTShape,
+        sharding_type: str,
+        local_column_shards: Sequence[tuple[int, int]] = (),
+        owns_table: bool = False,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.shape = shape
+        self.sharding_type = sharding_type
+        core_shapes = shape.core_shapes()
+        self.core_0_shard_cols: list[tuple[int, int]] = []
+        if sharding_type == ShardingType.COLUMN_WISE.value:
+            for k in range(1, shape.num_cores):
+                self.register_parameter(
+                    f"core_{k}", nn.Parameter(torch.empty(core_shapes[k], device=device))
+                )
+            for col_offset, num_cols in local_column_shards:
+                _, width = column_shard_core0_columns(shape, col_offset, num_cols)
+                self.register_parameter(
+                    f"core_0_shard_{len(self.core_0_shard_cols)}",
+                    nn.Parameter(torch.empty(core_shapes[0][0], width, device=device)),
+                )
+                self.core_0_shard_cols.append((col_offset, num_cols))
+        elif owns_table:
+            for k, rows_cols in enumerate(core_shapes):
+                self.register_parameter(
+                    f"core_{k}", nn.Parameter(torch.empty(rows_cols, device=device))
+                )
+
+    def holds_whole_table(self) -> bool:
+        return self.sharding_type != ShardingType.COLUMN_WISE.value and hasattr(self, "core_0")
+
+    def whole_cores(self) -> list[nn.Parameter]:
+        """``core_0 ..`` of a data_parallel / table_wise table held here (else empty)."""
+        if not self.holds_whole_table():
+            return []
+        return [getattr(self, f"core_{k}") for k in range(self.shape.num_cores)]
+
+    def replicated_cores(self) -> list[nn.Parameter]:
+        """The shared cores ``core_1 ..`` of a column_wise table (else empty)."""
+        if self.sharding_type != ShardingType.COLUMN_WISE.value:
+            return []
+        return [getattr(self, f"core_{k}") for k in range(1, self.shape.num_cores)]
+
+    @property
+    def core_0_shards(self) -> list[nn.Parameter]:
+        """The local column slices of ``core_0`` (column_wise), in ``core_0_shard_cols`` order."""
+        return [getattr(self, f"core_0_shard_{i}") for i in range(len(self.core_0_shard_cols))]
+
+    def shard_cores(self, col_offset: int, num_cols: int) -> tuple[TTShape, list[nn.Parameter]]:
+        """TT shape and cores of the local shard starting at column ``col_offset``."""
+        if self.sharding_type != ShardingType.COLUMN_WISE.value:
+            cores = self.whole_cores()
+            if not cores:
+                raise RuntimeError(f"TT table {self.name!r} has no cores on this rank")
+            return self.shape, cores
+        i = self.core_0_shard_cols.index((col_offset, num_cols))
+        shape = column_shard_shape(self.shape, col_offset, num_cols)
+        return shape, [self.core_0_shards[i], *self.replicated_cores()]
+
+    @torch.no_grad()
+    def copy_from_full(self, full_cores: Sequence[Tensor]) -> None:
+        """Fills the local cores from the table's whole cores."""
+        for core in self.whole_cores():
+            core.copy_(full_cores[self._core_index(core)])
+        for k, core in enumerate(self.replicated_cores(), start=1):
+            core.copy_(full_cores[k])
+        for (col_offset, num_cols), piece in zip(self.core_0_shard_cols, self.core_0_shards):
+            start, width = column_shard_core0_columns(self.shape, col_offset, num_cols)
+            piece.copy_(full_cores[0][:, start : start + width])
+
+    def _core_index(self, core: nn.Parameter) -> int:
+        for k in range(self.shape.num_cores):
+            if getattr(self, f"core_{k}", None) is core:
+                return k
+        raise KeyError("not a core of this table")
+
+    # The owning ShardedTTEmbeddingBagCollection writes and reads these entries (as sharded
+    # tensors where a core is split across ranks), so this module adds none of its own.
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        return
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        return
+
+
+class _SumGradientsAcrossRanks(torch.autograd.Function):
+    """Identity forward; backward all-reduces (sums) the gradients of all inputs in one call.
+
+    Column shards of a TT table share ``core_1 ..``; each rank's backward yields the part of their
+    gradient that comes from its own shards, and the sum over ranks is the full gradient. Every
+    rank applies this to the same tensors in the same order each step (ranks without shards
+    contribute zeros), on a process group of its own so that the all-reduce cannot interleave with
+    TorchRec's all-to-alls.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, group: dist.ProcessGroup, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.group = group
+        ctx.shapes = [t.shape for t in tensors]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=ctx.group)
+        out, pos = [], 0
+        for shape in ctx.shapes:
+            n = shape.numel()
+            out.append(flat[pos : pos + n].view(shape))
+            pos += n
+        return (None, *out)
+
+
+class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
+    """Pooled lookups of the TT tables (or column shards) a rank holds for one sharding type.
+
+    Args:
+        grouped_configs: this rank's grouped tables (from the TorchRec sharding); their order
+            fixes the order of the input features and of the output columns.
+        tables: the collection's ``TTLocalTable`` per table name.
+        is_weighted: pass the KJT's weights as per-sample weights.
+        replicated: column_wise only: every rank's shared cores of all column-wise tables, in one
+            order on all ranks; their gradients are summed over ``replicated_group``.
+        replicated_group: the process group for that sum.
+
+    Forward takes the features of ``grouped_configs`` (``(F, B, L)``) and returns
+    ``[B, sum of local dims]``; a rank without tables returns a ``[B, 0]`` tensor that still takes
+    part in autograd, so the output all-to-all's backward runs on every rank.
+    """
+
+    def __init__(
+        self,
+        grouped_configs: Sequence[GroupedEmbeddingConfig],
+        tables: Mapping[str, TTLocalTable],
+        is_weighted: bool,
+        replicated: Sequence[nn.Parameter] = (),
+        replicated_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        names, shapes, poolings, cores = [], [], [], []
+        features: list[str] = []
+        feature_table_map: list[int] = []
+        for config in grouped_configs:
+            for table in config.embedding_tables:
+                local = tables[table.name]
+                meta = table.local_metadata
+                col_offset = meta.shard_offsets[1] if meta is not None else 0
+                shape, table_cores = local.shard_cores(col_offset, table.local_cols)
+                if shape.embedding_dim != table.local_cols:
+                    raise RuntimeError(
+                        f"TT table {table.name!r}: local shard has {table.local_cols} columns but "
+                        f"its TT shape has {shape.embedding_dim}"
+                    )
+                for feature in table.feature_names:
+                    features.append(feature)
+                    feature_table_map.append(len(names))
+                names.append(table.name)
+                shapes.append(shape)
+                poolings.append(_POOLING[table.pooling])
+                cores.extend(table_cores)
+        self._feature_names = features
+        self._is_weighted = is_weighted
+        self._layout: TTBatchLayout | None = (
+            TTBatchLayout.from_shapes(names, shapes, poolings, feature_table_map) if names else None
+        )
+        # Distinct parameters, in first-use order (the same on every rank for data_parallel, which
+        # DistributedDataParallel checks); the op takes `cores` with repeats for shared cores.
+        position: dict[int, int] = {}
+        for core in [*cores, *replicated]:
+            position.setdefault(id(core), len(position))
+        self.cores = nn.ParameterList(list({id(c): c for c in [*cores, *replicated]}.values()))
+        self._core_index = [position[id(c)] for c in cores]
+        self._replicated_index = [position[id(c)] for c in replicated]
+        self._replicated_group = replicated_group
+        if replicated and replicated_group is None:
+            raise ValueError("replicated cores need a process group for their gradient sum")
+        self._checked_keys = False
+
+    def feature_names(self) -> list[str]:
+        return list(self._feature_names)
+
+    def forward(self, sparse_features: KeyedJaggedTensor) -> Tensor:
+        if not self._checked_keys:
+            if sparse_features.keys() != self._feature_names:
+                raise RuntimeError(
+                    f"TT lookup expected features {self._feature_names}, got "
+                    f"{sparse_features.keys()}"
+                )
+            self._checked_keys = True
+        params: list[Tensor] = list(self.cores)
+        if self._replicated_index:
+            shared = _SumGradientsAcrossRanks.apply(
+                self._replicated_group, *[params[i] for i in self._replicated_index]
+            )
+            for i, tensor in zip(self._replicated_index, shared):
+                params[i] = tensor
+        batch = sparse_features.stride()
+        if self._layout is None:
+            if self._replicated_index:
+                # Tie the empty output to the shared cores so that this rank joins the sum.
+                anchor = params[self._replicated_index[0]]
+                return anchor.reshape(-1)[:0].reshape(batch, 0)
+            first = next(iter(self.cores), None)
+            device = first.device if first is not None else sparse_features.values().device
+            dtype = first.dtype if first is not None else torch.float32
+            return torch.zeros(batch, 0, device=device, dtype=dtype, requires_grad=True)
+        cores = [params[i] for i in self._core_index]
+        weights = None
+        if self._is_weighted:
+            weights = sparse_features.weights().to(cores[0].dtype)
+        return tt_embedding_bag(
+            cores, self._layout, sparse_features.values(), sparse_features.offsets(), weights
+        )

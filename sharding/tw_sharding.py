@@ -1,0 +1,52 @@
+"""Table-wise sharding of TT tables: TorchRec's strategy with the TT lookup."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
+from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor
+from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
+from torchrec.distributed.types import QuantizedCommCodecs, ShardingEnv
+
+from torchrec_tt.sharding.lookup import TTLocalTable, TTPooledEmbeddingsLookup
+
+__all__ = ["TwTTPooledEmbeddingSharding"]
+
+
+class TwTTPooledEmbeddingSharding(TwPooledEmbeddingSharding):
+    """Each table lives whole on one rank; TorchRec's KJT and pooled all-to-alls move the data.
+
+    Args:
+        sharding_infos: the table-wise tables.
+        env: sharding environment.
+        tables: the collection's ``TTLocalTable`` per table name.
+        is_weighted: whether the KJT carries per-sample weights.
+        device: compute device.
+        qcomm_codecs_registry: quantised-comms codecs for the pooled all-to-all.
+    """
+
+    def __init__(
+        self,
+        sharding_infos: list[EmbeddingShardingInfo],
+        env: ShardingEnv,
+        tables: Mapping[str, TTLocalTable],
+        is_weighted: bool,
+        device: torch.device | None = None,
+        qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
+    ) -> None:
+        super().__init__(sharding_infos, env, device, qcomm_codecs_registry=qcomm_codecs_registry)
+        self._tt_tables = tables
+        self._is_weighted = is_weighted
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: BaseGroupedFeatureProcessor | None = None,
+    ) -> TTPooledEmbeddingsLookup:
+        return TTPooledEmbeddingsLookup(
+            self._grouped_embedding_configs, self._tt_tables, self._is_weighted
+        )
