@@ -1,5 +1,40 @@
 """TorchRec distributed integration for TT tables (imported as ``torchrec_tt.sharding``).
 
-The sharder, sharded module, lookups and the TT-aware planner estimator land here; until then
-the package is empty and TT collections run unsharded (data-parallel as dense modules).
+Shard a model holding ``TTEmbeddingBagCollection`` s (and plain EBCs) with TorchRec's
+``DistributedModelParallel``, using a plan made here::
+
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.planner import Topology
+    from torchrec_tt import sharding
+
+    sharders = [sharding.TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    plan = sharding.plan(model, Topology(world_size=8, compute_device="cuda"), batch_size=2048)
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+
+TT tables support data_parallel (usually best: no all-to-all, an all-reduce of the small cores),
+table_wise and column_wise (a split of the first column factor; see ``ShardedTTEmbeddingBagCollection``).
+``plan`` uses ``TTShardEstimator`` for TT tables (their true storage, a FLOP-based compute model
+and their comms) and TorchRec's estimators for plain ones; TorchRec's default planner cannot cost
+TT tables, so ``DistributedModelParallel(plan=None)`` fails and says to call ``plan``.
+``plan_comms_bytes`` and ``CommsMeter`` compute and measure the bytes a plan moves per step.
 """
+
+from torchrec_tt.sharding.comms import CommsMeter, StepComms, plan_comms_bytes
+from torchrec_tt.sharding.embeddingbag import (
+    ShardedTTEmbeddingBagCollection,
+    TTEmbeddingBagCollectionSharder,
+)
+from torchrec_tt.sharding.estimator import TTShardEstimator, measure_tt_flops
+from torchrec_tt.sharding.planner import TTEmbeddingEnumerator, plan
+
+__all__ = [
+    "CommsMeter",
+    "ShardedTTEmbeddingBagCollection",
+    "StepComms",
+    "TTEmbeddingBagCollectionSharder",
+    "TTEmbeddingEnumerator",
+    "TTShardEstimator",
+    "measure_tt_flops",
+    "plan",
+    "plan_comms_bytes",
+]

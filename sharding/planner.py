@@ -1,0 +1,150 @@
+"""``plan()``: one call that plans a model holding plain EBCs and TT collections.
+
+It is TorchRec's ``EmbeddingShardingPlanner`` with two TT-aware parts:
+
+* ``TTEmbeddingEnumerator`` proposes column-wise shards of TT tables aligned to ``q_1`` (the only
+  column splits a TT table supports) and marks the run as TT-aware, which the TT sharder checks;
+* ``TTShardEstimator`` costs TT options (storage, FLOPs, comms) and hands the rest to TorchRec.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
+from torchrec.distributed.planner.utils import sharder_name
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    Shard,
+    ShardingOption,
+    Topology,
+)
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
+
+import torch.distributed as dist
+
+from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.sharding.embeddingbag import TTEmbeddingBagCollectionSharder, tt_planning
+from torchrec_tt.sharding.estimator import TTShardEstimator
+from torchrec_tt.sharding.tt_shards import tt_column_shard_dims
+
+__all__ = ["TTEmbeddingEnumerator", "plan"]
+
+
+class TTEmbeddingEnumerator(EmbeddingEnumerator):
+    """``EmbeddingEnumerator`` for models with TT collections (same arguments).
+
+    Column-wise is proposed for a TT table only when its constraints list ``column_wise``: it
+    never saves memory (the later cores are replicated) and costs what data_parallel costs plus
+    the all-to-alls. Its shards then split ``q_1`` (as many as the world size and ``q_1`` allow,
+    each at least the table's ``min_partition`` wide) instead of TorchRec's 128-column blocks.
+    Pass a ``TTShardEstimator`` as ``estimator``.
+    """
+
+    _TT_SHARDER_KEY = sharder_name(TTEmbeddingBagCollection)
+
+    def _filter_sharding_types(
+        self, name: str, allowed_sharding_types: list[str], sharder_key: str = ""
+    ) -> list[str]:
+        types = super()._filter_sharding_types(name, allowed_sharding_types, sharder_key)
+        if sharder_key == self._TT_SHARDER_KEY:
+            constraint = self._constraints.get(name) if self._constraints else None
+            if constraint is None or not constraint.sharding_types:
+                types = [t for t in types if t != ShardingType.COLUMN_WISE.value]
+        return types
+
+    def enumerate(
+        self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]
+    ) -> list[ShardingOption]:
+        with tt_planning():
+            return super().enumerate(module, sharders)
+
+    def populate_estimates(self, sharding_options: list[ShardingOption]) -> None:
+        for so in sharding_options:
+            if so.sharding_type == ShardingType.COLUMN_WISE.value and isinstance(
+                so.module[1], TTEmbeddingBagCollection
+            ):
+                self._align_column_shards(so)
+        super().populate_estimates(sharding_options)
+
+    def _align_column_shards(self, so: ShardingOption) -> None:
+        shape = so.module[1].tt_shapes()[so.name]
+        constraint = self._constraints.get(so.name) if self._constraints else None
+        min_partition = constraint.min_partition if constraint is not None else None
+        dims = tt_column_shard_dims(shape, self._world_size, min_partition)
+        if [s.size[1] for s in so.shards] == dims:
+            return
+        offsets = [sum(dims[:i]) for i in range(len(dims))]
+        so.shards = [
+            Shard(size=[shape.num_rows, d], offset=[0, o]) for d, o in zip(dims, offsets)
+        ]
+
+
+def _table_names(model: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> set[str]:
+    by_type = {sharder.module_type: sharder for sharder in sharders}
+    names: set[str] = set()
+    for module in model.modules():
+        sharder = by_type.get(type(module))
+        if sharder is not None:
+            names.update(sharder.shardable_parameters(module))
+    return names
+
+
+def plan(
+    model: nn.Module,
+    topology: Topology,
+    batch_size: int,
+    constraints: dict[str, ParameterConstraints] | None = None,
+    *,
+    sharders: list[ModuleSharder[nn.Module]] | None = None,
+    device_flops: float | None = None,
+    optimizer_multiplier: float = 2.0,
+    pg: dist.ProcessGroup | None = None,
+) -> ShardingPlan:
+    """A ``ShardingPlan`` for a model holding ``TTEmbeddingBagCollection`` s and plain EBCs.
+
+    Args:
+        model: the unsharded model (meta device is fine).
+        topology: TorchRec ``Topology`` (world size, compute device, memory, bandwidths).
+        batch_size: per-rank batch size.
+        constraints: TorchRec ``ParameterConstraints`` keyed by table name (sharding types,
+            pooling factors, ``min_partition`` ...), for TT and plain tables alike.
+        sharders: defaults to ``[TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]``;
+            pass the same list to ``DistributedModelParallel``.
+        device_flops: effective FLOP/s of the TT lookup (see ``TTShardEstimator``).
+        optimizer_multiplier: optimizer state per TT core element (2: Adam, 0: SGD).
+        pg: when given, plan on its rank 0 and broadcast (``collective_plan``); otherwise every
+            caller plans locally (deterministic for equal inputs).
+
+    Returns:
+        the plan, to pass as ``DistributedModelParallel(..., plan=...)``. The planner's stats
+        (logged at INFO on ``torchrec.distributed.planner.stats``) show TT tables with their
+        estimated TT storage.
+    """
+    if sharders is None:
+        sharders = [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    if constraints:
+        unknown = sorted(set(constraints) - _table_names(model, sharders))
+        if unknown:
+            raise ValueError(f"constraints name tables {unknown} that the model does not have")
+    estimator = TTShardEstimator(
+        topology,
+        constraints,
+        device_flops=device_flops,
+        optimizer_multiplier=optimizer_multiplier,
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        batch_size=batch_size,
+        enumerator=TTEmbeddingEnumerator(
+            topology=topology,
+            batch_size=batch_size,
+            constraints=constraints,
+            estimator=estimator,
+        ),
+        constraints=constraints,
+    )
+    if pg is not None:
+        return planner.collective_plan(model, sharders, pg)
+    return planner.plan(model, sharders)
