@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +19,7 @@ from torchrec_tt.initializers import (
     tt_svd,
 )
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.optim import FusedOptimConfig, TTFusedOptimizer
 from torchrec_tt.reference import reconstruct_dense
 from torchrec_tt.shapes import TTShape
 
@@ -110,6 +112,10 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables: one ``TTEmbeddingBagConfig`` per table.
         is_weighted: use the KJT's weights as per-sample weights.
         device: where the cores live; ``torch.device("meta")`` builds without memory.
+        fused_params: optional FBGEMM-style fused optimizer, e.g.
+            ``{"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.05}``: the cores are then
+            updated during the backward (see ``torchrec_tt.optim``), the state joins the
+            state_dict and ``fused_optimizer`` exposes it as a KeyedOptimizer.
 
     Example::
 
@@ -126,6 +132,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables: Sequence[TTEmbeddingBagConfig],
         is_weighted: bool = False,
         device: torch.device | str | None = None,
+        fused_params: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not tables:
@@ -167,7 +174,44 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.embedding_bags = nn.ModuleDict(
             {cfg.name: TTEmbeddingTable(shape, device) for cfg, shape in zip(tables, self._shapes)}
         )
+        self._fused_optimizer: TTFusedOptimizer | None = None
+        if fused_params is not None:
+            cfg = FusedOptimConfig.from_fused_params(fused_params)
+            for table in self.embedding_bags.values():
+                for k, core in enumerate(table.cores()):
+                    for key, shape in cfg.state_shapes(core.shape).items():
+                        table.register_buffer(f"core_{k}_{key}", torch.zeros(shape, device=device))
+
+            def state_of(name: str) -> dict[str, Tensor]:
+                _, table, core = name.split(".")
+                owner = self.embedding_bags[table]
+                shape = getattr(owner, core).shape
+                return {key: getattr(owner, f"{core}_{key}") for key in cfg.state_shapes(shape)}
+
+            self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), state_of)
         self.reset_parameters()
+
+    def _core_params(self) -> dict[str, nn.Parameter]:
+        return {
+            f"embedding_bags.{name}.core_{k}": core
+            for name, table in self.embedding_bags.items()
+            for k, core in enumerate(table.cores())
+        }
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TTEmbeddingBagCollection:
+        # Moving the module (to_empty from meta, .to(device), .double()) can replace the core
+        # Parameter objects; the fused optimizer's hooks must follow them.
+        out = super()._apply(fn, recurse)
+        if self._fused_optimizer is not None:
+            self._fused_optimizer.rebind(self._core_params())
+        return out
+
+    @property
+    def fused_optimizer(self) -> TTFusedOptimizer:
+        """The fused optimizer (a TorchRec KeyedOptimizer); only with ``fused_params``."""
+        if self._fused_optimizer is None:
+            raise RuntimeError("this TTEmbeddingBagCollection was built without fused_params")
+        return self._fused_optimizer
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call: (optionally) install the staged TorchRec stack, build the CUDA extension,
+# run the CUDA tests, a compute-sanitizer memcheck pass on a small subset, and the benchmark.
+# Usage on the GPU machine, from the repository root:  bash bench/gpu_session.sh [bench args]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+[ -f /root/gw/env.sh ] && . /root/gw/env.sh
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
+t0=$(date +%s)
+TORCH_CUDA_ARCH_LIST=9.0 TORCHREC_TT_CUDA=1 MAX_JOBS=16 \
+  python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+  || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -m pytest tests/test_ops.py -q -x -k cuda -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/tests.txt"
+timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 -m pytest tests/test_ops.py -q -x -p no:cacheprovider \
+  -k "cuda_empty_batch or (cuda_float32 and 4096)" 2>&1 | tail -6 | tee "$OUT/memcheck.txt"
+python3 bench/bench_embedding_bag.py "$@" 2>&1 | tee "$OUT/bench.txt"
