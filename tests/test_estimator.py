@@ -1,0 +1,191 @@
+"""TT planner cost model: pure formulas against hand counts, the estimator on enumerated options,
+column-shard geometry, and plan() end to end with the planner's printed stats."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.planner import ParameterConstraints, Topology
+from torchrec.distributed.planner.types import Perf
+
+from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
+from torchrec_tt.shapes import TTShape
+from torchrec_tt.sharding import (
+    TTEmbeddingBagCollectionSharder,
+    TTEmbeddingEnumerator,
+    TTShardEstimator,
+    measure_tt_flops,
+    plan,
+)
+from torchrec_tt.sharding.estimator import (
+    all_reduce_ms,
+    all_to_all_ms,
+    tt_compute_ms,
+    tt_shard_io_bytes,
+    tt_shard_perf,
+    tt_shard_storage_bytes,
+)
+from torchrec_tt.sharding.tt_shards import (
+    check_column_shards,
+    column_shard_core0_columns,
+    column_shard_shape,
+    tt_column_shard_dims,
+)
+
+# p=(4,5,6), q=(2,2,4), ranks (3,2): cores [4, 1*2*3], [5, 3*2*2], [6, 2*4*1]
+# = 24 + 60 + 48 = 132 parameters. Forward FLOPs per lookup (left-to-right chain):
+# k=2: 2 * q1 * r1 * q2 * r2 = 2*2*3*2*2 = 48; k=3: 2 * (q1 q2) * r2 * q3 * r3 = 2*4*2*4*1 = 64.
+SHAPE = TTShape(num_rows=100, embedding_dim=16, p=(4, 5, 6), q=(2, 2, 4), ranks=(3, 2))
+
+
+def test_hand_counted_shape() -> None:
+    assert SHAPE.num_parameters() == 132
+    assert SHAPE.forward_flops_per_lookup() == 112
+    assert SHAPE.backward_flops_per_lookup() == 224
+
+
+def test_io_bytes() -> None:
+    # 100 ids and 10 pooled rows per rank; data parallel serves only its own batch.
+    assert tt_shard_io_bytes("data_parallel", 100, 10, 4, 16) == (800, 640)
+    assert tt_shard_io_bytes("table_wise", 100, 10, 4, 16) == (3200, 2560)
+    assert tt_shard_io_bytes("column_wise", 100, 10, 4, 8, is_weighted=True) == (4800, 1280)
+    with pytest.raises(ValueError, match="row_wise"):
+        tt_shard_io_bytes("row_wise", 100, 10, 4, 16)
+
+
+def test_storage_compute_and_comms_formulas() -> None:
+    # 528 core bytes x (param + grad + 2 Adam states) + IO.
+    assert tt_shard_storage_bytes(528, 2.0, 800, 640) == 528 * 4 + 1440
+    assert tt_shard_storage_bytes(528, 0.0, 0, 0) == 1056
+    assert tt_compute_ms(1000, 112, 1e9) == pytest.approx(0.112)
+    assert all_to_all_ms(5000, 100.0) == 50.0
+    assert all_reduce_ms(1000, 4, 10.0) == pytest.approx(150.0)  # 2 * 3/4 * 1000 / 10
+    assert all_reduce_ms(1000, 1, 10.0) == 0.0
+
+
+def test_shard_perf_by_sharding_type() -> None:
+    flops, a2a_bw, ar_bw = 1e6, 1000.0, 100.0  # FLOP/s, bytes/ms, bytes/ms
+    dp = tt_shard_perf(SHAPE, "data_parallel", 10, 2, 4, flops, a2a_bw, ar_bw)
+    # 10 lookups; all-reduce of 528 core bytes at 2 * 3/4.
+    assert dp == Perf(
+        fwd_compute=pytest.approx(10 * 112 / 1e6 * 1e3),
+        fwd_comms=0.0,
+        bwd_compute=pytest.approx(10 * 224 / 1e6 * 1e3),
+        bwd_comms=pytest.approx(2 * 0.75 * 528 / 100.0),
+    )
+    tw = tt_shard_perf(SHAPE, "table_wise", 10, 2, 4, flops, a2a_bw, ar_bw)
+    # 40 lookups (all 4 ranks' ids); KJT: 40 ids x 8 B; pooled: 8 rows x 16 x 4 B each way.
+    assert tw.fwd_compute == pytest.approx(40 * 112 / 1e6 * 1e3)
+    assert tw.fwd_comms == pytest.approx((40 * 8 + 8 * 16 * 4) / 1000.0)
+    assert tw.bwd_comms == pytest.approx(8 * 16 * 4 / 1000.0)
+    shard = column_shard_shape(SHAPE, 8, 8)
+    cw = tt_shard_perf(shard, "column_wise", 10, 2, 4, flops, a2a_bw, ar_bw, replicated_bytes=432)
+    # q=(1,2,4): k=2: 2*1*3*2*2 = 24, k=3: 2*2*2*4 = 32 -> 56 FLOPs per lookup.
+    assert shard.forward_flops_per_lookup() == 56
+    assert cw.fwd_compute == pytest.approx(40 * 56 / 1e6 * 1e3)
+    assert cw.bwd_comms == pytest.approx(8 * 8 * 4 / 1000.0 + 2 * 0.75 * 432 / 100.0)
+
+
+def test_column_shard_geometry() -> None:
+    shard = column_shard_shape(SHAPE, 8, 8)
+    assert shard.q == (1, 2, 4) and shard.embedding_dim == 8 and shard.p == SHAPE.p
+    assert column_shard_core0_columns(SHAPE, 8, 8) == (3, 3)  # j1 = 1 of 2, times r1 = 3
+    with pytest.raises(ValueError, match="D/q_1 = 8"):
+        column_shard_shape(SHAPE, 4, 12)
+    check_column_shards("t", SHAPE, [[0, 8], [0, 0]], [[100, 8], [100, 8]])
+    with pytest.raises(ValueError, match="do not tile"):
+        check_column_shards("t", SHAPE, [[0, 0], [0, 0]], [[100, 8], [100, 8]])
+    with pytest.raises(ValueError, match="span all 100 rows"):
+        check_column_shards("t", SHAPE, [[0, 0]], [[50, 16]])
+    wide = TTShape(num_rows=100, embedding_dim=64, p=(4, 5, 6), q=(4, 4, 4), ranks=(2, 2))
+    assert tt_column_shard_dims(wide, 2) == [32, 32]
+    assert tt_column_shard_dims(wide, 8) == [16, 16, 16, 16]
+    assert tt_column_shard_dims(wide, 8, min_partition=20) == [32, 32]
+    assert tt_column_shard_dims(wide, 8, min_partition=40) == [64]
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tt = TTEmbeddingBagCollection(
+            [
+                TTEmbeddingBagConfig(name="big", num_embeddings=10_000_000, embedding_dim=64,
+                                     feature_names=["f0"], tt_ranks=[32, 32]),
+                TTEmbeddingBagConfig(name="small", num_embeddings=10_000, embedding_dim=64,
+                                     feature_names=["f1"], tt_ranks=[8, 8]),
+            ],
+            device="meta",
+        )
+        self.ebc = EmbeddingBagCollection(
+            [EmbeddingBagConfig(name="plain", num_embeddings=1000, embedding_dim=64,
+                                feature_names=["f2"])],
+            device="meta",
+        )
+
+
+TOPOLOGY = Topology(world_size=2, compute_device="cpu")
+
+
+def _options(constraints: dict[str, ParameterConstraints] | None = None):  # type: ignore[no-untyped-def]
+    estimator = TTShardEstimator(TOPOLOGY, constraints, device_flops=1e10, optimizer_multiplier=1.0)
+    enumerator = TTEmbeddingEnumerator(TOPOLOGY, 128, constraints, estimator=estimator)
+    options = enumerator.enumerate(
+        _Model(), [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    )
+    return {(o.name, o.sharding_type): o for o in options}
+
+
+def test_estimator_storage_is_the_cores_not_the_dense_table() -> None:
+    options = _options()
+    model = _Model()
+    shape = model.tt.tt_shapes()["big"]
+    dp = options[("big", "data_parallel")]
+    assert len(dp.shards) == 2
+    io = tt_shard_io_bytes("data_parallel", 128, 128, 2, 64)
+    for shard in dp.shards:
+        assert shard.storage.hbm == 0
+        assert shard.storage.ddr == tt_shard_storage_bytes(shape.num_bytes(4), 1.0, *io)
+        assert shard.storage.ddr < shape.dense_num_bytes(4) / 100
+    tw = options[("big", "table_wise")].shards[0]
+    assert tw.perf.fwd_compute == pytest.approx(2 * dp.shards[0].perf.fwd_compute)
+    # Plain tables keep TorchRec's estimates; column_wise is offered only on request.
+    assert options[("plain", "table_wise")].shards[0].storage.ddr > 1000 * 64 * 4
+    assert ("big", "column_wise") not in options
+
+
+def test_column_wise_options_split_q1_when_asked() -> None:
+    constraints = {"big": ParameterConstraints(sharding_types=["column_wise"])}
+    option = _options(constraints)[("big", "column_wise")]
+    assert [s.size for s in option.shards] == [[10_000_000, 32], [10_000_000, 32]]
+    assert [s.offset for s in option.shards] == [[0, 0], [0, 32]]
+    assert all(s.perf is not None and s.storage is not None for s in option.shards)
+
+
+def test_plan_end_to_end_and_stats_show_tt_storage(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="torchrec.distributed.planner.stats")
+    sharding_plan = plan(_Model(), TOPOLOGY, batch_size=128, device_flops=1e10)
+    tt_plan = sharding_plan.plan["tt"]
+    assert set(tt_plan) == {"big", "small"}  # type: ignore[arg-type]
+    assert all(ps.compute_kernel == "customized_kernel" for ps in tt_plan.values())  # type: ignore[union-attr]
+    assert sharding_plan.plan["ebc"]["plain"].compute_kernel != "customized_kernel"  # type: ignore[index]
+    rows = [r.message for r in caplog.records if " tt.big " in r.message]
+    assert rows, "planner stats have no row for tt.big"
+    # "(HBM GB, DDR GB, SSD GB)": the TT table's tens of MB, not the 2.56 GB dense table.
+    storage = rows[0].split("(0.0 GB, ")[1].split(" GB")[0]
+    assert 0 < float(storage) < 0.1
+
+
+def test_measure_tt_flops_is_positive() -> None:
+    rate = measure_tt_flops(num_rows=10_000, tt_rank=8, batch_size=32, pooling_factor=4, repeats=2)
+    assert math.isfinite(rate) and rate > 0
+
+
+def test_estimator_rejects_nonpositive_flops() -> None:
+    with pytest.raises(ValueError, match="device_flops"):
+        TTShardEstimator(TOPOLOGY, device_flops=0)
