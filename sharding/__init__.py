@@ -12,7 +12,8 @@ Shard a model holding ``TTEmbeddingBagCollection`` s (and plain EBCs) with Torch
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
 
 TT tables support data_parallel (usually best: no all-to-all, an all-reduce of the small cores),
-table_wise and column_wise (a split of the first column factor; see ``ShardedTTEmbeddingBagCollection``).
+table_wise and column_wise (a split of the first column factor; see
+``ShardedTTEmbeddingBagCollection``).
 ``plan`` uses ``TTShardEstimator`` for TT tables (their true storage, a FLOP-based compute model
 and their comms) and TorchRec's estimators for plain ones; TorchRec's default planner cannot cost
 TT tables, so ``DistributedModelParallel(plan=None)`` fails and says to call ``plan``.

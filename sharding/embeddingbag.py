@@ -13,14 +13,16 @@ Sharding types:
 * ``column_wise``: a split of the first column factor ``q_1`` (see ``tt_shards.py``). Each shard
   owns a column slice of ``core_0``; ``core_1 ..`` are replicated on every rank and their
   gradients summed across ranks once per step (one all-reduce over a process group created for
-  that purpose). This keeps the sharded table exactly the unsharded one (same forward, same
+  that purpose when the module is sharded, so every process of the job must shard it, as DMP
+  does). This keeps the sharded table exactly the unsharded one (same forward, same
   gradients, same checkpoint) at the price of replicating the later cores: column-wise splits the
   lookup work and the pooled all-to-all, not the storage.
 
 State dict keys are the unsharded module's (``embedding_bags.<table>.core_<k>``): plain tensors
 for data-parallel and replicated cores, ``ShardedTensor`` for table-wise cores and for
-column-wise ``core_0``. All are ``torch.distributed.checkpoint`` compatible, so a checkpoint saved
-under one plan or world size loads under another.
+column-wise ``core_0`` (also when the environment asks for DTensor outputs: DTensor state is not
+implemented). All are ``torch.distributed.checkpoint`` compatible, so a checkpoint saved under
+one plan or world size loads under another.
 
 Weights are copied from the unsharded module unless it is on the meta device (then each table is
 initialised per its config); replicated cores are then broadcast from rank 0 (data-parallel ones
@@ -64,6 +66,7 @@ from torchrec.distributed.types import (
     ShardedTensor,
     ShardedTensorMetadata,
     ShardingEnv,
+    ShardingEnv2D,
     ShardingType,
     ShardMetadata,
     TensorProperties,
@@ -218,6 +221,8 @@ class ShardedTTEmbeddingBagCollection(
         module_fqn: str | None = None,
     ) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        if isinstance(env, ShardingEnv2D):
+            raise ValueError("TT tables do not support 2D parallelism (ShardingEnv2D)")
         _validate_plan(module, table_name_to_parameter_sharding, env.world_size)
         self._env = env
         self._device = device if device is not None else torch.device("cpu")
@@ -225,8 +230,11 @@ class ShardedTTEmbeddingBagCollection(
         self._is_weighted = module.is_weighted()
         self._embedding_bag_configs = module.embedding_bag_configs()
         self._shapes: dict[str, TTShape] = module.tt_shapes()
-        self.module_sharding_plan: EmbeddingModuleShardingPlan = EmbeddingModuleShardingPlan(
-            {cfg.name: table_name_to_parameter_sharding[cfg.name] for cfg in self._embedding_bag_configs}
+        self.module_sharding_plan = EmbeddingModuleShardingPlan(
+            {
+                cfg.name: table_name_to_parameter_sharding[cfg.name]
+                for cfg in self._embedding_bag_configs
+            }
         )
 
         self.embedding_bags = nn.ModuleDict()
@@ -346,7 +354,9 @@ class ShardedTTEmbeddingBagCollection(
                 if r == rank
             ]
         owns = ps.sharding_type == ShardingType.DATA_PARALLEL.value or (
-            ps.sharding_type == ShardingType.TABLE_WISE.value and ps.ranks is not None and ps.ranks[0] == rank
+            ps.sharding_type == ShardingType.TABLE_WISE.value
+            and ps.ranks is not None
+            and ps.ranks[0] == rank
         )
         return TTLocalTable(
             name,
@@ -365,8 +375,8 @@ class ShardedTTEmbeddingBagCollection(
                 self._embedding_bag_configs, is_weighted=self._is_weighted, device="cpu"
             )
         for name, local in self.embedding_bags.items():
-            full = [c.detach().to(self._device) for c in source.embedding_bags[name].cores()]  # type: ignore[operator]
-            local.copy_from_full(full)  # type: ignore[operator]
+            table = source.embedding_bags[name]
+            local.copy_from_full([c.detach().to(self._device) for c in table.cores()])
 
     # --- ShardedModule ----------------------------------------------------------------------
 
@@ -495,7 +505,9 @@ class ShardedTTEmbeddingBagCollection(
             else:
                 start, width = column_shard_core0_columns(shape, s.shard_offsets[1], s.shard_sizes[1])
                 offsets, sizes = [0, start], [core_shape[0], width]
-            metadata.append(ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=s.placement))
+            metadata.append(
+                ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=s.placement)
+            )
         local_shards = [
             Shard(tensor=tensor if keep_vars else tensor.detach(), metadata=metadata[index])
             for tensor, _, _, index in self._core_pieces(name, k)

@@ -235,6 +235,10 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
     def feature_names(self) -> list[str]:
         return list(self._feature_names)
 
+    def prefetch(self, sparse_features: KeyedJaggedTensor, forward_stream: Any = None) -> None:
+        """Nothing to prefetch: the cores are resident (called by prefetching pipelines)."""
+        return None
+
     def forward(self, sparse_features: KeyedJaggedTensor) -> Tensor:
         if not self._checked_keys:
             if sparse_features.keys() != self._feature_names:

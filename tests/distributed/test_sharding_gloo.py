@@ -1,8 +1,8 @@
 """ShardedTTEmbeddingBagCollection on CPU/gloo at world size 2.
 
 Each spawned job (~5 s of process start-up) runs several plans: forward equals the unsharded
-module, two SGD steps equal the rank-averaged unsharded reference, and the bytes measured on the
-collectives equal ``plan_comms_bytes``.
+module, three SGD steps equal the rank-averaged unsharded reference, and the bytes measured on
+the collectives equal ``plan_comms_bytes``; the TT-only job also shards a meta-device model.
 """
 
 from __future__ import annotations
@@ -12,10 +12,21 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.multiprocessing import ProcessRaisedException
+from torchrec.distributed.fbgemm_qcomm_codec import (
+    CommType,
+    QCommsConfig,
+    get_qcomm_codecs_registry,
+)
+from torchrec.distributed.types import ShardedTensor
 
 import tt_dist_cases as cases
-from torchrec_tt.sharding import CommsMeter, plan_comms_bytes
+from torchrec_tt.sharding import (
+    CommsMeter,
+    TTEmbeddingBagCollectionSharder,
+    plan_comms_bytes,
+)
 from torchrec_tt.sharding.testing import run_multiprocess
 
 pytestmark = pytest.mark.multiprocess
@@ -25,12 +36,23 @@ LR = 0.5
 
 
 def _check_plan(rank: int, world_size: int, specs: dict[str, Any], plain: bool,
-                weighted: bool) -> dict[str, int]:
+                weighted: bool, fp16_comms: bool = False) -> dict[str, int]:
     model = cases.make_model(0, plain=plain, weighted=weighted)
     reference = copy.deepcopy(model)
     plan = cases.manual_plan(model, specs, world_size)
-    expected = plan_comms_bytes(model, plan, cases.BATCH, cases.FIXED_LENGTHS, world_size)
-    dmp = cases.shard(model, plan)
+    expected = plan_comms_bytes(
+        model, plan, cases.BATCH, cases.FIXED_LENGTHS, world_size,
+        embedding_element_size=2 if fp16_comms else 4,
+    )
+    sharders = None
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    if fp16_comms:
+        codecs = get_qcomm_codecs_registry(
+            QCommsConfig(forward_precision=CommType.FP16, backward_precision=CommType.FP16)
+        )
+        sharders = [TTEmbeddingBagCollectionSharder(qcomm_codecs_registry=codecs)]
+        tol = {"rtol": 1e-2, "atol": 2e-3}
+    dmp = cases.shard(model, plan, sharders)
     # TorchRec does not copy plain EBC weights into its sharded module (the TT sharder does copy
     # TT cores); loading the unsharded state dict covers both, through the sharded load path.
     dmp.load_state_dict(reference.state_dict())
@@ -47,7 +69,7 @@ def _check_plan(rank: int, world_size: int, specs: dict[str, Any], plain: bool,
             got = dmp.module.tt(mine[0]).wait()
             want = reference.tt(mine[0])
             for f in cases.TT_FEATURES:
-                torch.testing.assert_close(got[f], want[f], rtol=1e-5, atol=1e-6, msg=f)
+                torch.testing.assert_close(got[f], want[f], **tol, msg=f)
             assert got.values().shape == want.values().shape
         meter.reset()
         with meter:
@@ -56,9 +78,9 @@ def _check_plan(rank: int, world_size: int, specs: dict[str, Any], plain: bool,
         optimizer.step()
         optimizer.zero_grad()
         with torch.no_grad():
-            torch.testing.assert_close(loss, reference(*mine), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(loss, reference(*mine), **tol)
         cases.reference_step(reference, ref_optimizer, batches)
-        compared += cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
+        compared += cases.assert_state_matches(dmp.state_dict(), reference.state_dict(), **tol)
     return {
         "compared": compared,
         "a2a": meter.all_to_all_bytes,
@@ -68,12 +90,34 @@ def _check_plan(rank: int, world_size: int, specs: dict[str, Any], plain: bool,
     }
 
 
-def check_plans(rank: int, world_size: int, plans: list[tuple[str, dict[str, Any], bool, bool]]
-                ) -> dict[str, dict[str, int]]:
-    return {
-        name: _check_plan(rank, world_size, specs, plain, weighted)
-        for name, specs, plain, weighted in plans
+def _check_meta_init(rank: int, world_size: int) -> None:
+    """Sharding a meta-device model initialises the cores; replicas agree across ranks."""
+    model = cases.Model(plain=False, device="meta")
+    specs = {"t0": ("dp",), "t1": ("tw", 1), "t2": ("cw", [1, 0])}
+    dmp = cases.shard(model, cases.manual_plan(model, specs, world_size))
+    replicated = {
+        k: v for k, v in dmp.state_dict().items()
+        if k.startswith("tt.") and not isinstance(v, ShardedTensor)
     }
+    assert sorted(replicated) == [
+        "tt.embedding_bags.t0.core_0", "tt.embedding_bags.t0.core_1", "tt.embedding_bags.t0.core_2",
+        "tt.embedding_bags.t2.core_1", "tt.embedding_bags.t2.core_2",
+    ]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, replicated)
+    for key, value in replicated.items():
+        assert value.abs().sum() > 0 and torch.isfinite(value).all(), key
+        torch.testing.assert_close(value, gathered[0][key], rtol=0, atol=0, msg=key)
+    loss = dmp(*cases.batch_for(rank, 0, plain=False))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def check_plans(rank: int, world_size: int, plans: list[tuple[Any, ...]]
+                ) -> dict[str, dict[str, int]]:
+    results = {name: _check_plan(rank, world_size, *args) for name, *args in plans}
+    _check_meta_init(rank, world_size)
+    return results
 
 
 TT_ONLY_PLANS = [
@@ -87,6 +131,9 @@ TT_ONLY_PLANS = [
     # Rank 1 holds no column shard but still joins the shared cores' gradient sum.
     ("column_wise_one_rank", {"t0": ("cw", [0, 0]), "t1": ("tw", 1), "t2": ("cw", [0, 0, 0, 0])},
      False, False),
+    # TorchRec's quantised comms on the pooled all-to-all (FP16 both ways) work unchanged.
+    ("table_wise_fp16_comms", {"t0": ("tw", 1), "t1": ("tw", 0), "t2": ("cw", [0, 1])},
+     False, False, True),
 ]
 MIXED_PLANS = [
     ("mixed_with_plain_ebc",

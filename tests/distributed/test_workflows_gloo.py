@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -59,8 +60,21 @@ def check_planner_plans(rank: int, world_size: int,
             sharders=sharders,
         )
         chosen.append(
-            {t: ps.sharding_type for m in sharding_plan.plan.values() for t, ps in m.items()}  # type: ignore[union-attr]
+            {
+                table: ps.sharding_type
+                for module_plan in sharding_plan.plan.values()
+                for table, ps in module_plan.items()  # type: ignore[union-attr]
+            }
         )
+        collective = plan(
+            model,
+            Topology(world_size=world_size, compute_device="cpu"),
+            batch_size=cases.BATCH,
+            constraints=constraints or None,
+            sharders=sharders,
+            pg=dist.group.WORLD,
+        )
+        assert collective == sharding_plan
         dmp = cases.shard(model, sharding_plan, sharders)
         dmp.load_state_dict(reference.state_dict())
         optimizer = torch.optim.SGD([p for p in dmp.parameters()], lr=LR)
