@@ -29,6 +29,10 @@ TTConvShape check_tt_conv2d(const char* op, const at::Tensor& input, const at::T
                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation);
 
+// Checks grad_output against the forward's shapes (throws c10::Error naming what is wrong).
+void check_tt_conv2d_grad_output(const char* op, const at::Tensor& grad_output,
+                                 const at::Tensor& input, const TTConvShape& s);
+
 // Memory format of the output (and of grad_input): channels-last when the input is channels-last
 // (and not also plain contiguous), else contiguous. torchrec_tt/conv_ops.py's fake kernels use
 // the same rule.

@@ -84,6 +84,18 @@ TTConvShape check_tt_conv2d(const char* op, const at::Tensor& input, const at::T
   return s;
 }
 
+void check_tt_conv2d_grad_output(const char* op, const at::Tensor& grad_output,
+                                 const at::Tensor& input, const TTConvShape& s) {
+  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == s.N && grad_output.size(1) == s.K &&
+                  grad_output.size(2) == s.Ho && grad_output.size(3) == s.Wo,
+              op, ": grad_output must have shape [", s.N, ", ", s.K, ", ", s.Ho, ", ", s.Wo,
+              "], got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.device() == input.device() &&
+                  grad_output.scalar_type() == input.scalar_type(),
+              op, ": grad_output must match input's device and dtype, got ",
+              grad_output.device(), " ", grad_output.scalar_type());
+}
+
 at::Tensor tt_conv2d_composite(const at::Tensor& input, const at::Tensor& core0,
                                const at::Tensor& core1, const at::Tensor& core2,
                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -104,14 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tt_conv2d_backward_co
   const char* op = "torchrec_tt::tt_conv2d_backward";
   const TTConvShape s =
       check_tt_conv2d(op, input, core0, core1, core2, std::nullopt, stride, padding, dilation);
-  TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == s.N && grad_output.size(1) == s.K &&
-                  grad_output.size(2) == s.Ho && grad_output.size(3) == s.Wo,
-              op, ": grad_output must have shape [", s.N, ", ", s.K, ", ", s.Ho, ", ", s.Wo,
-              "], got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.device() == input.device() &&
-                  grad_output.scalar_type() == input.scalar_type(),
-              op, ": grad_output must match input's device and dtype, got ",
-              grad_output.device(), " ", grad_output.scalar_type());
+  check_tt_conv2d_grad_output(op, grad_output, input, s);
   const auto [want_input, want0, want1, want2] = output_mask;
   const std::array<int64_t, 2> one{1, 1}, zero{0, 0};
   const std::array<bool, 3> weight_only{false, true, false};

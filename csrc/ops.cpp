@@ -47,8 +47,8 @@ TORCH_LIBRARY(torchrec_tt, m) {
       "(Tensor, Tensor, Tensor, Tensor)");
 
   // Which tt_conv2d kernels a call with these arguments would run, for tests and benchmarks:
-  // [forward fused, input gradient fused, core gradients fused], 1 for the backend's fused
-  // kernel and 0 for the composition of ATen convolutions (always 0 on CPU).
+  // [forward fused, input gradient (asked for alone) fused, core gradients fused], 1 for the
+  // backend's fused kernel and 0 for the composition of ATen convolutions (always 0 on CPU).
   m.def(
       "tt_conv2d_kernel_info(Tensor input, Tensor core0, Tensor core1, Tensor core2, "
       "int[2] stride, int[2] padding, int[2] dilation) -> int[]");

@@ -392,11 +392,15 @@ def test_cuda_forward_and_backward_match_reference(case, dtype):
         assert g.shape == r.shape, name
         assert _rel_err(g.cpu(), r) < 2 * _CUDA_TOL[dtype], name
     # Input-gradient-only and core-gradient-only masks agree with the full call.
+    # (The input-gradient-only call may take the fused kernel while the full call composes
+    # cuDNN convolutions, so they agree to rounding, not bit for bit.)
     gi = torch.ops.torchrec_tt.tt_conv2d_backward(go, *dev[:4], *args, [True, False, False, False])
-    torch.testing.assert_close(gi[0], got[0])
+    assert all(g.numel() == 0 for g in gi[1:])
+    assert _rel_err(gi[0].cpu(), ref_grads[0]) < 2 * _CUDA_TOL[dtype]
     gc = torch.ops.torchrec_tt.tt_conv2d_backward(go, *dev[:4], *args, [False, True, True, True])
+    assert gc[0].numel() == 0
     for a, b in zip(gc[1:], got[1:]):
-        torch.testing.assert_close(a, b)
+        assert _rel_err(a.cpu(), b.cpu().double()) < _CUDA_TOL[dtype]
 
 
 @requires_cuda
