@@ -122,8 +122,8 @@ def check_plans(rank: int, world_size: int, plans: list[tuple[Any, ...]]
 
 TT_ONLY_PLANS = [
     ("data_parallel", {"t0": ("dp",), "t1": ("dp",), "t2": ("dp",)}, False, False),
-    # Every table on rank 0: rank 1 owns none and returns a [B, 0] tensor.
-    ("table_wise_one_rank_weighted", {"t0": ("tw", 0), "t1": ("tw", 0), "t2": ("tw", 0)},
+    # Every table on rank 0: rank 1 owns none and returns [B, 0] tensors (per-sample weights).
+    ("all_on_one_rank_weighted", {"t0": ("tw", 0), "t1": ("tw", 0), "t2": ("cw", [0, 0, 0, 0])},
      False, True),
     # Non-contiguous column shards on one rank (t2 columns 0-7 and 24-31 on rank 0).
     ("column_wise", {"t0": ("cw", [1, 0]), "t1": ("dp",), "t2": ("cw", [0, 1, 1, 0])},

@@ -28,7 +28,7 @@ from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
 BATCH = 4
 
 # t0: K=3, q=(2,2,4) (2 column shards at most); t1: K=2, two features, MEAN pooling;
-# t2: K=3, q=(4,2,4) (up to 4 column shards of 8 columns).
+# t2: K=3, q=(4,2,4) (up to 4 column shards of 8 columns), MEAN pooling.
 TT_TABLES = [
     TTEmbeddingBagConfig(
         name="t0", num_embeddings=97, embedding_dim=16, feature_names=["f0"], tt_ranks=[3, 2]
@@ -48,6 +48,7 @@ TT_TABLES = [
         feature_names=["f2"],
         tt_ranks=[2, 3],
         tt_q_shapes=[4, 2, 4],
+        pooling=PoolingType.MEAN,
     ),
 ]
 PLAIN_TABLES = [
