@@ -467,53 +467,30 @@ class ShardedTTEmbeddingBagCollection(
 
     # --- state dict -------------------------------------------------------------------------
 
-    def _core_pieces(
-        self, name: str, k: int
-    ) -> list[tuple[nn.Parameter, tuple[int, int], tuple[int, int], int]]:
-        """Local pieces of core ``k``: ``(tensor, offsets, sizes, index into the plan's shards)``."""
-        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
-        shape = self._shapes[name]
-        core_shape = shape.core_shapes()[k]
-        if local.sharding_type != ShardingType.COLUMN_WISE.value or k > 0:
-            cores = local.whole_cores() if local.holds_whole_table() else local.replicated_cores()
-            if local.sharding_type == ShardingType.COLUMN_WISE.value:
-                core = cores[k - 1]
-            elif cores:
-                core = cores[k]
-            else:
-                return []
-            return [(core, (0, 0), core_shape, 0)]
-        ps = self.module_sharding_plan[name]
-        assert ps.sharding_spec is not None
-        pieces = []
-        for (col_offset, num_cols), piece in zip(local.core_0_shard_cols, local.core_0_shards):
-            start, width = column_shard_core0_columns(shape, col_offset, num_cols)
-            index = [s.shard_offsets[1] for s in ps.sharding_spec.shards].index(col_offset)
-            pieces.append((piece, (0, start), (core_shape[0], width), index))
-        return pieces
-
     def _sharded_core(self, name: str, k: int, keep_vars: bool) -> ShardedTensor:
         """Core ``k`` of a table_wise table, or ``core_0`` of a column_wise one, as a ShardedTensor."""
         ps = self.module_sharding_plan[name]
         assert ps.sharding_spec is not None
         shape = self._shapes[name]
         core_shape = list(shape.core_shapes()[k])
-        metadata = []
+        metadata = {}  # first column in the core -> the plan shard's piece of it
         for s in ps.sharding_spec.shards:
             if ps.sharding_type == ShardingType.TABLE_WISE.value:
-                offsets, sizes = [0, 0], core_shape
+                start, width = 0, core_shape[1]
             else:
-                start, width = column_shard_core0_columns(shape, s.shard_offsets[1], s.shard_sizes[1])
-                offsets, sizes = [0, start], [core_shape[0], width]
-            metadata.append(
-                ShardMetadata(shard_offsets=offsets, shard_sizes=sizes, placement=s.placement)
+                start, width = column_shard_core0_columns(
+                    shape, s.shard_offsets[1], s.shard_sizes[1]
+                )
+            metadata[start] = ShardMetadata(
+                shard_offsets=[0, start], shard_sizes=[core_shape[0], width], placement=s.placement
             )
+        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
         local_shards = [
-            Shard(tensor=tensor if keep_vars else tensor.detach(), metadata=metadata[index])
-            for tensor, _, _, index in self._core_pieces(name, k)
+            Shard(tensor=tensor if keep_vars else tensor.detach(), metadata=metadata[start])
+            for tensor, start in local.local_pieces(k)
         ]
         global_metadata = ShardedTensorMetadata(
-            shards_metadata=metadata,
+            shards_metadata=list(metadata.values()),
             size=torch.Size(core_shape),
             tensor_properties=TensorProperties(dtype=torch.float32),
         )
@@ -536,7 +513,8 @@ class ShardedTTEmbeddingBagCollection(
                 if self._is_sharded_core(name, k):
                     destination[key] = self._sharded_core(name, k, keep_vars)
                 else:
-                    (core, _, _, _), = self._core_pieces(name, k)
+                    local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+                    ((core, _),) = local.local_pieces(k)
                     destination[key] = core if keep_vars else core.detach()
 
     def _load_from_state_dict(
@@ -579,7 +557,9 @@ class ShardedTTEmbeddingBagCollection(
     @torch.no_grad()
     def _load_core(self, name: str, k: int, source: Any) -> None:
         core_shape = tuple(self._shapes[name].core_shapes()[k])
-        for tensor, (r0, c0), (h, w), _ in self._core_pieces(name, k):
+        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+        for tensor, c0 in local.local_pieces(k):
+            r0, (h, w) = 0, tensor.shape
             if isinstance(source, ShardedTensor):
                 if tuple(source.size()) != core_shape:
                     raise ValueError(f"shape {tuple(source.size())} != {core_shape}")
@@ -600,8 +580,8 @@ class ShardedTTEmbeddingBagCollection(
                 block = source[r0 : r0 + h, c0 : c0 + w]
             else:
                 raise TypeError(f"expected a Tensor or ShardedTensor, got {type(source).__name__}")
-            if block.data_ptr() != tensor.data_ptr():
-                tensor.copy_(block)
+            if block.data_ptr() != tensor.data_ptr() or block.stride() != tensor.stride():
+                tensor.copy_(block)  # (a state dict of this module aliases the cores already)
 
 
 class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):

@@ -16,8 +16,9 @@ topology; ``L`` = lookups per step the shard serves, ``W`` = world size):
 * comms: table_wise / column_wise pay the KJT all-to-all and the pooled all-to-all in
   ``fwd_comms`` (TorchRec keeps the KJT part in ``input_dist_comms``, which ``Perf.total``
   leaves out; the TT model counts it) and the pooled all-to-all again in ``bwd_comms``;
-  column_wise adds the all-reduce of the shared cores' gradients; data_parallel pays only the all-reduce of its core gradients (ring: ``2 (W-1)/W``
-  of the bytes).
+  column_wise adds the all-reduce of the shared cores' gradients; data_parallel pays only the
+  all-reduce of its core gradients (ring: ``2 (W-1)/W`` of the bytes). Bandwidths come from the
+  topology (TorchRec's model: all-reduce at the inter-host bandwidth); latency is not modelled.
 """
 
 from __future__ import annotations

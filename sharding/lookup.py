@@ -113,22 +113,27 @@ class TTLocalTable(nn.Module):
         shape = column_shard_shape(self.shape, col_offset, num_cols)
         return shape, [self.core_0_shards[i], *self.replicated_cores()]
 
+    def local_pieces(self, k: int) -> list[tuple[nn.Parameter, int]]:
+        """This rank's pieces of core ``k``: ``(tensor, its first column within the core)``.
+
+        Every piece spans all rows of the core; only column-wise ``core_0`` has pieces narrower
+        than the core (one per local column shard).
+        """
+        if self.sharding_type == ShardingType.COLUMN_WISE.value:
+            if k > 0:
+                return [(getattr(self, f"core_{k}"), 0)]
+            return [
+                (piece, column_shard_core0_columns(self.shape, col_offset, num_cols)[0])
+                for (col_offset, num_cols), piece in zip(self.core_0_shard_cols, self.core_0_shards)
+            ]
+        return [(getattr(self, f"core_{k}"), 0)] if self.holds_whole_table() else []
+
     @torch.no_grad()
     def copy_from_full(self, full_cores: Sequence[Tensor]) -> None:
         """Fills the local cores from the table's whole cores."""
-        for core in self.whole_cores():
-            core.copy_(full_cores[self._core_index(core)])
-        for k, core in enumerate(self.replicated_cores(), start=1):
-            core.copy_(full_cores[k])
-        for (col_offset, num_cols), piece in zip(self.core_0_shard_cols, self.core_0_shards):
-            start, width = column_shard_core0_columns(self.shape, col_offset, num_cols)
-            piece.copy_(full_cores[0][:, start : start + width])
-
-    def _core_index(self, core: nn.Parameter) -> int:
-        for k in range(self.shape.num_cores):
-            if getattr(self, f"core_{k}", None) is core:
-                return k
-        raise KeyError("not a core of this table")
+        for k, full in enumerate(full_cores):
+            for piece, col in self.local_pieces(k):
+                piece.copy_(full[:, col : col + piece.shape[1]])
 
     # The owning ShardedTTEmbeddingBagCollection writes and reads these entries (as sharded
     # tensors where a core is split across ranks), so this module adds none of its own.
