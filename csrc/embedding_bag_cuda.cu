@@ -18,7 +18,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <mma.h>
+
 #include <cstdio>
+#include <type_traits>
 
 #include "embedding_bag_common.h"
 #include "ops.h"
@@ -41,6 +44,7 @@ struct DevTable {
   int Q[kMaxCores];            // rows of the level-l prefix matrix [Q[l], r[l+1]]
   int level_off[kMaxCores];    // offset of level l's buffer in shared memory
   int prefix_floats;           // sum of the level buffers
+  int tc;                      // 1: rows go through the tensor-core tile path (K=3, float)
 };
 
 // Passed by value (CUDA >= 12.1 allows 32 KB of kernel parameters), so a call needs no
@@ -252,6 +256,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t u1 = min(U, u0 + kRowsPerBlock);
     for (int64_t u = u0; u < u1; ++u) {
       const int t = static_cast<int>(ukey[u] >> kKeyShift);
+      if (P.tables[t].tc) {
+        continue;  // computed by the tile kernels
+      }
       const int64_t i = ukey[u] & kKeyMask;
       cache.update(P, t, i, sm);
       const DevTable& T = P.tables[t];
@@ -303,29 +310,45 @@ __global__ void pool_kernel(const Params<scalar_t> P, const int64_t* __restrict_
   }
 }
 
-// dY reduced onto the unique rows: drows[u] = sum over u's lookups of coef * dY[bag, feature].
+// dY reduced onto the unique rows: drows[u] += coef * dY[bag, feature] over u's lookups. A warp
+// takes 32 consecutive sorted lookups (so a hot row's thousands of lookups are spread over many
+// warps) and adds one partial sum per row it meets; drows must start at zero.
 template <typename scalar_t>
 __global__ void drows_kernel(const Params<scalar_t> P, const int64_t* __restrict__ off,
-                             const int64_t* __restrict__ perm, const int64_t* __restrict__ seg_start,
-                             const int32_t* __restrict__ bag_of, const int32_t* __restrict__ num_unique,
-                             const int64_t* __restrict__ ukey, const scalar_t* __restrict__ w,
-                             const scalar_t* __restrict__ dy, scalar_t* __restrict__ drows) {
+                             const int64_t* __restrict__ perm, const int32_t* __restrict__ uid_incl,
+                             const int32_t* __restrict__ bag_of, const scalar_t* __restrict__ w,
+                             const scalar_t* __restrict__ dy, int64_t n, scalar_t* __restrict__ drows) {
   const int lane = threadIdx.x & 31;
-  const int64_t U = *num_unique;
-  for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < U;
-       u += int64_t(gridDim.x) * blockDim.x / 32) {
-    const DevTable& T = P.tables[ukey[u] >> kKeyShift];
-    for (int d = lane; d < T.D; d += 32) {
+  const int64_t chunks = (n + 31) / 32;
+  for (int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; c < chunks;
+       c += int64_t(gridDim.x) * blockDim.x / 32) {
+    const int64_t s0 = c * 32, s1 = min(n, s0 + 32);
+    for (int d = lane; d < P.row_stride; d += 32) {
       scalar_t acc = 0;
-      for (int64_t s = seg_start[u]; s < seg_start[u + 1]; ++s) {
+      int64_t u_prev = -1;
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t u = uid_incl[s] - 1;
+        if (u != u_prev) {
+          if (u_prev >= 0) {
+            atomicAdd(drows + u_prev * P.row_stride + d, acc);
+          }
+          acc = 0;
+          u_prev = u;
+        }
         const int64_t j = perm[s];
         const int64_t bag = bag_of[j];
         const int f = static_cast<int>(bag / P.B);
         const int64_t b = bag - int64_t(f) * P.B;
-        const scalar_t c = (w ? w[j] : scalar_t(1)) * bag_scale<scalar_t>(T, off[bag + 1] - off[bag]);
-        acc += c * dy[b * P.total_D + P.feature_col[f] + d];
+        const DevTable& T = P.tables[P.feature_table[f]];
+        if (d < T.D) {
+          const scalar_t coef =
+              (w ? w[j] : scalar_t(1)) * bag_scale<scalar_t>(T, off[bag + 1] - off[bag]);
+          acc += coef * dy[b * P.total_D + P.feature_col[f] + d];
+        }
       }
-      drows[u * P.row_stride + d] = acc;
+      if (u_prev >= 0) {
+        atomicAdd(drows + u_prev * P.row_stride + d, acc);
+      }
     }
   }
 }
@@ -417,6 +440,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t u1 = min(U, u0 + kRowsPerBlock);
     for (int64_t u = u0; u < u1; ++u) {
       const int t = static_cast<int>(ukey[u] >> kKeyShift);
+      if (P.tables[t].tc) {
+        continue;  // handled by the tile kernels
+      }
       const int64_t i = ukey[u] & kKeyMask;
       const DevTable& T = P.tables[t];
       const bool same_run = have_run && cache.table == t && cache.valid == T.K - 1 &&
@@ -475,6 +501,420 @@ int grid_for(int64_t work, int per_block) {
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
 }
 
+
+// ---- Tensor-core tile path (3 cores, float32 cores, TF32 arithmetic) ------------------------
+//
+// Unique rows of a table are sorted by their middle digit i_2 and cut into tiles of up to TILE
+// rows sharing G_2[i_2]. For a tile, the prefix products of all rows form one GEMM:
+//   C[TILE*q1, q2*R2] = A[TILE*q1, R1] (the rows' G_1[i_1] slices stacked) @ G_2[i_2][R1, q2*R2]
+// on tensor cores; row r's prefix P_r = C[r*q1:(r+1)*q1] viewed as [q1*q2, R2] then meets
+// G_3[i_3] on CUDA cores (2*D*R2 FLOPs, the small part). The backward runs, per tile,
+//   dP (from dY and G_3), dG_2[i_2] += A^T @ dP and dA = dP @ G_2^T as tensor-core GEMMs and
+// pushes one R1*q2*R2 partial into dG_2 per tile instead of one per row.
+
+constexpr int kTileThreads = 256;
+constexpr int kMaxTile = 32;
+
+struct TileLayout {
+  int tile;                    // rows per tile (32 or 16)
+  int a, b, c, g3, dr, w2;     // float offsets of the shared-memory buffers
+  int floats;                  // total
+};
+
+__host__ __device__ inline int round_up(int x, int m) {
+  return (x + m - 1) / m * m;
+}
+
+// Shared-memory floats a tile of `tile` rows of table T needs, per buffer.
+inline void tile_sizes(const DevTable& T, int tile, int sizes[6]) {
+  const int R1p = round_up(T.r[1], 16), N2p = round_up(T.q[1] * T.r[2], 16);
+  const int M = tile * T.q[0];
+  sizes[0] = M * R1p;                 // A
+  sizes[1] = R1p * N2p;               // B (then W1 = dG_2 partial)
+  sizes[2] = M * N2p;                 // C (then dP)
+  sizes[3] = tile * T.r[2] * T.q[2];  // the rows' G_3 slices
+  sizes[4] = tile * T.D;              // the rows' dY sums (backward)
+  sizes[5] = M * R1p;                 // W2 = dA (backward)
+}
+
+// Marks the tables the tile path takes and lays out its shared memory; tile = 0 if none.
+template <typename scalar_t>
+TileLayout plan_tiles(Params<scalar_t>& P) {
+  TileLayout L{};
+  if (!std::is_same<scalar_t, float>::value) {
+    return L;
+  }
+  constexpr int kSmemBudget = 200 * 1024 / 4;
+  for (int tile : {kMaxTile, 16}) {
+    int mx[6] = {0, 0, 0, 0, 0, 0};
+    bool any = false;
+    for (int t = 0; t < P.T; ++t) {
+      DevTable& T = P.tables[t];
+      if (T.K != 3 || (tile * T.q[0]) % 16 != 0) {
+        continue;
+      }
+      int sz[6];
+      tile_sizes(T, tile, sz);
+      int total = 0;
+      for (int x : sz) {
+        total += round_up(x, 32);
+      }
+      if (total > kSmemBudget) {
+        continue;
+      }
+      any = true;
+      for (int x = 0; x < 6; ++x) {
+        mx[x] = std::max(mx[x], sz[x]);
+      }
+    }
+    if (!any) {
+      continue;
+    }
+    int off = 0;
+    int* fields[6] = {&L.a, &L.b, &L.c, &L.g3, &L.dr, &L.w2};
+    for (int x = 0; x < 6; ++x) {
+      *fields[x] = off;
+      off += round_up(mx[x], 32);  // 128-byte aligned buffers (WMMA needs 32)
+    }
+    if (off > kSmemBudget) {
+      continue;  // the per-buffer maxima of different tables do not fit together
+    }
+    L.tile = tile;
+    L.floats = off;
+    for (int t = 0; t < P.T; ++t) {
+      DevTable& T = P.tables[t];
+      int sz[6];
+      tile_sizes(T, tile, sz);
+      bool fits = T.K == 3 && (tile * T.q[0]) % 16 == 0;
+      for (int x = 0; fits && x < 6; ++x) {
+        fits = sz[x] <= mx[x];
+      }
+      T.tc = fits ? 1 : 0;
+    }
+    return L;
+  }
+  return L;
+}
+
+// C[M, N] = A[M, Kd] @ B[Kd, N] on TF32 tensor cores; M, N multiples of 16, Kd of 8. LA / LB
+// say how A and B are stored (col_major = the transpose is stored row-major).
+template <typename LA, typename LB>
+__device__ void wmma_gemm(int M, int N, int Kd, const float* A, int lda, const float* B, int ldb,
+                          float* C, int ldc) {
+  using namespace nvcuda;
+  const int warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  const int nt_n = N / 16, tiles = (M / 16) * nt_n;
+  for (int tix = warp; tix < tiles; tix += nwarps) {
+    const int mt = tix / nt_n, nt = tix - mt * nt_n;
+    wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int kk = 0; kk < Kd; kk += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, LA> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, LB> fb;
+      const float* pa = std::is_same<LA, wmma::row_major>::value ? A + mt * 16 * lda + kk
+                                                                  : A + kk * lda + mt * 16;
+      const float* pb = std::is_same<LB, wmma::row_major>::value ? B + kk * ldb + nt * 16
+                                                                  : B + nt * 16 * ldb + kk;
+      wmma::load_matrix_sync(fa, pa, lda);
+      wmma::load_matrix_sync(fb, pb, ldb);
+#pragma unroll
+      for (int i = 0; i < fa.num_elements; ++i) {
+        fa.x[i] = wmma::__float_to_tf32(fa.x[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < fb.num_elements; ++i) {
+        fb.x[i] = wmma::__float_to_tf32(fb.x[i]);
+      }
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(C + mt * 16 * ldc + nt * 16, acc, ldc, wmma::mem_row_major);
+  }
+}
+
+struct TileRows {
+  int count;
+  int t;
+  int64_t i2;
+  int64_t u[kMaxTile];
+  int64_t i1[kMaxTile];
+  int64_t i3[kMaxTile];
+};
+
+// Loads A (stacked G_1 slices, zero-padded), B (G_2[i_2], zero-padded), C = A @ B and the rows'
+// G_3 slices into shared memory. Returns with the block synchronised.
+__device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L, TileRows& rows,
+                                     float* sm) {
+  const DevTable& T = P.tables[rows.t];
+  const int q1 = T.q[0], q2 = T.q[1], q3 = T.q[2], R1 = T.r[1], R2 = T.r[2];
+  const int R1p = round_up(R1, 16), N2p = round_up(q2 * R2, 16), M = L.tile * q1;
+  float* A = sm + L.a;
+  float* B = sm + L.b;
+  float* G3 = sm + L.g3;
+  const float* g1 = P.cores[rows.t][0];
+  const float* g2 = P.cores[rows.t][1] + rows.i2 * R1 * q2 * R2;
+  const float* g3 = P.cores[rows.t][2];
+  for (int e = threadIdx.x; e < M * R1p; e += blockDim.x) {
+    const int row = e / R1p, a = e - row * R1p;
+    const int r = row / q1, j1 = row - r * q1;
+    A[e] = (r < rows.count && a < R1) ? g1[rows.i1[r] * q1 * R1 + j1 * R1 + a] : 0.f;
+  }
+  for (int e = threadIdx.x; e < R1p * N2p; e += blockDim.x) {
+    const int a = e / N2p, c = e - a * N2p;
+    B[e] = (a < R1 && c < q2 * R2) ? g2[a * q2 * R2 + c] : 0.f;
+  }
+  const int g3n = R2 * q3;
+  for (int e = threadIdx.x; e < rows.count * g3n; e += blockDim.x) {
+    const int r = e / g3n, x = e - r * g3n;
+    G3[e] = g3[rows.i3[r] * g3n + x];
+  }
+  __syncthreads();
+  wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::row_major>(M, N2p, R1p, A, R1p, B, N2p,
+                                                               sm + L.c, N2p);
+  __syncthreads();
+}
+
+// Reads tile `tile`'s rows (all sharing table t and digit i_2) into `rows`.
+__device__ void read_tile_rows(const Params<float>& P, const TileLayout& L, const int64_t* sorted2,
+                               const int64_t* ord, const int64_t* tile_start, int64_t tile,
+                               int64_t n, const int64_t* ukey, TileRows& rows) {
+  // Every thread fills the same (small) struct: cheaper than a broadcast through shared memory.
+  const int64_t k0 = tile_start[tile];
+  const int64_t g = sorted2[k0];
+  rows.t = static_cast<int>(g >> kKeyShift);
+  rows.i2 = g & kKeyMask;
+  const DevTable& T = P.tables[rows.t];
+  int c = 0;
+  while (c < L.tile && k0 + c < n && sorted2[k0 + c] == g) {
+    const int64_t u = ord[k0 + c];
+    const int64_t i = ukey[u] & kKeyMask;
+    rows.u[c] = u;
+    rows.i1[c] = i / T.stride[0];
+    rows.i3[c] = i % T.p[2];
+    ++c;
+  }
+  rows.count = c;
+}
+
+__global__ void __launch_bounds__(kTileThreads)
+    tile_rows_kernel(const Params<float> P, const TileLayout L, const int64_t* __restrict__ sorted2,
+                     const int64_t* __restrict__ ord, const int64_t* __restrict__ tile_start,
+                     const int32_t* __restrict__ num_tiles, const int64_t* __restrict__ ukey,
+                     int64_t n, float* __restrict__ out_rows) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  __shared__ TileRows rows;
+  for (int64_t tile = blockIdx.x; tile < *num_tiles; tile += gridDim.x) {
+    if (threadIdx.x == 0) {
+      read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
+    }
+    __syncthreads();
+    load_tile_and_prefix(P, L, rows, sm);
+    const DevTable& T = P.tables[rows.t];
+    const int q1 = T.q[0], q2 = T.q[1], q3 = T.q[2], R2 = T.r[2], D = T.D;
+    const int N2p = round_up(q2 * R2, 16);
+    const float* C = sm + L.c;
+    const float* G3 = sm + L.g3;
+    for (int e = threadIdx.x; e < rows.count * D; e += blockDim.x) {
+      const int r = e / D, d = e - r * D;
+      const int m = d / q3, j3 = d - m * q3;
+      const int j1 = m / q2, j2 = m - j1 * q2;
+      const float* pre = C + (r * q1 + j1) * N2p + j2 * R2;
+      const float* g = G3 + r * R2 * q3 + j3;
+      float s = 0.f;
+      for (int b = 0; b < R2; ++b) {
+        s += pre[b] * g[b * q3];
+      }
+      out_rows[rows.u[r] * P.row_stride + d] = s;
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void __launch_bounds__(kTileThreads)
+    tile_grad_kernel(const Params<float> P, const TileLayout L, const int64_t* __restrict__ sorted2,
+                     const int64_t* __restrict__ ord, const int64_t* __restrict__ tile_start,
+                     const int32_t* __restrict__ num_tiles, const int64_t* __restrict__ ukey,
+                     int64_t n, const float* __restrict__ drows) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  float* sm = reinterpret_cast<float*>(smem_raw);
+  __shared__ TileRows rows;
+  for (int64_t tile = blockIdx.x; tile < *num_tiles; tile += gridDim.x) {
+    if (threadIdx.x == 0) {
+      read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
+    }
+    __syncthreads();
+    load_tile_and_prefix(P, L, rows, sm);
+    const int t = rows.t;
+    const DevTable& T = P.tables[t];
+    const int q1 = T.q[0], q2 = T.q[1], q3 = T.q[2], R1 = T.r[1], R2 = T.r[2], D = T.D;
+    const int R1p = round_up(R1, 16), N2p = round_up(q2 * R2, 16), M = L.tile * q1;
+    float* A = sm + L.a;
+    float* B = sm + L.b;
+    float* C = sm + L.c;
+    const float* G3 = sm + L.g3;
+    float* DR = sm + L.dr;
+    float* W2 = sm + L.w2;
+    for (int e = threadIdx.x; e < rows.count * D; e += blockDim.x) {
+      const int r = e / D, d = e - r * D;
+      DR[e] = drows[rows.u[r] * P.row_stride + d];
+    }
+    __syncthreads();
+    // dG_3[i_3][b][j3] += sum_m P_r[m][b] * drow_r[m][j3]
+    const int g3n = R2 * q3, Q = q1 * q2;
+    for (int e = threadIdx.x; e < rows.count * g3n; e += blockDim.x) {
+      const int r = e / g3n, x = e - r * g3n;
+      const int b = x / q3, j3 = x - b * q3;
+      float s = 0.f;
+      for (int m = 0; m < Q; ++m) {
+        const int j1 = m / q2, j2 = m - j1 * q2;
+        s += C[(r * q1 + j1) * N2p + j2 * R2 + b] * DR[r * D + m * q3 + j3];
+      }
+      atomicAdd(P.grads[t][2] + rows.i3[r] * g3n + x, s);
+    }
+    __syncthreads();
+    // dP_r[m][b] = sum_j3 drow_r[m][j3] * G_3[i_3][b][j3], written over C (padding stays 0).
+    for (int e = threadIdx.x; e < rows.count * Q * R2; e += blockDim.x) {
+      const int r = e / (Q * R2), x = e - r * (Q * R2);
+      const int m = x / R2, b = x - m * R2;
+      const int j1 = m / q2, j2 = m - j1 * q2;
+      float s = 0.f;
+      for (int j3 = 0; j3 < q3; ++j3) {
+        s += DR[r * D + m * q3 + j3] * G3[r * g3n + b * q3 + j3];
+      }
+      C[(r * q1 + j1) * N2p + j2 * R2 + b] = s;
+    }
+    __syncthreads();
+    // dA = dP @ G_2^T  -> W2 [M, R1p]
+    wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::col_major>(M, R1p, N2p, C, N2p, B, N2p, W2,
+                                                                R1p);
+    __syncthreads();
+    // dG_2 partial = A^T @ dP -> over B [R1p, N2p]
+    wmma_gemm<nvcuda::wmma::col_major, nvcuda::wmma::row_major>(R1p, N2p, M, A, R1p, C, N2p, B,
+                                                                N2p);
+    __syncthreads();
+    float* dg2 = P.grads[t][1] + rows.i2 * R1 * q2 * R2;
+    for (int e = threadIdx.x; e < R1 * q2 * R2; e += blockDim.x) {
+      const int a = e / (q2 * R2), c = e - a * (q2 * R2);
+      atomicAdd(dg2 + e, B[a * N2p + c]);
+    }
+    for (int e = threadIdx.x; e < rows.count * q1 * R1; e += blockDim.x) {
+      const int r = e / (q1 * R1), x = e - r * (q1 * R1);
+      const int j1 = x / R1, a = x - j1 * R1;
+      atomicAdd(P.grads[t][0] + rows.i1[r] * q1 * R1 + x, W2[(r * q1 + j1) * R1p + a]);
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void tile_key_kernel(const Params<float> P, const int64_t* __restrict__ ukey,
+                                const int32_t* __restrict__ num_unique, int64_t n,
+                                int64_t* __restrict__ key2) {
+  const int64_t U = *num_unique;
+  for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < n;
+       u += int64_t(gridDim.x) * blockDim.x) {
+    int64_t k = INT64_MAX;
+    if (u < U) {
+      const int t = static_cast<int>(ukey[u] >> kKeyShift);
+      const DevTable& T = P.tables[t];
+      if (T.tc) {
+        k = (int64_t(t) << kKeyShift) | (((ukey[u] & kKeyMask) / T.stride[1]) % T.p[1]);
+      }
+    }
+    key2[u] = k;
+  }
+}
+
+// Group heads of the sorted tile keys (ignored keys are INT64_MAX and sort last).
+__global__ void tile_group_kernel(const int64_t* __restrict__ sorted2, int64_t n,
+                                  int32_t* __restrict__ gflag) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    gflag[k] = (k == 0 || sorted2[k] != sorted2[k - 1]) ? 1 : 0;
+  }
+}
+
+__global__ void tile_first_kernel(const int32_t* __restrict__ gflag, const int32_t* __restrict__ gid,
+                                  int64_t n, int64_t* __restrict__ gfirst) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    if (gflag[k]) {
+      gfirst[gid[k] - 1] = k;
+    }
+  }
+}
+
+__global__ void tile_flag_kernel(const int64_t* __restrict__ sorted2, const int32_t* __restrict__ gid,
+                                 const int64_t* __restrict__ gfirst, int64_t n, int tile,
+                                 int32_t* __restrict__ tflag) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    tflag[k] = (sorted2[k] != INT64_MAX && (k - gfirst[gid[k] - 1]) % tile == 0) ? 1 : 0;
+  }
+}
+
+__global__ void tile_start_kernel(const int32_t* __restrict__ tflag, const int32_t* __restrict__ tid,
+                                  int64_t n, int64_t* __restrict__ tile_start,
+                                  int32_t* __restrict__ num_tiles) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    if (tflag[k]) {
+      tile_start[tid[k] - 1] = k;
+    }
+    if (k == n - 1) {
+      *num_tiles = tid[k];
+    }
+  }
+}
+
+struct Tiles {
+  at::Tensor sorted2, ord, tile_start, num_tiles;
+};
+
+Tiles make_tiles(const Params<float>& P, const TileLayout& L, const at::Tensor& ukey,
+                 const at::Tensor& num_unique, int64_t n) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto opts = ukey.options();
+  const int g = grid_for(n, 256);
+  auto key2 = at::empty({n}, opts);
+  tile_key_kernel<<<g, 256, 0, stream>>>(P, ukey.data_ptr<int64_t>(), num_unique.data_ptr<int32_t>(),
+                                         n, key2.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  Tiles T;
+  auto sorted = at::sort(key2, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  T.sorted2 = std::get<0>(sorted);
+  T.ord = std::get<1>(sorted);
+  auto gflag = at::empty({n}, opts.dtype(at::kInt));
+  tile_group_kernel<<<g, 256, 0, stream>>>(T.sorted2.data_ptr<int64_t>(), n, gflag.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto gid = at::cumsum(gflag, 0, at::kInt);
+  auto gfirst = at::empty({n}, opts);
+  tile_first_kernel<<<g, 256, 0, stream>>>(gflag.data_ptr<int32_t>(), gid.data_ptr<int32_t>(), n,
+                                           gfirst.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto tflag = at::empty({n}, opts.dtype(at::kInt));
+  tile_flag_kernel<<<g, 256, 0, stream>>>(T.sorted2.data_ptr<int64_t>(), gid.data_ptr<int32_t>(),
+                                          gfirst.data_ptr<int64_t>(), n, L.tile,
+                                          tflag.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto tid = at::cumsum(tflag, 0, at::kInt);
+  T.tile_start = at::empty({n}, opts);
+  T.num_tiles = at::zeros({1}, opts.dtype(at::kInt));
+  tile_start_kernel<<<g, 256, 0, stream>>>(tflag.data_ptr<int32_t>(), tid.data_ptr<int32_t>(), n,
+                                           T.tile_start.data_ptr<int64_t>(),
+                                           T.num_tiles.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return T;
+}
+
+bool any_table(const DevTable* tables, int T, int tc) {
+  for (int t = 0; t < T; ++t) {
+    if (tables[t].tc == tc) {
+      return true;
+    }
+  }
+  return false;
+}
+
 struct CudaDedup {
   at::Tensor off;         // int64 offsets
   at::Tensor perm;        // sorted position -> lookup
@@ -483,6 +923,7 @@ struct CudaDedup {
   at::Tensor uid_of;      // lookup -> unique id
   at::Tensor bag_of;      // lookup -> bag
   at::Tensor num_unique;  // int32 [1], on the device
+  at::Tensor uid_incl;    // sorted position -> unique id + 1
 };
 
 template <typename scalar_t>
@@ -514,6 +955,7 @@ CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::
     heads.narrow(0, 1, n - 1).copy_(sorted_keys.narrow(0, 1, n - 1).ne(sorted_keys.narrow(0, 0, n - 1)));
   }
   auto uid_incl = at::cumsum(heads, 0, at::kInt);
+  d.uid_incl = uid_incl;
   d.ukey = at::empty({n}, opts.dtype(at::kLong));
   d.seg_start = at::empty({n + 1}, opts.dtype(at::kLong));
   d.uid_of = at::empty({n}, opts.dtype(at::kInt));
@@ -545,19 +987,61 @@ void allow_smem(Kernel kernel, size_t bytes) {
   }
 }
 
+// Rows [n, row_stride] of the unique keys (first num_unique valid): tile tables through the
+// tensor-core tile kernel, the others through the per-row chain kernel.
 template <typename scalar_t>
-at::Tensor unique_rows(const Params<scalar_t>& P, const CudaDedup& d, int64_t n,
-                       const at::TensorOptions& opts) {
+at::Tensor unique_rows(const Params<scalar_t>& P, const TileLayout& L, const CudaDedup& d,
+                       const Tiles* tiles, int64_t n, const at::TensorOptions& opts) {
   at::Tensor rows = at::empty({n, P.row_stride}, opts);
-  const size_t smem = sizeof(scalar_t) * max_prefix_floats(P);
-  allow_smem(rows_kernel<scalar_t>, smem);
   const int64_t* ukey = d.ukey.data_ptr<int64_t>();
   const int32_t* num_unique = d.num_unique.data_ptr<int32_t>();
   scalar_t* out = rows.data_ptr<scalar_t>();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  rows_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(P, ukey, num_unique, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (any_table(P.tables, P.T, 0)) {
+    const size_t smem = sizeof(scalar_t) * max_prefix_floats(P);
+    allow_smem(rows_kernel<scalar_t>, smem);
+    rows_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(P, ukey, num_unique, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (L.tile > 0 && any_table(P.tables, P.T, 1)) {
+      TORCH_INTERNAL_ASSERT(tiles != nullptr);
+      const size_t smem = sizeof(float) * L.floats;
+      allow_smem(tile_rows_kernel, smem);
+      tile_rows_kernel<<<grid_for(n, 1), kTileThreads, smem, stream>>>(
+          P, L, tiles->sorted2.data_ptr<int64_t>(), tiles->ord.data_ptr<int64_t>(),
+          tiles->tile_start.data_ptr<int64_t>(), tiles->num_tiles.data_ptr<int32_t>(), ukey, n, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
   return rows;
+}
+
+template <typename scalar_t>
+std::optional<Tiles> maybe_tiles(const Params<scalar_t>& P, const TileLayout& L, const CudaDedup& d,
+                                 int64_t n) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (L.tile > 0 && any_table(P.tables, P.T, 1)) {
+      return make_tiles(P, L, d.ukey, d.num_unique, n);
+    }
+  }
+  return std::nullopt;
+}
+
+template <typename scalar_t>
+void run_tile_grad(const Params<scalar_t>& P, const TileLayout& L, const std::optional<Tiles>& tiles,
+                   const CudaDedup& d, int64_t n, const at::Tensor& drows) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (tiles) {
+      const size_t smem = sizeof(float) * L.floats;
+      allow_smem(tile_grad_kernel, smem);
+      tile_grad_kernel<<<grid_for(n, 1), kTileThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+          P, L, tiles->sorted2.data_ptr<int64_t>(), tiles->ord.data_ptr<int64_t>(),
+          tiles->tile_start.data_ptr<int64_t>(), tiles->num_tiles.data_ptr<int32_t>(),
+          d.ukey.data_ptr<int64_t>(), n, drows.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
 }
 
 }  // namespace
@@ -591,9 +1075,11 @@ at::Tensor tt_embedding_bag_cuda(
     if (n == 0 || info.B == 0) {
       return out;
     }
-    const auto P = make_params<scalar_t>(info, cc, nullptr);
+    auto P = make_params<scalar_t>(info, cc, nullptr);
+    const TileLayout L = plan_tiles(P);
     const CudaDedup d = dedup(P, indices, offsets);
-    auto rows = unique_rows(P, d, n, cc[0].options());
+    const auto tiles = maybe_tiles(P, L, d, n);
+    auto rows = unique_rows(P, L, d, tiles ? &*tiles : nullptr, n, cc[0].options());
     at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
     pool_kernel<scalar_t><<<grid_for(info.F * info.B * 32, 256), 256, 0,
                             c10::cuda::getCurrentCUDAStream()>>>(
@@ -644,27 +1130,31 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
     return {grads, wgrad};
   }
   AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_backward_cuda", [&] {
-    const auto P = make_params<scalar_t>(info, cc, &grads);
+    auto P = make_params<scalar_t>(info, cc, &grads);
+    const TileLayout L = plan_tiles(P);
     const CudaDedup d = dedup(P, indices, offsets);
+    const auto tiles = maybe_tiles(P, L, d, n);
     auto stream = c10::cuda::getCurrentCUDAStream();
     auto dy = grad_output.contiguous();
     at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
     const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    auto drows = at::empty({n, P.row_stride}, opts);
-    drows_kernel<scalar_t><<<grid_for(n * 32, 256), 256, 0, stream>>>(
-        P, d.off.data_ptr<int64_t>(), d.perm.data_ptr<int64_t>(), d.seg_start.data_ptr<int64_t>(),
-        d.bag_of.data_ptr<int32_t>(), d.num_unique.data_ptr<int32_t>(), d.ukey.data_ptr<int64_t>(),
-        wp, dy.data_ptr<scalar_t>(), drows.data_ptr<scalar_t>());
+    auto drows = at::zeros({n, P.row_stride}, opts);
+    drows_kernel<scalar_t><<<grid_for((n + 31) / 32 * 32, 256), 256, 0, stream>>>(
+        P, d.off.data_ptr<int64_t>(), d.perm.data_ptr<int64_t>(), d.uid_incl.data_ptr<int32_t>(),
+        d.bag_of.data_ptr<int32_t>(), wp, dy.data_ptr<scalar_t>(), n, drows.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int mp = max_prefix_floats(P);
-    const size_t smem = sizeof(scalar_t) * 2 * mp;
-    allow_smem(core_grad_kernel<scalar_t>, smem);
-    core_grad_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(
-        P, d.ukey.data_ptr<int64_t>(), d.num_unique.data_ptr<int32_t>(), drows.data_ptr<scalar_t>(),
-        mp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (any_table(P.tables, P.T, 0)) {
+      const int mp = max_prefix_floats(P);
+      const size_t smem = sizeof(scalar_t) * 2 * mp;
+      allow_smem(core_grad_kernel<scalar_t>, smem);
+      core_grad_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(
+          P, d.ukey.data_ptr<int64_t>(), d.num_unique.data_ptr<int32_t>(),
+          drows.data_ptr<scalar_t>(), mp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    run_tile_grad(P, L, tiles, d, n, drows);
     if (per_sample_weights_grad) {
-      auto rows = unique_rows(P, d, n, opts);
+      auto rows = unique_rows(P, L, d, tiles ? &*tiles : nullptr, n, opts);
       weight_grad_kernel<scalar_t><<<grid_for(n * 32, 256), 256, 0, stream>>>(
           P, d.off.data_ptr<int64_t>(), d.bag_of.data_ptr<int32_t>(), d.uid_of.data_ptr<int32_t>(),
           rows.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), n, wgrad.data_ptr<scalar_t>());
