@@ -186,6 +186,14 @@ def _validate_plan(
             )
 
 
+def _has_fused_optimizer(module: TTEmbeddingBagCollection) -> bool:
+    try:
+        module.fused_optimizer
+    except RuntimeError:  # built without fused_params
+        return False
+    return True
+
+
 def _logical_table(num_rows: int, dim: int) -> Tensor:
     """What TorchRec's planner and sharding classes see of a TT table: a ``[N, D]`` meta tensor."""
     return torch.empty(num_rows, dim, device="meta")
@@ -223,6 +231,13 @@ class ShardedTTEmbeddingBagCollection(
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
         if isinstance(env, ShardingEnv2D):
             raise ValueError("TT tables do not support 2D parallelism (ShardingEnv2D)")
+        if _has_fused_optimizer(module):
+            # The sharded twin would have to run the update after the gradient sums and keep the
+            # optimizer state sharded like the cores; until it does, refuse rather than drop it.
+            raise ValueError(
+                "a TTEmbeddingBagCollection built with fused_params cannot be sharded yet: build "
+                "it without fused_params and train the cores with a regular optimizer"
+            )
         _validate_plan(module, table_name_to_parameter_sharding, env.world_size)
         self._env = env
         self._device = device if device is not None else torch.device("cpu")

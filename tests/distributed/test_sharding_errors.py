@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.planner import ParameterConstraints, Topology
 from torchrec.distributed.sharding_plan import (
     column_wise,
@@ -99,6 +100,14 @@ def test_column_shards_must_split_q1() -> None:
         _shard(module, _plan(module, t0=column_wise(size_per_rank=[4, 12])))
     with pytest.raises(ValueError, match=r"'t0'.*at most q_1 = 2 shards"):
         _shard(module, _plan(module, t0=column_wise(ranks=[0, 1, 0, 1])))
+
+
+def test_fused_optimizer_is_refused_not_dropped() -> None:
+    module = TTEmbeddingBagCollection(
+        cases.TT_TABLES, fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.1}
+    )
+    with pytest.raises(ValueError, match="built with fused_params cannot be sharded yet"):
+        _shard(module, _plan(module))
 
 
 def test_sharded_module_validates_too() -> None:
