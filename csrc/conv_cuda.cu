@@ -170,9 +170,14 @@ void launch_pack(const PackJob (&jobs)[3], cudaStream_t stream) {
 // output as an [N, K, Ho, Wo] channels-last tensor. transposed selects the input-gradient
 // packing of the cores (which are the convolution's own, C0 -> K0).
 at::Tensor run_fused(const FusedGeom& g, const FusedPlan& plan, bool transposed,
-                     const at::Tensor& x, const at::Tensor& core0, const at::Tensor& core1,
+                     const at::Tensor& x_in, const at::Tensor& core0, const at::Tensor& core1,
                      const at::Tensor& core2, const std::optional<at::Tensor>& bias, int C0,
                      int K0, int r1, int r2) {
+  // The kernel reads 16-byte vectors: a view whose data pointer is not 16-byte aligned (an odd
+  // storage offset) is copied first.
+  const at::Tensor x = reinterpret_cast<uintptr_t>(x_in.data_ptr()) % 16 == 0
+                           ? x_in
+                           : x_in.clone(at::MemoryFormat::ChannelsLast);
   const auto dtype = x.scalar_type();
   const int bytes = elem_bytes(dtype);
   const int dev = x.get_device();

@@ -318,6 +318,16 @@ def test_module_trains():
     assert loss.item() < 0.1 * first
 
 
+def test_autocast_runs_in_autocast_dtype():
+    m = TTConv2d(8, 8, 3, padding=1, ranks=4)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.core1.grad is not None and m.core1.grad.dtype == torch.float32
+
+
 def test_exported_names():
     assert torchrec_tt.TTConv2d is TTConv2d
     assert torchrec_tt.modules.TTConv2d is TTConv2d

@@ -114,7 +114,8 @@ class TTConv2d(nn.Module):
         device, dtype: of the parameters.
 
     Parameters are ``core0 [r1, C, 1, 1]``, ``core1 [r2, r1, KH, KW]``, ``core2 [K, r2, 1, 1]``
-    and ``bias [K]``. Initialisation gives the reconstructed weight the variance of
+    and ``bias [K]``. Under ``torch.autocast`` the layer runs in the autocast dtype (like
+    ``nn.Conv2d``). Initialisation gives the reconstructed weight the variance of
     ``nn.Conv2d``'s default, ``1 / (3·fan_in)``, and the same bias distribution.
 
     Example::
@@ -278,7 +279,15 @@ class TTConv2d(nn.Module):
             ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = (0, 0)
-        y = tt_conv2d(x, self.core0, self.core1, self.core2, self.bias, self.stride, padding, self.dilation)
+        cores, bias = (self.core0, self.core1, self.core2), self.bias
+        dev = x.device.type
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            # Custom ops are not autocast-aware; run in the autocast dtype, as nn.Conv2d does.
+            dt = torch.get_autocast_dtype(dev)
+            x = x.to(dt)
+            cores = tuple(c.to(dt) for c in cores)
+            bias = bias.to(dt) if bias is not None else None
+        y = tt_conv2d(x, *cores, bias, self.stride, padding, self.dilation)
         return y.squeeze(0) if unbatched else y
 
     # Accounting ---------------------------------------------------------------------------
