@@ -15,8 +15,8 @@ CUDA-event timings after warm-up, with the L2 cache flushed (a 64 MB write) and 
   train step     forward + backward through autograd of each layer (wall clock incl. launches)
 
 Ratios are baseline time / TT time (> 1: TT faster). Every TT result is checked against the
-unfused computation first. Also sweeps the fused kernel's output tile at R=32 (env
-TORCHREC_TT_CONV_TILE). Prints markdown tables; --json writes every number.
+unfused computation first. Also sweeps the fused kernel's output tile and pipeline depth at
+R=32 (env TORCHREC_TT_CONV_TILE / TORCHREC_TT_CONV_STAGES). Prints markdown tables; --json writes every number.
 
     python bench/bench_conv.py [--iters 30] [--ranks 8,16,32,64] [--dtypes tf32,bf16] [--json out.json]
 """
@@ -36,7 +36,13 @@ import torchrec_tt  # noqa: F401  (registers the ops)
 from torchrec_tt import tt_conv2d
 
 SHAPES = {"160@32x32": (160, 32), "320@16x16": (320, 16), "640@8x8": (640, 8)}
-TILES = ["auto", "8x8", "4x16", "16x4", "8x16", "16x8", "2x32", "4x32"]
+# (tile, pipeline stages) variants of the fused kernel; "" = the planner's choice.
+TILES = [("", ""), ("", "2"), ("", "3"), ("8x8", ""), ("4x16", ""), ("16x4", ""), ("8x16", ""),
+         ("16x8", ""), ("2x32", ""), ("4x32", "")]
+
+
+def tile_name(t: tuple[str, str]) -> str:
+    return (t[0] or "auto") + (f"/st{t[1]}" if t[1] else "")
 
 
 class Timer:
@@ -194,18 +200,17 @@ def tile_sweep(name: str, c: int, hw: int, dtype: torch.dtype, batch: int, timer
     go = torch.randn_like(x)
     out = {}
     ref = tt_conv2d(x, c0, c1, c2, None, 1, 1, 1)
-    for tile in TILES:
-        if tile == "auto":
-            os.environ.pop("TORCHREC_TT_CONV_TILE", None)
-        else:
-            os.environ["TORCHREC_TT_CONV_TILE"] = tile
+    for tile, stages in TILES:
+        os.environ["TORCHREC_TT_CONV_TILE"] = tile
+        os.environ["TORCHREC_TT_CONV_STAGES"] = stages
         y = tt_conv2d(x, c0, c1, c2, None, 1, 1, 1)
         err = rel_err(y, ref)
         fwd = timer(lambda: tt_conv2d(x, c0, c1, c2, None, 1, 1, 1))
         ig = timer(lambda: torch.ops.torchrec_tt.tt_conv2d_backward(
             go, x, c0, c1, c2, [1, 1], [1, 1], [1, 1], [True, False, False, False]))
-        out[tile] = {"fwd": fwd, "igrad": ig, "err_vs_auto": err}
+        out[tile_name((tile, stages))] = {"fwd": fwd, "igrad": ig, "err_vs_auto": err}
     os.environ.pop("TORCHREC_TT_CONV_TILE", None)
+    os.environ.pop("TORCHREC_TT_CONV_STAGES", None)
     return out
 
 
@@ -264,10 +269,11 @@ def main() -> None:
               f"{r['err_fwd']:.1e} | {r['err_igrad']:.1e} | {r['tt_fwd_GBps']:.0f} |")
     if sweeps:
         print("\n### fused kernel tile sweep at R=32 (forward / input-grad ms)\n")
-        print("| layer dtype | " + " | ".join(TILES) + " |")
-        print("|---|" + "---|" * len(TILES))
+        names = [tile_name(t) for t in TILES]
+        print("| layer dtype | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
         for k, v in sweeps.items():
-            print(f"| {k} | " + " | ".join(f"{v[t]['fwd']:.3f}/{v[t]['igrad']:.3f}" for t in TILES) + " |")
+            print(f"| {k} | " + " | ".join(f"{v[t]['fwd']:.3f}/{v[t]['igrad']:.3f}" for t in names) + " |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -5,7 +5,7 @@
 #   CIFAR_ARGS="--epochs 10 ..." bash bench/gpu_conv_session.sh [bench_conv.py args]
 # SKIP_BENCH=1 / SKIP_MEMCHECK=1 skip those steps; TESTS_TIMEOUT, BENCH_TIMEOUT, CIFAR_TIMEOUT,
 # MEMCHECK_TIMEOUT bound each step (seconds). The CIFAR run reads .data/cifar10 (a copy carried
-# with the call).
+# with the call). The built extension is copied to $OUT; PREBUILT_SO=path reuses such a copy.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -14,14 +14,22 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 date -u +"date %Y-%m-%dT%H:%M:%SZ"
 # The GPU machine has torch but no torchrec; the conv path does not need it (stub, see its doc).
 python3 -c "import torchrec" 2>/dev/null || export PYTHONPATH=$PWD/tools/torchrec_stub
-# Build only this issue's CUDA file: other .cu files in the tree are others' work in progress.
-for f in csrc/*.cu; do [ "$f" = csrc/conv_cuda.cu ] || mv "$f" /tmp/; done
 t0=$(date +%s)
-TORCH_CUDA_ARCH_LIST=9.0 TORCHREC_TT_CUDA=1 MAX_JOBS=16 \
-  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
-  || { grep -E "error" "$OUT/build.log" | head -30; tail -20 "$OUT/build.log"; exit 1; }
+if [ -n "${PREBUILT_SO:-}" ] && [ -f "$PREBUILT_SO" ]; then
+  # The extension this script built on an earlier call (same sources), carried back in.
+  cp "$PREBUILT_SO" torchrec_tt/
+  echo "build: reused $PREBUILT_SO"
+else
+  # Build only this issue's CUDA file: other .cu files in the tree are others' work in progress.
+  for f in csrc/*.cu; do [ "$f" = csrc/conv_cuda.cu ] || mv "$f" /tmp/; done
+  TORCH_CUDA_ARCH_LIST=9.0 TORCHREC_TT_CUDA=1 MAX_JOBS=16 \
+    python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 \
+    || { grep -E "error" /tmp/build.log | head -30; tail -20 /tmp/build.log; exit 1; }
+  grep -E "building|warning: .*conv" /tmp/build.log | head -5
+  cp torchrec_tt/_C*.so "$OUT/" 2>/dev/null
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-echo "build: $(( $(date +%s) - t0 )) s"
 
 t0=$(date +%s)
 timeout "${TESTS_TIMEOUT:-100}" python3 -m pytest tests/test_conv.py -q -p no:cacheprovider -k cuda \

@@ -52,8 +52,13 @@ DeviceLimits device_limits(int dev) {
   return d;
 }
 
-// TORCHREC_TT_CONV_TILE=THxTW pins the fused kernel's output tile (for benchmarking tiles);
-// unset or unparsable means automatic.
+// TORCHREC_TT_CONV_TILE=THxTW pins the fused kernel's output tile and TORCHREC_TT_CONV_STAGES=2|3
+// its pipeline depth (for benchmarking); unset, unparsable or unfitting means automatic.
+int forced_stages() {
+  const char* e = std::getenv("TORCHREC_TT_CONV_STAGES");
+  return (e != nullptr && (e[0] == '2' || e[0] == '3') && e[1] == '\0') ? e[0] - '0' : 0;
+}
+
 void forced_tile(int& th, int& tw) {
   th = tw = 0;
   const char* e = std::getenv("TORCHREC_TT_CONV_TILE");
@@ -121,8 +126,9 @@ FusedPlan plan_for(const FusedGeom& g, at::ScalarType dtype, int dev) {
   const DeviceLimits lim = device_limits(dev);
   int th, tw;
   forced_tile(th, tw);
-  FusedPlan plan = plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms, th, tw);
-  if (!plan.ok && th > 0) plan = plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms);
+  const int st = forced_stages();
+  FusedPlan plan = plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms, th, tw, st);
+  if (!plan.ok && (th > 0 || st > 0)) plan = plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms);
   return plan;
 }
 

@@ -7,7 +7,7 @@
 //   stage 2  T2[M x r2] = sum_taps T1[gather(tap)] . B_tap[r1 x r2]   (KHxKW conv, implicit im2col)
 //   stage 3  Y [M x K ] = T2 . Cm[r2 x K] + bias       (1x1 conv), staged in smem, 16-byte stores
 // All three are warp-level tensor-core MMAs (mma.sync m16n8k8 tf32 / m16n8k16 bf16, f16) with
-// fp32 accumulation. X chunks stream through a double-buffered cp.async pipeline. The weights
+// fp32 accumulation. X chunks stream through a 2- or 3-stage cp.async pipeline. The weights
 // are pre-packed by tt_conv_pack_kernel into the per-lane fragment order of the MMA's B operand,
 // so each lane fetches one 8-byte word pair per fragment (L1/L2-resident, shared by all blocks).
 //
@@ -56,6 +56,7 @@ struct FusedParams {
   int N, H, W, C, Ho, Wo, K;
   int KH, KW, sh, sw, ph, pw, dh, dw;
   int TH, TW, PH, PW;      // output tile, input patch
+  int stages;              // cp.async pipeline depth (2 or 3)
   int tiles_h, tiles_w;
   int c_ksteps;            // ceil(C * bytes / 32)
   int nt3;                 // ceil(K / 8)
@@ -66,7 +67,9 @@ struct SmemLayout {
   int P, Pp, xrow, t1row, t2row, yrow, xbuf_rows, region0, t1_off, t2_off, total;
 };
 
-__host__ __device__ inline SmemLayout smem_layout(int PH, int PW, int M, int RP, int bytes) {
+// stages: depth of the cp.async pipeline over channel chunks (2 or 3).
+__host__ __device__ inline SmemLayout smem_layout(int PH, int PW, int M, int RP, int bytes,
+                                                  int stages) {
   SmemLayout s;
   s.P = PH * PW;
   s.Pp = (s.P + 15) / 16 * 16;
@@ -75,7 +78,7 @@ __host__ __device__ inline SmemLayout smem_layout(int PH, int PW, int M, int RP,
   s.t2row = RP * bytes + kPad;
   s.yrow = kOutChans * bytes + kPad;
   s.xbuf_rows = s.Pp < kRowsPerPass ? s.Pp : kRowsPerPass;
-  const int xbytes = 2 * s.xbuf_rows * s.xrow;
+  const int xbytes = stages * s.xbuf_rows * s.xrow;
   const int ybytes = M * s.yrow;
   s.region0 = xbytes > ybytes ? xbytes : ybytes;
   s.t1_off = s.region0;
@@ -214,8 +217,9 @@ __global__ void __launch_bounds__(kThreads)
   const int oh0 = th_idx * p.TH, ow0 = tw_idx * p.TW;
   const int ih0 = oh0 * p.sh - p.ph, iw0 = ow0 * p.sw - p.pw;
 
-  const SmemLayout L = smem_layout(p.PH, p.PW, M, RP, S);
+  const SmemLayout L = smem_layout(p.PH, p.PW, M, RP, S, p.stages);
   const int xbuf_bytes = L.xbuf_rows * L.xrow;  // buffer b starts at smem + b * xbuf_bytes
+  const int nst = p.stages;
   unsigned char* t1s = smem + L.t1_off;
   unsigned char* t2s = smem + L.t2_off;
   unsigned char* ys = smem;  // reuses the X buffers once stage 1 is done
@@ -245,8 +249,11 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   float acc1[kMT1][RT][4];
-  load_chunk(0, smem);
-  cp_async_commit();
+  // Multistage pipeline: chunks it+1 .. it+nst-1 are in flight while chunk it is multiplied.
+  for (int st = 0; st < nst - 1; ++st) {
+    if (st < niters) load_chunk(st, smem + st * xbuf_bytes);
+    cp_async_commit();
+  }
   for (int it = 0; it < niters; ++it) {
     const int pass = it / nchunks, ch = it - pass * nchunks;
     if (ch == 0) {
@@ -257,15 +264,19 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc1[i][j][r] = 0.f;
     }
-    if (it + 1 < niters) {
-      load_chunk(it + 1, smem + ((it + 1) & 1) * xbuf_bytes);
-      cp_async_commit();
+    // Chunk `it` is group `it`; the nst-2 groups committed after it may still be in flight.
+    if (nst == 3) {
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
-    block_sync();
-    const unsigned char* cur = smem + (it & 1) * xbuf_bytes;
+    block_sync();  // chunk `it` visible to all; everyone is done with chunk it-1's buffer
+    {
+      const int nxt = it + nst - 1;
+      if (nxt < niters) load_chunk(nxt, smem + (nxt % nst) * xbuf_bytes);
+      cp_async_commit();
+    }
+    const unsigned char* cur = smem + (it % nst) * xbuf_bytes;
     const int row0 = pass * kRowsPerPass;
     const int nks = p.c_ksteps - ch * 4 < 4 ? p.c_ksteps - ch * 4 : 4;
 #pragma unroll
@@ -291,7 +302,6 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    block_sync();
     if (ch == nchunks - 1) {
 #pragma unroll
       for (int i = 0; i < kMT1; ++i) {
@@ -307,6 +317,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  cp_async_wait<0>();
   block_sync();
 
   // ---- stage 2: T2 = sum over taps of T1[gathered rows] . B_tap (implicit im2col from smem).
@@ -486,13 +497,15 @@ struct FusedPlan {
   bool ok = false;
   const char* why = "";
   int RP = 0, MT2 = 0, TH = 0, TW = 0, PH = 0, PW = 0, tiles_h = 0, tiles_w = 0, smem = 0;
+  int stages = 2;
   long long blocks = 0;
 };
 
 // Picks a tile for the fused kernel, or says why it cannot run (the caller then falls back to
-// the composition of cuDNN convolutions). force_th/force_tw (0 = automatic) pin the tile.
+// the composition of cuDNN convolutions). force_th/force_tw/force_stages (0 = automatic) pin the
+// tile and the pipeline depth.
 __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem, int num_sms,
-                                     int force_th = 0, int force_tw = 0) {
+                                     int force_th = 0, int force_tw = 0, int force_stages = 0) {
   FusedPlan plan;
   const int r = g.r1 > g.r2 ? g.r1 : g.r2;
   if (r > 64) {
@@ -513,10 +526,16 @@ __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem
     if (force_th > 0 && (th != force_th || tw != force_tw)) continue;
     const int ph = (th - 1) * g.sh + (g.KH - 1) * g.dh + 1;
     const int pw = (tw - 1) * g.sw + (g.KW - 1) * g.dw + 1;
-    const SmemLayout L = smem_layout(ph, pw, m, plan.RP, bytes);
-    if (L.total > max_smem) continue;
     const long long tiles_h = (g.Ho + th - 1) / th, tiles_w = (g.Wo + tw - 1) / tw;
     const long long blocks = static_cast<long long>(g.N) * tiles_h * tiles_w;
+    // A deeper pipeline when the grid is too small to hide load latency with more blocks.
+    int stages = force_stages > 0 ? force_stages : (blocks <= 2LL * num_sms ? 3 : 2);
+    SmemLayout L = smem_layout(ph, pw, m, plan.RP, bytes, stages);
+    if (L.total > max_smem && stages == 3 && force_stages == 0) {
+      stages = 2;
+      L = smem_layout(ph, pw, m, plan.RP, bytes, stages);
+    }
+    if (L.total > max_smem) continue;
     if (blocks > 0x7fffffffLL) continue;
     // Tensor-core work per tile (padded shapes), plus the halo's extra loads, per block.
     double cost = static_cast<double>(blocks) *
@@ -537,6 +556,7 @@ __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem
       plan.tiles_h = static_cast<int>(tiles_h);
       plan.tiles_w = static_cast<int>(tiles_w);
       plan.smem = L.total;
+      plan.stages = stages;
       plan.blocks = blocks;
     }
   }
@@ -557,7 +577,7 @@ __host__ inline FusedParams make_params(const FusedGeom& g, const FusedPlan& pla
   p.N = g.N; p.H = g.H; p.W = g.W; p.C = g.C; p.Ho = g.Ho; p.Wo = g.Wo; p.K = g.K;
   p.KH = g.KH; p.KW = g.KW; p.sh = g.sh; p.sw = g.sw; p.ph = g.ph; p.pw = g.pw;
   p.dh = g.dh; p.dw = g.dw;
-  p.TH = plan.TH; p.TW = plan.TW; p.PH = plan.PH; p.PW = plan.PW;
+  p.TH = plan.TH; p.TW = plan.TW; p.PH = plan.PH; p.PW = plan.PW; p.stages = plan.stages;
   p.tiles_h = plan.tiles_h; p.tiles_w = plan.tiles_w;
   p.c_ksteps = (g.C * bytes + 31) / 32;
   p.nt3 = (g.K + 7) / 8;

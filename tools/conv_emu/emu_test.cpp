@@ -16,6 +16,7 @@ struct Problem {
   int N, C, H, W, K, r1, r2, KH, KW, sh, sw, ph, pw, dh, dw;
   bool bias;
   int force_th, force_tw;
+  int force_stages = 0;  // cp.async pipeline depth (0: the planner's choice)
 };
 
 template <typename Tag>
@@ -72,7 +73,8 @@ Result run_one(const FusedGeom& g, const Problem& pr, bool transposed,
                const std::vector<unsigned char>& c2, const std::vector<float>& bias, int C0,
                int K0, FusedPlan* plan_out) {
   constexpr int S = Tag::kBytes;
-  const FusedPlan plan = plan_fused(g, S, 227 * 1024, 132, pr.force_th, pr.force_tw);
+  const FusedPlan plan =
+      plan_fused(g, S, 227 * 1024, 132, pr.force_th, pr.force_tw, pr.force_stages);
   *plan_out = plan;
   if (!plan.ok) {
     std::printf("  plan failed: %s\n", plan.why);
@@ -166,9 +168,10 @@ bool check(const Problem& pr, unsigned seed, double tol) {
   const char* name = Tag::kKind == 0 ? "tf32" : (Tag::kKind == 1 ? "bf16" : "f16");
   bool ok = fwd.all_written && fwd.rel_err < tol;
   std::printf("%-4s fwd  N%d C%d %dx%d K%d r(%d,%d) k%dx%d s%d,%d p%d,%d d%d,%d tile %dx%d RP%d "
-              "P%dx%d: rel_err %.2e %s%s\n",
+              "P%dx%d st%d: rel_err %.2e %s%s\n",
               name, pr.N, pr.C, pr.H, pr.W, pr.K, pr.r1, pr.r2, pr.KH, pr.KW, pr.sh, pr.sw, pr.ph,
-              pr.pw, pr.dh, pr.dw, plan.TH, plan.TW, plan.RP, plan.PH, plan.PW, fwd.rel_err,
+              pr.pw, pr.dh, pr.dw, plan.TH, plan.TW, plan.RP, plan.PH, plan.PW, plan.stages,
+              fwd.rel_err,
               fwd.all_written ? "" : "UNWRITTEN ", ok ? "ok" : "FAIL");
   // Input gradient (stride 1 and padding <= dilation * (kernel - 1) only, as in conv_cuda.cu).
   if (pr.sh == 1 && pr.sw == 1 && pr.ph <= pr.dh * (pr.KH - 1) && pr.pw <= pr.dw * (pr.KW - 1)) {
@@ -193,11 +196,11 @@ bool check(const Problem& pr, unsigned seed, double tol) {
                  pr.dh * (pr.KH - 1) - pr.ph, pr.dw * (pr.KW - 1) - pr.pw, pr.dh, pr.dw,
                  pr.H, pr.W};
     Problem prt = pr;
-    prt.force_th = prt.force_tw = 0;
+    prt.force_th = prt.force_tw = 0;  // the input gradient's own planner choice
     const Result bwd = run_one<Tag>(gt, prt, true, gob, gref, c0b, c1b, c2b, bias, pr.C, pr.K, &plan);
     const bool okb = bwd.all_written && bwd.rel_err < tol;
-    std::printf("%-4s igrad tile %dx%d RP%d: rel_err %.2e %s%s\n", name, plan.TH, plan.TW, plan.RP,
-                bwd.rel_err, bwd.all_written ? "" : "UNWRITTEN ", okb ? "ok" : "FAIL");
+    std::printf("%-4s igrad tile %dx%d RP%d st%d: rel_err %.2e %s%s\n", name, plan.TH, plan.TW,
+                plan.RP, plan.stages, bwd.rel_err, bwd.all_written ? "" : "UNWRITTEN ", okb ? "ok" : "FAIL");
     ok = ok && okb;
   }
   std::fflush(stdout);
@@ -222,9 +225,12 @@ int main(int argc, char** argv) {
   if (quick) problems.resize(3);
   int fails = 0;
   unsigned seed = 1;
-  for (const auto& pr : problems) {
+  for (auto pr : problems) {  // each dtype with a different pipeline depth
+    pr.force_stages = 3;
     fails += !check<TagF32>(pr, seed++, 3e-3);
+    pr.force_stages = 2;
     fails += !check<TagBF16>(pr, seed++, 2.5e-2);
+    pr.force_stages = 0;
     fails += !check<TagF16>(pr, seed++, 4e-3);
   }
   std::printf("%s: %d failure(s)\n", fails ? "FAILED" : "PASSED", fails);
