@@ -673,26 +673,33 @@ __device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L
   __syncthreads();
 }
 
-// Reads tile `tile`'s rows (all sharing table t and digit i_2) into `rows`.
+// Reads tile `tile`'s rows (all sharing table t and digit i_2) into `rows`: one thread per row,
+// so the dependent metadata loads of different rows overlap. Called by the whole block; returns
+// synchronised.
 __device__ void read_tile_rows(const Params<float>& P, const TileLayout& L, const int64_t* sorted2,
                                const int64_t* ord, const int64_t* tile_start, int64_t tile,
                                int64_t n, const int64_t* ukey, TileRows& rows) {
-  // Every thread fills the same (small) struct: cheaper than a broadcast through shared memory.
   const int64_t k0 = tile_start[tile];
   const int64_t g = sorted2[k0];
-  rows.t = static_cast<int>(g >> kKeyShift);
-  rows.i2 = g & kKeyMask;
-  const DevTable& T = P.tables[rows.t];
-  int c = 0;
-  while (c < L.tile && k0 + c < n && sorted2[k0 + c] == g) {
-    const int64_t u = ord[k0 + c];
+  const int t = static_cast<int>(g >> kKeyShift);
+  const int r = threadIdx.x;
+  // A group is contiguous in sorted order, so the rows of this tile are a prefix of k0.. .
+  const bool mine = r < L.tile && k0 + r < n && sorted2[k0 + r] == g;
+  if (mine) {
+    const DevTable& T = P.tables[t];
+    const int64_t u = ord[k0 + r];
     const int64_t i = ukey[u] & kKeyMask;
-    rows.u[c] = u;
-    rows.i1[c] = i / T.stride[0];
-    rows.i3[c] = i % T.p[2];
-    ++c;
+    rows.u[r] = u;
+    rows.i1[r] = i / T.stride[0];
+    rows.i3[r] = i % T.p[2];
   }
-  rows.count = c;
+  const int count = __syncthreads_count(mine);
+  if (threadIdx.x == 0) {
+    rows.t = t;
+    rows.i2 = g & kKeyMask;
+    rows.count = count;
+  }
+  __syncthreads();
 }
 
 __global__ void __launch_bounds__(kTileThreads)
@@ -704,10 +711,7 @@ __global__ void __launch_bounds__(kTileThreads)
   float* sm = reinterpret_cast<float*>(smem_raw);
   __shared__ TileRows rows;
   for (int64_t tile = blockIdx.x; tile < *num_tiles; tile += gridDim.x) {
-    if (threadIdx.x == 0) {
-      read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
-    }
-    __syncthreads();
+    read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
     load_tile_and_prefix(P, L, rows, sm);
     const DevTable& T = P.tables[rows.t];
     const int q1 = T.q[0], q2 = T.q[1], q3 = T.q[2], R2 = T.r[2], D = T.D;
@@ -739,10 +743,7 @@ __global__ void __launch_bounds__(kTileThreads)
   float* sm = reinterpret_cast<float*>(smem_raw);
   __shared__ TileRows rows;
   for (int64_t tile = blockIdx.x; tile < *num_tiles; tile += gridDim.x) {
-    if (threadIdx.x == 0) {
-      read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
-    }
-    __syncthreads();
+    read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
     load_tile_and_prefix(P, L, rows, sm);
     const int t = rows.t;
     const DevTable& T = P.tables[t];
