@@ -631,6 +631,28 @@ __device__ void wmma_gemm(int M, int N, int Kd, const float* A, int lda, const f
   }
 }
 
+// Global -> shared copy with kBatch independent loads in flight per thread: the tile kernels
+// run one or two blocks per SM, so one outstanding load per thread would leave them
+// latency-bound.
+template <int kBatch, typename Load, typename Store>
+__device__ __forceinline__ void batched_copy(int total, Load load, Store store) {
+  for (int e0 = threadIdx.x; e0 < total; e0 += blockDim.x * kBatch) {
+    float v[kBatch];
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = e0 + k * blockDim.x;
+      v[k] = e < total ? load(e) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) {
+      const int e = e0 + k * blockDim.x;
+      if (e < total) {
+        store(e, v[k]);
+      }
+    }
+  }
+}
+
 struct TileRows {
   int count;
   int t;
@@ -653,20 +675,32 @@ __device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L
   const float* g1 = P.cores[rows.t][0];
   const float* g2 = P.cores[rows.t][1] + rows.i2 * R1 * q2 * R2;
   const float* g3 = P.cores[rows.t][2];
-  for (int e = threadIdx.x; e < M * R1p; e += blockDim.x) {
-    const int row = e / R1p, a = e - row * R1p;
-    const int r = row / q1, j1 = row - r * q1;
-    A[e] = (r < rows.count && a < R1) ? g1[rows.i1[r] * q1 * R1 + j1 * R1 + a] : 0.f;
-  }
-  for (int e = threadIdx.x; e < R1p * N2p; e += blockDim.x) {
-    const int a = e / N2p, c = e - a * N2p;
-    B[e] = (a < R1 && c < q2 * R2) ? g2[a * q2 * R2 + c] : 0.f;
-  }
+  const int64_t* i1 = rows.i1;
+  const int64_t* i3 = rows.i3;
+  const int count = rows.count;
+  batched_copy<8>(
+      M * R1p,
+      [&](int e) {
+        const int row = e / R1p, a = e - row * R1p;
+        const int r = row / q1, j1 = row - r * q1;
+        return (r < count && a < R1) ? g1[i1[r] * q1 * R1 + j1 * R1 + a] : 0.f;
+      },
+      [&](int e, float v) { A[e] = v; });
+  batched_copy<8>(
+      R1p * N2p,
+      [&](int e) {
+        const int a = e / N2p, c = e - a * N2p;
+        return (a < R1 && c < q2 * R2) ? g2[a * q2 * R2 + c] : 0.f;
+      },
+      [&](int e, float v) { B[e] = v; });
   const int g3n = R2 * q3;
-  for (int e = threadIdx.x; e < rows.count * g3n; e += blockDim.x) {
-    const int r = e / g3n, x = e - r * g3n;
-    G3[e] = g3[rows.i3[r] * g3n + x];
-  }
+  batched_copy<8>(
+      count * g3n,
+      [&](int e) {
+        const int r = e / g3n;
+        return g3[i3[r] * g3n + (e - r * g3n)];
+      },
+      [&](int e, float v) { G3[e] = v; });
   __syncthreads();
   wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::row_major>(M, N2p, R1p, A, R1p, B, N2p,
                                                                sm + L.c, N2p);
@@ -755,10 +789,15 @@ __global__ void __launch_bounds__(kTileThreads)
     const float* G3 = sm + L.g3;
     float* DR = sm + L.dr;
     float* W2 = sm + L.w2;
-    for (int e = threadIdx.x; e < rows.count * D; e += blockDim.x) {
-      const int r = e / D, d = e - r * D;
-      DR[e] = drows[rows.u[r] * P.row_stride + d];
-    }
+    const int64_t* us = rows.u;
+    const int rs = P.row_stride;
+    batched_copy<8>(
+        rows.count * D,
+        [&](int e) {
+          const int r = e / D;
+          return drows[us[r] * rs + (e - r * D)];
+        },
+        [&](int e, float v) { DR[e] = v; });
     __syncthreads();
     // dG_3[i_3][b][j3] += sum_m P_r[m][b] * drow_r[m][j3]
     const int g3n = R2 * q3, Q = q1 * q2;
@@ -1007,7 +1046,7 @@ at::Tensor unique_rows(const Params<scalar_t>& P, const TileLayout& L, const Cud
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (L.tile > 0 && any_table(P.tables, P.T, 1)) {
       TORCH_INTERNAL_ASSERT(tiles != nullptr);
-      const size_t smem = sizeof(float) * L.floats;
+      const size_t smem = sizeof(float) * L.dr;  // the forward needs A, B, C and G_3 only
       allow_smem(tile_rows_kernel, smem);
       tile_rows_kernel<<<grid_for(n, 1), kTileThreads, smem, stream>>>(
           P, L, tiles->sorted2.data_ptr<int64_t>(), tiles->ord.data_ptr<int64_t>(),
