@@ -512,7 +512,7 @@ int grid_for(int64_t work, int per_block) {
 //   dP (from dY and G_3), dG_2[i_2] += A^T @ dP and dA = dP @ G_2^T as tensor-core GEMMs and
 // pushes one R1*q2*R2 partial into dG_2 per tile instead of one per row.
 
-constexpr int kTileThreads = 256;
+constexpr int kTileThreads = 512;
 constexpr int kMaxTile = 32;
 
 struct TileLayout {
@@ -662,13 +662,37 @@ struct TileRows {
   int64_t i3[kMaxTile];
 };
 
+// Shape of a 3-core table on the tile path. A non-zero template argument fixes that dimension at
+// compile time, so index arithmetic becomes shifts and small loops unroll (without that the tile
+// kernels are bound by integer division); zero reads it from the table at run time.
+template <int kQ1, int kQ2, int kQ3, int kR1, int kR2>
+struct TileDims {
+  int q1_, q2_, q3_, r1_, r2_;
+  __device__ explicit TileDims(const DevTable& T)
+      : q1_(T.q[0]), q2_(T.q[1]), q3_(T.q[2]), r1_(T.r[1]), r2_(T.r[2]) {}
+  __device__ __forceinline__ int q1() const { return kQ1 ? kQ1 : q1_; }
+  __device__ __forceinline__ int q2() const { return kQ2 ? kQ2 : q2_; }
+  __device__ __forceinline__ int q3() const { return kQ3 ? kQ3 : q3_; }
+  __device__ __forceinline__ int r1() const { return kR1 ? kR1 : r1_; }
+  __device__ __forceinline__ int r2() const { return kR2 ? kR2 : r2_; }
+  __device__ __forceinline__ int r1p() const { return round_up(r1(), 16); }
+  __device__ __forceinline__ int n2p() const { return round_up(q2() * r2(), 16); }
+  __device__ __forceinline__ int Q() const { return q1() * q2(); }
+  __device__ __forceinline__ int D() const { return q1() * q2() * q3(); }
+  __device__ __forceinline__ int g3n() const { return r2() * q3(); }
+  static bool matches(const DevTable& T) {
+    return (!kQ1 || T.q[0] == kQ1) && (!kQ2 || T.q[1] == kQ2) && (!kQ3 || T.q[2] == kQ3) &&
+           (!kR1 || T.r[1] == kR1) && (!kR2 || T.r[2] == kR2);
+  }
+};
+
 // Loads A (stacked G_1 slices, zero-padded), B (G_2[i_2], zero-padded), C = A @ B and the rows'
 // G_3 slices into shared memory. Returns with the block synchronised.
-__device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L, TileRows& rows,
-                                     float* sm) {
-  const DevTable& T = P.tables[rows.t];
-  const int q1 = T.q[0], q2 = T.q[1], q3 = T.q[2], R1 = T.r[1], R2 = T.r[2];
-  const int R1p = round_up(R1, 16), N2p = round_up(q2 * R2, 16), M = L.tile * q1;
+template <class Dm>
+__device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L, const Dm& dm,
+                                     TileRows& rows, float* sm) {
+  const int q1 = dm.q1(), q2 = dm.q2(), R1 = dm.r1(), R2 = dm.r2();
+  const int R1p = dm.r1p(), N2p = dm.n2p(), M = L.tile * q1;
   float* A = sm + L.a;
   float* B = sm + L.b;
   float* G3 = sm + L.g3;
@@ -693,7 +717,7 @@ __device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L
         return (a < R1 && c < q2 * R2) ? g2[a * q2 * R2 + c] : 0.f;
       },
       [&](int e, float v) { B[e] = v; });
-  const int g3n = R2 * q3;
+  const int g3n = dm.g3n();
   batched_copy<8>(
       count * g3n,
       [&](int e) {
@@ -736,6 +760,7 @@ __device__ void read_tile_rows(const Params<float>& P, const TileLayout& L, cons
   __syncthreads();
 }
 
+template <class Dm>
 __global__ void __launch_bounds__(kTileThreads)
     tile_rows_kernel(const Params<float> P, const TileLayout L, const int64_t* __restrict__ sorted2,
                      const int64_t* __restrict__ ord, const int64_t* __restrict__ tile_start,
@@ -746,10 +771,10 @@ __global__ void __launch_bounds__(kTileThreads)
   __shared__ TileRows rows;
   for (int64_t tile = blockIdx.x; tile < *num_tiles; tile += gridDim.x) {
     read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
-    load_tile_and_prefix(P, L, rows, sm);
-    const DevTable& T = P.tables[rows.t];
-    const int q1 = T.q[0], q2 = T.q[1], q3 = T.q[2], R2 = T.r[2], D = T.D;
-    const int N2p = round_up(q2 * R2, 16);
+    const Dm dm(P.tables[rows.t]);
+    load_tile_and_prefix(P, L, dm, rows, sm);
+    const int q1 = dm.q1(), q2 = dm.q2(), q3 = dm.q3(), R2 = dm.r2(), D = dm.D();
+    const int N2p = dm.n2p();
     const float* C = sm + L.c;
     const float* G3 = sm + L.g3;
     for (int e = threadIdx.x; e < rows.count * D; e += blockDim.x) {
@@ -759,6 +784,7 @@ __global__ void __launch_bounds__(kTileThreads)
       const float* pre = C + (r * q1 + j1) * N2p + j2 * R2;
       const float* g = G3 + r * R2 * q3 + j3;
       float s = 0.f;
+#pragma unroll 8
       for (int b = 0; b < R2; ++b) {
         s += pre[b] * g[b * q3];
       }
@@ -768,6 +794,7 @@ __global__ void __launch_bounds__(kTileThreads)
   }
 }
 
+template <class Dm>
 __global__ void __launch_bounds__(kTileThreads)
     tile_grad_kernel(const Params<float> P, const TileLayout L, const int64_t* __restrict__ sorted2,
                      const int64_t* __restrict__ ord, const int64_t* __restrict__ tile_start,
@@ -778,11 +805,11 @@ __global__ void __launch_bounds__(kTileThreads)
   __shared__ TileRows rows;
   for (int64_t tile = blockIdx.x; tile < *num_tiles; tile += gridDim.x) {
     read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
-    load_tile_and_prefix(P, L, rows, sm);
     const int t = rows.t;
-    const DevTable& T = P.tables[t];
-    const int q1 = T.q[0], q2 = T.q[1], q3 = T.q[2], R1 = T.r[1], R2 = T.r[2], D = T.D;
-    const int R1p = round_up(R1, 16), N2p = round_up(q2 * R2, 16), M = L.tile * q1;
+    const Dm dm(P.tables[t]);
+    load_tile_and_prefix(P, L, dm, rows, sm);
+    const int q1 = dm.q1(), q2 = dm.q2(), q3 = dm.q3(), R1 = dm.r1(), R2 = dm.r2(), D = dm.D();
+    const int R1p = dm.r1p(), N2p = dm.n2p(), M = L.tile * q1;
     float* A = sm + L.a;
     float* B = sm + L.b;
     float* C = sm + L.c;
@@ -800,11 +827,12 @@ __global__ void __launch_bounds__(kTileThreads)
         [&](int e, float v) { DR[e] = v; });
     __syncthreads();
     // dG_3[i_3][b][j3] += sum_m P_r[m][b] * drow_r[m][j3]
-    const int g3n = R2 * q3, Q = q1 * q2;
+    const int g3n = dm.g3n(), Q = dm.Q();
     for (int e = threadIdx.x; e < rows.count * g3n; e += blockDim.x) {
       const int r = e / g3n, x = e - r * g3n;
       const int b = x / q3, j3 = x - b * q3;
       float s = 0.f;
+#pragma unroll 4
       for (int m = 0; m < Q; ++m) {
         const int j1 = m / q2, j2 = m - j1 * q2;
         s += C[(r * q1 + j1) * N2p + j2 * R2 + b] * DR[r * D + m * q3 + j3];
@@ -818,6 +846,7 @@ __global__ void __launch_bounds__(kTileThreads)
       const int m = x / R2, b = x - m * R2;
       const int j1 = m / q2, j2 = m - j1 * q2;
       float s = 0.f;
+#pragma unroll 4
       for (int j3 = 0; j3 < q3; ++j3) {
         s += DR[r * D + m * q3 + j3] * G3[r * g3n + b * q3 + j3];
       }
@@ -844,6 +873,42 @@ __global__ void __launch_bounds__(kTileThreads)
     }
     __syncthreads();
   }
+}
+
+// Runs `launch.template operator()<Dm>()` with the TileDims specialisation that fits every tile
+// table of the call (all of them must share the shape), else the run-time-shaped one.
+template <class Launch>
+void dispatch_tile_dims(const DevTable* tables, int T, Launch&& launch) {
+  int first = -1;
+  bool same = true;
+  for (int t = 0; t < T; ++t) {
+    if (!tables[t].tc) {
+      continue;
+    }
+    if (first < 0) {
+      first = t;
+      continue;
+    }
+    const DevTable &a = tables[first], &b = tables[t];
+    same = same && a.q[0] == b.q[0] && a.q[1] == b.q[1] && a.q[2] == b.q[2] && a.r[1] == b.r[1] &&
+           a.r[2] == b.r[2];
+  }
+  if (first >= 0 && same) {
+    const DevTable& s = tables[first];
+#define TT_TRY_DIMS(Q1, Q2, Q3, R1, R2)                                     \
+  if (TileDims<Q1, Q2, Q3, R1, R2>::matches(s)) {                            \
+    launch.template operator()<TileDims<Q1, Q2, Q3, R1, R2>>();              \
+    return;                                                                  \
+  }
+    TT_TRY_DIMS(4, 4, 4, 32, 32)
+    TT_TRY_DIMS(4, 4, 4, 16, 16)
+    TT_TRY_DIMS(4, 4, 4, 64, 64)
+    TT_TRY_DIMS(4, 4, 4, 8, 8)
+    TT_TRY_DIMS(2, 2, 4, 32, 32)
+    TT_TRY_DIMS(4, 4, 8, 32, 32)
+#undef TT_TRY_DIMS
+  }
+  launch.template operator()<TileDims<0, 0, 0, 0, 0>>();
 }
 
 __global__ void tile_key_kernel(const Params<float> P, const int64_t* __restrict__ ukey,
@@ -1027,6 +1092,38 @@ void allow_smem(Kernel kernel, size_t bytes) {
   }
 }
 
+// Launches the forward tile kernel (out_rows set) or the backward one (drows set) for a shape.
+struct TileLaunch {
+  const Params<float>& P;
+  const TileLayout& L;
+  const Tiles& tiles;
+  const int64_t* ukey;
+  int64_t n;
+  float* out_rows;
+  const float* drows;
+  cudaStream_t stream;
+
+  template <class Dm>
+  void operator()() const {
+    const int64_t* s2 = tiles.sorted2.data_ptr<int64_t>();
+    const int64_t* ord = tiles.ord.data_ptr<int64_t>();
+    const int64_t* ts = tiles.tile_start.data_ptr<int64_t>();
+    const int32_t* nt = tiles.num_tiles.data_ptr<int32_t>();
+    if (out_rows != nullptr) {
+      const size_t smem = sizeof(float) * L.dr;  // the forward needs A, B, C and G_3 only
+      allow_smem(tile_rows_kernel<Dm>, smem);
+      tile_rows_kernel<Dm><<<grid_for(n, 1), kTileThreads, smem, stream>>>(P, L, s2, ord, ts, nt,
+                                                                            ukey, n, out_rows);
+    } else {
+      const size_t smem = sizeof(float) * L.floats;
+      allow_smem(tile_grad_kernel<Dm>, smem);
+      tile_grad_kernel<Dm><<<grid_for(n, 1), kTileThreads, smem, stream>>>(P, L, s2, ord, ts, nt,
+                                                                            ukey, n, drows);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
 // Rows [n, row_stride] of the unique keys (first num_unique valid): tile tables through the
 // tensor-core tile kernel, the others through the per-row chain kernel.
 template <typename scalar_t>
@@ -1046,12 +1143,7 @@ at::Tensor unique_rows(const Params<scalar_t>& P, const TileLayout& L, const Cud
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (L.tile > 0 && any_table(P.tables, P.T, 1)) {
       TORCH_INTERNAL_ASSERT(tiles != nullptr);
-      const size_t smem = sizeof(float) * L.dr;  // the forward needs A, B, C and G_3 only
-      allow_smem(tile_rows_kernel, smem);
-      tile_rows_kernel<<<grid_for(n, 1), kTileThreads, smem, stream>>>(
-          P, L, tiles->sorted2.data_ptr<int64_t>(), tiles->ord.data_ptr<int64_t>(),
-          tiles->tile_start.data_ptr<int64_t>(), tiles->num_tiles.data_ptr<int32_t>(), ukey, n, out);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_tile_dims(P.tables, P.T, TileLaunch{P, L, *tiles, ukey, n, out, nullptr, stream});
     }
   }
   return rows;
@@ -1073,13 +1165,9 @@ void run_tile_grad(const Params<scalar_t>& P, const TileLayout& L, const std::op
                    const CudaDedup& d, int64_t n, const at::Tensor& drows) {
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (tiles) {
-      const size_t smem = sizeof(float) * L.floats;
-      allow_smem(tile_grad_kernel, smem);
-      tile_grad_kernel<<<grid_for(n, 1), kTileThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-          P, L, tiles->sorted2.data_ptr<int64_t>(), tiles->ord.data_ptr<int64_t>(),
-          tiles->tile_start.data_ptr<int64_t>(), tiles->num_tiles.data_ptr<int32_t>(),
-          d.ukey.data_ptr<int64_t>(), n, drows.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_tile_dims(P.tables, P.T,
+                         TileLaunch{P, L, *tiles, d.ukey.data_ptr<int64_t>(), n, nullptr,
+                                    drows.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()});
     }
   }
 }
