@@ -13,8 +13,8 @@ place: --data, else $TORCHREC_TT_CIFAR10, else ../shared/data/cifar10 beside the
 /work/shared/data/cifar10, or .data/cifar10 in the repository (for a GPU machine the data was
 copied to).
 
-    # dense vs TT (stage 3 at rank 64) on the GPU, 30 epochs
-    python examples/cnn/train.py --width 10 --tt-stages 3 --tt-ranks 64 --epochs 30
+    # dense vs TT (stage 3 at rank 64; stages 2+3 at rank 64) on the GPU, 30 epochs
+    python examples/cnn/train.py --width 10 --tt 3:64 --tt 2,3:64 --epochs 30
     # CPU smoke run (< 1 minute)
     .venv/bin/python examples/cnn/train.py --depth 10 --width 1 --epochs 1 --limit-batches 4 \\
         --train-files 0 --test-limit 512 --batch-size 32
@@ -313,6 +313,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--tt-stages", default="3", help="comma list of stages (1-3) with TT 3x3 convs")
     ap.add_argument("--tt-ranks", default="32", help="one rank for all TT stages, or one per TT stage")
+    ap.add_argument("--tt", action="append", default=None, metavar="STAGES:RANKS",
+                    help="a TT configuration, e.g. '3:64' or '2,3:32,64'; repeat to train several "
+                    "(overrides --tt-stages/--tt-ranks)")
     ap.add_argument("--models", default="dense,tt", help="which of dense,tt to train (same schedule)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--limit-batches", type=int, default=0, help="steps per epoch cap (0: all)")
@@ -330,46 +333,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    torch.backends.cudnn.benchmark = True
-    stages = {int(s) for s in args.tt_stages.split(",") if s.strip()}
-    if not stages <= {1, 2, 3}:
-        raise SystemExit(f"--tt-stages must name stages 1-3, got {args.tt_stages}")
-    rank_list = [int(r) for r in args.tt_ranks.split(",")]
+def parse_tt_config(stages_s: str, ranks_s: str) -> tuple[list[int], dict[int, int]]:
+    stages = sorted({int(x) for x in stages_s.split(",") if x.strip()})
+    if not stages or not set(stages) <= {1, 2, 3}:
+        raise SystemExit(f"TT stages must be among 1-3, got {stages_s!r}")
+    rank_list = [int(r) for r in ranks_s.split(",")]
     if len(rank_list) not in (1, len(stages)):
-        raise SystemExit("--tt-ranks: give one rank, or one per TT stage")
-    ranks = {s: rank_list[0] if len(rank_list) == 1 else rank_list[i] for i, s in enumerate(sorted(stages))}
-    root = find_data(args.data)
-    data = load_cifar10(root, [int(k) for k in args.train_files.split(",")], args.test_limit or None)
-    data = tuple(t.to(device) for t in data)
-    print(f"CIFAR-10 from {root}: {data[0].shape[0]} train / {data[2].shape[0]} test images; "
-          f"WRN-{args.depth}-{args.width}, TT stages {sorted(stages)} ranks {ranks}, "
-          f"{args.epochs} epochs, device {device}", flush=True)
-    results = []
-    for which in args.models.split(","):
-        torch.manual_seed(args.seed)
-        conv = ConvFactory(stages if which == "tt" else set(), ranks)
-        model = WideResNet(args.depth, args.width, conv, args.dropout)
-        label = "dense" if which == "dense" else f"TT r{'/'.join(str(ranks[s]) for s in sorted(stages))} s{''.join(map(str, sorted(stages)))}"
-        results.append(train_one(label, model, data, args, device))
+        raise SystemExit(f"TT ranks {ranks_s!r}: give one rank, or one per TT stage")
+    return stages, {s: rank_list[0] if len(rank_list) == 1 else rank_list[i] for i, s in enumerate(stages)}
 
+
+def summary(results: list[dict]) -> str:
     dense = next((r for r in results if r["name"] == "dense"), None)
-    print("\n| model | params | compression vs dense | final test acc | best | Δ final vs dense | s/epoch |")
-    print("|---|---|---|---|---|---|---|")
+    lines = ["| model | params | compression vs dense | final test acc | best | Δ final vs dense | s/epoch |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         p = r["params"]
         comp = p["dense_equivalent"] / p["total"]
         delta = f"{r['final_acc'] - dense['final_acc']:+.2f}" if dense else "n/a"
-        print(f"| {r['name']} | {p['total']:,} | {comp:.2f}× | {r['final_acc']:.2f}% | "
-              f"{r['best_acc']:.2f}% | {delta} | {r['epoch_s']:.1f} |")
+        lines.append(f"| {r['name']} | {p['total']:,} | {comp:.2f}× | {r['final_acc']:.2f}% | "
+                     f"{r['best_acc']:.2f}% | {delta} | {r['epoch_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    specs = args.tt or [f"{args.tt_stages}:{args.tt_ranks}"]
+    tt_configs = [parse_tt_config(*spec.split(":")) for spec in specs]
+    root = find_data(args.data)
+    data = load_cifar10(root, [int(k) for k in args.train_files.split(",")], args.test_limit or None)
+    data = tuple(t.to(device) for t in data)
+    print(f"CIFAR-10 from {root}: {data[0].shape[0]} train / {data[2].shape[0]} test images; "
+          f"WRN-{args.depth}-{args.width}, TT configs {specs}, {args.epochs} epochs, device {device}",
+          flush=True)
+    runs: list[tuple[str, set[int], dict[int, int]]] = []
+    for which in args.models.split(","):
+        if which == "dense":
+            runs.append(("dense", set(), {}))
+        elif which == "tt":
+            for stages, ranks in tt_configs:
+                label = f"TT s{''.join(map(str, stages))} r{'/'.join(str(ranks[s]) for s in stages)}"
+                runs.append((label, set(stages), ranks))
+        else:
+            raise SystemExit(f"--models: unknown model {which!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    tag = f"wrn{args.depth}-{args.width}_tt{''.join(map(str, sorted(stages)))}_r{args.tt_ranks.replace(',', '-')}_{stamp}"
-    (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    plot(results, out / f"{tag}.png")
+    tag = f"wrn{args.depth}-{args.width}_{time.strftime('%Y%m%d-%H%M%S')}"
+    results = []
+    for label, stages, ranks in runs:
+        torch.manual_seed(args.seed)
+        model = WideResNet(args.depth, args.width, ConvFactory(stages, ranks), args.dropout)
+        results.append(train_one(label, model, data, args, device))
+        # Written after every model, so an interrupted run keeps what finished.
+        (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        plot(results, out / f"{tag}.png")
+    print("\n" + summary(results))
     print(f"\ncurves: {out / (tag + '.json')}\nplot:   {out / (tag + '.png')}")
     return results
 
