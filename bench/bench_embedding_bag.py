@@ -144,6 +144,7 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     rows = []
     for case in cases(args.cases):
+        print(f"case: {case.name}", flush=True)
         shape = make_tt_shape(case.rows, case.dim, [case.rank, case.rank], p=case.p, q=case.q)
         n = case.batch * case.pooling_factor
         idx = index_sets(case, 8, dev)

@@ -257,10 +257,19 @@ def test_cuda_matches_dense_reference(
 
 
 @requires_cuda
-@pytest.mark.parametrize("num_lookups", [1 << 12, 1 << 20])
-def test_cuda_float32_matches_cpu_at_scale(num_lookups: int) -> None:
+@pytest.mark.parametrize(
+    "num_lookups,q,ranks",
+    [
+        (1 << 12, (4, 4, 4), (32, 32)),
+        (1 << 20, (4, 4, 4), (32, 32)),
+        (1 << 14, (2, 2, 4), (32, 32)),  # 48 KB of shared memory: the launch-limit edge
+        (1 << 14, (4, 4, 4), (64, 64)),  # 16-row tiles
+        (1 << 14, (4, 4, 4), (8, 8)),  # ranks padded to 16
+    ],
+)
+def test_cuda_float32_matches_cpu_at_scale(num_lookups: int, q: tuple, ranks: tuple) -> None:
     gen = torch.Generator().manual_seed(num_lookups)
-    p, q, ranks, n = (200, 220, 250), (4, 4, 4), (32, 32), 11_000_000
+    p, n = (200, 220, 250), 11_000_000
     full = (1, *ranks, 1)
     cores = [0.2 * torch.randn(p[k], full[k] * q[k] * full[k + 1], generator=gen) for k in range(3)]
     shape = type("S", (), dict(num_rows=n, p=p, q=q, ranks=ranks))
