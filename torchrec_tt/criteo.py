@@ -1,0 +1,425 @@
+"""Criteo-format click data for the DLRM trainer: a synthetic generator and real TSV files.
+
+* :class:`SyntheticCriteo`: rows in the Criteo Kaggle layout (13 count features, 26 categorical
+  features) with the Kaggle table cardinalities times ``scale``, Zipf-distributed ids scattered
+  over each table (as hashing does) and labels drawn from a hidden model (per-id latent vectors,
+  pairwise interactions between features, a dense part), so AUC measures how much of the planted
+  signal a model recovers. Deterministic: batch ``i`` of a stream depends only on
+  ``(seed, stream, i)``, so a resumed run sees the same data.
+* Real files: :func:`validate_criteo_tsv` checks the Kaggle/Terabyte TSV layout and names the file
+  and line of the first bad row; :func:`preprocess_criteo_tsv` converts a TSV (or ``.tsv.gz``)
+  into TorchRec's ``.npy`` triple with ``torchrec.datasets.criteo.BinaryCriteoUtils.tsv_to_npys``;
+  :func:`load_criteo_npys` reads the triple back, hashing ids into the tables (``id % rows``).
+* :class:`CriteoArrays`: in-memory rows, a seeded train/test split and TorchRec ``Batch`` es.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchrec.datasets.criteo import (
+    CAT_FEATURE_COUNT,
+    DEFAULT_CAT_NAMES,
+    INT_FEATURE_COUNT,
+    BinaryCriteoUtils,
+)
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+__all__ = [
+    "CAT_FEATURE_COUNT",
+    "INT_FEATURE_COUNT",
+    "KAGGLE_CARDINALITIES",
+    "CriteoArrays",
+    "CriteoFormatError",
+    "SyntheticCriteo",
+    "load_criteo_npys",
+    "make_batch",
+    "preprocess_criteo_tsv",
+    "validate_criteo_tsv",
+]
+
+#: Rows of the 26 categorical tables of Criteo Kaggle (distinct values of C1..C26 in train.txt),
+#: the sizes the DLRM reference uses for Kaggle.
+KAGGLE_CARDINALITIES: tuple[int, ...] = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+)  # fmt: skip
+
+NUM_FIELDS = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
+
+
+class CriteoFormatError(ValueError):
+    """A Criteo TSV row that does not follow the format; the message names the file and line."""
+
+
+def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> Batch:
+    """A TorchRec ``Batch``: ``dense [B, 13]`` float32, ``sparse [B, 26]`` ids (one per feature,
+    keys ``cat_0 .. cat_25``), ``labels [B]``."""
+    b = dense.shape[0]
+    values = torch.from_numpy(np.ascontiguousarray(sparse.T).reshape(-1).astype(np.int64))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(DEFAULT_CAT_NAMES),
+        values=values,
+        lengths=torch.ones(CAT_FEATURE_COUNT * b, dtype=torch.int32),
+    )
+    return Batch(
+        dense_features=torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32)),
+        sparse_features=kjt,
+        labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32).reshape(-1)),
+    )
+
+
+# ---------------------------------------------------------------------------- synthetic data
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser: a bijective 64-bit mixer (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _hash_normal(ids: np.ndarray, salt: int, dims: int) -> np.ndarray:
+    """Pseudo-random standard normals ``[len(ids), dims]``, a fixed function of ``(salt, id)``."""
+    base = _splitmix64(ids.astype(np.uint64) ^ _splitmix64(np.array([salt], dtype=np.uint64)))
+    out = np.empty((ids.shape[0], dims), dtype=np.float64)
+    for j in range(dims):
+        h1 = _splitmix64(base + np.uint64(2 * j + 1))
+        h2 = _splitmix64(base + np.uint64(2 * j + 2))
+        u1 = ((h1 >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+        u2 = (h2 >> np.uint64(11)).astype(np.float64) / 2.0**53
+        out[:, j] = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return out
+
+
+@dataclass
+class SyntheticCriteo:
+    """Synthetic Criteo Kaggle-format rows with a planted signal.
+
+    Ids: feature ``t`` draws a popularity rank ``r`` from a Zipf law with exponent
+    ``zipf_exponent`` truncated to the table's rows, and maps it to the id
+    ``(a_t * r + b_t) mod N_t`` (a bijection; popular ids end up scattered as hashed ids are).
+
+    Labels: ``P(click) = sigmoid(logit)`` with ``logit = bias + w . dense_std +
+    sum_t s_t <z_t(id_t), u_t> + sum_{(t, t') in pairs} c <z_t(id_t), z_t'(id_t')> / sqrt(k)``,
+    where ``z_t(id)`` is a ``latent_dim``-vector fixed by hashing ``(seed, t, id)``. Frequent ids
+    can be learned; the long tail is noise for any model. ``bias`` is set for ``positive_rate``.
+
+    Args:
+        scale: table sizes are ``round(KAGGLE_CARDINALITIES * scale)`` (at least 2 rows).
+        seed: fixes the hidden model, the id maps and every stream.
+        zipf_exponent: id popularity exponent.
+        latent_dim: ``k``, size of the hidden per-id vectors.
+        id_weight: scale of the per-feature terms ``s_t``.
+        interaction_weight: ``c``; ``num_pairs`` random feature pairs interact.
+        dense_weight: scale of ``w``.
+        positive_rate: target share of clicks.
+    """
+
+    scale: float = 1.0
+    seed: int = 0
+    zipf_exponent: float = 1.1
+    latent_dim: int = 4
+    id_weight: float = 0.6
+    interaction_weight: float = 0.5
+    num_pairs: int = 12
+    dense_weight: float = 0.25
+    positive_rate: float = 0.25
+    cardinalities: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        self.cardinalities = [max(2, int(round(n * self.scale))) for n in KAGGLE_CARDINALITIES]
+        rng = np.random.default_rng([self.seed, 12345])
+        self._mult = []
+        for n in self.cardinalities:
+            a = int(rng.integers(1, n)) if n > 2 else 1
+            while np.gcd(a, n) != 1:
+                a += 1
+            self._mult.append(a)
+        self._shift = [int(rng.integers(0, n)) for n in self.cardinalities]
+        k = self.latent_dim
+        self._u = rng.normal(size=(CAT_FEATURE_COUNT, k)) / np.sqrt(k)
+        self._s = self.id_weight * rng.uniform(0.2, 1.5, size=CAT_FEATURE_COUNT)
+        pairs = set()
+        while len(pairs) < self.num_pairs:
+            a, b = sorted(rng.choice(CAT_FEATURE_COUNT, size=2, replace=False).tolist())
+            pairs.add((a, b))
+        self._pairs = sorted(pairs)
+        self._w = self.dense_weight * rng.normal(size=INT_FEATURE_COUNT)
+        self._dense_mu = rng.uniform(0.3, 4.0, size=INT_FEATURE_COUNT)
+        self._dense_sigma = rng.uniform(0.6, 1.6, size=INT_FEATURE_COUNT)
+        self._bias = 0.0
+        logits = self._logits(*self._features(np.random.default_rng([self.seed, 999]), 20000))
+        lo, hi = -10.0, 10.0
+        for _ in range(60):  # bias so that the mean click probability is positive_rate
+            mid = (lo + hi) / 2
+            if (1 / (1 + np.exp(-(logits + mid)))).mean() < self.positive_rate:
+                lo = mid
+            else:
+                hi = mid
+        self._bias = (lo + hi) / 2
+
+    # -- the rows ----------------------------------------------------------------------------
+
+    def _features(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        g = rng.normal(size=(n, INT_FEATURE_COUNT))
+        dense = np.floor(np.exp(self._dense_mu + self._dense_sigma * g)).astype(np.int64) - 1
+        dense = np.maximum(dense, 0)
+        s = self.zipf_exponent
+        u = rng.random(size=(n, CAT_FEATURE_COUNT))
+        sparse = np.empty((n, CAT_FEATURE_COUNT), dtype=np.int64)
+        for t, rows in enumerate(self.cardinalities):
+            # Inverse CDF of the continuous power law x^-s on [1, rows + 1).
+            top = (rows + 1.0) ** (1 - s)
+            rank = np.floor((1 + u[:, t] * (top - 1)) ** (1 / (1 - s))).astype(np.int64) - 1
+            rank = np.clip(rank, 0, rows - 1)
+            sparse[:, t] = (rank * self._mult[t] + self._shift[t]) % rows
+        return dense, sparse
+
+    def _logits(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+        x = np.log1p(dense.astype(np.float64))
+        x = (x - self._dense_mu) / self._dense_sigma  # about standard normal
+        logit = self._bias + x @ self._w
+        k = self.latent_dim
+        z = [_hash_normal(sparse[:, t], self.seed * 1000 + t, k) for t in range(CAT_FEATURE_COUNT)]
+        for t in range(CAT_FEATURE_COUNT):
+            logit += self._s[t] * (z[t] @ self._u[t])
+        for a, b in self._pairs:
+            logit += self.interaction_weight * (z[a] * z[b]).sum(1) / np.sqrt(k)
+        return logit
+
+    def sample(
+        self, n: int, stream: int, index: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``(dense counts int64 [n, 13], ids int64 [n, 26], labels int64 [n],
+        click probabilities [n])`` of block ``index`` of ``stream`` (e.g. 0 train, 1 test)."""
+        rng = np.random.default_rng([self.seed, stream, index])
+        dense, sparse = self._features(rng, n)
+        p = 1 / (1 + np.exp(-self._logits(dense, sparse)))
+        labels = (rng.random(n) < p).astype(np.int64)
+        return dense, sparse, labels, p
+
+    def batch(self, batch_size: int, stream: int, index: int) -> Batch:
+        """Block ``index`` of ``stream`` as a TorchRec ``Batch`` (dense ``log(1 + count)``)."""
+        dense, sparse, labels, _ = self.sample(batch_size, stream, index)
+        return make_batch(np.log1p(dense).astype(np.float32), sparse, labels)
+
+    def write_tsv(self, path: str, rows: int, stream: int = 0, block: int = 4096) -> None:
+        """Writes ``rows`` rows in the Kaggle ``train.txt`` layout (``label, I1..I13, C1..C26`` as
+        8-digit hex; ``.gz`` paths are compressed), e.g. to exercise the real-data path."""
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "wt") as f:  # type: ignore[operator]
+            done, index = 0, 0
+            while done < rows:
+                n = min(block, rows - done)
+                dense, sparse, labels, _ = self.sample(n, stream, index)
+                for i in range(n):
+                    f.write(
+                        "\t".join(
+                            [str(labels[i])]
+                            + [str(v) for v in dense[i]]
+                            + [f"{v:08x}" for v in sparse[i]]
+                        )
+                        + "\n"
+                    )
+                done += n
+                index += 1
+
+
+# ---------------------------------------------------------------------------- real TSV files
+
+
+def _open_text(path: str):  # type: ignore[no-untyped-def]
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Criteo data file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory, expected a Criteo TSV file")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", newline="\n")
+    return open(path, newline="\n")
+
+
+def _check_row(fields: list[str], path: str, lineno: int, has_label: bool) -> None:
+    expected = NUM_FIELDS if has_label else NUM_FIELDS - 1
+    if len(fields) != expected:
+        raise CriteoFormatError(
+            f"{path}:{lineno}: expected {expected} tab-separated fields (label, I1..I13, "
+            f"C1..C26), got {len(fields)}"
+        )
+    start = 0
+    if has_label:
+        if fields[0] not in ("0", "1"):
+            raise CriteoFormatError(f"{path}:{lineno}: label must be 0 or 1, got {fields[0]!r}")
+        start = 1
+    for j in range(INT_FEATURE_COUNT):
+        v = fields[start + j]
+        if v and not (v.lstrip("-").isdigit()):
+            raise CriteoFormatError(
+                f"{path}:{lineno}: I{j + 1} must be an integer or empty, got {v!r}"
+            )
+    for j in range(CAT_FEATURE_COUNT):
+        v = fields[start + INT_FEATURE_COUNT + j]
+        if v:
+            try:
+                int(v, 16)
+            except ValueError:
+                raise CriteoFormatError(
+                    f"{path}:{lineno}: C{j + 1} must be a hex hash or empty, got {v!r}"
+                ) from None
+
+
+def validate_criteo_tsv(path: str, has_label: bool = True) -> int:
+    """Checks every line of a Criteo Kaggle/Terabyte TSV (``.gz`` too); returns the row count.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CriteoFormatError: a line is malformed; the message is ``path:line: what is wrong``.
+    """
+    n = 0
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            _check_row(line.rstrip("\n").rstrip("\r").split("\t"), path, lineno, has_label)
+            n += 1
+    if n == 0:
+        raise CriteoFormatError(f"{path}: no rows")
+    return n
+
+
+def _cache_dir_for(path: str, cache_root: str) -> str:
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    name = os.path.basename(path).split(".")[0]
+    return os.path.join(cache_root, f"{name}-{digest}")
+
+
+def default_cache_root() -> str:
+    return os.environ.get(
+        "TORCHREC_TT_DATA_CACHE",
+        os.path.join(os.path.expanduser("~"), ".cache", "torchrec_tt", "criteo"),
+    )
+
+
+def preprocess_criteo_tsv(path: str, cache_root: str | None = None) -> str:
+    """Validates a Criteo TSV (plain or ``.gz``) and converts it with TorchRec's
+    ``BinaryCriteoUtils.tsv_to_npys`` into ``{dense,sparse,labels}.npy`` (dense already
+    ``log``-transformed, as TorchRec does). Returns the folder; a second call reuses it.
+
+    The folder lives under ``cache_root`` (default ``$TORCHREC_TT_DATA_CACHE`` or
+    ``~/.cache/torchrec_tt/criteo``), keyed by the file's path, size and mtime.
+    """
+    validate_criteo_tsv(path)
+    out = _cache_dir_for(path, cache_root or default_cache_root())
+    names = {k: os.path.join(out, f"{k}.npy") for k in ("dense", "sparse", "labels")}
+    if all(os.path.exists(p) for p in names.values()):
+        return out
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        tsv = path
+        if path.endswith(".gz"):  # TorchRec's reader takes plain text
+            tsv = os.path.join(tmp, "rows.tsv")
+            with gzip.open(path, "rb") as src, open(tsv, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        parts = {k: os.path.join(tmp, f"{k}.npy") for k in names}
+        BinaryCriteoUtils.tsv_to_npys(
+            tsv, parts["dense"], parts["sparse"], parts["labels"], dataset_name="criteo_kaggle"
+        )
+        for k in names:
+            os.replace(parts[k], names[k])
+    return out
+
+
+@dataclass
+class CriteoArrays:
+    """Rows in memory: ``dense [n, 13]`` float32 (transformed), ``sparse [n, 26]`` int64 ids
+    already reduced to the table sizes, ``labels [n]``."""
+
+    dense: np.ndarray
+    sparse: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: np.ndarray) -> CriteoArrays:
+        return CriteoArrays(self.dense[index], self.sparse[index], self.labels[index])
+
+    def split(self, test_fraction: float, seed: int) -> tuple[CriteoArrays, CriteoArrays]:
+        """A random train/test split fixed by ``seed`` (same seed, same split)."""
+        if not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        perm = np.random.default_rng([seed, 7]).permutation(len(self))
+        n_test = max(1, int(round(len(self) * test_fraction)))
+        return self.take(np.sort(perm[n_test:])), self.take(np.sort(perm[:n_test]))
+
+    def batches(
+        self,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+        shuffle_seed: int | None = None,
+    ) -> Iterator[Batch]:
+        """This rank's batches, forever (epoch after epoch), from local batch ``start`` on.
+
+        Global batch ``g`` is rows ``[g*B, (g+1)*B)`` of the epoch's order (reshuffled per epoch
+        with ``shuffle_seed``, kept when None) and goes to rank ``g % world_size``; incomplete
+        tails are dropped so every rank gets the same number of batches per epoch.
+        """
+        per_epoch = len(self) // (batch_size * world_size)
+        if per_epoch == 0:
+            raise ValueError(
+                f"{len(self)} rows cannot fill one batch of {batch_size} on {world_size} ranks"
+            )
+        local = start
+        while True:
+            epoch, i = divmod(local, per_epoch)
+            order = (
+                np.random.default_rng([shuffle_seed, epoch]).permutation(len(self))
+                if shuffle_seed is not None
+                else None
+            )
+            g = i * world_size + rank
+            rows = np.arange(g * batch_size, (g + 1) * batch_size)
+            if order is not None:
+                rows = order[rows]
+            yield make_batch(self.dense[rows], self.sparse[rows], self.labels[rows])
+            local += 1
+
+    def eval_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """Every row once, the rows split into ``world_size`` contiguous parts (one per rank)."""
+        bounds = np.linspace(0, len(self), world_size + 1).astype(int)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        for s in range(lo, hi, batch_size):
+            rows = np.arange(s, min(s + batch_size, hi))
+            yield make_batch(self.dense[rows], self.sparse[rows], self.labels[rows])
+
+
+def load_criteo_npys(folder: str, num_embeddings: Sequence[int]) -> CriteoArrays:
+    """Reads the ``dense/sparse/labels.npy`` triple that :func:`preprocess_criteo_tsv` (TorchRec's
+    layout) wrote; ids become ``id % num_embeddings[t]``."""
+    paths = {k: os.path.join(folder, f"{k}.npy") for k in ("dense", "sparse", "labels")}
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"missing preprocessed Criteo files {missing}")
+    if len(num_embeddings) != CAT_FEATURE_COUNT:
+        raise ValueError(f"need {CAT_FEATURE_COUNT} table sizes, got {len(num_embeddings)}")
+    dense = np.load(paths["dense"]).astype(np.float32)
+    sparse = np.load(paths["sparse"]).astype(np.int64) % np.asarray(num_embeddings, dtype=np.int64)
+    labels = np.load(paths["labels"]).reshape(-1).astype(np.float32)
+    return CriteoArrays(dense, sparse, labels)

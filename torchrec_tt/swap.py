@@ -1,0 +1,416 @@
+"""Swap the big tables of an existing TorchRec model to TT by changing configs.
+
+Three pieces:
+
+* :class:`TTPolicy` and :func:`swap_configs`: which tables to compress (the ``k`` largest, those
+  with at least ``N`` rows, or as many as a memory budget needs) and at which ranks; returns the
+  configs with the chosen tables as :class:`~torchrec_tt.TTEmbeddingBagConfig`, the rest
+  untouched.
+* :class:`HybridEmbeddingBagCollection`: a plain ``EmbeddingBagCollection`` for the plain tables
+  and a :class:`~torchrec_tt.TTEmbeddingBagCollection` for the TT ones behind the
+  ``EmbeddingBagCollectionInterface`` contract (KJT in, one ``KeyedTensor`` out, keys in the
+  original table order). It drops into ``torchrec.models.dlrm.DLRM`` as the sparse arch, and
+  ``DistributedModelParallel`` shards its two children with ``EmbeddingBagCollectionSharder`` and
+  ``torchrec_tt.sharding.TTEmbeddingBagCollectionSharder`` (plan with
+  ``torchrec_tt.sharding.plan``).
+* :func:`convert_to_tt`: a trained ``EmbeddingBagCollection`` -> a hybrid collection whose TT
+  tables are the TT-SVD of the trained weights (plain tables copied).
+
+Example::
+
+    configs = swap_configs(dlrm_tables, TTPolicy(largest=7, ranks=32))
+    ebc = HybridEmbeddingBagCollection(configs)
+    model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
+from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+
+__all__ = [
+    "HybridEmbeddingBagCollection",
+    "KJTSelect",
+    "TTPolicy",
+    "config_bytes",
+    "convert_to_tt",
+    "embedding_bytes",
+    "select_tt_tables",
+    "swap_configs",
+]
+
+_DTYPE_BYTES = {
+    DataType.FP32: 4,
+    DataType.FP16: 2,
+    DataType.BF16: 2,
+    DataType.INT8: 1,
+    DataType.UINT8: 1,
+    DataType.INT4: 0.5,
+    DataType.INT2: 0.25,
+}
+
+
+def config_bytes(config: EmbeddingBagConfig) -> float:
+    """Bytes of one table's weights: its TT cores for a TT config, ``N * D * element size`` else."""
+    if isinstance(config, TTEmbeddingBagConfig):
+        return config.tt_shape().num_bytes(4)
+    return config.num_embeddings * config.embedding_dim * _DTYPE_BYTES.get(config.data_type, 4)
+
+
+def embedding_bytes(configs: Sequence[EmbeddingBagConfig]) -> float:
+    """Total weight bytes of a list of table configs (TT tables counted at their core size)."""
+    return float(sum(config_bytes(c) for c in configs))
+
+
+@dataclass(frozen=True)
+class TTPolicy:
+    """Which tables become TT, and at which ranks.
+
+    Exactly one selector: ``largest`` (the ``k`` tables with most rows), ``min_rows`` (every table
+    with at least that many rows), ``memory_budget_bytes`` (the largest tables, one after the
+    other, until all embedding weights fit in the budget) or ``tables`` (by name).
+
+    Args:
+        largest: compress the ``k`` largest tables (by rows, ties by bytes then name).
+        min_rows: compress every table with ``num_embeddings >= min_rows``.
+        memory_budget_bytes: compress largest-first until the weights of all tables (TT cores for
+            the TT tables, ``N*D*element size`` for the rest) take at most this many bytes;
+            tables that TT would not make smaller are skipped.
+        tables: compress exactly these tables.
+        ranks: TT ranks: an int ``R`` (every inner rank ``R``), a list of inner ranks, or a
+            mapping table name -> int or list (tables not in it get ``default_ranks``).
+        num_cores: number of cores (2-4) when ranks are given as an int.
+        default_ranks: ranks for tables missing from a ``ranks`` mapping.
+        tt_init: core initialisation of the new TT tables.
+    """
+
+    largest: int | None = None
+    min_rows: int | None = None
+    memory_budget_bytes: int | None = None
+    tables: Sequence[str] | None = None
+    ranks: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 32
+    num_cores: int = 3
+    default_ranks: int | Sequence[int] = 32
+    tt_init: TTInit = TTInit.SAMPLED_GAUSSIAN
+
+    def __post_init__(self) -> None:
+        chosen = [
+            n for n in ("largest", "min_rows", "memory_budget_bytes", "tables")
+            if getattr(self, n) is not None
+        ]
+        if len(chosen) != 1:
+            raise ValueError(
+                "TTPolicy takes exactly one of largest=, min_rows=, memory_budget_bytes=, "
+                f"tables=; got {chosen or 'none'}"
+            )
+        if self.largest is not None and (not isinstance(self.largest, int) or self.largest < 1):
+            raise ValueError(f"TTPolicy(largest={self.largest!r}): must be an int >= 1")
+        if self.min_rows is not None and (not isinstance(self.min_rows, int) or self.min_rows < 1):
+            raise ValueError(f"TTPolicy(min_rows={self.min_rows!r}): must be an int >= 1")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ValueError(
+                f"TTPolicy(memory_budget_bytes={self.memory_budget_bytes!r}): must be > 0"
+            )
+        if not 2 <= self.num_cores <= 4:
+            raise ValueError(f"TTPolicy(num_cores={self.num_cores}): TT tables have 2-4 cores")
+
+    def ranks_for(self, table_name: str) -> list[int]:
+        """The inner TT ranks this policy gives ``table_name``."""
+        ranks = self.ranks
+        if isinstance(ranks, Mapping):
+            ranks = ranks.get(table_name, self.default_ranks)
+        if isinstance(ranks, int):
+            return [ranks] * (self.num_cores - 1)
+        return [int(r) for r in ranks]
+
+
+def _check_convertible(config: EmbeddingBagConfig) -> None:
+    if config.data_type != DataType.FP32:
+        raise ValueError(
+            f"table {config.name!r} has data_type {config.data_type}; only FP32 tables can "
+            "become TT"
+        )
+    if config.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+        raise ValueError(
+            f"table {config.name!r} has pooling {config.pooling}; TT tables pool with SUM or MEAN"
+        )
+
+
+def _to_tt_config(config: EmbeddingBagConfig, policy: TTPolicy) -> TTEmbeddingBagConfig:
+    if isinstance(config, TTEmbeddingBagConfig):
+        return config
+    _check_convertible(config)
+    base = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(EmbeddingBagConfig)
+        if f.init
+    }
+    return TTEmbeddingBagConfig(
+        **base, tt_ranks=policy.ranks_for(config.name), tt_init=policy.tt_init
+    )
+
+
+def _describe(configs: Sequence[EmbeddingBagConfig]) -> str:
+    return ", ".join(f"{c.name} ({c.num_embeddings:,} rows)" for c in configs)
+
+
+def select_tt_tables(configs: Sequence[EmbeddingBagConfig], policy: TTPolicy) -> list[str]:
+    """Names of the tables ``policy`` compresses, in ``configs`` order.
+
+    Raises:
+        ValueError: the policy selects no table, names unknown tables, or the budget cannot be
+            met even with every convertible table in TT.
+    """
+    configs = list(configs)
+    if not configs:
+        raise ValueError("no table configs given")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    by_size = sorted(
+        configs, key=lambda c: (-c.num_embeddings, -config_bytes(c), c.name)
+    )
+    chosen: set[str]
+    if policy.tables is not None:
+        unknown = sorted(set(policy.tables) - set(names))
+        if unknown:
+            raise ValueError(f"TTPolicy(tables=...) names unknown tables {unknown}; tables: {names}")
+        chosen = set(policy.tables)
+    elif policy.largest is not None:
+        if policy.largest > len(configs):
+            raise ValueError(
+                f"TTPolicy(largest={policy.largest}) but there are only {len(configs)} tables"
+            )
+        chosen = {c.name for c in by_size[: policy.largest]}
+    elif policy.min_rows is not None:
+        chosen = {c.name for c in configs if c.num_embeddings >= policy.min_rows}
+        if not chosen:
+            raise ValueError(
+                f"TTPolicy(min_rows={policy.min_rows:,}) selects no table: the largest is "
+                f"{_describe(by_size[:1])}"
+            )
+    else:
+        budget = policy.memory_budget_bytes
+        assert budget is not None
+        current = {c.name: c for c in configs}
+        total = embedding_bytes(configs)
+        if total <= budget:
+            raise ValueError(
+                f"TTPolicy(memory_budget_bytes={budget:,}) selects no table: the "
+                f"{len(configs)} tables already take {total:,.0f} bytes"
+            )
+        chosen = set()
+        for c in by_size:
+            if total <= budget:
+                break
+            if isinstance(c, TTEmbeddingBagConfig):
+                continue
+            try:
+                tt = _to_tt_config(c, policy)
+            except ValueError:
+                continue  # not convertible (dtype/pooling): stays plain
+            saved = config_bytes(c) - config_bytes(tt)
+            if saved <= 0:
+                continue
+            chosen.add(c.name)
+            current[c.name] = tt
+            total -= saved
+        if total > budget:
+            raise ValueError(
+                f"TTPolicy(memory_budget_bytes={budget:,}) cannot be met: with the tables "
+                f"{sorted(chosen)} in TT at their ranks the embeddings still take "
+                f"{total:,.0f} bytes; lower the ranks or raise the budget"
+            )
+    if not chosen:
+        raise ValueError(f"TT policy {policy} selects no table")
+    return [n for n in names if n in chosen]
+
+
+def swap_configs(
+    tables: Sequence[EmbeddingBagConfig] | EmbeddingBagCollection, policy: TTPolicy
+) -> list[EmbeddingBagConfig]:
+    """The table configs with the tables ``policy`` selects as ``TTEmbeddingBagConfig``.
+
+    Args:
+        tables: table configs, or an ``EmbeddingBagCollection`` (its configs are used).
+        policy: which tables and ranks.
+
+    Returns:
+        a new list in the same order: selected tables as ``TTEmbeddingBagConfig`` with the same
+        name, size, dimension, features, pooling and init bounds; the others unchanged.
+    """
+    configs = (
+        tables.embedding_bag_configs()
+        if isinstance(tables, EmbeddingBagCollectionInterface)
+        else list(tables)
+    )
+    chosen = set(select_tt_tables(configs, policy))
+    return [_to_tt_config(c, policy) if c.name in chosen else c for c in configs]
+
+
+class KJTSelect(nn.Module):
+    """Selects some features of a ``KeyedJaggedTensor`` (in the given order).
+
+    A module without parameters, so ``TrainPipelineSparseDist(..., pipeline_postproc=True)`` runs
+    it in the sparse-data-dist stage and still pipelines the sharded collection it feeds.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__()
+        self._keys = list(keys)
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = features.keys()
+        if keys == self._keys:
+            return features
+        index = {k: i for i, k in enumerate(keys)}
+        missing = [k for k in self._keys if k not in index]
+        if missing:
+            raise ValueError(f"KeyedJaggedTensor lacks the features {missing}")
+        return features.permute([index[k] for k in self._keys])
+
+
+@torch.fx.wrap
+def _merge_pooled(
+    first: KeyedTensor | None, second: KeyedTensor | None, keys: list[str]
+) -> KeyedTensor:
+    tensors: dict[str, Tensor] = {}
+    for kt in (first, second):
+        if kt is not None:
+            tensors.update(kt.to_dict())
+    return KeyedTensor.from_tensor_list(keys, [tensors[k] for k in keys])
+
+
+class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """Plain and TT tables behind one ``EmbeddingBagCollection`` contract.
+
+    ``TTEmbeddingBagConfig`` tables go to a ``TTEmbeddingBagCollection`` (child ``tt``), the others
+    to a TorchRec ``EmbeddingBagCollection`` (child ``ebc``); either child is ``None`` when it
+    would hold no table. ``forward`` takes one ``KeyedJaggedTensor`` with every feature and returns
+    one ``KeyedTensor`` whose keys are the feature names in the original table order.
+
+    Under ``DistributedModelParallel`` each child is sharded by its own sharder, so pass both::
+
+        sharders = [EmbeddingBagCollectionSharder(), TTEmbeddingBagCollectionSharder()]
+        plan = torchrec_tt.sharding.plan(model, topology, batch_size, sharders=sharders)
+        DistributedModelParallel(model, plan=plan, sharders=sharders)
+
+    With ``TrainPipelineSparseDist`` pass ``pipeline_postproc=True`` so the TT collection (fed
+    through the parameter-free ``tt_features`` selector) is pipelined too.
+
+    Args:
+        tables: the configs, e.g. from :func:`swap_configs`.
+        is_weighted: per-sample weights (both children).
+        device: where the weights live (``"meta"`` to build without memory).
+        tt_fused_params: ``fused_params`` of the TT collection (unsharded use only: the TT sharder
+            does not shard fused TT optimizers yet).
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: torch.device | str | None = None,
+        tt_fused_params: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__()
+        tables = list(tables)
+        if not tables:
+            raise ValueError("HybridEmbeddingBagCollection needs at least one table")
+        names = [t.name for t in tables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate table names in {names}")
+        features = [f for t in tables for f in (t.feature_names or [t.name])]
+        if len(set(features)) != len(features):
+            dup = sorted({f for f in features if features.count(f) > 1})
+            raise ValueError(f"features {dup} are used by more than one table")
+        self._configs = tables
+        self._is_weighted = is_weighted
+        tt_tables = [t for t in tables if isinstance(t, TTEmbeddingBagConfig)]
+        plain_tables = [t for t in tables if not isinstance(t, TTEmbeddingBagConfig)]
+        dev = torch.device(device) if device is not None else None
+        self.ebc: EmbeddingBagCollection | None = (
+            EmbeddingBagCollection(plain_tables, is_weighted=is_weighted, device=dev)
+            if plain_tables
+            else None
+        )
+        self.tt: TTEmbeddingBagCollection | None = (
+            TTEmbeddingBagCollection(
+                tt_tables, is_weighted=is_weighted, device=dev, fused_params=tt_fused_params
+            )
+            if tt_tables
+            else None
+        )
+        self.tt_features = KJTSelect([f for t in tt_tables for f in t.feature_names])
+        self._feature_names = features
+
+    # --- EmbeddingBagCollectionInterface ----------------------------------------------------
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return list(self._configs)
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        """Pooled embeddings of every feature, keys in table order."""
+        plain = self.ebc(features) if self.ebc is not None else None
+        tt = self.tt(self.tt_features(features)) if self.tt is not None else None
+        return _merge_pooled(plain, tt, self._feature_names)
+
+    # --- accounting -------------------------------------------------------------------------
+
+    def tt_table_names(self) -> list[str]:
+        return [t.name for t in self._configs if isinstance(t, TTEmbeddingBagConfig)]
+
+    def memory_stats(self) -> dict[str, float]:
+        """Embedding weight bytes: ``bytes`` (as built), ``dense_bytes`` (every table plain,
+        FP32), ``compression`` (their ratio), ``tt_tables`` (how many are TT)."""
+        dense = sum(c.num_embeddings * c.embedding_dim * 4 for c in self._configs)
+        actual = embedding_bytes(self._configs)
+        return {
+            "bytes": actual,
+            "dense_bytes": float(dense),
+            "compression": dense / actual,
+            "tt_tables": float(len(self.tt_table_names())),
+        }
+
+
+@torch.no_grad()
+def convert_to_tt(
+    ebc: EmbeddingBagCollection,
+    policy: TTPolicy,
+    device: torch.device | str | None = None,
+) -> HybridEmbeddingBagCollection:
+    """A hybrid collection from a trained ``EmbeddingBagCollection``.
+
+    The tables ``policy`` selects become TT tables set to the TT-SVD of the trained weights at the
+    policy's ranks (the best rank-limited TT up to the SVD truncation, see
+    ``torchrec_tt.initializers.tt_svd``); the other tables keep their weights exactly.
+    """
+    if not isinstance(ebc, EmbeddingBagCollection):
+        raise TypeError(f"expected a torchrec EmbeddingBagCollection, got {type(ebc).__name__}")
+    configs = swap_configs(ebc.embedding_bag_configs(), policy)
+    hybrid = HybridEmbeddingBagCollection(configs, is_weighted=ebc.is_weighted(), device=device)
+    for cfg in configs:
+        weight = ebc.embedding_bags[cfg.name].weight
+        if isinstance(cfg, TTEmbeddingBagConfig):
+            assert hybrid.tt is not None
+            hybrid.tt.load_dense_weight(cfg.name, weight.detach().float())
+        else:
+            assert hybrid.ebc is not None
+            hybrid.ebc.embedding_bags[cfg.name].weight.copy_(weight)
+    return hybrid
