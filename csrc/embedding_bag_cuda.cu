@@ -531,8 +531,8 @@ inline void tile_sizes(const DevTable& T, int tile, int sizes[6]) {
   const int M = tile * T.q[0];
   sizes[0] = M * R1p;                 // A
   sizes[1] = R1p * N2p;               // B (then W1 = dG_2 partial)
-  sizes[2] = M * N2p;                 // C (then dP)
-  sizes[3] = tile * T.r[2] * T.q[2];  // the rows' G_3 slices
+  sizes[2] = M * (N2p + 4);           // C (then dP), rows padded by 4 floats (banks)
+  sizes[3] = tile * (T.r[2] * T.q[2] + 4);  // the rows' G_3 slices, transposed and padded
   sizes[4] = tile * T.D;              // the rows' dY sums (backward)
   sizes[5] = M * R1p;                 // W2 = dA (backward)
 }
@@ -680,6 +680,9 @@ struct TileDims {
   __device__ __forceinline__ int Q() const { return q1() * q2(); }
   __device__ __forceinline__ int D() const { return q1() * q2() * q3(); }
   __device__ __forceinline__ int g3n() const { return r2() * q3(); }
+  // Shared-memory row strides, padded by 4 floats so that rows start in different banks.
+  __device__ __forceinline__ int ldc() const { return n2p() + 4; }
+  __device__ __forceinline__ int g3s() const { return g3n() + 4; }
   static bool matches(const DevTable& T) {
     return (!kQ1 || T.q[0] == kQ1) && (!kQ2 || T.q[1] == kQ2) && (!kQ3 || T.q[2] == kQ3) &&
            (!kR1 || T.r[1] == kR1) && (!kR2 || T.r[2] == kR2);
@@ -717,17 +720,23 @@ __device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L
         return (a < R1 && c < q2 * R2) ? g2[a * q2 * R2 + c] : 0.f;
       },
       [&](int e, float v) { B[e] = v; });
-  const int g3n = dm.g3n();
+  // G_3 slices stored transposed, G3[r * g3s + j3 * R2 + b], so that lanes running over b read
+  // consecutive words.
+  const int g3n = dm.g3n(), g3s = dm.g3s(), q3 = dm.q3();
   batched_copy<8>(
       count * g3n,
       [&](int e) {
         const int r = e / g3n;
         return g3[i3[r] * g3n + (e - r * g3n)];
       },
-      [&](int e, float v) { G3[e] = v; });
+      [&](int e, float v) {
+        const int r = e / g3n, x = e - r * g3n;
+        const int b = x / q3, j3 = x - b * q3;
+        G3[r * g3s + j3 * R2 + b] = v;
+      });
   __syncthreads();
   wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::row_major>(M, N2p, R1p, A, R1p, B, N2p,
-                                                               sm + L.c, N2p);
+                                                               sm + L.c, dm.ldc());
   __syncthreads();
 }
 
@@ -773,21 +782,27 @@ __global__ void __launch_bounds__(kTileThreads)
     read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
     const Dm dm(P.tables[rows.t]);
     load_tile_and_prefix(P, L, dm, rows, sm);
-    const int q1 = dm.q1(), q2 = dm.q2(), q3 = dm.q3(), R2 = dm.r2(), D = dm.D();
-    const int N2p = dm.n2p();
+    const int q1 = dm.q1(), q2 = dm.q2(), q3 = dm.q3(), R2 = dm.r2();
+    const int ldc = dm.ldc(), g3s = dm.g3s(), M = L.tile * q1;
     const float* C = sm + L.c;
     const float* G3 = sm + L.g3;
-    for (int e = threadIdx.x; e < rows.count * D; e += blockDim.x) {
-      const int r = e / D, d = e - r * D;
-      const int m = d / q3, j3 = d - m * q3;
-      const int j1 = m / q2, j2 = m - j1 * q2;
-      const float* pre = C + (r * q1 + j1) * N2p + j2 * R2;
-      const float* g = G3 + r * R2 * q3 + j3;
+    // Lanes run over the prefix rows rho = (r, j1) so that their C rows (padded stride) sit in
+    // different banks; each output element is (rho, j2, j3).
+    for (int e = threadIdx.x; e < M * q2 * q3; e += blockDim.x) {
+      const int rho = e % M, rest = e / M;
+      const int j3 = rest % q3, j2 = rest / q3;
+      const int r = rho / q1, j1 = rho - r * q1;
+      if (r >= rows.count) {
+        continue;
+      }
+      const float* pre = C + rho * ldc + j2 * R2;
+      const float* g = G3 + r * g3s + j3 * R2;
       float s = 0.f;
 #pragma unroll 8
       for (int b = 0; b < R2; ++b) {
-        s += pre[b] * g[b * q3];
+        s += pre[b] * g[b];
       }
+      const int d = (j1 * q2 + j2) * q3 + j3;
       out_rows[rows.u[r] * P.row_stride + d] = s;
     }
     __syncthreads();
@@ -809,7 +824,7 @@ __global__ void __launch_bounds__(kTileThreads)
     const Dm dm(P.tables[t]);
     load_tile_and_prefix(P, L, dm, rows, sm);
     const int q1 = dm.q1(), q2 = dm.q2(), q3 = dm.q3(), R1 = dm.r1(), R2 = dm.r2(), D = dm.D();
-    const int R1p = dm.r1p(), N2p = dm.n2p(), M = L.tile * q1;
+    const int R1p = dm.r1p(), N2p = dm.n2p(), M = L.tile * q1, ldc = dm.ldc(), g3s = dm.g3s();
     float* A = sm + L.a;
     float* B = sm + L.b;
     float* C = sm + L.c;
@@ -835,7 +850,7 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll 4
       for (int m = 0; m < Q; ++m) {
         const int j1 = m / q2, j2 = m - j1 * q2;
-        s += C[(r * q1 + j1) * N2p + j2 * R2 + b] * DR[r * D + m * q3 + j3];
+        s += C[(r * q1 + j1) * ldc + j2 * R2 + b] * DR[r * D + m * q3 + j3];
       }
       atomicAdd(P.grads[t][2] + rows.i3[r] * g3n + x, s);
     }
@@ -848,17 +863,17 @@ __global__ void __launch_bounds__(kTileThreads)
       float s = 0.f;
 #pragma unroll 4
       for (int j3 = 0; j3 < q3; ++j3) {
-        s += DR[r * D + m * q3 + j3] * G3[r * g3n + b * q3 + j3];
+        s += DR[r * D + m * q3 + j3] * G3[r * g3s + j3 * R2 + b];
       }
-      C[(r * q1 + j1) * N2p + j2 * R2 + b] = s;
+      C[(r * q1 + j1) * ldc + j2 * R2 + b] = s;
     }
     __syncthreads();
     // dA = dP @ G_2^T  -> W2 [M, R1p]
-    wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::col_major>(M, R1p, N2p, C, N2p, B, N2p, W2,
+    wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::col_major>(M, R1p, N2p, C, ldc, B, N2p, W2,
                                                                 R1p);
     __syncthreads();
     // dG_2 partial = A^T @ dP -> over B [R1p, N2p]
-    wmma_gemm<nvcuda::wmma::col_major, nvcuda::wmma::row_major>(R1p, N2p, M, A, R1p, C, N2p, B,
+    wmma_gemm<nvcuda::wmma::col_major, nvcuda::wmma::row_major>(R1p, N2p, M, A, R1p, C, ldc, B,
                                                                 N2p);
     __syncthreads();
     float* dg2 = P.grads[t][1] + rows.i2 * R1 * q2 * R2;
