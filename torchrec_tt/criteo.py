@@ -336,8 +336,11 @@ def preprocess_criteo_tsv(path: str, cache_root: str | None = None) -> str:
             with gzip.open(path, "rb") as src, open(tsv, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         parts = {k: os.path.join(tmp, f"{k}.npy") for k in names}
+        # "criteo_1tb": the labelled row layout, which Kaggle's train.txt shares. (With
+        # "criteo_kaggle", TorchRec treats any path containing "test" as the unlabelled Kaggle
+        # test set and shifts every column.)
         BinaryCriteoUtils.tsv_to_npys(
-            tsv, parts["dense"], parts["sparse"], parts["labels"], dataset_name="criteo_kaggle"
+            tsv, parts["dense"], parts["sparse"], parts["labels"], dataset_name="criteo_1tb"
         )
         for k in names:
             os.replace(parts[k], names[k])

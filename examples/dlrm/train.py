@@ -173,14 +173,23 @@ class Data:
             yield from self.test.eval_batches(args.eval_batch_size, rank, world)
 
 
-def load_data(args: argparse.Namespace, rank: int) -> Data:
+def cardinalities(args: argparse.Namespace) -> list[int]:
+    """Table sizes: the synthetic generator's, or Kaggle's (capped by --max-ind-range)."""
     if args.data is None:
-        syn = criteo.SyntheticCriteo(scale=args.scale, seed=args.seed)
-        return Data(list(syn.cardinalities), synthetic=syn,
-                    description=f"synthetic Criteo (scale {args.scale}, seed {args.seed})")
+        return [max(2, int(round(n * args.scale))) for n in criteo.KAGGLE_CARDINALITIES]
     cards = list(criteo.KAGGLE_CARDINALITIES)
     if args.max_ind_range > 0:
         cards = [min(c, args.max_ind_range) for c in cards]
+    return cards
+
+
+def load_data(args: argparse.Namespace, rank: int) -> Data:
+    if args.data is None:
+        syn = criteo.SyntheticCriteo(scale=args.scale, seed=args.seed)
+        assert syn.cardinalities == cardinalities(args)
+        return Data(list(syn.cardinalities), synthetic=syn,
+                    description=f"synthetic Criteo (scale {args.scale}, seed {args.seed})")
+    cards = cardinalities(args)
     path = args.data
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path!r} does not exist")
@@ -366,6 +375,7 @@ class RunResult:
     steps: int = 0
     stopped: bool = False
     plan: dict[str, str] = field(default_factory=dict)
+    pipelined: list[str] = field(default_factory=list)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -416,6 +426,9 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
             optimizer.step()
         step_times.append(time.perf_counter() - t0)
         step += 1
+        if pipeline is not None and not result.pipelined:
+            result.pipelined = sorted({type(m).__name__ for m in dmp.modules()
+                                       if getattr(m, "is_pipelined", False)})
         # Mean loss over ranks (one small all-reduce per step).
         loss_sum[0], loss_sum[1] = float(loss.detach()), 1.0
         dist.all_reduce(loss_sum, group=pg)
@@ -619,6 +632,10 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.data is not None and not os.path.exists(args.data):
+        raise FileNotFoundError(f"--data {args.data!r} does not exist")
+    if args.mode != "baseline":
+        table_configs(args, cardinalities(args), tt=True)  # a bad TT policy fails here, once
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / torchx
         worker(args)
     elif args.nproc > 1:
