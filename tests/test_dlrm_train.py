@@ -136,3 +136,19 @@ def test_policy_selecting_no_table_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="selects no table"):
         train.main(["--tt-min-rows", "10000000000", "--steps", "1", "--scale", "0.001",
                     "--out", str(tmp_path / "o"), "--no-progress"])
+
+
+def test_torchx_component_runs_two_local_processes(tmp_path: Path) -> None:
+    pytest.importorskip("torchx")
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    cmd = [os.path.join(venv_bin, "torchx"), "run", "-s", "local_cwd",
+           "examples/dlrm/component.py:train", "--nproc_per_node", "2", "--python",
+           sys.executable, "--", "--steps", "3", "--out", str(tmp_path / "out"), *SMALL]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "2 process(es)" in out and "auc=" in out and "compression=" in out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2
