@@ -21,7 +21,6 @@ SMALL = ["--scale", "0.001", "--batch-size", "128", "--eval-samples", "1024",
          "--eval-batch-size", "512", "--dense-arch", "16", "--over-arch", "16",
          "--tt-rank", "4", "--no-progress", "--threads", "1"]
 
-pytestmark = pytest.mark.multiprocess
 
 
 def _run(out: Path, *extra: str, nproc: int = 2) -> str:
