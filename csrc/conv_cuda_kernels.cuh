@@ -524,6 +524,11 @@ __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem
   for (const auto& tile : kTiles) {
     const int th = tile[0], tw = tile[1], m = th * tw;
     if (force_th > 0 && (th != force_th || tw != force_tw)) continue;
+    // Measured on an H100 (docs/benchmarks.md, tile sweep): with 16-bit data the 64-pixel tiles
+    // beat the 128-pixel ones at every WRN shape (more resident blocks hide latency better), while
+    // with fp32 the cost model below picks well. So 16-bit data uses 128-pixel tiles only when no
+    // 64-pixel tile fits.
+    if (force_th == 0 && bytes == 2 && m == 128 && plan.ok && plan.MT2 == 1) continue;
     const int ph = (th - 1) * g.sh + (g.KH - 1) * g.dh + 1;
     const int pw = (tw - 1) * g.sw + (g.KW - 1) * g.dw + 1;
     const long long tiles_h = (g.Ho + th - 1) / th, tiles_w = (g.Wo + tw - 1) / tw;

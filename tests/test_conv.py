@@ -455,10 +455,23 @@ def test_cuda_fp32_without_tf32_is_exact_fp32():
 
 @requires_cuda
 def test_cuda_opcheck():
-    for x, c0, c1, c2, b, args in _opcheck_samples("cuda", torch.float32):
-        for t in (x, c0, c1, c2) + ((b,) if b is not None else ()):
-            t.requires_grad_()
-        torch.library.opcheck(torch.ops.torchrec_tt.tt_conv2d.default, (x, c0, c1, c2, b, *args))
+    # With gradients in float64 (the cuDNN composition, made deterministic: opcheck compares
+    # eager and AOT-compiled backward results bit-closely, and TF32 cuDNN weight-gradient
+    # algorithms are not deterministic), and forward-only through the fused kernel.
+    old = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        for x, c0, c1, c2, b, args in _opcheck_samples("cuda", torch.float64):
+            for t in (x, c0, c1, c2) + ((b,) if b is not None else ()):
+                t.requires_grad_()
+            torch.library.opcheck(torch.ops.torchrec_tt.tt_conv2d.default, (x, c0, c1, c2, b, *args))
+        for dtype in (torch.bfloat16, torch.float32):
+            for cl in (True, False):
+                _, dev, args = _cuda_case(2, 16, 24, 8, 8, (6, 7), dtype=dtype, channels_last=cl)
+                assert _fused_plan(*dev[:4], args)[0] == 1
+                torch.library.opcheck(torch.ops.torchrec_tt.tt_conv2d.default, (*dev, *args))
+    finally:
+        torch.backends.cudnn.deterministic = old
 
 
 @requires_cuda
