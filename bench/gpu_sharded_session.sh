@@ -3,7 +3,9 @@
 # DLRM comparison over NCCL (bench/bench_sharded.py: correctness checks of the sharded TT module,
 # uncompressed EBC + TorchRec plan vs 7 TT tables + torchrec_tt.sharding.plan).
 # Run from the repository root once the staged TorchRec stack is installed and its environment
-# sourced (`. /root/gw/env.sh`):
+# sourced (`. /root/gw/env.sh`). torchrec.datasets needs iopath, which the staged stack lacks:
+# carry its wheels (`pip download --no-deps --only-binary=:all: --python-version 3.12
+# iopath==0.1.9 portalocker -d .whl`) and install them into /tmp/site first.
 #   bash bench/gpu_sharded_session.sh [bench_sharded.py args]
 # Without args the benchmark runs --configs uncompressed,tt,tt_dp (tt_dp: TT tables constrained
 # to data_parallel, the replication issue 4 is about; plan() may choose table_wise for them).
@@ -36,6 +38,9 @@ else
   echo "build: $(( $(date +%s) - t0 )) s"
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# setup.py maps sharding/ to torchrec_tt.sharding; an in-place build has no such mapping, so
+# link it (the link is git-ignored).
+ln -sfn ../sharding torchrec_tt/sharding
 
 # The TT op must run on CUDA (the benchmark measures its FLOP rate and plans with it).
 python3 - <<'EOF' || { echo "the TT CUDA op does not run"; exit 1; }
