@@ -426,3 +426,21 @@ def load_criteo_npys(folder: str, num_embeddings: Sequence[int]) -> CriteoArrays
     sparse = np.load(paths["sparse"]).astype(np.int64) % np.asarray(num_embeddings, dtype=np.int64)
     labels = np.load(paths["labels"]).reshape(-1).astype(np.float32)
     return CriteoArrays(dense, sparse, labels)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m torchrec_tt.criteo",
+        description="Validate a Criteo TSV (.gz too) and convert it to TorchRec's "
+        "dense/sparse/labels .npy files; prints the folder (pass it to train.py --data).",
+    )
+    ap.add_argument("tsv")
+    ap.add_argument("--cache-dir", default=None, help=f"default: {default_cache_root()}")
+    a = ap.parse_args(argv)
+    print(preprocess_criteo_tsv(a.tsv, a.cache_dir))
+
+
+if __name__ == "__main__":
+    _main()
