@@ -186,4 +186,20 @@ inline BatchInfo parse_and_check(
   return info;
 }
 
+// Checks of the backward op's own arguments (the shared ones go through parse_and_check).
+inline void check_backward_args(const char* op, const BatchInfo& info,
+                                const at::Tensor& grad_output, const at::Tensor& indices,
+                                const std::optional<at::Tensor>& per_sample_weights,
+                                bool per_sample_weights_grad) {
+  TORCH_CHECK(per_sample_weights.has_value() || !per_sample_weights_grad, op,
+              ": per_sample_weights_grad needs per_sample_weights");
+  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == info.B &&
+                  grad_output.size(1) == info.total_D,
+              op, ": grad_output must have shape [", info.B, ", ", info.total_D, "], got ",
+              grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == info.dtype, op, ": grad_output is ",
+              grad_output.scalar_type(), " but the cores are ", info.dtype);
+  TT_CHECK_DEVICE(grad_output, indices.device());
+}
+
 }  // namespace torchrec_tt

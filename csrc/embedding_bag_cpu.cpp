@@ -596,14 +596,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
       parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                       feature_table_map, table_names, pooling_modes, indices, offsets,
                       per_sample_weights);
-  TORCH_CHECK(per_sample_weights.has_value() || !per_sample_weights_grad, op,
-              ": per_sample_weights_grad needs per_sample_weights");
-  TT_CHECK_DIM(grad_output, 2);
-  TORCH_CHECK(grad_output.size(0) == info.B && grad_output.size(1) == info.total_D, op,
-              ": grad_output must have shape [", info.B, ", ", info.total_D, "], got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == info.dtype, op, ": grad_output is ",
-              grad_output.scalar_type(), " but the cores are ", info.dtype);
+  check_backward_args(op, info, grad_output, indices, per_sample_weights, per_sample_weights_grad);
   const auto cc = contiguous_all(cores);
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_backward_cpu", [&] {
     return backward_impl<scalar_t>(info, grad_output, cc, indices, offsets,

@@ -1254,14 +1254,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
   const BatchInfo info = parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                                          feature_table_map, table_names, pooling_modes, indices,
                                          offsets, per_sample_weights);
-  TORCH_CHECK(per_sample_weights.has_value() || !per_sample_weights_grad, op,
-              ": per_sample_weights_grad needs per_sample_weights");
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == info.B &&
-                  grad_output.size(1) == info.total_D,
-              op, ": grad_output must have shape [", info.B, ", ", info.total_D, "], got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == info.dtype && grad_output.device() == indices.device(),
-              op, ": grad_output must be ", info.dtype, " on ", indices.device());
+  check_backward_args(op, info, grad_output, indices, per_sample_weights, per_sample_weights_grad);
   c10::cuda::CUDAGuard guard(indices.device());
   std::vector<at::Tensor> cc, grads;
   for (const auto& c : cores) {
