@@ -570,6 +570,8 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
+    warnings.filterwarnings("ignore", message=".*_get_pg_default_device.*")
+    warnings.filterwarnings("ignore", message=".*Multiple backends are registered.*")
     logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
     logging.getLogger("torchrec.distributed.train_pipeline.postproc").setLevel(logging.ERROR)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
