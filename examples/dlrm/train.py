@@ -410,7 +410,7 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
         bar = tqdm(total=args.steps, initial=start, desc=name, dynamic_ncols=True,
                    mininterval=2.0, file=sys.stdout)
     step_times: list[float] = []
-    loss_sum = torch.zeros(2)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
     stop_at = min(args.steps, args.stop_after) if args.stop_after else args.steps
     dmp.train()
     step = start
@@ -474,7 +474,7 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
         with open(os.path.join(args.out, f"history_{name}.json"), "w") as f:
             json.dump({**history, "result": result.__dict__}, f)
     # Peak memory is per process: report the largest over ranks.
-    peak = torch.tensor([result.peak_mib])
+    peak = torch.tensor([result.peak_mib], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=pg)
     result.peak_mib = float(peak)
     del pipeline, dmp, optimizer
