@@ -14,6 +14,9 @@ Shard a model holding ``TTEmbeddingBagCollection`` s (and plain EBCs) with Torch
 TT tables support data_parallel (usually best: no all-to-all, an all-reduce of the small cores),
 table_wise and column_wise (a split of the first column factor; see
 ``ShardedTTEmbeddingBagCollection``).
+Fused optimizers (``fused_params`` of the module or of ``TTEmbeddingBagCollectionSharder``, or
+``apply_optimizer_in_backward``) run in the backward under every sharding type and show in
+``DistributedModelParallel.fused_optimizer``; see ``torchrec_tt.sharding.fused``.
 ``plan`` uses ``TTShardEstimator`` for TT tables (their true storage, a FLOP-based compute model
 and their comms) and TorchRec's estimators for plain ones; TorchRec's default planner cannot cost
 TT tables, so ``DistributedModelParallel(plan=None)`` fails and says to call ``plan``.

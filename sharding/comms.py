@@ -16,6 +16,10 @@ Conventions (per rank, per step = one forward + backward):
   the gradient sum of shared TT cores of column-wise tables.
 
 Only data_parallel, table_wise and column_wise (and table_column_wise on one host) are covered.
+A fused optimizer on TT tables moves the same bytes (data-parallel gradients are then averaged
+by one all-reduce in the lookup's backward instead of DDP's buckets), except row-wise Adagrad on
+column-wise tables, which adds one float per row of ``core_0`` to the shared cores' all-reduce
+(not counted here).
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ summed across ranks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
 from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor
 from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
@@ -35,6 +35,8 @@ class CwTTPooledEmbeddingSharding(CwPooledEmbeddingSharding):
             order on every rank.
         replicated_group: process group that sums their gradients.
         device: compute device.
+        fused_update: the fused optimizer's update (``TTFusedUpdate``), run in the lookup's
+            backward; None without a fused optimizer.
         qcomm_codecs_registry: quantised-comms codecs for the pooled all-to-all.
     """
 
@@ -47,6 +49,7 @@ class CwTTPooledEmbeddingSharding(CwPooledEmbeddingSharding):
         replicated: Sequence[nn.Parameter],
         replicated_group: dist.ProcessGroup | None,
         device: torch.device | None = None,
+        fused_update: Callable[[Sequence[Tensor], Sequence[Tensor]], None] | None = None,
         qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
     ) -> None:
         super().__init__(
@@ -58,6 +61,7 @@ class CwTTPooledEmbeddingSharding(CwPooledEmbeddingSharding):
         )
         self._tt_tables = tables
         self._is_weighted = is_weighted
+        self._fused_update = fused_update
         self._replicated = list(replicated)
         self._replicated_group = replicated_group
 
@@ -73,4 +77,5 @@ class CwTTPooledEmbeddingSharding(CwPooledEmbeddingSharding):
             self._is_weighted,
             replicated=self._replicated,
             replicated_group=self._replicated_group,
+            fused_update=self._fused_update,
         )

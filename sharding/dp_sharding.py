@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
 from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor
 from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
@@ -20,7 +21,8 @@ class DpTTPooledEmbeddingSharding(DpPooledEmbeddingSharding):
     """Every rank holds every table and looks up its own batch: no all-to-all at all.
 
     The caller wraps the lookup in ``DistributedDataParallel`` (its core gradients are averaged
-    over ranks, like TorchRec's data-parallel tables).
+    over ranks, like TorchRec's data-parallel tables), unless the tables have a fused optimizer:
+    then ``fused_update`` averages the gradients and updates the replicas in the backward.
 
     Args:
         sharding_infos: the data-parallel tables.
@@ -28,6 +30,8 @@ class DpTTPooledEmbeddingSharding(DpPooledEmbeddingSharding):
         tables: the collection's ``TTLocalTable`` per table name.
         is_weighted: whether the KJT carries per-sample weights.
         device: compute device.
+        fused_update: the fused optimizer's update (``TTFusedUpdate``), run in the lookup's
+            backward; None without a fused optimizer.
     """
 
     def __init__(
@@ -37,10 +41,12 @@ class DpTTPooledEmbeddingSharding(DpPooledEmbeddingSharding):
         tables: Mapping[str, TTLocalTable],
         is_weighted: bool,
         device: torch.device | None = None,
+        fused_update: Callable[[Sequence[Tensor], Sequence[Tensor]], None] | None = None,
     ) -> None:
         super().__init__(sharding_infos, env, device)
         self._tt_tables = tables
         self._is_weighted = is_weighted
+        self._fused_update = fused_update
 
     def create_lookup(
         self,
@@ -49,5 +55,8 @@ class DpTTPooledEmbeddingSharding(DpPooledEmbeddingSharding):
         feature_processor: BaseGroupedFeatureProcessor | None = None,
     ) -> TTPooledEmbeddingsLookup:
         return TTPooledEmbeddingsLookup(
-            self._grouped_embedding_configs, self._tt_tables, self._is_weighted
+            self._grouped_embedding_configs,
+            self._tt_tables,
+            self._is_weighted,
+            fused_update=self._fused_update,
         )

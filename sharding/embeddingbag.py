@@ -9,6 +9,7 @@ Sharding types:
 * ``data_parallel``: every rank holds the whole TT and looks up its own batch; no all-to-all.
   The lookup sits in its own ``DistributedDataParallel`` (gradients averaged over ranks): if
   DMP's outer DDP owned these cores, the first step's gradients would not be all-reduced.
+  With a fused optimizer the lookup's backward does that average itself (see below) instead.
 * ``table_wise``: the whole TT on one rank.
 * ``column_wise``: a split of the first column factor ``q_1`` (see ``tt_shards.py``). Each shard
   owns a column slice of ``core_0``; ``core_1 ..`` are replicated on every rank and their
@@ -17,6 +18,16 @@ Sharding types:
   does). This keeps the sharded table exactly the unsharded one (same forward, same
   gradients, same checkpoint) at the price of replicating the later cores: column-wise splits the
   lookup work and the pooled all-to-all, not the storage.
+
+Fused optimizers (``torchrec_tt.sharding.fused``): a table's optimizer comes from the sharder's
+``fused_params``, the module's ``fused_params`` and ``apply_optimizer_in_backward`` on its
+cores; all three sharding types support all four TT fused optimizers exactly (the update runs in
+the lookup's backward after the gradient is complete across ranks, and leaves no ``.grad``).
+``fused_optimizer`` exposes them as a TorchRec ``KeyedOptimizer`` keyed like the unsharded
+module's, which ``DistributedModelParallel.fused_optimizer`` collects. Their state
+(``core_<k>_momentum1`` / ``_momentum2`` / ``_step``) is in the state dict under the unsharded
+module's buffer names, sharded like its core (column-wise ``core_0``: Adam's step and row-wise
+Adagrad's row sums are replicated, as they span all columns).
 
 State dict keys are the unsharded module's (``embedding_bags.<table>.core_<k>``): plain tensors
 for data-parallel and replicated cores, ``ShardedTensor`` for table-wise cores and for
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -72,13 +84,22 @@ from torchrec.distributed.types import (
     TensorProperties,
 )
 from torchrec.modules.embedding_configs import EmbeddingTableConfig
+from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.jagged_tensor_validator import validate_keyed_jagged_tensor
 
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.optim import FusedOptimConfig
 from torchrec_tt.shapes import TTShape
 from torchrec_tt.sharding.cw_sharding import CwTTPooledEmbeddingSharding
 from torchrec_tt.sharding.dp_sharding import DpTTPooledEmbeddingSharding
+from torchrec_tt.sharding.fused import (
+    FusedTable,
+    ShardedTTFusedOptimizer,
+    TTFusedUpdate,
+    resolve_fused_configs,
+)
 from torchrec_tt.sharding.lookup import TTLocalTable
 from torchrec_tt.sharding.tt_shards import check_column_shards, column_shard_core0_columns
 from torchrec_tt.sharding.tw_sharding import TwTTPooledEmbeddingSharding
@@ -202,7 +223,8 @@ def _logical_table(num_rows: int, dim: int) -> Tensor:
 class ShardedTTEmbeddingBagCollection(
     ShardedEmbeddingModule[
         KJTList, list[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext
-    ]
+    ],
+    FusedOptimizerModule,
 ):
     """The sharded twin of ``TTEmbeddingBagCollection`` (built by its sharder).
 
@@ -217,6 +239,8 @@ class ShardedTTEmbeddingBagCollection(
         device: compute device of this rank.
         qcomm_codecs_registry: quantised-comms codecs for the pooled all-to-all.
         module_fqn: the module's name in the model (trace annotations).
+        fused_params: the sharder's ``fused_params`` (see ``torchrec_tt.sharding.fused`` for how
+            they combine with the module's and with ``apply_optimizer_in_backward``).
     """
 
     def __init__(
@@ -227,18 +251,14 @@ class ShardedTTEmbeddingBagCollection(
         device: torch.device | None = None,
         qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
         module_fqn: str | None = None,
+        fused_params: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
         if isinstance(env, ShardingEnv2D):
             raise ValueError("TT tables do not support 2D parallelism (ShardingEnv2D)")
-        if _has_fused_optimizer(module):
-            # The sharded twin would have to run the update after the gradient sums and keep the
-            # optimizer state sharded like the cores; until it does, refuse rather than drop it.
-            raise ValueError(
-                "a TTEmbeddingBagCollection built with fused_params cannot be sharded yet: build "
-                "it without fused_params and train the cores with a regular optimizer"
-            )
         _validate_plan(module, table_name_to_parameter_sharding, env.world_size)
+        fused_configs = resolve_fused_configs(module, fused_params)
+        self._fused_optimizer: ShardedTTFusedOptimizer | None = None
         self._env = env
         self._device = device if device is not None else torch.device("cpu")
         self._module_fqn = module_fqn
@@ -255,26 +275,65 @@ class ShardedTTEmbeddingBagCollection(
         self.embedding_bags = nn.ModuleDict()
         for cfg in self._embedding_bag_configs:
             self.embedding_bags[cfg.name] = self._local_table(cfg.name)
+        # One param group per distinct config; the updates read its "lr".
+        groups: dict[FusedOptimConfig, dict[str, Any]] = {}
+        self._fused_tables: dict[str, FusedTable] = {
+            name: FusedTable(cfg, groups.setdefault(cfg, {"lr": cfg.learning_rate}))
+            for name, cfg in fused_configs.items()
+        }
+        for name, fused in self._fused_tables.items():
+            local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+            local.init_optimizer_state(fused.cfg.state_shapes)
+            for p in local.parameters():
+                # As TorchRec marks fused tables: in_backward_optimizer_filter() then leaves
+                # them out of the user's dense optimizer.
+                p._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
         self._init_weights(module)
 
-        column_wise = [
-            t for t in self.embedding_bags.values()  # type: ignore[union-attr]
-            if t.sharding_type == ShardingType.COLUMN_WISE.value
-        ]
+        by_type: dict[str, list[TTLocalTable]] = {}
+        for local in self.embedding_bags.values():  # type: ignore[assignment]
+            by_type.setdefault(local.sharding_type, []).append(local)
+        column_wise = by_type.get(ShardingType.COLUMN_WISE.value, [])
         replicated = [p for t in column_wise for p in t.replicated_cores()]
-        replicated_group = None
-        if column_wise:
-            pg = env.process_group
-            if pg is not None and env.world_size > 1:
-                replicated_group = dist.new_group(
-                    ranks=dist.get_process_group_ranks(pg), backend=dist.get_backend(pg)
+        # Tensors every rank must hold equal: broadcast from rank 0 (non-fused data-parallel
+        # cores are broadcast by their DDP).
+        to_broadcast: list[Tensor] = list(replicated)
+        if self._fused_tables:
+            for local in self.embedding_bags.values():  # type: ignore[assignment]
+                to_broadcast.extend(local.replicated_state())
+                if local.sharding_type == ShardingType.DATA_PARALLEL.value:
+                    to_broadcast.extend(local.whole_cores())
+        pg = env.process_group
+        distributed = pg is not None and env.world_size > 1
+        if distributed and to_broadcast:
+            src = dist.get_global_rank(pg, 0)
+            with torch.no_grad():
+                for t in to_broadcast:
+                    dist.broadcast(t, src=src, group=pg)
+
+        def own_group() -> dist.ProcessGroup | None:
+            # Gradient reductions in the backward run on a group of their own, so that they
+            # cannot interleave with TorchRec's all-to-alls (every rank creates the same groups
+            # in the same order: the plan is the same everywhere).
+            if not distributed:
+                return pg
+            return dist.new_group(
+                ranks=dist.get_process_group_ranks(pg), backend=dist.get_backend(pg)
+            )
+
+        replicated_group = own_group() if column_wise else None
+        fused_updates: dict[str, TTFusedUpdate] = {}
+        if self._fused_tables:
+            reductions = {
+                ShardingType.DATA_PARALLEL.value: ("mean", own_group),
+                ShardingType.TABLE_WISE.value: (None, lambda: None),
+                ShardingType.COLUMN_WISE.value: ("sum", lambda: replicated_group),
+            }
+            for sharding_type, locals_ in by_type.items():
+                reduce, group = reductions[sharding_type]
+                fused_updates[sharding_type] = TTFusedUpdate(
+                    locals_, self._fused_tables, reduce, group()
                 )
-                src = dist.get_global_rank(pg, 0)
-                with torch.no_grad():
-                    for p in replicated:
-                        dist.broadcast(p, src=src, group=pg)
-            else:
-                replicated_group = pg
 
         infos: dict[str, list[EmbeddingShardingInfo]] = {}
         for cfg in self._embedding_bag_configs:
@@ -305,9 +364,10 @@ class ShardedTTEmbeddingBagCollection(
             EmbeddingSharding[EmbeddingShardingContext, KeyedJaggedTensor, Tensor, Tensor]
         ] = []
         for sharding_type, sharding_infos in infos.items():
+            fused_update = fused_updates.get(sharding_type)
             if sharding_type == ShardingType.DATA_PARALLEL.value:
                 sharding: Any = DpTTPooledEmbeddingSharding(
-                    sharding_infos, env, tables, self._is_weighted, self._device
+                    sharding_infos, env, tables, self._is_weighted, self._device, fused_update
                 )
             elif sharding_type == ShardingType.TABLE_WISE.value:
                 sharding = TwTTPooledEmbeddingSharding(
@@ -316,6 +376,7 @@ class ShardedTTEmbeddingBagCollection(
                     tables,
                     self._is_weighted,
                     self._device,
+                    fused_update,
                     qcomm_codecs_registry=self.qcomm_codecs_registry,
                 )
             else:
@@ -327,13 +388,14 @@ class ShardedTTEmbeddingBagCollection(
                     replicated,
                     replicated_group,
                     self._device,
+                    fused_update,
                     qcomm_codecs_registry=self.qcomm_codecs_registry,
                 )
             self._embedding_shardings.append(sharding)
 
         for sharding_type, sharding in zip(self._sharding_types, self._embedding_shardings):
             lookup: nn.Module = sharding.create_lookup()
-            if sharding_type == ShardingType.DATA_PARALLEL.value:
+            if sharding_type == ShardingType.DATA_PARALLEL.value and not self._fused_tables:
                 lookup = DistributedDataParallel(
                     module=lookup,
                     device_ids=None if self._device.type == "cpu" else [self._device],
@@ -354,6 +416,15 @@ class ShardedTTEmbeddingBagCollection(
         self._features_order: list[int] = []
         self._has_uninitialized_input_dist = True
         self._has_features_permute = True
+
+        if self._fused_tables:
+            by_group: dict[int, tuple[dict[str, Any], list[str]]] = {}
+            for name, fused in self._fused_tables.items():
+                keys = [f"embedding_bags.{name}.core_{k}" for k in range(self._shapes[name].num_cores)]
+                by_group.setdefault(id(fused.group), (fused.group, []))[1].extend(keys)
+            self._fused_optimizer = ShardedTTFusedOptimizer(
+                self._fused_param_views, self._fused_state_views, list(by_group.values())
+            )
 
     # --- construction helpers ---------------------------------------------------------------
 
@@ -389,9 +460,19 @@ class ShardedTTEmbeddingBagCollection(
             source = TTEmbeddingBagCollection(
                 self._embedding_bag_configs, is_weighted=self._is_weighted, device="cpu"
             )
+        module_cfg = module.fused_optimizer.cfg if _has_fused_optimizer(module) else None
         for name, local in self.embedding_bags.items():
             table = source.embedding_bags[name]
             local.copy_from_full([c.detach().to(self._device) for c in table.cores()])
+            fused = self._fused_tables.get(name)
+            if fused is None or module_cfg is None or source is not module:
+                continue
+            if module_cfg.optimizer != fused.cfg.optimizer:
+                continue  # another optimizer: its state does not apply; start from zeros
+            for k, states in enumerate(local.optimizer_state_shapes):
+                for key in states:
+                    full = getattr(table, f"core_{k}_{key}")
+                    local.copy_state_from_full(k, key, full.detach().to(self._device))
 
     # --- ShardedModule ----------------------------------------------------------------------
 
@@ -480,38 +561,105 @@ class ShardedTTEmbeddingBagCollection(
             sharding_types=self._sharding_types,
         )
 
+    # --- fused optimizer --------------------------------------------------------------------
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        """The fused optimizers as one TorchRec ``KeyedOptimizer`` (keys
+        ``embedding_bags.<table>.core_<k>``, as the unsharded module's); empty without one.
+        ``DistributedModelParallel.fused_optimizer`` includes it."""
+        if self._fused_optimizer is None:
+            return CombinedOptimizer([])
+        return self._fused_optimizer
+
+    def _fused_param_views(self) -> dict[str, Tensor]:
+        return {
+            f"embedding_bags.{name}.core_{k}": self._core_value(name, k, keep_vars=True)
+            for name in self._fused_tables
+            for k in range(self._shapes[name].num_cores)
+        }
+
+    def _fused_state_views(self, key: str) -> dict[str, Any]:
+        _, name, core = key.split(".")
+        return self._state_values(name, int(core[len("core_") :]), keep_vars=True)
+
+    def _state_values(self, name: str, k: int, keep_vars: bool) -> dict[str, Any]:
+        """The optimizer state of core ``k`` of a fused table, as it appears in the state dict:
+        whole for replicated state, a ShardedTensor where the core is sharded."""
+        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+        full_shapes = self._fused_tables[name].cfg.state_shapes(
+            torch.Size(self._shapes[name].core_shapes()[k])
+        )
+        out: dict[str, Any] = {}
+        for key, full_shape in full_shapes.items():
+            pieces = local.state_pieces(k, key)
+            if self._is_sharded_state(name, k, key):
+                out[key] = self._sharded_tensor(name, list(full_shape), pieces, keep_vars)
+            else:
+                ((tensor, _),) = pieces
+                out[key] = tensor if keep_vars else tensor.detach()
+        return out
+
+    def _is_sharded_state(self, name: str, k: int, key: str) -> bool:
+        sharding_type = self.module_sharding_plan[name].sharding_type
+        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+        return sharding_type == ShardingType.TABLE_WISE.value or local.is_state_split(k, key)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> ShardedTTEmbeddingBagCollection:
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_fused_optimizer", None) is not None:
+            self._fused_optimizer.rebind()  # type: ignore[union-attr]
+        return out
+
     # --- state dict -------------------------------------------------------------------------
 
-    def _sharded_core(self, name: str, k: int, keep_vars: bool) -> ShardedTensor:
-        """Core ``k`` of a table_wise table, or ``core_0`` of a column_wise one, as a ShardedTensor."""
+    def _sharded_tensor(
+        self, name: str, size: list[int], pieces: list[tuple[Tensor, int]], keep_vars: bool
+    ) -> ShardedTensor:
+        """A sharded core of a table (every table_wise core, column_wise ``core_0``) or a state
+        of one, as a ShardedTensor of global ``size`` with this rank's ``pieces``
+        (``(tensor, first column)``). Column-wise pieces split the columns of a 2-D ``size``;
+        table-wise ones are the whole tensor (any number of dimensions, 0 included)."""
         ps = self.module_sharding_plan[name]
         assert ps.sharding_spec is not None
         shape = self._shapes[name]
-        core_shape = list(shape.core_shapes()[k])
-        metadata = {}  # first column in the core -> the plan shard's piece of it
+        metadata = {}  # first column -> the plan shard's piece of the tensor
         for s in ps.sharding_spec.shards:
             if ps.sharding_type == ShardingType.TABLE_WISE.value:
-                start, width = 0, core_shape[1]
+                metadata[0] = ShardMetadata(
+                    shard_offsets=[0] * len(size), shard_sizes=list(size), placement=s.placement
+                )
             else:
                 start, width = column_shard_core0_columns(
                     shape, s.shard_offsets[1], s.shard_sizes[1]
                 )
-            metadata[start] = ShardMetadata(
-                shard_offsets=[0, start], shard_sizes=[core_shape[0], width], placement=s.placement
-            )
-        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+                metadata[start] = ShardMetadata(
+                    shard_offsets=[0, start], shard_sizes=[size[0], width], placement=s.placement
+                )
         local_shards = [
             Shard(tensor=tensor if keep_vars else tensor.detach(), metadata=metadata[start])
-            for tensor, start in local.local_pieces(k)
+            for tensor, start in pieces
         ]
         global_metadata = ShardedTensorMetadata(
             shards_metadata=list(metadata.values()),
-            size=torch.Size(core_shape),
-            tensor_properties=TensorProperties(dtype=torch.float32),
+            size=torch.Size(size),
+            tensor_properties=TensorProperties(
+                dtype=torch.float32,
+                requires_grad=keep_vars and any(t.requires_grad for t, _ in pieces),
+            ),
         )
         return ShardedTensor._init_from_local_shards_and_global_metadata(
             local_shards, global_metadata, process_group=self._env.process_group
         )
+
+    def _core_value(self, name: str, k: int, keep_vars: bool) -> Tensor:
+        """Core ``k`` of a table as it appears in the state dict."""
+        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+        if self._is_sharded_core(name, k):
+            size = list(self._shapes[name].core_shapes()[k])
+            return self._sharded_tensor(name, size, local.local_pieces(k), keep_vars)
+        ((core, _),) = local.local_pieces(k)
+        return core if keep_vars else core.detach()
 
     def _is_sharded_core(self, name: str, k: int) -> bool:
         sharding_type = self.module_sharding_plan[name].sharding_type
@@ -525,12 +673,11 @@ class ShardedTTEmbeddingBagCollection(
             name = cfg.name
             for k in range(self._shapes[name].num_cores):
                 key = f"{prefix}embedding_bags.{name}.core_{k}"
-                if self._is_sharded_core(name, k):
-                    destination[key] = self._sharded_core(name, k, keep_vars)
-                else:
-                    local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
-                    ((core, _),) = local.local_pieces(k)
-                    destination[key] = core if keep_vars else core.detach()
+                destination[key] = self._core_value(name, k, keep_vars)
+            if name in self._fused_tables:
+                for k in range(self._shapes[name].num_cores):
+                    for state, value in self._state_values(name, k, keep_vars).items():
+                        destination[f"{prefix}embedding_bags.{name}.core_{k}_{state}"] = value
 
     def _load_from_state_dict(
         self,
@@ -548,16 +695,25 @@ class ShardedTTEmbeddingBagCollection(
         expected = set()
         for cfg in self._embedding_bag_configs:
             name = cfg.name
-            for k in range(self._shapes[name].num_cores):
-                key = f"{prefix}embedding_bags.{name}.core_{k}"
-                expected.add(key)
-                if key not in state_dict:
-                    missing_keys.append(key)
-                    continue
-                try:
-                    self._load_core(name, k, state_dict[key])
-                except (TypeError, ValueError) as e:
-                    error_msgs.append(f"{key}: {e}")
+            local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+            fused = self._fused_tables.get(name)
+            for k, core_shape in enumerate(self._shapes[name].core_shapes()):
+                entries = [(f"core_{k}", tuple(core_shape), local.local_pieces(k))]
+                if fused is not None:
+                    for state, shape in fused.cfg.state_shapes(torch.Size(core_shape)).items():
+                        entries.append(
+                            (f"core_{k}_{state}", tuple(shape), local.state_pieces(k, state))
+                        )
+                for suffix, size, pieces in entries:
+                    key = f"{prefix}embedding_bags.{name}.{suffix}"
+                    expected.add(key)
+                    if key not in state_dict:
+                        missing_keys.append(key)
+                        continue
+                    try:
+                        _load_pieces(size, pieces, state_dict[key])
+                    except (TypeError, ValueError) as e:
+                        error_msgs.append(f"{key}: {e}")
         if strict:
             for key in state_dict:
                 rest = key[len(prefix) :].split(".") if key.startswith(prefix) else []
@@ -569,34 +725,40 @@ class ShardedTTEmbeddingBagCollection(
                 ):
                     unexpected_keys.append(key)
 
-    @torch.no_grad()
-    def _load_core(self, name: str, k: int, source: Any) -> None:
-        core_shape = tuple(self._shapes[name].core_shapes()[k])
-        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
-        for tensor, c0 in local.local_pieces(k):
-            r0, (h, w) = 0, tensor.shape
-            if isinstance(source, ShardedTensor):
-                if tuple(source.size()) != core_shape:
-                    raise ValueError(f"shape {tuple(source.size())} != {core_shape}")
-                block = None
-                for shard in source.local_shards():
-                    (sr, sc), (sh, sw) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    if sr <= r0 and sc <= c0 and r0 + h <= sr + sh and c0 + w <= sc + sw:
-                        block = shard.tensor[r0 - sr : r0 - sr + h, c0 - sc : c0 - sc + w]
-                        break
-                if block is None:
-                    raise ValueError(
-                        f"rows [{r0}, {r0 + h}) x columns [{c0}, {c0 + w}) are not in this rank's "
-                        "local shards; load sharded checkpoints with torch.distributed.checkpoint"
-                    )
-            elif isinstance(source, Tensor):
-                if tuple(source.shape) != core_shape:
-                    raise ValueError(f"shape {tuple(source.shape)} != {core_shape}")
-                block = source[r0 : r0 + h, c0 : c0 + w]
-            else:
-                raise TypeError(f"expected a Tensor or ShardedTensor, got {type(source).__name__}")
-            if block.data_ptr() != tensor.data_ptr() or block.stride() != tensor.stride():
-                tensor.copy_(block)  # (a state dict of this module aliases the cores already)
+
+@torch.no_grad()
+def _load_pieces(size: tuple[int, ...], pieces: list[tuple[Tensor, int]], source: Any) -> None:
+    """Copies this rank's ``pieces`` (``(tensor, first column)``, all rows) of a tensor of global
+    ``size`` from ``source``, a Tensor or a ShardedTensor holding them locally."""
+    for tensor, c0 in pieces:
+        offsets = [0] * tensor.dim()
+        if tensor.dim() == 2:
+            offsets[1] = c0
+        lengths = list(tensor.shape)
+        region = " x ".join(f"[{o}, {o + n})" for o, n in zip(offsets, lengths)) or "the scalar"
+        if isinstance(source, ShardedTensor):
+            if tuple(source.size()) != size:
+                raise ValueError(f"shape {tuple(source.size())} != {size}")
+            block = None
+            for shard in source.local_shards():
+                so, sl = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                if all(a <= o and o + n <= a + m for o, n, a, m in zip(offsets, lengths, so, sl)):
+                    index = tuple(slice(o - a, o - a + n) for o, n, a in zip(offsets, lengths, so))
+                    block = shard.tensor[index]
+                    break
+            if block is None:
+                raise ValueError(
+                    f"{region} is not in this rank's local shards; load sharded checkpoints "
+                    "with torch.distributed.checkpoint"
+                )
+        elif isinstance(source, Tensor):
+            if tuple(source.shape) != size:
+                raise ValueError(f"shape {tuple(source.shape)} != {size}")
+            block = source[tuple(slice(o, o + n) for o, n in zip(offsets, lengths))]
+        else:
+            raise TypeError(f"expected a Tensor or ShardedTensor, got {type(source).__name__}")
+        if block.data_ptr() != tensor.data_ptr() or block.stride() != tensor.stride():
+            tensor.copy_(block)  # (a state dict of this module aliases its tensors already)
 
 
 class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
@@ -610,12 +772,39 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
     cannot cost it, so ``sharding_types`` raises outside a TT-aware planner run: that is what
     ``DistributedModelParallel(plan=None)`` hits.
 
+    Fused optimizers: a table's optimizer comes from this sharder's ``fused_params``, the
+    module's own ``fused_params`` and ``apply_optimizer_in_backward`` on its cores (in increasing
+    precedence; see ``torchrec_tt.sharding.fused``). The sharded module then updates the cores in
+    the backward and exposes ``fused_optimizer`` (collected by DMP's ``fused_optimizer``).
+
     Args:
+        fused_params: FBGEMM-style fused optimizer for every TT table, e.g.
+            ``{"optimizer": EmbOptimType.ADAM, "learning_rate": 0.01}`` (keys of
+            ``torchrec_tt.optim.FusedOptimConfig``; ``lr`` and ``betas`` are accepted too).
         qcomm_codecs_registry: quantised-comms codecs for the pooled all-to-all.
     """
 
-    def __init__(self, qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None) -> None:
+    def __init__(
+        self,
+        fused_params: Mapping[str, Any] | None = None,
+        qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
+    ) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self._fused_params = copy.deepcopy(dict(fused_params)) if fused_params is not None else None
+        if self._fused_params and "optimizer" in self._fused_params:
+            try:  # fail here, not at sharding time, when it cannot work for any table
+                FusedOptimConfig.from_fused_params(self._fused_params)
+            except ValueError as e:
+                raise ValueError(f"TTEmbeddingBagCollectionSharder(fused_params=...): {e}") from None
+
+    @property
+    def fused_params(self) -> dict[str, Any] | None:
+        """The sharder's ``fused_params`` (as TorchRec's embedding sharders expose them)."""
+        return self._fused_params
+
+    def fused_configs(self, module: TTEmbeddingBagCollection) -> dict[str, FusedOptimConfig]:
+        """The fused optimizer each table of ``module`` gets when sharded ({} if none)."""
+        return resolve_fused_configs(module, self._fused_params)
 
     def shard(
         self,
@@ -632,6 +821,7 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
             device,
             qcomm_codecs_registry=self.qcomm_codecs_registry,
             module_fqn=module_fqn,
+            fused_params=self._fused_params,
         )
 
     def shardable_parameters(self, module: TTEmbeddingBagCollection) -> dict[str, nn.Parameter]:

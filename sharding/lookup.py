@@ -7,7 +7,7 @@ TorchRec's ``GroupedPooledEmbeddingsLookup`` raises on ``customized_kernel``; th
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -135,6 +135,92 @@ class TTLocalTable(nn.Module):
             for piece, col in self.local_pieces(k):
                 piece.copy_(full[:, col : col + piece.shape[1]])
 
+    # --- fused-optimizer state ---------------------------------------------------------------
+    #
+    # Buffers named like the unsharded module's (``core_<k>_<state>``) where the core is held
+    # whole (data_parallel, table_wise owner, column_wise ``core_1 ..``). For column-wise
+    # ``core_0``, a state shaped like the core is split like it (``core_0_shard_<i>_<state>``);
+    # any other state (row-wise Adagrad's per-row sum, Adam's step) spans all columns and is
+    # replicated on every rank as ``core_0_<state>``.
+
+    def init_optimizer_state(self, state_shapes: Callable[[torch.Size], dict[str, tuple[int, ...]]]) -> None:
+        """Registers zero state buffers; ``state_shapes`` maps a core shape to its states'."""
+        self.optimizer_state_shapes: list[dict[str, tuple[int, ...]]] = [
+            state_shapes(torch.Size(s)) for s in self.shape.core_shapes()
+        ]
+        device = next((p.device for p in self.parameters()), None)
+        for k, states in enumerate(self.optimizer_state_shapes):
+            for key, shape in states.items():
+                for name, local_shape in self._state_buffers(k, key, shape):
+                    self.register_buffer(name, torch.zeros(local_shape, device=device))
+
+    def _state_buffers(
+        self, k: int, key: str, shape: tuple[int, ...]
+    ) -> list[tuple[str, tuple[int, ...]]]:
+        if self.sharding_type == ShardingType.COLUMN_WISE.value and k == 0:
+            if shape == tuple(self.shape.core_shapes()[0]):
+                return [
+                    (f"core_0_shard_{i}_{key}", tuple(piece.shape))
+                    for i, piece in enumerate(self.core_0_shards)
+                ]
+            return [(f"core_0_{key}", shape)]
+        if self.sharding_type == ShardingType.COLUMN_WISE.value or self.holds_whole_table():
+            return [(f"core_{k}_{key}", shape)]
+        return []
+
+    def is_state_split(self, k: int, key: str) -> bool:
+        """Whether state ``key`` of core ``k`` is split by columns like column-wise ``core_0``."""
+        return (
+            self.sharding_type == ShardingType.COLUMN_WISE.value
+            and k == 0
+            and self.optimizer_state_shapes[0][key] == tuple(self.shape.core_shapes()[0])
+        )
+
+    def optimizer_state(self, k: int, piece: int | None = None) -> dict[str, Tensor]:
+        """State of core ``k`` (of column-wise ``core_0`` shard ``piece``: its split states and
+        the table's replicated ones)."""
+        out = {}
+        for key in self.optimizer_state_shapes[k]:
+            if self.is_state_split(k, key):
+                if piece is not None:
+                    out[key] = getattr(self, f"core_0_shard_{piece}_{key}")
+            else:
+                out[key] = getattr(self, f"core_{k}_{key}")
+        return out
+
+    def state_pieces(self, k: int, key: str) -> list[tuple[Tensor, int]]:
+        """This rank's pieces of state ``key`` of core ``k`` as ``(tensor, first column)``
+        (like ``local_pieces``; one whole piece unless split, none on a non-owner)."""
+        if self.is_state_split(k, key):
+            return [
+                (getattr(self, f"core_0_shard_{i}_{key}"), col)
+                for i, (_, col) in enumerate(self.local_pieces(0))
+            ]
+        name = f"core_{k}_{key}"
+        return [(getattr(self, name), 0)] if hasattr(self, name) else []
+
+    def replicated_state(self) -> list[Tensor]:
+        """State buffers that every rank holding them keeps identical (all but split ones and
+        table-wise ones)."""
+        if self.sharding_type == ShardingType.TABLE_WISE.value:
+            return []
+        return [
+            tensor
+            for k, states in enumerate(getattr(self, "optimizer_state_shapes", []))
+            for key in states
+            if not self.is_state_split(k, key)
+            for tensor, _ in self.state_pieces(k, key)
+        ]
+
+    @torch.no_grad()
+    def copy_state_from_full(self, k: int, key: str, full: Tensor) -> None:
+        """Fills this rank's pieces of a state from the unsharded module's buffer."""
+        for piece, col in self.state_pieces(k, key):
+            if self.is_state_split(k, key):
+                piece.copy_(full[:, col : col + piece.shape[1]])
+            else:
+                piece.copy_(full)
+
     # The owning ShardedTTEmbeddingBagCollection writes and reads these entries (as sharded
     # tensors where a core is split across ranks), so this module adds none of its own.
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
@@ -172,6 +258,23 @@ class _SumGradientsAcrossRanks(torch.autograd.Function):
         return (None, *out)
 
 
+class _FusedUpdateInBackward(torch.autograd.Function):
+    """Identity forward; backward hands the core gradients to a ``TTFusedUpdate`` (which
+    completes them across ranks where needed and updates the cores in place) and returns no
+    gradient, so nothing accumulates in ``.grad``."""
+
+    @staticmethod
+    def forward(ctx: Any, update: Any, *params: Tensor) -> tuple[Tensor, ...]:
+        ctx.update = update
+        ctx.params = params
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
+        ctx.update(ctx.params, grads)
+        return (None,) * (1 + len(grads))
+
+
 class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
     """Pooled lookups of the TT tables (or column shards) a rank holds for one sharding type.
 
@@ -183,6 +286,9 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         replicated: column_wise only: every rank's shared cores of all column-wise tables, in one
             order on all ranks; their gradients are summed over ``replicated_group``.
         replicated_group: the process group for that sum.
+        fused_update: a ``torchrec_tt.sharding.fused.TTFusedUpdate`` when the tables have a
+            fused optimizer: it then runs in the backward instead of the gradient sum (doing
+            that sum itself) and the cores get no ``.grad``.
 
     Forward takes the features of ``grouped_configs`` (``(F, B, L)``) and returns
     ``[B, sum of local dims]``; a rank without tables returns a ``[B, 0]`` tensor that still takes
@@ -196,6 +302,7 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         is_weighted: bool,
         replicated: Sequence[nn.Parameter] = (),
         replicated_group: dist.ProcessGroup | None = None,
+        fused_update: Callable[[Sequence[Tensor], Sequence[Tensor]], None] | None = None,
     ) -> None:
         super().__init__()
         names, shapes, poolings, cores = [], [], [], []
@@ -233,7 +340,8 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         self._core_index = [position[id(c)] for c in cores]
         self._replicated_index = [position[id(c)] for c in replicated]
         self._replicated_group = replicated_group
-        if replicated and replicated_group is None:
+        self._fused_update = fused_update
+        if replicated and replicated_group is None and fused_update is None:
             raise ValueError("replicated cores need a process group for their gradient sum")
         self._checked_keys = False
 
@@ -253,7 +361,10 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 )
             self._checked_keys = True
         params: list[Tensor] = list(self.cores)
-        if self._replicated_index:
+        if self._fused_update is not None:
+            if params:
+                params = list(_FusedUpdateInBackward.apply(self._fused_update, *params))
+        elif self._replicated_index:
             shared = _SumGradientsAcrossRanks.apply(
                 self._replicated_group, *[params[i] for i in self._replicated_index]
             )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
 from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor
 from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
@@ -25,6 +26,8 @@ class TwTTPooledEmbeddingSharding(TwPooledEmbeddingSharding):
         tables: the collection's ``TTLocalTable`` per table name.
         is_weighted: whether the KJT carries per-sample weights.
         device: compute device.
+        fused_update: the fused optimizer's update (``TTFusedUpdate``), run in the lookup's
+            backward; None without a fused optimizer.
         qcomm_codecs_registry: quantised-comms codecs for the pooled all-to-all.
     """
 
@@ -35,11 +38,13 @@ class TwTTPooledEmbeddingSharding(TwPooledEmbeddingSharding):
         tables: Mapping[str, TTLocalTable],
         is_weighted: bool,
         device: torch.device | None = None,
+        fused_update: Callable[[Sequence[Tensor], Sequence[Tensor]], None] | None = None,
         qcomm_codecs_registry: dict[str, QuantizedCommCodecs] | None = None,
     ) -> None:
         super().__init__(sharding_infos, env, device, qcomm_codecs_registry=qcomm_codecs_registry)
         self._tt_tables = tables
         self._is_weighted = is_weighted
+        self._fused_update = fused_update
 
     def create_lookup(
         self,
@@ -48,5 +53,8 @@ class TwTTPooledEmbeddingSharding(TwPooledEmbeddingSharding):
         feature_processor: BaseGroupedFeatureProcessor | None = None,
     ) -> TTPooledEmbeddingsLookup:
         return TTPooledEmbeddingsLookup(
-            self._grouped_embedding_configs, self._tt_tables, self._is_weighted
+            self._grouped_embedding_configs,
+            self._tt_tables,
+            self._is_weighted,
+            fused_update=self._fused_update,
         )

@@ -53,6 +53,7 @@ def _check_plan(rank: int, world_size: int, specs: dict[str, Any], plain: bool,
         sharders = [TTEmbeddingBagCollectionSharder(qcomm_codecs_registry=codecs)]
         tol = {"rtol": 1e-2, "atol": 2e-3}
     dmp = cases.shard(model, plan, sharders)
+    assert not dmp.fused_optimizer.params  # no fused optimizer: nothing in DMP's
     # TorchRec does not copy plain EBC weights into its sharded module (the TT sharder does copy
     # TT cores); loading the unsharded state dict covers both, through the sharded load path.
     dmp.load_state_dict(reference.state_dict())

@@ -74,10 +74,16 @@ class Model(nn.Module):
     """A TT collection, optionally a plain EBC, and a linear head over all pooled features."""
 
     def __init__(
-        self, plain: bool = True, weighted: bool = False, device: str | None = None
+        self,
+        plain: bool = True,
+        weighted: bool = False,
+        device: str | None = None,
+        fused_params: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.tt = TTEmbeddingBagCollection(TT_TABLES, is_weighted=weighted, device=device)
+        self.tt = TTEmbeddingBagCollection(
+            TT_TABLES, is_weighted=weighted, device=device, fused_params=fused_params
+        )
         self.ebc = EmbeddingBagCollection(PLAIN_TABLES, device=device) if plain else None
         features = TT_FEATURES + (PLAIN_FEATURES if plain else [])
         self.features = features
@@ -92,9 +98,10 @@ class Model(nn.Module):
         return self.head(torch.cat(parts, dim=1)).square().mean()
 
 
-def make_model(seed: int, plain: bool = True, weighted: bool = False) -> Model:
+def make_model(seed: int, plain: bool = True, weighted: bool = False,
+               fused_params: Mapping[str, Any] | None = None) -> Model:
     torch.manual_seed(seed)
-    return Model(plain=plain, weighted=weighted)
+    return Model(plain=plain, weighted=weighted, fused_params=fused_params)
 
 
 def random_kjt(
@@ -186,10 +193,9 @@ def assert_state_matches(state: Mapping[str, Any], reference: Mapping[str, Tenso
         if isinstance(value, ShardedTensor):
             assert tuple(value.size()) == tuple(ref.shape), key
             for shard in value.local_shards():
-                (r0, c0), (h, w) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                torch.testing.assert_close(
-                    shard.tensor, ref[r0 : r0 + h, c0 : c0 + w], rtol=rtol, atol=atol, msg=key
-                )
+                offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                block = ref[tuple(slice(o, o + n) for o, n in zip(offsets, sizes))]
+                torch.testing.assert_close(shard.tensor, block, rtol=rtol, atol=atol, msg=key)
                 compared += 1
         else:
             torch.testing.assert_close(value, ref, rtol=rtol, atol=atol, msg=key)
