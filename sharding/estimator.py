@@ -7,9 +7,12 @@ to TorchRec's own estimators.
 Model, per shard (times in ms, as TorchRec's ``Perf``; bandwidths in bytes/ms from the
 topology; ``L`` = lookups per step the shard serves, ``W`` = world size):
 
-* storage = cores x (1 parameter + 1 dense gradient + ``optimizer_multiplier`` states) + the
-  step's input ids (and weights) + pooled outputs. A column shard holds its slice of ``core_0``
-  plus the shared later cores.
+* storage = cores x (1 parameter + 1 dense gradient) + optimizer state + the step's input ids
+  (and weights) + pooled outputs. A column shard holds its slice of ``core_0`` plus the shared
+  later cores. The optimizer state is the table's fused optimizer's when it has one (as the
+  sharder resolves it: 0 for EXACT_SGD, the cores' size for EXACT_ADAGRAD, one value per core
+  row for EXACT_ROWWISE_ADAGRAD, twice the cores for ADAM; ``tt_optimizer_state_bytes``), else
+  ``optimizer_multiplier`` x the cores (the user's dense optimizer is unknown; 2 = Adam).
 * compute (compute-bound): ``L x FLOPs per lookup / device FLOP rate``; backward uses
   ``TTShape.backward_flops_per_lookup``. The rate is a constructor argument; ``measure_tt_flops``
   measures the TT kernel's effective rate on a device.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +39,7 @@ from torchrec.distributed.planner.shard_estimators import (
     EmbeddingStorageEstimator,
     get_num_poolings,
 )
+from torchrec.distributed.planner.utils import sharder_name
 from torchrec.distributed.planner.types import (
     CollectiveType,
     ParameterConstraints,
@@ -49,10 +53,14 @@ from torchrec.distributed.types import ModuleSharder, ShardingType
 
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.optim import FusedOptimConfig
 from torchrec_tt.shapes import TTShape, make_tt_shape
+from torchrec_tt.sharding.embeddingbag import TTEmbeddingBagCollectionSharder
+from torchrec_tt.sharding.fused import resolve_fused_configs, tt_optimizer_state_bytes
 from torchrec_tt.sharding.tt_shards import column_shard_shape
 
 __all__ = [
+    "DEFAULT_OPTIMIZER_MULTIPLIER",
     "DEFAULT_TT_FLOPS",
     "TTShardEstimator",
     "all_reduce_ms",
@@ -68,6 +76,9 @@ __all__ = [
 #: (the CPU one measured with ``measure_tt_flops`` on a 2-core CI machine, the CUDA one an
 #: assumption until the CUDA kernels exist). Measure and pass ``device_flops`` for real planning.
 DEFAULT_TT_FLOPS: dict[str, float] = {"cpu": 5e9, "cuda": 5e12, "mtia": 5e12}
+
+#: Optimizer state per core element assumed for TT tables without a fused optimizer (Adam).
+DEFAULT_OPTIMIZER_MULTIPLIER = 2.0
 
 _INDEX_BYTES = 8  # TorchRec's planner assumes int64 ids (BIGINT_DTYPE)
 _WEIGHT_BYTES = 4
@@ -110,10 +121,20 @@ def tt_shard_io_bytes(
 
 
 def tt_shard_storage_bytes(
-    core_bytes: int, optimizer_multiplier: float, input_bytes: int, output_bytes: int
+    core_bytes: int,
+    optimizer_multiplier: float,
+    input_bytes: int,
+    output_bytes: int,
+    optimizer_state_bytes: int | None = None,
 ) -> int:
-    """Cores + their dense gradients + optimizer state + the step's IO buffers."""
-    return math.ceil(core_bytes * (2 + optimizer_multiplier)) + input_bytes + output_bytes
+    """Cores + their dense gradients + optimizer state + the step's IO buffers.
+
+    The optimizer state is ``optimizer_state_bytes`` when given (a fused optimizer's exact
+    state), else ``optimizer_multiplier`` x the cores.
+    """
+    if optimizer_state_bytes is None:
+        return math.ceil(core_bytes * (2 + optimizer_multiplier)) + input_bytes + output_bytes
+    return 2 * core_bytes + optimizer_state_bytes + input_bytes + output_bytes
 
 
 def tt_compute_ms(num_lookups: float, flops_per_lookup: int, device_flops: float) -> float:
@@ -193,7 +214,10 @@ class TTShardEstimator(ShardEstimator):
             num poolings, batch sizes).
         device_flops: effective FLOP/s of the TT lookup; ``DEFAULT_TT_FLOPS`` per device when
             None (see ``measure_tt_flops``).
-        optimizer_multiplier: optimizer state per core element (2: Adam, 1: Adagrad, 0: SGD).
+        optimizer_multiplier: optimizer state per core element (2: Adam, 1: Adagrad, 0: SGD)
+            for every TT table when given; when None, a table with a fused optimizer (from
+            the module, the TT sharder's ``fused_params`` or ``apply_optimizer_in_backward``)
+            counts that optimizer's exact state and others ``DEFAULT_OPTIMIZER_MULTIPLIER``.
         delegates: estimators for non-TT options; TorchRec's perf and storage estimators when
             None.
     """
@@ -203,7 +227,7 @@ class TTShardEstimator(ShardEstimator):
         topology: Topology,
         constraints: dict[str, ParameterConstraints] | None = None,
         device_flops: float | None = None,
-        optimizer_multiplier: float = 2.0,
+        optimizer_multiplier: float | None = None,
         delegates: Sequence[ShardEstimator] | None = None,
     ) -> None:
         self._topology = topology
@@ -239,7 +263,7 @@ class TTShardEstimator(ShardEstimator):
             for delegate in self._delegates:
                 delegate.estimate(others, sharder_map, **kwargs)
         for so in tt_options:
-            self._estimate_tt(so)
+            self._estimate_tt(so, self._fused_config(so, sharder_map))
 
     @staticmethod
     def is_tt_option(sharding_option: ShardingOption) -> bool:
@@ -265,7 +289,21 @@ class TTShardEstimator(ShardEstimator):
         batch_outputs = sum(pools * batch for pools, batch in zip(num_poolings, batch_sizes))
         return batch_inputs, batch_outputs
 
-    def _estimate_tt(self, so: ShardingOption) -> None:
+    @staticmethod
+    def _fused_config(
+        so: ShardingOption, sharder_map: Mapping[str, Any] | None
+    ) -> FusedOptimConfig | None:
+        """The table's fused optimizer as its sharder will resolve it (None if it has none)."""
+        module: TTEmbeddingBagCollection = so.module[1]  # type: ignore[assignment]
+        sharder = (sharder_map or {}).get(sharder_name(type(module)))
+        sharder = getattr(sharder, "sharder", sharder)  # newer TorchRec passes SharderData
+        if isinstance(sharder, TTEmbeddingBagCollectionSharder):
+            configs = sharder.fused_configs(module)
+        else:
+            configs = resolve_fused_configs(module)
+        return configs.get(so.name)
+
+    def _estimate_tt(self, so: ShardingOption, fused: FusedOptimConfig | None = None) -> None:
         module: TTEmbeddingBagCollection = so.module[1]  # type: ignore[assignment]
         shape = module.tt_shapes()[so.name]
         weighted = module.is_weighted()
@@ -299,8 +337,14 @@ class TTShardEstimator(ShardEstimator):
                 shard_shape.embedding_dim,
                 weighted,
             )
+            state_bytes = None
+            multiplier = self._optimizer_multiplier
+            if multiplier is None:
+                if fused is not None:
+                    state_bytes = tt_optimizer_state_bytes(shard_shape, fused.optimizer)
+                multiplier = DEFAULT_OPTIMIZER_MULTIPLIER
             total = tt_shard_storage_bytes(
-                shard_shape.num_bytes(4), self._optimizer_multiplier, input_bytes, output_bytes
+                shard_shape.num_bytes(4), multiplier, input_bytes, output_bytes, state_bytes
             )
             shard.storage = Storage(hbm=total if on_hbm else 0, ddr=0 if on_hbm else total)
             shard.perf = tt_shard_perf(

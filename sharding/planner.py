@@ -99,7 +99,7 @@ def plan(
     *,
     sharders: list[ModuleSharder[nn.Module]] | None = None,
     device_flops: float | None = None,
-    optimizer_multiplier: float = 2.0,
+    optimizer_multiplier: float | None = None,
     pg: dist.ProcessGroup | None = None,
 ) -> ShardingPlan:
     """A ``ShardingPlan`` for a model holding ``TTEmbeddingBagCollection`` s and plain EBCs.
@@ -113,7 +113,8 @@ def plan(
         sharders: defaults to ``[TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]``;
             pass the same list to ``DistributedModelParallel``.
         device_flops: effective FLOP/s of the TT lookup (see ``TTShardEstimator``).
-        optimizer_multiplier: optimizer state per TT core element (2: Adam, 0: SGD).
+        optimizer_multiplier: optimizer state per TT core element (2: Adam, 0: SGD) for every TT
+            table; None: each table's fused optimizer state (see ``TTShardEstimator``).
         pg: when given, plan on its rank 0 and broadcast (``collective_plan``); otherwise every
             caller plans locally (deterministic for equal inputs).
 

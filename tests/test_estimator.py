@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -32,6 +33,7 @@ from torchrec_tt.sharding.estimator import (
     tt_shard_perf,
     tt_shard_storage_bytes,
 )
+from torchrec_tt.sharding.fused import tt_optimizer_state_bytes
 from torchrec_tt.sharding.tt_shards import (
     check_column_shards,
     column_shard_core0_columns,
@@ -193,3 +195,40 @@ def test_measure_tt_flops_is_positive() -> None:
 def test_estimator_rejects_nonpositive_flops() -> None:
     with pytest.raises(ValueError, match="device_flops"):
         TTShardEstimator(TOPOLOGY, device_flops=0)
+
+
+def test_optimizer_state_bytes_per_fused_optimizer() -> None:
+    # SHAPE: 132 parameters = 528 bytes in cores [4, 6], [5, 12], [6, 8] (rows 4 + 5 + 6 = 15).
+    assert tt_optimizer_state_bytes(SHAPE, EmbOptimType.EXACT_SGD) == 0
+    assert tt_optimizer_state_bytes(SHAPE, EmbOptimType.EXACT_ADAGRAD) == 528
+    assert tt_optimizer_state_bytes(SHAPE, EmbOptimType.EXACT_ROWWISE_ADAGRAD) == 15 * 4
+    assert tt_optimizer_state_bytes(SHAPE, EmbOptimType.ADAM) == 2 * 528 + 3 * 4  # + a step per core
+    assert tt_shard_storage_bytes(528, 2.0, 800, 640, optimizer_state_bytes=60) == 1056 + 60 + 1440
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+     EmbOptimType.ADAM],
+)
+def test_estimator_counts_the_fused_optimizer_state(optimizer: EmbOptimType) -> None:
+    """The optimizer the sharder will give a table (here from the sharder's fused_params and
+    from the module's) sets its state bytes; without one, the default multiplier (Adam)."""
+    def ddr(model: nn.Module, sharder: TTEmbeddingBagCollectionSharder) -> int:
+        estimator = TTShardEstimator(TOPOLOGY, device_flops=1e10)
+        enumerator = TTEmbeddingEnumerator(TOPOLOGY, 128, estimator=estimator)
+        options = enumerator.enumerate(model, [sharder, EmbeddingBagCollectionSharder()])
+        (dp,) = [o for o in options if (o.name, o.sharding_type) == ("big", "data_parallel")]
+        return dp.shards[0].storage.ddr
+
+    shape = _Model().tt.tt_shapes()["big"]
+    io = tt_shard_io_bytes("data_parallel", 128, 128, 2, 64)
+    core = shape.num_bytes(4)
+    fused = {"optimizer": optimizer, "learning_rate": 0.1}
+    expected = 2 * core + tt_optimizer_state_bytes(shape, optimizer) + sum(io)
+    assert ddr(_Model(), TTEmbeddingBagCollectionSharder(fused_params=fused)) == expected
+    model = _Model()
+    model.tt = TTEmbeddingBagCollection(model.tt.embedding_bag_configs(), device="meta",
+                                        fused_params=fused)
+    assert ddr(model, TTEmbeddingBagCollectionSharder()) == expected
+    assert ddr(_Model(), TTEmbeddingBagCollectionSharder()) == 4 * core + sum(io)
