@@ -3,8 +3,9 @@
 Three training steps of the sharded model equal the unsharded model trained with the same
 optimizer on the rank-averaged batch, cores and optimizer state alike, whether the optimizer
 comes from the module's ``fused_params``, the sharder's or ``apply_optimizer_in_backward``;
-DMP's ``fused_optimizer`` holds the TT cores; ``torch.distributed.checkpoint`` round-trips the
-state through the model's state dict and the fused optimizer's, across plans and world sizes.
+DMP's ``fused_optimizer`` holds the TT cores; TrainPipelineSparseDist drives it;
+``torch.distributed.checkpoint`` round-trips the state through the model's state dict and the
+fused optimizer's, across plans and world sizes.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import Tensor
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+import test_workflows_gloo as workflows
 import tt_dist_cases as cases
+from torchrec_tt import TTEmbeddingBagCollection
 from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
 from torchrec_tt.sharding.testing import run_multiprocess
 
@@ -112,8 +116,37 @@ def _check_case(rank: int, world_size: int, specs: dict[str, Any], source: str,
     return compared
 
 
+def _check_pipeline(rank: int, world_size: int, steps: int = 3) -> int:
+    """TrainPipelineSparseDist drives a fused sharded collection like the plain model."""
+    fused = {"optimizer": EmbOptimType.ADAM, "learning_rate": FUSED_LR}
+
+    def make() -> Any:
+        torch.manual_seed(0)
+        model = workflows.PipelineModel()
+        model.tt = TTEmbeddingBagCollection(cases.TT_TABLES, fused_params=fused)
+        return model
+
+    model, reference = make(), make()
+    plan = cases.manual_plan(cases.make_model(0, plain=False), MIXED, world_size)
+    dmp = cases.shard(model, plan)
+    pipeline = TrainPipelineSparseDist(
+        dmp, torch.optim.SGD(dmp.parameters(), lr=LR), torch.device("cpu")
+    )
+    ref_dense = torch.optim.SGD(reference.head.parameters(), lr=LR)
+    batches = iter([workflows._pipeline_batch(rank, s) for s in range(steps)])
+    for step in range(steps):
+        pipeline.progress(batches)
+        everyone = [workflows._pipeline_batch(r, step) for r in range(world_size)]
+        (sum(reference(b)[0] for b in everyone) / world_size).backward()
+        ref_dense.step()
+        ref_dense.zero_grad()
+    return cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
+
+
 def check_fused(rank: int, world_size: int, runs: list[tuple[Any, ...]]) -> dict[str, int]:
-    return {name: _check_case(rank, world_size, *args) for name, *args in runs}
+    results = {name: _check_case(rank, world_size, *args) for name, *args in runs}
+    results["train_pipeline_sparse_dist"] = _check_pipeline(rank, world_size)
+    return results
 
 
 MIXED = {"t0": ("tw", 1), "t1": ("dp",), "t2": ("cw", [1, 0])}
@@ -139,7 +172,7 @@ RUNS = [
 def test_fused_optimizers_match_unsharded() -> None:
     results = run_multiprocess(check_fused, WORLD, args=(RUNS,))
     for per_run in results:
-        assert set(per_run) == {name for name, *_ in RUNS}
+        assert set(per_run) == {name for name, *_ in RUNS} | {"train_pipeline_sparse_dist"}
         assert all(n > 0 for n in per_run.values()), per_run
 
 
