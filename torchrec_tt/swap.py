@@ -315,8 +315,8 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables: the configs, e.g. from :func:`swap_configs`.
         is_weighted: per-sample weights (both children).
         device: where the weights live (``"meta"`` to build without memory).
-        tt_fused_params: ``fused_params`` of the TT collection (unsharded use only: the TT sharder
-            does not shard fused TT optimizers yet).
+        tt_fused_params: ``fused_params`` of the TT collection (its fused optimizer; the TT
+            sharder keeps it when the collection is sharded).
     """
 
     def __init__(
