@@ -14,16 +14,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
-from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor
 from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
 from torchrec.distributed.types import QuantizedCommCodecs, ShardingEnv
 
-from torchrec_tt.sharding.lookup import TTLocalTable, TTPooledEmbeddingsLookup
+from torchrec_tt.sharding.lookup import TTLocalTable, TTLookupFactory
 
 __all__ = ["CwTTPooledEmbeddingSharding"]
 
 
-class CwTTPooledEmbeddingSharding(CwPooledEmbeddingSharding):
+class CwTTPooledEmbeddingSharding(TTLookupFactory, CwPooledEmbeddingSharding):
     """Column shards of a table on one or more ranks; outputs re-joined by TorchRec's output dist.
 
     Args:
@@ -65,17 +64,5 @@ class CwTTPooledEmbeddingSharding(CwPooledEmbeddingSharding):
         self._replicated = list(replicated)
         self._replicated_group = replicated_group
 
-    def create_lookup(
-        self,
-        device: torch.device | None = None,
-        fused_params: dict[str, Any] | None = None,
-        feature_processor: BaseGroupedFeatureProcessor | None = None,
-    ) -> TTPooledEmbeddingsLookup:
-        return TTPooledEmbeddingsLookup(
-            self._grouped_embedding_configs,
-            self._tt_tables,
-            self._is_weighted,
-            replicated=self._replicated,
-            replicated_group=self._replicated_group,
-            fused_update=self._fused_update,
-        )
+    def _tt_lookup_kwargs(self) -> dict[str, Any]:
+        return {"replicated": self._replicated, "replicated_group": self._replicated_group}

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
-from torchrec.distributed.embedding_types import BaseGroupedFeatureProcessor
 from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
 from torchrec.distributed.types import ShardingEnv
 
-from torchrec_tt.sharding.lookup import TTLocalTable, TTPooledEmbeddingsLookup
+from torchrec_tt.sharding.lookup import TTLocalTable, TTLookupFactory
 
 __all__ = ["DpTTPooledEmbeddingSharding"]
 
 
-class DpTTPooledEmbeddingSharding(DpPooledEmbeddingSharding):
+class DpTTPooledEmbeddingSharding(TTLookupFactory, DpPooledEmbeddingSharding):
     """Every rank holds every table and looks up its own batch: no all-to-all at all.
 
     The caller wraps the lookup in ``DistributedDataParallel`` (its core gradients are averaged
@@ -47,16 +45,3 @@ class DpTTPooledEmbeddingSharding(DpPooledEmbeddingSharding):
         self._tt_tables = tables
         self._is_weighted = is_weighted
         self._fused_update = fused_update
-
-    def create_lookup(
-        self,
-        device: torch.device | None = None,
-        fused_params: dict[str, Any] | None = None,
-        feature_processor: BaseGroupedFeatureProcessor | None = None,
-    ) -> TTPooledEmbeddingsLookup:
-        return TTPooledEmbeddingsLookup(
-            self._grouped_embedding_configs,
-            self._tt_tables,
-            self._is_weighted,
-            fused_update=self._fused_update,
-        )

@@ -387,3 +387,35 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         return tt_embedding_bag(
             cores, self._layout, sparse_features.values(), sparse_features.offsets(), weights
         )
+
+
+class TTLookupFactory:
+    """Mixin of the Dp/Tw/Cw TT shardings: ``create_lookup`` builds the TT lookup over the
+    strategy's grouped configs (the one thing the TT shardings change in TorchRec's classes).
+
+    Set ``_tt_tables``, ``_is_weighted`` and ``_fused_update`` in ``__init__``; override
+    ``_tt_lookup_kwargs`` for extra lookup arguments.
+    """
+
+    _tt_tables: Mapping[str, TTLocalTable]
+    _is_weighted: bool
+    _fused_update: Callable[[Sequence[Tensor], Sequence[Tensor]], None] | None
+    _grouped_embedding_configs: list[GroupedEmbeddingConfig]
+
+    def _tt_lookup_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: Any = None,
+    ) -> TTPooledEmbeddingsLookup:
+        return TTPooledEmbeddingsLookup(
+            self._grouped_embedding_configs,
+            self._tt_tables,
+            self._is_weighted,
+            fused_update=self._fused_update,
+            **self._tt_lookup_kwargs(),
+        )
+
