@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.reference import tt_embedding_bag_dense_reference, tt_rows_reference
+from torchrec_tt.shapes import TTShape
 from torchrec_tt.testing import random_problem
 
 
@@ -68,7 +71,7 @@ def test_larger_tables_with_shared_prefixes_float32() -> None:
     p, q, ranks, n = (7, 5, 300), (2, 3, 5), (6, 4), 10_000
     full = (1, *ranks, 1)
     cores = [torch.randn(p[k], full[k] * q[k] * full[k + 1], generator=gen) for k in range(3)]
-    layout = TTBatchLayout.from_shapes(["big"], [type("S", (), dict(num_rows=n, p=p, q=q, ranks=ranks))], [PoolingMode.SUM], [0])
+    layout = TTBatchLayout.from_shapes(["big"], [TTShape(n, 30, p, q, ranks)], [PoolingMode.SUM], [0])
     indices = torch.randint(0, n, (5000,), generator=gen)
     offsets = torch.arange(0, 5001, 10)
     out = tt_embedding_bag(cores, layout, indices, offsets)
@@ -272,7 +275,7 @@ def test_cuda_float32_matches_cpu_at_scale(num_lookups: int, q: tuple, ranks: tu
     p, n = (200, 220, 250), 11_000_000
     full = (1, *ranks, 1)
     cores = [0.2 * torch.randn(p[k], full[k] * q[k] * full[k + 1], generator=gen) for k in range(3)]
-    shape = type("S", (), dict(num_rows=n, p=p, q=q, ranks=ranks))
+    shape = TTShape(n, math.prod(q), p, q, ranks)
     layout = TTBatchLayout.from_shapes(["t"], [shape], [PoolingMode.MEAN], [0])
     bags = num_lookups // 16
     lengths = torch.randint(0, 33, (bags,), generator=gen)
@@ -355,7 +358,8 @@ def test_cuda_out_of_range_index_is_caught_on_the_device() -> None:
     code = textwrap.dedent(
         """
         import torch
-        from torchrec_tt.testing import random_problem
+        from torchrec_tt.shapes import TTShape
+from torchrec_tt.testing import random_problem
         from torchrec_tt.ops import tt_embedding_bag
         prob = random_problem(3, num_tables=1, batch_size=4)
         idx = prob.indices.clone(); idx[-1] = 10**7

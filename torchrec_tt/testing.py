@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from torchrec_tt.ops import PoolingMode, TTBatchLayout
+from torchrec_tt.shapes import TTShape
 
 
 @dataclass
@@ -61,7 +62,7 @@ def random_problem(
             cores.append(
                 torch.randn(p[j], full[j] * q[j] * full[j + 1], generator=gen, dtype=dtype)
             )
-        shapes.append(_Shape(n, p, q, ranks))
+        shapes.append(TTShape(n, math.prod(q), p, q, ranks))
         names.append(f"table_{t}")
     num_features = num_features or num_tables
     feature_table_map = [f % num_tables for f in range(num_features)]
@@ -78,11 +79,3 @@ def random_problem(
     indices = torch.cat(parts).to(index_dtype)
     weights = torch.rand(indices.numel(), generator=gen, dtype=dtype) if weighted else None
     return RandomProblem(cores, layout, indices, offsets, weights, batch_size)
-
-
-@dataclass(frozen=True)
-class _Shape:
-    num_rows: int
-    p: tuple[int, ...]
-    q: tuple[int, ...]
-    ranks: tuple[int, ...]
