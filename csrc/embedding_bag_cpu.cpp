@@ -485,8 +485,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
     grads.push_back(at::zeros_like(c, at::MemoryFormat::Contiguous));
   }
   at::Tensor wgrad = weights_grad ? at::zeros({n}, gout.options()) : at::empty({0}, gout.options());
-  auto rows = weights_grad ? all_rows<scalar_t>(info, d, cores)
-                           : std::vector<std::vector<scalar_t>>();
+  scalar_t* wg = weights_grad ? wgrad.data_ptr<scalar_t>() : nullptr;
 
   for (const auto t : c10::irange(static_cast<int64_t>(info.tables.size()))) {
     const TableInfo& ti = info.tables[t];
@@ -518,6 +517,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
       }
     }
     const int64_t D = ti.D;
+    // One tiled copy of the last core serves the rows (weight gradients) and the core gradients.
+    TableCores<scalar_t> tc(ti, cores);
+    std::vector<scalar_t> rows(weights_grad ? U * D : 0);
+    if (weights_grad) {
+      compute_rows<scalar_t>(tc, d.uniq[t], rows.data());
+    }
     std::vector<scalar_t> drows(U * D, scalar_t(0));
     at::parallel_for(0, U, 256, [&](int64_t lo, int64_t hi) {
       for (int64_t u = lo; u < hi; ++u) {
@@ -535,18 +540,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
             dr[x] += c * g[x];
           }
           if (weights_grad) {
-            const scalar_t* row = rows[t].data() + u * D;
+            const scalar_t* row = rows.data() + u * D;
             scalar_t s = 0;
 #pragma omp simd reduction(+ : s)
             for (int64_t x = 0; x < D; ++x) {
               s += row[x] * g[x];
             }
-            wgrad.data_ptr<scalar_t>()[j] = s * scale;
+            wg[j] = s * scale;
           }
         }
       }
     });
-    TableCores<scalar_t> tc(ti, cores);
     table_core_grads<scalar_t>(tc, d.uniq[t], drows.data(), grads);
   }
   return {grads, wgrad};
