@@ -186,6 +186,47 @@ inline BatchInfo parse_and_check(
   return info;
 }
 
+struct KernelOptions {
+  BoundsCheckMode bounds = BoundsCheckMode::FATAL;
+  ComputePrecision precision = ComputePrecision::TF32;
+  bool deterministic = false;
+};
+
+inline KernelOptions parse_kernel_options(const char* op, const BatchInfo& info,
+                                          int64_t bounds_check_mode, int64_t compute_precision,
+                                          bool deterministic) {
+  TORCH_CHECK(bounds_check_mode >= 0 && bounds_check_mode <= 2, op, ": bounds_check_mode must be ",
+              "0 (FATAL), 1 (WARNING) or 2 (IGNORE), got ", bounds_check_mode);
+  TORCH_CHECK(compute_precision >= 0 && compute_precision <= 3, op, ": compute_precision must be ",
+              "0 (TF32), 1 (FP32), 2 (BF16) or 3 (FP16), got ", compute_precision);
+  KernelOptions o;
+  o.bounds = static_cast<BoundsCheckMode>(bounds_check_mode);
+  o.precision = static_cast<ComputePrecision>(compute_precision);
+  o.deterministic = deterministic;
+  TORCH_CHECK(info.dtype == at::kFloat || o.precision == ComputePrecision::TF32 ||
+                  o.precision == ComputePrecision::FP32,
+              op, ": compute_precision BF16 / FP16 needs float32 cores, got ", info.dtype);
+  return o;
+}
+
+// The cores the kernels read: for BF16 / FP16 compute, float32 copies rounded to that type (so
+// every backend and path sees the same operands); otherwise the contiguous cores themselves.
+inline std::vector<at::Tensor> compute_cores(const std::vector<at::Tensor>& cores,
+                                             const KernelOptions& o) {
+  std::vector<at::Tensor> out;
+  out.reserve(cores.size());
+  for (const auto& c : cores) {
+    if (o.precision == ComputePrecision::BF16) {
+      out.push_back(c.to(at::kBFloat16).to(at::kFloat).contiguous());
+    } else if (o.precision == ComputePrecision::FP16) {
+      out.push_back(c.to(at::kHalf).to(at::kFloat).contiguous());
+    } else {
+      out.push_back(c.contiguous());
+    }
+  }
+  return out;
+}
+
 // Checks of the backward op's own arguments (the shared ones go through parse_and_check).
 inline void check_backward_args(const char* op, const BatchInfo& info,
                                 const at::Tensor& grad_output, const at::Tensor& indices,

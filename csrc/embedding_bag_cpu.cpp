@@ -47,7 +47,8 @@ at::Tensor checked_offsets(const char* op, const BatchInfo& info, const at::Tens
 // (written into `uid`, indexed by the lookup's position in `indices`).
 template <typename index_t>
 std::vector<int64_t> dedup_table(const char* op, const BatchInfo& info, int64_t t,
-                                 const index_t* idx, const int64_t* off, int64_t* uid) {
+                                 const index_t* idx, const int64_t* off, BoundsCheckMode bounds,
+                                 bool* warned, int64_t* uid) {
   const TableInfo& ti = info.tables[t];
   std::vector<std::pair<int64_t, int64_t>> ranges;  // [begin, end) in `indices`
   size_t count = 0;
@@ -58,8 +59,17 @@ std::vector<int64_t> dedup_table(const char* op, const BatchInfo& info, int64_t 
     const int64_t b = off[f * info.B], e = off[(f + 1) * info.B];
     for (int64_t j = b; j < e; ++j) {
       const int64_t v = static_cast<int64_t>(idx[j]);
-      TORCH_CHECK(v >= 0 && v < ti.N, op, ": ", table_label(ti), " (feature ", f, "): index ", v,
-                  " at position ", j, " is out of range [0, ", ti.N, ")");
+      if (v >= 0 && v < ti.N) {
+        continue;
+      }
+      TORCH_CHECK(bounds != BoundsCheckMode::FATAL, op, ": ", table_label(ti), " (feature ", f,
+                  "): index ", v, " at position ", j, " is out of range [0, ", ti.N, ")");
+      if (bounds == BoundsCheckMode::WARNING && !*warned) {
+        TORCH_WARN(op, ": ", table_label(ti), " (feature ", f, "): index ", v, " at position ", j,
+                   " is out of range [0, ", ti.N, "); out-of-range lookups contribute zero ",
+                   "(further ones in this call are not reported)");
+        *warned = true;
+      }
     }
     ranges.emplace_back(b, e);
     count += static_cast<size_t>(e - b);
@@ -68,7 +78,10 @@ std::vector<int64_t> dedup_table(const char* op, const BatchInfo& info, int64_t 
   uniq.reserve(count);
   for (const auto& [b, e] : ranges) {
     for (int64_t j = b; j < e; ++j) {
-      uniq.push_back(static_cast<int64_t>(idx[j]));
+      const int64_t v = static_cast<int64_t>(idx[j]);
+      if (v >= 0 && v < ti.N) {
+        uniq.push_back(v);
+      }
     }
   }
   std::sort(uniq.begin(), uniq.end());
@@ -76,8 +89,11 @@ std::vector<int64_t> dedup_table(const char* op, const BatchInfo& info, int64_t 
   for (const auto& [b, e] : ranges) {
     at::parallel_for(b, e, 4096, [&](int64_t lo, int64_t hi) {
       for (int64_t j = lo; j < hi; ++j) {
-        uid[j] = std::lower_bound(uniq.begin(), uniq.end(), static_cast<int64_t>(idx[j])) -
-                 uniq.begin();
+        const int64_t v = static_cast<int64_t>(idx[j]);
+        // -1: an out-of-range lookup (WARNING / IGNORE), which contributes nothing.
+        uid[j] = (v >= 0 && v < ti.N)
+                     ? std::lower_bound(uniq.begin(), uniq.end(), v) - uniq.begin()
+                     : -1;
       }
     });
   }
@@ -280,8 +296,9 @@ struct Dedup {
 };
 
 Dedup dedup_all(const char* op, const BatchInfo& info, const at::Tensor& indices,
-                const at::Tensor& offsets) {
+                const at::Tensor& offsets, BoundsCheckMode bounds) {
   Dedup d;
+  bool warned = false;
   d.offsets = checked_offsets(op, info, offsets, indices.numel());
   d.uid.resize(indices.numel());
   const int64_t* off = d.offsets.data_ptr<int64_t>();
@@ -289,7 +306,7 @@ Dedup dedup_all(const char* op, const BatchInfo& info, const at::Tensor& indices
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "tt_dedup", [&] {
     for (const auto t : c10::irange(static_cast<int64_t>(info.tables.size()))) {
       d.uniq.push_back(dedup_table<index_t>(op, info, t, idx.data_ptr<index_t>(), off,
-                                            d.uid.data()));
+                                            bounds, &warned, d.uid.data()));
     }
   });
   return d;
@@ -299,15 +316,6 @@ inline double bag_scale(int64_t pooling, int64_t len) {
   return (pooling == static_cast<int64_t>(PoolingMode::MEAN) && len > 0)
              ? 1.0 / static_cast<double>(len)
              : 1.0;
-}
-
-std::vector<at::Tensor> contiguous_all(const std::vector<at::Tensor>& ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) {
-    out.push_back(t.contiguous());
-  }
-  return out;
 }
 
 template <typename scalar_t>
@@ -326,9 +334,9 @@ std::vector<std::vector<scalar_t>> all_rows(const BatchInfo& info, const Dedup& 
 template <typename scalar_t>
 at::Tensor forward_impl(const BatchInfo& info, const std::vector<at::Tensor>& cores,
                         const at::Tensor& indices, const at::Tensor& offsets,
-                        const std::optional<at::Tensor>& weights) {
+                        const std::optional<at::Tensor>& weights, BoundsCheckMode bounds) {
   const char* op = "torchrec_tt::tt_embedding_bag";
-  Dedup d = dedup_all(op, info, indices, offsets);
+  Dedup d = dedup_all(op, info, indices, offsets, bounds);
   auto rows = all_rows<scalar_t>(info, d, cores);
   auto out = at::zeros({info.B, info.total_D}, indices.options().dtype(info.dtype));
   scalar_t* o = out.data_ptr<scalar_t>();
@@ -343,6 +351,9 @@ at::Tensor forward_impl(const BatchInfo& info, const std::vector<at::Tensor>& co
       scalar_t* dst = o + b * info.total_D + info.feature_col[f];
       const scalar_t scale = static_cast<scalar_t>(bag_scale(info.tables[t].pooling, off[bag + 1] - off[bag]));
       for (int64_t j = off[bag]; j < off[bag + 1]; ++j) {
+        if (d.uid[j] < 0) {
+          continue;
+        }
         const scalar_t c = wp ? wp[j] * scale : scale;
         const scalar_t* src = rows[t].data() + d.uid[j] * D;
 #pragma omp simd
@@ -462,9 +473,9 @@ template <typename scalar_t>
 std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
     const BatchInfo& info, const at::Tensor& grad_output, const std::vector<at::Tensor>& cores,
     const at::Tensor& indices, const at::Tensor& offsets,
-    const std::optional<at::Tensor>& weights, bool weights_grad) {
+    const std::optional<at::Tensor>& weights, bool weights_grad, BoundsCheckMode bounds) {
   const char* op = "torchrec_tt::tt_embedding_bag_backward";
-  Dedup d = dedup_all(op, info, indices, offsets);
+  Dedup d = dedup_all(op, info, indices, offsets, bounds);
   const int64_t* off = d.offsets.data_ptr<int64_t>();
   auto gout = grad_output.contiguous();
   const scalar_t* dy = gout.data_ptr<scalar_t>();
@@ -500,7 +511,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
         continue;
       }
       for (int64_t j = off[f * info.B]; j < off[(f + 1) * info.B]; ++j) {
-        ++start[d.uid[j] + 1];
+        if (d.uid[j] >= 0) {
+          ++start[d.uid[j] + 1];
+        }
       }
     }
     std::partial_sum(start.begin(), start.end(), start.begin());
@@ -512,7 +525,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> backward_impl(
           continue;
         }
         for (int64_t j = off[f * info.B]; j < off[(f + 1) * info.B]; ++j) {
-          pos[fill[d.uid[j]]++] = j;
+          if (d.uid[j] >= 0) {
+            pos[fill[d.uid[j]]++] = j;
+          }
         }
       }
     }
@@ -570,13 +585,20 @@ at::Tensor tt_embedding_bag_cpu(
     at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    const std::optional<at::Tensor>& per_sample_weights) {
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t bounds_check_mode,
+    int64_t compute_precision,
+    bool deterministic) {
+  const char* op = "torchrec_tt::tt_embedding_bag";
   const BatchInfo info = parse_and_check(
-      "torchrec_tt::tt_embedding_bag", cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
+      op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
       feature_table_map, table_names, pooling_modes, indices, offsets, per_sample_weights);
-  const auto cc = contiguous_all(cores);
+  // The CPU kernel is deterministic for a fixed thread count, so `deterministic` changes nothing.
+  const KernelOptions o =
+      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
+  const auto cc = compute_cores(cores, o);
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_cpu", [&] {
-    return forward_impl<scalar_t>(info, cc, indices, offsets, per_sample_weights);
+    return forward_impl<scalar_t>(info, cc, indices, offsets, per_sample_weights, o.bounds);
   });
 }
 
@@ -594,17 +616,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
     const at::Tensor& indices,
     const at::Tensor& offsets,
     const std::optional<at::Tensor>& per_sample_weights,
-    bool per_sample_weights_grad) {
+    bool per_sample_weights_grad,
+    int64_t bounds_check_mode,
+    int64_t compute_precision,
+    bool deterministic) {
   const char* op = "torchrec_tt::tt_embedding_bag_backward";
   const BatchInfo info =
       parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                       feature_table_map, table_names, pooling_modes, indices, offsets,
                       per_sample_weights);
   check_backward_args(op, info, grad_output, indices, per_sample_weights, per_sample_weights_grad);
-  const auto cc = contiguous_all(cores);
+  const KernelOptions o =
+      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
+  const auto cc = compute_cores(cores, o);
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_backward_cpu", [&] {
     return backward_impl<scalar_t>(info, grad_output, cc, indices, offsets,
-                                   per_sample_weights, per_sample_weights_grad);
+                                   per_sample_weights, per_sample_weights_grad, o.bounds);
   });
 }
 

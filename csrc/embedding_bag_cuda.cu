@@ -11,13 +11,19 @@
 // The backward recomputes 1-3, reduces dY onto the unique rows (segment sums over the sorted
 // lookups: deterministic), then each block backpropagates a chunk of unique rows through the
 // core chain, accumulating the dP of a prefix run before pushing it further down the chain.
-// Core gradients are accumulated with atomicAdd (order not deterministic).
+// Core gradients are accumulated with atomicAdd (order not deterministic) unless the call asks
+// for determinism: then dY is summed per unique row by one warp in sorted order and each core
+// slice's gradient by the one block that owns it (det_core_grad_kernel), with no float atomics.
+// Out-of-range indices (bounds_check_mode WARNING / IGNORE) get a key that sorts last and no
+// unique row, so they read and write nothing.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <mma.h>
 
 #include <cstdio>
@@ -35,6 +41,10 @@ constexpr int kKeyShift = 40;  // indices must be < 2^40 (checked on the host ag
 constexpr int64_t kKeyMask = (int64_t{1} << kKeyShift) - 1;
 constexpr int kThreads = 128;
 constexpr int kRowsPerBlock = 8;
+
+__host__ __device__ inline int round_up(int x, int m) {
+  return (x + m - 1) / m * m;
+}
 
 struct DevTable {
   int64_t N;
@@ -144,9 +154,14 @@ __global__ void check_offsets_kernel(const Params<scalar_t> P, const int64_t* of
   }
 }
 
+// Key of an out-of-range lookup under WARNING / IGNORE: sorts after every real key, gets no
+// unique row (uid -1) and contributes nothing.
+constexpr int64_t kInvalidKey = INT64_MAX;
+
 template <typename scalar_t, typename index_t>
 __global__ void keys_kernel(const Params<scalar_t> P, const index_t* __restrict__ idx,
-                            const int64_t* __restrict__ off, int64_t n, int64_t* __restrict__ keys,
+                            const int64_t* __restrict__ off, int64_t n, int bounds,
+                            int32_t* __restrict__ warned, int64_t* __restrict__ keys,
                             int32_t* __restrict__ bag_of) {
   const int64_t num_bags = P.F * P.B;
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
@@ -154,15 +169,25 @@ __global__ void keys_kernel(const Params<scalar_t> P, const index_t* __restrict_
     const int64_t bag = find_bag(off, num_bags, j);
     const int t = P.feature_table[bag / P.B];
     const int64_t v = static_cast<int64_t>(idx[j]);
+    bag_of[j] = static_cast<int32_t>(bag);
     if (v < 0 || v >= P.tables[t].N) {
-      printf("torchrec_tt::tt_embedding_bag: table %d (feature %lld): index %lld at position "
-             "%lld is out of range [0, %lld)\n",
-             t, static_cast<long long>(bag / P.B), static_cast<long long>(v),
-             static_cast<long long>(j), static_cast<long long>(P.tables[t].N));
-      __trap();  // never read or write out of bounds
+      const bool fatal = bounds == static_cast<int>(BoundsCheckMode::FATAL);
+      if (fatal || (bounds == static_cast<int>(BoundsCheckMode::WARNING) &&
+                    atomicCAS(warned, 0, 1) == 0)) {
+        printf("torchrec_tt::tt_embedding_bag: table %d (feature %lld): index %lld at position "
+               "%lld is out of range [0, %lld)%s\n",
+               t, static_cast<long long>(bag / P.B), static_cast<long long>(v),
+               static_cast<long long>(j), static_cast<long long>(P.tables[t].N),
+               fatal ? "" : "; out-of-range lookups contribute zero (further ones in this call "
+                            "are not reported)");
+      }
+      if (fatal) {
+        __trap();  // never read or write out of bounds
+      }
+      keys[j] = kInvalidKey;
+      continue;
     }
     keys[j] = (int64_t(t) << kKeyShift) | v;
-    bag_of[j] = static_cast<int32_t>(bag);
   }
 }
 
@@ -173,14 +198,17 @@ __global__ void unique_kernel(const int64_t* __restrict__ sorted_keys,
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
        j += int64_t(gridDim.x) * blockDim.x) {
     const int32_t u = uid_incl[j] - 1;
+    const bool invalid = sorted_keys[j] == kInvalidKey;  // sorted last
     if (j == 0 || sorted_keys[j] != sorted_keys[j - 1]) {
       ukey[u] = sorted_keys[j];
-      seg_start[u] = j;
+      seg_start[u] = j;  // for the invalid run: the end of the valid lookups
     }
-    uid_of[perm[j]] = u;
+    uid_of[perm[j]] = invalid ? -1 : u;
     if (j == n - 1) {
-      seg_start[u + 1] = n;
-      *num_unique = u + 1;
+      if (!invalid) {
+        seg_start[u + 1] = n;
+      }
+      *num_unique = invalid ? u : u + 1;
     }
   }
 }
@@ -302,8 +330,10 @@ __global__ void pool_kernel(const Params<scalar_t> P, const int64_t* __restrict_
     for (int d = lane; d < T.D; d += 32) {
       scalar_t acc = 0;
       for (int64_t j = lo; j < hi; ++j) {
-        const scalar_t c = w ? w[j] : scalar_t(1);
-        acc += c * rows[int64_t(uid_of[j]) * P.row_stride + d];
+        const int64_t u = uid_of[j];
+        if (u >= 0) {
+          acc += (w ? w[j] : scalar_t(1)) * rows[u * P.row_stride + d];
+        }
       }
       dst[d] = acc * scale;
     }
@@ -316,6 +346,7 @@ __global__ void pool_kernel(const Params<scalar_t> P, const int64_t* __restrict_
 template <typename scalar_t>
 __global__ void drows_kernel(const Params<scalar_t> P, const int64_t* __restrict__ off,
                              const int64_t* __restrict__ perm, const int32_t* __restrict__ uid_incl,
+                             const int32_t* __restrict__ uid_of,
                              const int32_t* __restrict__ bag_of, const scalar_t* __restrict__ w,
                              const scalar_t* __restrict__ dy, int64_t n, scalar_t* __restrict__ drows) {
   const int lane = threadIdx.x & 31;
@@ -340,7 +371,7 @@ __global__ void drows_kernel(const Params<scalar_t> P, const int64_t* __restrict
         const int f = static_cast<int>(bag / P.B);
         const int64_t b = bag - int64_t(f) * P.B;
         const DevTable& T = P.tables[P.feature_table[f]];
-        if (d < T.D) {
+        if (d < T.D && uid_of[j] >= 0) {
           const scalar_t coef =
               (w ? w[j] : scalar_t(1)) * bag_scale<scalar_t>(T, off[bag + 1] - off[bag]);
           acc += coef * dy[b * P.total_D + P.feature_col[f] + d];
@@ -366,10 +397,11 @@ __global__ void weight_grad_kernel(const Params<scalar_t> P, const int64_t* __re
     const int f = static_cast<int>(bag / P.B);
     const int64_t b = bag - int64_t(f) * P.B;
     const DevTable& T = P.tables[P.feature_table[f]];
-    const scalar_t* row = rows + int64_t(uid_of[j]) * P.row_stride;
+    const int64_t u = uid_of[j];
+    const scalar_t* row = rows + max(u, int64_t{0}) * P.row_stride;
     const scalar_t* g = dy + b * P.total_D + P.feature_col[f];
     scalar_t s = 0;
-    for (int d = lane; d < T.D; d += 32) {
+    for (int d = lane; d < T.D && u >= 0; d += 32) {
       s += row[d] * g[d];
     }
     for (int o = 16; o > 0; o /= 2) {
@@ -492,6 +524,193 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- Deterministic backward (no floating-point atomics) -------------------------------------
+
+// drows[u] = sum of coef * dY over u's lookups, one warp per unique row walking them in sorted
+// (stable) order, so the sum's order is fixed.
+template <typename scalar_t>
+__global__ void drows_det_kernel(const Params<scalar_t> P, const int64_t* __restrict__ off,
+                                 const int64_t* __restrict__ perm,
+                                 const int64_t* __restrict__ seg_start,
+                                 const int32_t* __restrict__ num_unique,
+                                 const int32_t* __restrict__ bag_of, const scalar_t* __restrict__ w,
+                                 const scalar_t* __restrict__ dy, scalar_t* __restrict__ drows) {
+  const int lane = threadIdx.x & 31;
+  const int64_t U = *num_unique;
+  for (int64_t u = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; u < U;
+       u += int64_t(gridDim.x) * blockDim.x / 32) {
+    for (int d = lane; d < P.row_stride; d += 32) {
+      scalar_t acc = 0;
+      for (int64_t s = seg_start[u]; s < seg_start[u + 1]; ++s) {
+        const int64_t j = perm[s];
+        const int64_t bag = bag_of[j];
+        const int f = static_cast<int>(bag / P.B);
+        const int64_t b = bag - int64_t(f) * P.B;
+        const DevTable& T = P.tables[P.feature_table[f]];
+        if (d < T.D) {
+          const scalar_t coef =
+              (w ? w[j] : scalar_t(1)) * bag_scale<scalar_t>(T, off[bag + 1] - off[bag]);
+          acc += coef * dy[b * P.total_D + P.feature_col[f] + d];
+        }
+      }
+      drows[u * P.row_stride + d] = acc;
+    }
+  }
+}
+
+// Shared-memory buffers of det_core_grad_kernel (element offsets): two ping-pong buffers for the
+// left chain L = G_0..G_{k-1} and for the right chain S = G_{k+1}..G_{K-1}, T1 and the slice
+// accumulator.
+struct DetLayout {
+  int left[2], right[2], t1, acc, total;
+};
+
+inline DetLayout det_layout(const DevTable* tables, int T) {
+  int left = 1, right = 1, t1 = 1, acc = 1;
+  for (int t = 0; t < T; ++t) {
+    const DevTable& d = tables[t];
+    for (int k = 0; k < d.K; ++k) {
+      const int qleft = k == 0 ? 1 : d.Q[k - 1];
+      const int qright = d.D / (qleft * d.q[k]);
+      left = std::max(left, d.Q[k] * d.r[k + 1]);
+      right = std::max(right, d.r[k] * qright * d.q[k]);
+      t1 = std::max(t1, d.r[k] * d.q[k] * qright);
+      acc = std::max(acc, d.r[k] * d.q[k] * d.r[k + 1]);
+    }
+  }
+  DetLayout L{};
+  int off = 0;
+  for (int x = 0; x < 2; ++x) {
+    L.left[x] = off;
+    off += round_up(left, 4);
+  }
+  for (int x = 0; x < 2; ++x) {
+    L.right[x] = off;
+    off += round_up(right, 4);
+  }
+  L.t1 = off;
+  off += round_up(t1, 4);
+  L.acc = off;
+  off += round_up(acc, 4);
+  L.total = off;
+  return L;
+}
+
+// Core gradients of core `level`, "owner computes": block g owns group g, the slice G_k[s] of
+// one table, and adds the contributions of the group's unique rows one after another in sorted
+// order (plain stores, no atomics: bit-identical run to run). For a row with left chain
+// L [Q_left, r_k], right chain S [r_{k+1}, Q_right] and row gradient dR [Q_left, q_k, Q_right]:
+//   dG_k[s][a, c, b] += sum_{m, x} L[m, a] * dR[m, c, x] * S[b, x]   (via T1 = L^T dR).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    det_core_grad_kernel(const Params<scalar_t> P, const DetLayout Ls, int level,
+                         const int64_t* __restrict__ sorted2, const int64_t* __restrict__ ord,
+                         const int64_t* __restrict__ group_start,
+                         const int32_t* __restrict__ num_groups, int64_t n,
+                         const int64_t* __restrict__ ukey, const scalar_t* __restrict__ drows) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
+  const int k = level;
+  for (int64_t g = blockIdx.x; g < *num_groups; g += gridDim.x) {
+    const int64_t k0 = group_start[g];
+    const int64_t key = sorted2[k0];
+    const int t = static_cast<int>(key >> kKeyShift);
+    const int64_t digit = key & kKeyMask;
+    const DevTable& T = P.tables[t];
+    const int K = T.K, rk = T.r[k], qk = T.q[k], rk1 = T.r[k + 1];
+    const int qleft = k == 0 ? 1 : T.Q[k - 1];
+    const int qright = T.D / (qleft * qk);
+    const int slice = rk * qk * rk1;
+    scalar_t* acc = sm + Ls.acc;
+    scalar_t* t1 = sm + Ls.t1;
+    for (int e = threadIdx.x; e < slice; e += blockDim.x) {
+      acc[e] = 0;
+    }
+    for (int64_t kk = k0; kk < n && sorted2[kk] == key; ++kk) {
+      const int64_t u = ord[kk];
+      const int64_t i = ukey[u] & kKeyMask;
+      // Left chain: [Q_l, r_{l+1}] after level l (nothing when k == 0: L is [1, 1] = 1).
+      const scalar_t* L = nullptr;
+      for (int l = 0; l < k; ++l) {
+        const int cols = T.q[l] * T.r[l + 1];
+        const scalar_t* gl = P.cores[t][l] + ((i / T.stride[l]) % T.p[l]) * T.r[l] * cols;
+        scalar_t* out = sm + Ls.left[l & 1];
+        if (l == 0) {
+          for (int e = threadIdx.x; e < cols; e += blockDim.x) {
+            out[e] = gl[e];
+          }
+        } else {
+          const int M = T.Q[l - 1], Kd = T.r[l];
+          for (int e = threadIdx.x; e < M * cols; e += blockDim.x) {
+            const int m = e / cols, c = e - m * cols;
+            scalar_t v = 0;
+            for (int a = 0; a < Kd; ++a) {
+              v += L[m * Kd + a] * gl[a * cols + c];
+            }
+            out[e] = v;
+          }
+        }
+        __syncthreads();
+        L = out;
+      }
+      // Right chain: [r_l, q_l * ... * q_{K-1}] after level l (nothing when k == K-1).
+      const scalar_t* S = nullptr;
+      int sq = 1;  // columns of S
+      for (int l = K - 1; l > k; --l) {
+        const int cols = T.q[l] * T.r[l + 1];
+        const scalar_t* gl = P.cores[t][l] + ((i / T.stride[l]) % T.p[l]) * T.r[l] * cols;
+        scalar_t* out = sm + Ls.right[l & 1];
+        if (l == K - 1) {
+          for (int e = threadIdx.x; e < T.r[l] * T.q[l]; e += blockDim.x) {
+            out[e] = gl[e];
+          }
+        } else {
+          // out[a, (c, x)] = sum_b G_l[a, c, b] * S[b, x]
+          const int rl1 = T.r[l + 1], total = T.r[l] * T.q[l] * sq;
+          for (int e = threadIdx.x; e < total; e += blockDim.x) {
+            const int a = e / (T.q[l] * sq), rest = e - a * (T.q[l] * sq);
+            const int c = rest / sq, x = rest - c * sq;
+            scalar_t v = 0;
+            for (int b = 0; b < rl1; ++b) {
+              v += gl[a * cols + c * rl1 + b] * S[b * sq + x];
+            }
+            out[e] = v;
+          }
+        }
+        __syncthreads();
+        S = out;
+        sq *= T.q[l];
+      }
+      // T1[a, c, x] = sum_m L[m, a] * dR[m, c, x]
+      const scalar_t* dr = drows + u * P.row_stride;
+      for (int e = threadIdx.x; e < rk * qk * qright; e += blockDim.x) {
+        const int a = e / (qk * qright), cx = e - a * (qk * qright);
+        scalar_t v = 0;
+        for (int m = 0; m < qleft; ++m) {
+          v += (L ? L[m * rk + a] : scalar_t(1)) * dr[m * qk * qright + cx];
+        }
+        t1[e] = v;
+      }
+      __syncthreads();
+      // acc[a, c, b] += sum_x T1[a, c, x] * S[b, x]
+      for (int e = threadIdx.x; e < slice; e += blockDim.x) {
+        const int ac = e / rk1, b = e - ac * rk1;
+        scalar_t v = 0;
+        for (int x = 0; x < qright; ++x) {
+          v += t1[ac * qright + x] * (S ? S[b * qright + x] : scalar_t(1));
+        }
+        acc[e] += v;
+      }
+      __syncthreads();
+    }
+    scalar_t* dst = P.grads[t][k] + digit * slice;
+    for (int e = threadIdx.x; e < slice; e += blockDim.x) {
+      dst[e] = acc[e];
+    }
+    __syncthreads();
+  }
+}
+
 int grid_for(int64_t work, int per_block) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   int device = 0, sms = 0;
@@ -521,10 +740,6 @@ struct TileLayout {
   int floats;                  // total
 };
 
-__host__ __device__ inline int round_up(int x, int m) {
-  return (x + m - 1) / m * m;
-}
-
 // Shared-memory floats a tile of `tile` rows of table T needs, per buffer.
 inline void tile_sizes(const DevTable& T, int tile, int sizes[6]) {
   const int R1p = round_up(T.r[1], 16), N2p = round_up(T.q[1] * T.r[2], 16);
@@ -539,10 +754,10 @@ inline void tile_sizes(const DevTable& T, int tile, int sizes[6]) {
 
 // Marks the tables the tile path takes and lays out its shared memory; tile = 0 if none.
 template <typename scalar_t>
-TileLayout plan_tiles(Params<scalar_t>& P) {
+TileLayout plan_tiles(Params<scalar_t>& P, ComputePrecision prec) {
   TileLayout L{};
-  if (!std::is_same<scalar_t, float>::value) {
-    return L;
+  if (!std::is_same<scalar_t, float>::value || prec == ComputePrecision::FP32) {
+    return L;  // CUDA-core chain kernels only
   }
   constexpr int kSmemBudget = 200 * 1024 / 4;
   for (int tile : {kMaxTile, 16}) {
@@ -631,6 +846,80 @@ __device__ void wmma_gemm(int M, int N, int Kd, const float* A, int lda, const f
   }
 }
 
+// Packs two floats (lo in the low half) into a bf16x2 / f16x2 register.
+template <bool kBf16>
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (kBf16) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    r = *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(lo, hi);
+    r = *reinterpret_cast<uint32_t*>(&h);
+  }
+  return r;
+}
+
+// C[M, N] = A[M, Kd] @ B[Kd, N] with bf16 (kBf16) or fp16 operands and float32 accumulation:
+// mma.sync m16n8k16, whose fragment layout is documented (PTX ISA), so the operands are read
+// straight from the float32 shared-memory tiles and rounded while packing. M multiple of 16,
+// N of 8, Kd of 16; LA / LB as in wmma_gemm.
+template <bool kBf16, typename LA, typename LB>
+__device__ void mma16_gemm(int M, int N, int Kd, const float* A, int lda, const float* B, int ldb,
+                           float* C, int ldc) {
+  constexpr bool a_row = std::is_same<LA, nvcuda::wmma::row_major>::value;
+  constexpr bool b_row = std::is_same<LB, nvcuda::wmma::row_major>::value;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  const int grp = lane >> 2, tig = lane & 3;
+  const int nt_n = N / 8, tiles = (M / 16) * nt_n;
+  auto a_at = [&](int m, int k) { return a_row ? A[m * lda + k] : A[k * lda + m]; };
+  auto b_at = [&](int k, int n) { return b_row ? B[k * ldb + n] : B[n * ldb + k]; };
+  for (int tix = warp; tix < tiles; tix += nwarps) {
+    const int m0 = (tix / nt_n) * 16, n0 = (tix % nt_n) * 8;
+    float d0 = 0.f, d1 = 0.f, d2 = 0.f, d3 = 0.f;
+    for (int k0 = 0; k0 < Kd; k0 += 16) {
+      const int ka = k0 + 2 * tig, r0 = m0 + grp, nb = n0 + grp;
+      const uint32_t a0 = pack_half2<kBf16>(a_at(r0, ka), a_at(r0, ka + 1));
+      const uint32_t a1 = pack_half2<kBf16>(a_at(r0 + 8, ka), a_at(r0 + 8, ka + 1));
+      const uint32_t a2 = pack_half2<kBf16>(a_at(r0, ka + 8), a_at(r0, ka + 9));
+      const uint32_t a3 = pack_half2<kBf16>(a_at(r0 + 8, ka + 8), a_at(r0 + 8, ka + 9));
+      const uint32_t b0 = pack_half2<kBf16>(b_at(ka, nb), b_at(ka + 1, nb));
+      const uint32_t b1 = pack_half2<kBf16>(b_at(ka + 8, nb), b_at(ka + 9, nb));
+      if constexpr (kBf16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+      } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+      }
+    }
+    float* c0 = C + (m0 + grp) * ldc + n0 + 2 * tig;
+    c0[0] = d0;
+    c0[1] = d1;
+    c0[8 * ldc] = d2;
+    c0[8 * ldc + 1] = d3;
+  }
+}
+
+// The tile path's GEMMs in the call's compute precision (uniform branch).
+template <typename LA, typename LB>
+__device__ __forceinline__ void tile_gemm(int prec, int M, int N, int Kd, const float* A, int lda,
+                                          const float* B, int ldb, float* C, int ldc) {
+  if (prec == static_cast<int>(ComputePrecision::BF16)) {
+    mma16_gemm<true, LA, LB>(M, N, Kd, A, lda, B, ldb, C, ldc);
+  } else if (prec == static_cast<int>(ComputePrecision::FP16)) {
+    mma16_gemm<false, LA, LB>(M, N, Kd, A, lda, B, ldb, C, ldc);
+  } else {
+    wmma_gemm<LA, LB>(M, N, Kd, A, lda, B, ldb, C, ldc);
+  }
+}
+
 // Global -> shared copy with kBatch independent loads in flight per thread: the tile kernels
 // run one or two blocks per SM, so one outstanding load per thread would leave them
 // latency-bound.
@@ -693,7 +982,7 @@ struct TileDims {
 // G_3 slices into shared memory. Returns with the block synchronised.
 template <class Dm>
 __device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L, const Dm& dm,
-                                     TileRows& rows, float* sm) {
+                                     int prec, TileRows& rows, float* sm) {
   const int q1 = dm.q1(), q2 = dm.q2(), R1 = dm.r1(), R2 = dm.r2();
   const int R1p = dm.r1p(), N2p = dm.n2p(), M = L.tile * q1;
   float* A = sm + L.a;
@@ -735,7 +1024,7 @@ __device__ void load_tile_and_prefix(const Params<float>& P, const TileLayout& L
         G3[r * g3s + j3 * R2 + b] = v;
       });
   __syncthreads();
-  wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::row_major>(M, N2p, R1p, A, R1p, B, N2p,
+  tile_gemm<nvcuda::wmma::row_major, nvcuda::wmma::row_major>(prec, M, N2p, R1p, A, R1p, B, N2p,
                                                                sm + L.c, dm.ldc());
   __syncthreads();
 }
@@ -774,14 +1063,14 @@ __global__ void __launch_bounds__(kTileThreads)
     tile_rows_kernel(const Params<float> P, const TileLayout L, const int64_t* __restrict__ sorted2,
                      const int64_t* __restrict__ ord, const int64_t* __restrict__ tile_start,
                      const int32_t* __restrict__ num_tiles, const int64_t* __restrict__ ukey,
-                     int64_t n, float* __restrict__ out_rows) {
+                     int64_t n, int prec, float* __restrict__ out_rows) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
   __shared__ TileRows rows;
   for (int64_t tile = blockIdx.x; tile < *num_tiles; tile += gridDim.x) {
     read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
     const Dm dm(P.tables[rows.t]);
-    load_tile_and_prefix(P, L, dm, rows, sm);
+    load_tile_and_prefix(P, L, dm, prec, rows, sm);
     const int q1 = dm.q1(), q2 = dm.q2(), q3 = dm.q3(), R2 = dm.r2();
     const int ldc = dm.ldc(), g3s = dm.g3s(), M = L.tile * q1;
     const float* C = sm + L.c;
@@ -814,7 +1103,7 @@ __global__ void __launch_bounds__(kTileThreads)
     tile_grad_kernel(const Params<float> P, const TileLayout L, const int64_t* __restrict__ sorted2,
                      const int64_t* __restrict__ ord, const int64_t* __restrict__ tile_start,
                      const int32_t* __restrict__ num_tiles, const int64_t* __restrict__ ukey,
-                     int64_t n, const float* __restrict__ drows) {
+                     int64_t n, int prec, const float* __restrict__ drows) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* sm = reinterpret_cast<float*>(smem_raw);
   __shared__ TileRows rows;
@@ -822,7 +1111,7 @@ __global__ void __launch_bounds__(kTileThreads)
     read_tile_rows(P, L, sorted2, ord, tile_start, tile, n, ukey, rows);
     const int t = rows.t;
     const Dm dm(P.tables[t]);
-    load_tile_and_prefix(P, L, dm, rows, sm);
+    load_tile_and_prefix(P, L, dm, prec, rows, sm);
     const int q1 = dm.q1(), q2 = dm.q2(), q3 = dm.q3(), R1 = dm.r1(), R2 = dm.r2(), D = dm.D();
     const int R1p = dm.r1p(), N2p = dm.n2p(), M = L.tile * q1, ldc = dm.ldc(), g3s = dm.g3s();
     float* A = sm + L.a;
@@ -869,12 +1158,12 @@ __global__ void __launch_bounds__(kTileThreads)
     }
     __syncthreads();
     // dA = dP @ G_2^T  -> W2 [M, R1p]
-    wmma_gemm<nvcuda::wmma::row_major, nvcuda::wmma::col_major>(M, R1p, N2p, C, ldc, B, N2p, W2,
-                                                                R1p);
+    tile_gemm<nvcuda::wmma::row_major, nvcuda::wmma::col_major>(prec, M, R1p, N2p, C, ldc, B, N2p,
+                                                                W2, R1p);
     __syncthreads();
     // dG_2 partial = A^T @ dP -> over B [R1p, N2p]
-    wmma_gemm<nvcuda::wmma::col_major, nvcuda::wmma::row_major>(R1p, N2p, M, A, R1p, C, ldc, B,
-                                                                N2p);
+    tile_gemm<nvcuda::wmma::col_major, nvcuda::wmma::row_major>(prec, R1p, N2p, M, A, R1p, C, ldc,
+                                                                B, N2p);
     __syncthreads();
     float* dg2 = P.grads[t][1] + rows.i2 * R1 * q2 * R2;
     for (int e = threadIdx.x; e < R1 * q2 * R2; e += blockDim.x) {
@@ -926,9 +1215,13 @@ void dispatch_tile_dims(const DevTable* tables, int T, Launch&& launch) {
   launch.template operator()<TileDims<0, 0, 0, 0, 0>>();
 }
 
-__global__ void tile_key_kernel(const Params<float> P, const int64_t* __restrict__ ukey,
-                                const int32_t* __restrict__ num_unique, int64_t n,
-                                int64_t* __restrict__ key2) {
+// Group key of unique row u at core `level`: (table << 40) | digit, for the tables a pass takes
+// (the tile path's tables when only_tc, else every table with more than `level` cores);
+// INT64_MAX (sorted last, ignored) otherwise.
+template <typename scalar_t>
+__global__ void group_key_kernel(const Params<scalar_t> P, const int64_t* __restrict__ ukey,
+                                 const int32_t* __restrict__ num_unique, int64_t n, int level,
+                                 bool only_tc, int64_t* __restrict__ key2) {
   const int64_t U = *num_unique;
   for (int64_t u = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; u < n;
        u += int64_t(gridDim.x) * blockDim.x) {
@@ -936,8 +1229,8 @@ __global__ void tile_key_kernel(const Params<float> P, const int64_t* __restrict
     if (u < U) {
       const int t = static_cast<int>(ukey[u] >> kKeyShift);
       const DevTable& T = P.tables[t];
-      if (T.tc) {
-        k = (int64_t(t) << kKeyShift) | (((ukey[u] & kKeyMask) / T.stride[1]) % T.p[1]);
+      if (only_tc ? T.tc != 0 : T.K > level) {
+        k = (int64_t(t) << kKeyShift) | (((ukey[u] & kKeyMask) / T.stride[level]) % T.p[level]);
       }
     }
     key2[u] = k;
@@ -986,18 +1279,23 @@ __global__ void tile_start_kernel(const int32_t* __restrict__ tflag, const int32
   }
 }
 
+// Unique rows sorted by a group key (group_key_kernel) and cut into tiles of at most `tile`
+// consecutive rows of one group: tile x is ord[tile_start[x] ...] while sorted2 stays equal, up
+// to `tile` rows. With a huge `tile` the tiles are the whole groups.
 struct Tiles {
   at::Tensor sorted2, ord, tile_start, num_tiles;
 };
 
-Tiles make_tiles(const Params<float>& P, const TileLayout& L, const at::Tensor& ukey,
-                 const at::Tensor& num_unique, int64_t n) {
+template <typename scalar_t>
+Tiles make_groups(const Params<scalar_t>& P, const at::Tensor& ukey, const at::Tensor& num_unique,
+                  int64_t n, int level, bool only_tc, int tile) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto opts = ukey.options();
   const int g = grid_for(n, 256);
   auto key2 = at::empty({n}, opts);
-  tile_key_kernel<<<g, 256, 0, stream>>>(P, ukey.data_ptr<int64_t>(), num_unique.data_ptr<int32_t>(),
-                                         n, key2.data_ptr<int64_t>());
+  group_key_kernel<scalar_t><<<g, 256, 0, stream>>>(P, ukey.data_ptr<int64_t>(),
+                                                    num_unique.data_ptr<int32_t>(), n, level,
+                                                    only_tc, key2.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tiles T;
   auto sorted = at::sort(key2, /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -1013,7 +1311,7 @@ Tiles make_tiles(const Params<float>& P, const TileLayout& L, const at::Tensor& 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto tflag = at::empty({n}, opts.dtype(at::kInt));
   tile_flag_kernel<<<g, 256, 0, stream>>>(T.sorted2.data_ptr<int64_t>(), gid.data_ptr<int32_t>(),
-                                          gfirst.data_ptr<int64_t>(), n, L.tile,
+                                          gfirst.data_ptr<int64_t>(), n, tile,
                                           tflag.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto tid = at::cumsum(tflag, 0, at::kInt);
@@ -1047,7 +1345,8 @@ struct CudaDedup {
 };
 
 template <typename scalar_t>
-CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::Tensor& offsets) {
+CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::Tensor& offsets,
+                BoundsCheckMode bounds) {
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = indices.numel();
   CudaDedup d;
@@ -1062,13 +1361,15 @@ CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::
   auto keys = at::empty({n}, opts.dtype(at::kLong));
   d.bag_of = at::empty({n}, opts.dtype(at::kInt));
   auto idx = indices.contiguous();
+  auto warned = at::zeros({1}, opts.dtype(at::kInt));
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "tt_keys", [&] {
     keys_kernel<scalar_t, index_t><<<grid_for(n, 256), 256, 0, stream>>>(
-        P, idx.data_ptr<index_t>(), d.off.data_ptr<int64_t>(), n, keys.data_ptr<int64_t>(),
-        d.bag_of.data_ptr<int32_t>());
+        P, idx.data_ptr<index_t>(), d.off.data_ptr<int64_t>(), n, static_cast<int>(bounds),
+        warned.data_ptr<int32_t>(), keys.data_ptr<int64_t>(), d.bag_of.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  auto [sorted_keys, perm] = at::sort(keys);
+  // Stable, so a row's lookups keep their order (the deterministic dY sums rely on it).
+  auto [sorted_keys, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   d.perm = perm;
   auto heads = at::ones({n}, opts.dtype(at::kInt));
   if (n > 1) {
@@ -1118,6 +1419,7 @@ struct TileLaunch {
   int64_t n;
   float* out_rows;
   const float* drows;
+  int prec;
   cudaStream_t stream;
 
   template <class Dm>
@@ -1130,12 +1432,12 @@ struct TileLaunch {
       const size_t smem = sizeof(float) * L.dr;  // the forward needs A, B, C and G_3 only
       allow_smem(tile_rows_kernel<Dm>, smem);
       tile_rows_kernel<Dm><<<grid_for(n, 1), kTileThreads, smem, stream>>>(P, L, s2, ord, ts, nt,
-                                                                            ukey, n, out_rows);
+                                                                            ukey, n, prec, out_rows);
     } else {
       const size_t smem = sizeof(float) * L.floats;
       allow_smem(tile_grad_kernel<Dm>, smem);
       tile_grad_kernel<Dm><<<grid_for(n, 1), kTileThreads, smem, stream>>>(P, L, s2, ord, ts, nt,
-                                                                            ukey, n, drows);
+                                                                            ukey, n, prec, drows);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -1145,7 +1447,8 @@ struct TileLaunch {
 // tensor-core tile kernel, the others through the per-row chain kernel.
 template <typename scalar_t>
 at::Tensor unique_rows(const Params<scalar_t>& P, const TileLayout& L, const CudaDedup& d,
-                       const Tiles* tiles, int64_t n, const at::TensorOptions& opts) {
+                       const Tiles* tiles, int64_t n, ComputePrecision prec,
+                       const at::TensorOptions& opts) {
   at::Tensor rows = at::empty({n, P.row_stride}, opts);
   const int64_t* ukey = d.ukey.data_ptr<int64_t>();
   const int32_t* num_unique = d.num_unique.data_ptr<int32_t>();
@@ -1160,7 +1463,8 @@ at::Tensor unique_rows(const Params<scalar_t>& P, const TileLayout& L, const Cud
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (L.tile > 0 && any_table(P.tables, P.T, 1)) {
       TORCH_INTERNAL_ASSERT(tiles != nullptr);
-      dispatch_tile_dims(P.tables, P.T, TileLaunch{P, L, *tiles, ukey, n, out, nullptr, stream});
+      dispatch_tile_dims(P.tables, P.T, TileLaunch{P, L, *tiles, ukey, n, out, nullptr,
+                                                   static_cast<int>(prec), stream});
     }
   }
   return rows;
@@ -1171,7 +1475,7 @@ std::optional<Tiles> maybe_tiles(const Params<scalar_t>& P, const TileLayout& L,
                                  int64_t n) {
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (L.tile > 0 && any_table(P.tables, P.T, 1)) {
-      return make_tiles(P, L, d.ukey, d.num_unique, n);
+      return make_groups(P, d.ukey, d.num_unique, n, /*level=*/1, /*only_tc=*/true, L.tile);
     }
   }
   return std::nullopt;
@@ -1179,13 +1483,38 @@ std::optional<Tiles> maybe_tiles(const Params<scalar_t>& P, const TileLayout& L,
 
 template <typename scalar_t>
 void run_tile_grad(const Params<scalar_t>& P, const TileLayout& L, const std::optional<Tiles>& tiles,
-                   const CudaDedup& d, int64_t n, const at::Tensor& drows) {
+                   const CudaDedup& d, int64_t n, ComputePrecision prec, const at::Tensor& drows) {
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (tiles) {
       dispatch_tile_dims(P.tables, P.T,
                          TileLaunch{P, L, *tiles, d.ukey.data_ptr<int64_t>(), n, nullptr,
-                                    drows.data_ptr<float>(), c10::cuda::getCurrentCUDAStream()});
+                                    drows.data_ptr<float>(), static_cast<int>(prec),
+                                    c10::cuda::getCurrentCUDAStream()});
     }
+  }
+}
+
+// Deterministic core gradients of every table: for each core level, the unique rows grouped by
+// that core's digit, one block per group (det_core_grad_kernel).
+template <typename scalar_t>
+void run_det_core_grads(const Params<scalar_t>& P, const CudaDedup& d, int64_t n,
+                        const at::Tensor& drows) {
+  const DetLayout Ls = det_layout(P.tables, P.T);
+  const size_t smem = sizeof(scalar_t) * Ls.total;
+  allow_smem(det_core_grad_kernel<scalar_t>, smem);
+  int max_k = 0;
+  for (int t = 0; t < P.T; ++t) {
+    max_k = std::max(max_k, P.tables[t].K);
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int level = 0; level < max_k; ++level) {
+    const Tiles groups = make_groups(P, d.ukey, d.num_unique, n, level, /*only_tc=*/false,
+                                     /*tile=*/1 << 30);
+    det_core_grad_kernel<scalar_t><<<grid_for(n, 1), kThreads, smem, stream>>>(
+        P, Ls, level, groups.sorted2.data_ptr<int64_t>(), groups.ord.data_ptr<int64_t>(),
+        groups.tile_start.data_ptr<int64_t>(), groups.num_tiles.data_ptr<int32_t>(), n,
+        d.ukey.data_ptr<int64_t>(), drows.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -1203,17 +1532,20 @@ at::Tensor tt_embedding_bag_cuda(
     at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    const std::optional<at::Tensor>& per_sample_weights) {
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t bounds_check_mode,
+    int64_t compute_precision,
+    bool deterministic) {
   const char* op = "torchrec_tt::tt_embedding_bag";
   const BatchInfo info = parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                                          feature_table_map, table_names, pooling_modes, indices,
                                          offsets, per_sample_weights);
+  // The forward has no atomics: `deterministic` changes nothing here.
+  const KernelOptions o =
+      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
   TORCH_CHECK(indices.is_cuda(), op, ": indices must be on a CUDA device, got ", indices.device());
   c10::cuda::CUDAGuard guard(indices.device());
-  std::vector<at::Tensor> cc;
-  for (const auto& c : cores) {
-    cc.push_back(c.contiguous());
-  }
+  const std::vector<at::Tensor> cc = compute_cores(cores, o);
   const int64_t n = indices.numel();
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_cuda", [&] {
     auto out = at::zeros({info.B, info.total_D}, cc[0].options());
@@ -1221,10 +1553,10 @@ at::Tensor tt_embedding_bag_cuda(
       return out;
     }
     auto P = make_params<scalar_t>(info, cc, nullptr);
-    const TileLayout L = plan_tiles(P);
-    const CudaDedup d = dedup(P, indices, offsets);
+    const TileLayout L = plan_tiles(P, o.precision);
+    const CudaDedup d = dedup(P, indices, offsets, o.bounds);
     const auto tiles = maybe_tiles(P, L, d, n);
-    auto rows = unique_rows(P, L, d, tiles ? &*tiles : nullptr, n, cc[0].options());
+    auto rows = unique_rows(P, L, d, tiles ? &*tiles : nullptr, n, o.precision, cc[0].options());
     at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
     pool_kernel<scalar_t><<<grid_for(info.F * info.B * 32, 256), 256, 0,
                             c10::cuda::getCurrentCUDAStream()>>>(
@@ -1249,17 +1581,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
     const at::Tensor& indices,
     const at::Tensor& offsets,
     const std::optional<at::Tensor>& per_sample_weights,
-    bool per_sample_weights_grad) {
+    bool per_sample_weights_grad,
+    int64_t bounds_check_mode,
+    int64_t compute_precision,
+    bool deterministic) {
   const char* op = "torchrec_tt::tt_embedding_bag_backward";
   const BatchInfo info = parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                                          feature_table_map, table_names, pooling_modes, indices,
                                          offsets, per_sample_weights);
   check_backward_args(op, info, grad_output, indices, per_sample_weights, per_sample_weights_grad);
+  const KernelOptions o =
+      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
   c10::cuda::CUDAGuard guard(indices.device());
-  std::vector<at::Tensor> cc, grads;
-  for (const auto& c : cores) {
-    cc.push_back(c.contiguous());
-    grads.push_back(at::zeros_like(cc.back()));
+  const std::vector<at::Tensor> cc = compute_cores(cores, o);
+  std::vector<at::Tensor> grads;
+  for (const auto& c : cc) {
+    grads.push_back(at::zeros_like(c));
   }
   const int64_t n = indices.numel();
   auto opts = grad_output.options();
@@ -1269,30 +1606,41 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
   }
   AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_backward_cuda", [&] {
     auto P = make_params<scalar_t>(info, cc, &grads);
-    const TileLayout L = plan_tiles(P);
-    const CudaDedup d = dedup(P, indices, offsets);
-    const auto tiles = maybe_tiles(P, L, d, n);
+    const TileLayout L = plan_tiles(P, o.precision);
+    const CudaDedup d = dedup(P, indices, offsets, o.bounds);
+    const bool need_tiles = !o.deterministic || per_sample_weights_grad;
+    const auto tiles = need_tiles ? maybe_tiles(P, L, d, n) : std::nullopt;
     auto stream = c10::cuda::getCurrentCUDAStream();
     auto dy = grad_output.contiguous();
     at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
     const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
     auto drows = at::zeros({n, P.row_stride}, opts);
-    drows_kernel<scalar_t><<<grid_for((n + 31) / 32 * 32, 256), 256, 0, stream>>>(
-        P, d.off.data_ptr<int64_t>(), d.perm.data_ptr<int64_t>(), d.uid_incl.data_ptr<int32_t>(),
-        d.bag_of.data_ptr<int32_t>(), wp, dy.data_ptr<scalar_t>(), n, drows.data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (any_table(P.tables, P.T, 0)) {
-      const int mp = max_prefix_floats(P);
-      const size_t smem = sizeof(scalar_t) * 2 * mp;
-      allow_smem(core_grad_kernel<scalar_t>, smem);
-      core_grad_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(
-          P, d.ukey.data_ptr<int64_t>(), d.num_unique.data_ptr<int32_t>(),
-          drows.data_ptr<scalar_t>(), mp);
+    if (o.deterministic) {
+      drows_det_kernel<scalar_t><<<grid_for(n * 32, 256), 256, 0, stream>>>(
+          P, d.off.data_ptr<int64_t>(), d.perm.data_ptr<int64_t>(), d.seg_start.data_ptr<int64_t>(),
+          d.num_unique.data_ptr<int32_t>(), d.bag_of.data_ptr<int32_t>(), wp,
+          dy.data_ptr<scalar_t>(), drows.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      run_det_core_grads(P, d, n, drows);
+    } else {
+      drows_kernel<scalar_t><<<grid_for((n + 31) / 32 * 32, 256), 256, 0, stream>>>(
+          P, d.off.data_ptr<int64_t>(), d.perm.data_ptr<int64_t>(), d.uid_incl.data_ptr<int32_t>(),
+          d.uid_of.data_ptr<int32_t>(), d.bag_of.data_ptr<int32_t>(), wp, dy.data_ptr<scalar_t>(),
+          n, drows.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (any_table(P.tables, P.T, 0)) {
+        const int mp = max_prefix_floats(P);
+        const size_t smem = sizeof(scalar_t) * 2 * mp;
+        allow_smem(core_grad_kernel<scalar_t>, smem);
+        core_grad_kernel<scalar_t><<<grid_for(n, kRowsPerBlock), kThreads, smem, stream>>>(
+            P, d.ukey.data_ptr<int64_t>(), d.num_unique.data_ptr<int32_t>(),
+            drows.data_ptr<scalar_t>(), mp);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      run_tile_grad(P, L, tiles, d, n, o.precision, drows);
     }
-    run_tile_grad(P, L, tiles, d, n, drows);
     if (per_sample_weights_grad) {
-      auto rows = unique_rows(P, L, d, tiles ? &*tiles : nullptr, n, opts);
+      auto rows = unique_rows(P, L, d, tiles ? &*tiles : nullptr, n, o.precision, opts);
       weight_grad_kernel<scalar_t><<<grid_for(n * 32, 256), 256, 0, stream>>>(
           P, d.off.data_ptr<int64_t>(), d.bag_of.data_ptr<int32_t>(), d.uid_of.data_ptr<int32_t>(),
           rows.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), n, wgrad.data_ptr<scalar_t>());

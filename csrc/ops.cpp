@@ -13,10 +13,17 @@ TORCH_LIBRARY(torchrec_tt, m) {
   // table t has num_cores[t] cores given in order in `cores` (2-D, [p_k, r_{k-1}*q_k*r_k]).
   // The output is [B, sum_f D_f], features side by side in order. pooling_modes[t]: 0 SUM,
   // 1 MEAN (MEAN divides the weighted sum by the bag length; empty bags give zeros).
+  // bounds_check_mode (FBGEMM's values): 0 FATAL (error / device trap naming the table),
+  // 1 WARNING (out-of-range lookups contribute zero; the first one is reported), 2 IGNORE (zero,
+  // silently). compute_precision: 0 TF32 tensor cores (float32 cores, CUDA tile path), 1 FP32,
+  // 2 BF16, 3 FP16 (cores rounded, float32 accumulation). deterministic: no float atomics in
+  // the backward (bit-identical core gradients run to run). No defaults: the Python autograd
+  // formula would otherwise see the trailing arguments dropped when they equal them.
   m.def(
       "tt_embedding_bag(Tensor[] cores, int[] num_cores, int[] p_shapes, int[] q_shapes, "
       "int[] ranks, int[] num_rows, int[] feature_table_map, str[] table_names, "
-      "int[] pooling_modes, Tensor indices, Tensor offsets, Tensor? per_sample_weights) -> Tensor");
+      "int[] pooling_modes, Tensor indices, Tensor offsets, Tensor? per_sample_weights, "
+      "int bounds_check_mode, int compute_precision, bool deterministic) -> Tensor");
 
   // Dense gradients of every core (same shapes as `cores`) and, when per_sample_weights_grad,
   // the gradient of per_sample_weights (else an empty tensor).
@@ -24,7 +31,8 @@ TORCH_LIBRARY(torchrec_tt, m) {
       "tt_embedding_bag_backward(Tensor grad_output, Tensor[] cores, int[] num_cores, "
       "int[] p_shapes, int[] q_shapes, int[] ranks, int[] num_rows, int[] feature_table_map, "
       "str[] table_names, int[] pooling_modes, Tensor indices, Tensor offsets, "
-      "Tensor? per_sample_weights, bool per_sample_weights_grad) -> (Tensor[], Tensor)");
+      "Tensor? per_sample_weights, bool per_sample_weights_grad, int bounds_check_mode, "
+      "int compute_precision, bool deterministic) -> (Tensor[], Tensor)");
 
   // TT convolution (conv.h). Its fake kernels and autograd live in torchrec_tt.conv_ops; the
   // module is switched back to torchrec_tt.ops after these definitions.

@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -90,6 +91,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.jagged_tensor_validator import validate_keyed_jagged_tensor
 
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.ops import TTKernelOptions
 from torchrec_tt.optim import FusedOptimConfig
 from torchrec_tt.shapes import TTShape
 from torchrec_tt.sharding.cw_sharding import CwTTPooledEmbeddingSharding
@@ -258,6 +260,11 @@ class ShardedTTEmbeddingBagCollection(
             raise ValueError("TT tables do not support 2D parallelism (ShardingEnv2D)")
         _validate_plan(module, table_name_to_parameter_sharding, env.world_size)
         fused_configs = resolve_fused_configs(module, fused_params)
+        # The module's kernel options, with the sharder's fused_params keys taking precedence.
+        kernel_options = TTKernelOptions.from_fused_params(
+            {**dataclasses.asdict(module.kernel_options), **dict(fused_params or {})}
+        )
+        self._kernel_options = kernel_options
         self._fused_optimizer: ShardedTTFusedOptimizer | None = None
         self._env = env
         self._device = device if device is not None else torch.device("cpu")
@@ -395,6 +402,7 @@ class ShardedTTEmbeddingBagCollection(
 
         for sharding_type, sharding in zip(self._sharding_types, self._embedding_shardings):
             lookup: nn.Module = sharding.create_lookup()
+            lookup.kernel_options = kernel_options  # type: ignore[assignment]
             if sharding_type == ShardingType.DATA_PARALLEL.value and not self._fused_tables:
                 lookup = DistributedDataParallel(
                     module=lookup,

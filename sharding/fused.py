@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 from torchrec.optim.keyed import KeyedOptimizer
 
+from torchrec_tt.ops import TTKernelOptions
 from torchrec_tt.optim import SUPPORTED_FUSED_OPTIMIZERS, FusedOptimConfig, fused_update
 from torchrec_tt.shapes import TTShape
 
@@ -189,6 +190,10 @@ def resolve_fused_configs(
     optimizers or options (the message names the table and where the setting came from).
     """
     module_cfg = _module_config(module)
+    # Kernel settings (bounds_check_mode, ...) share the dict but configure no optimizer.
+    sharder_optim = {
+        k: v for k, v in (sharder_fused_params or {}).items() if k not in TTKernelOptions.KEYS
+    }
     configs: dict[str, FusedOptimConfig] = {}
     for cfg in module.embedding_bag_configs():  # type: ignore[operator]
         name = cfg.name
@@ -196,8 +201,8 @@ def resolve_fused_configs(
         cores = {f"embedding_bags.{name}.{n}": p for n, p in table.named_parameters()}
         merged: dict[str, Any] = {}
         sources = []
-        if sharder_fused_params:
-            merged.update(_normalize(sharder_fused_params))
+        if sharder_optim:
+            merged.update(_normalize(sharder_optim))
             sources.append("the sharder's fused_params")
         if module_cfg is not None:
             merged.update(dataclasses.asdict(module_cfg))

@@ -18,7 +18,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.ops import PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.shapes import TTShape
 from torchrec_tt.sharding.tt_shards import column_shard_core0_columns, column_shard_shape
 
@@ -344,6 +344,8 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         if replicated and replicated_group is None and fused_update is None:
             raise ValueError("replicated cores need a process group for their gradient sum")
         self._checked_keys = False
+        # Set by the sharded module (the unsharded module's options, then the sharder's keys).
+        self.kernel_options = TTKernelOptions()
 
     def feature_names(self) -> list[str]:
         return list(self._feature_names)
@@ -385,7 +387,12 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         if self._is_weighted:
             weights = sparse_features.weights().to(cores[0].dtype)
         return tt_embedding_bag(
-            cores, self._layout, sparse_features.values(), sparse_features.offsets(), weights
+            cores,
+            self._layout,
+            sparse_features.values(),
+            sparse_features.offsets(),
+            weights,
+            self.kernel_options,
         )
 
 

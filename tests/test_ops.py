@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.ops import (
+    BoundsCheckMode,
+    ComputePrecision,
+    PoolingMode,
+    TTBatchLayout,
+    TTKernelOptions,
+    tt_embedding_bag,
+)
 from torchrec_tt.reference import tt_embedding_bag_dense_reference, tt_rows_reference
 from torchrec_tt.shapes import TTShape
 from torchrec_tt.testing import random_problem
@@ -103,13 +110,14 @@ def test_gradcheck() -> None:
     assert torch.autograd.gradcheck(fn, (weights, *cores))
 
 
-def _opcheck_args(prob):  # type: ignore[no-untyped-def]
+def _opcheck_args(prob, options=None):  # type: ignore[no-untyped-def]
     return (
         [c.clone().requires_grad_() for c in prob.cores],
         *prob.layout.op_args(),
         prob.indices,
         prob.offsets,
         prob.per_sample_weights,
+        *(options or TTKernelOptions()).op_args(),
     )
 
 

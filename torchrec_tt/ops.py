@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -18,7 +18,14 @@ from torch import Tensor
 
 from torchrec_tt import _C  # noqa: F401  (registers the torchrec_tt ops)
 
-__all__ = ["PoolingMode", "TTBatchLayout", "tt_embedding_bag"]
+__all__ = [
+    "BoundsCheckMode",
+    "ComputePrecision",
+    "PoolingMode",
+    "TTBatchLayout",
+    "TTKernelOptions",
+    "tt_embedding_bag",
+]
 
 
 @enum.unique
@@ -27,6 +34,126 @@ class PoolingMode(enum.IntEnum):
 
     SUM = 0
     MEAN = 1
+
+
+@enum.unique
+class BoundsCheckMode(enum.IntEnum):
+    """What a lookup index outside ``[0, num_rows)`` does; names and values follow FBGEMM's
+    ``BoundsCheckMode`` (its ``NONE`` maps to ``IGNORE``: the check costs nothing next to the
+    lookup, so it always runs and an out-of-range index never touches memory).
+
+    * ``FATAL``: error naming the table, feature and position (on CUDA a device-side trap, since
+      raising would need a host synchronisation).
+    * ``WARNING``: the lookup contributes zero (row and gradients) and a warning names the first
+      offending index of the call; it still counts in its bag's length for MEAN pooling.
+    * ``IGNORE``: like ``WARNING`` without the message.
+    """
+
+    FATAL = 0
+    WARNING = 1
+    IGNORE = 2
+
+    @staticmethod
+    def parse(value: Any) -> BoundsCheckMode:
+        """Accepts this enum, FBGEMM's (by name) or a name string such as ``"warning"``."""
+        if isinstance(value, BoundsCheckMode):
+            return value
+        name = value if isinstance(value, str) else getattr(value, "name", None)
+        if name is None:
+            raise ValueError(f"bounds_check_mode must be a BoundsCheckMode or its name, got {value!r}")
+        name = name.upper()
+        if name == "NONE":
+            return BoundsCheckMode.IGNORE
+        try:
+            return BoundsCheckMode[name]
+        except KeyError:
+            raise ValueError(
+                f"unknown bounds_check_mode {value!r}; choose one of {[m.name for m in BoundsCheckMode]}"
+            ) from None
+
+
+@enum.unique
+class ComputePrecision(enum.IntEnum):
+    """Arithmetic of the contractions of float32 cores (float64 cores always compute in float64).
+
+    * ``TF32`` (default): tensor-core GEMMs in TF32 with float32 accumulation on CUDA where the
+      tile path applies (3-core tables); float32 elsewhere and on CPU.
+    * ``FP32``: float32 everywhere (CUDA cores on the GPU): slower, bit-for-bit independent of
+      the tensor-core rounding.
+    * ``BF16`` / ``FP16``: the cores are rounded to bfloat16 / float16 and the tile GEMMs run on
+      bf16 / fp16 tensor cores with float32 accumulation; CPU and the non-tile CUDA path use the
+      same rounded cores with float32 arithmetic. Gradients are with respect to the float32
+      cores (straight through the rounding), and stay float32.
+    """
+
+    TF32 = 0
+    FP32 = 1
+    BF16 = 2
+    FP16 = 3
+
+    @staticmethod
+    def parse(value: Any) -> ComputePrecision:
+        """Accepts this enum, its name (``"bf16"``), or ``torch.bfloat16`` / ``torch.float16`` /
+        ``torch.float32`` (the last meaning ``FP32``)."""
+        if isinstance(value, ComputePrecision):
+            return value
+        by_dtype = {
+            torch.bfloat16: ComputePrecision.BF16,
+            torch.float16: ComputePrecision.FP16,
+            torch.float32: ComputePrecision.FP32,
+        }
+        if isinstance(value, torch.dtype):
+            if value not in by_dtype:
+                raise ValueError(f"compute_precision {value} is not supported; choose one of {list(by_dtype)}")
+            return by_dtype[value]
+        if isinstance(value, str):
+            try:
+                return ComputePrecision[value.upper()]
+            except KeyError:
+                pass
+        raise ValueError(
+            f"unknown compute_precision {value!r}; choose one of {[m.name for m in ComputePrecision]}"
+        )
+
+
+@dataclass(frozen=True)
+class TTKernelOptions:
+    """Kernel settings of a TT collection (given through ``fused_params``, as TorchRec passes
+    FBGEMM's ``bounds_check_mode``).
+
+    Args:
+        bounds_check_mode: see :class:`BoundsCheckMode`.
+        compute_precision: see :class:`ComputePrecision`.
+        deterministic: backward without floating-point atomics: core gradients bit-identical
+            across runs (on CPU for a fixed thread count), at some cost in speed on the GPU. Also
+            on whenever ``torch.use_deterministic_algorithms(True)`` is in effect.
+    """
+
+    bounds_check_mode: BoundsCheckMode = BoundsCheckMode.FATAL
+    compute_precision: ComputePrecision = ComputePrecision.TF32
+    deterministic: bool = False
+
+    KEYS = ("bounds_check_mode", "compute_precision", "deterministic")
+
+    @staticmethod
+    def from_fused_params(fused_params: Mapping[str, Any] | None) -> TTKernelOptions:
+        """Reads the kernel keys (``KEYS``) of a ``fused_params`` dict; other keys are ignored."""
+        params = dict(fused_params or {})
+        opts = TTKernelOptions()
+        if "bounds_check_mode" in params:
+            opts = replace(opts, bounds_check_mode=BoundsCheckMode.parse(params["bounds_check_mode"]))
+        if "compute_precision" in params:
+            opts = replace(opts, compute_precision=ComputePrecision.parse(params["compute_precision"]))
+        if "deterministic" in params:
+            if not isinstance(params["deterministic"], bool):
+                raise ValueError(f"deterministic must be a bool, got {params['deterministic']!r}")
+            opts = replace(opts, deterministic=params["deterministic"])
+        return opts
+
+    def op_args(self) -> list[Any]:
+        """The trailing ``bounds_check_mode, compute_precision, deterministic`` op arguments."""
+        deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+        return [int(self.bounds_check_mode), int(self.compute_precision), bool(deterministic)]
 
 
 class _TTShapeLike(Protocol):
@@ -112,6 +239,7 @@ def tt_embedding_bag(
     indices: Tensor,
     offsets: Tensor,
     per_sample_weights: Tensor | None = None,
+    options: TTKernelOptions | None = None,
 ) -> Tensor:
     """Pooled TT embedding lookups of many tables in one call.
 
@@ -123,12 +251,15 @@ def tt_embedding_bag(
             ``indices[offsets[f * B + b] : offsets[f * B + b + 1]]`` (FBGEMM TBE layout).
         per_sample_weights: optional 1-D weights, one per index, in the cores' dtype.
             MEAN pooling divides the weighted sum by the bag length; empty bags give zeros.
+        options: bounds checking, compute precision and determinism (defaults: FATAL, TF32,
+            non-deterministic unless ``torch.use_deterministic_algorithms(True)``).
 
     Returns:
         ``[B, sum of the features' D]``, features side by side in ``feature_table_map`` order.
     """
+    opts = options if options is not None else TTKernelOptions()
     return torch.ops.torchrec_tt.tt_embedding_bag(
-        list(cores), *layout.op_args(), indices, offsets, per_sample_weights
+        list(cores), *layout.op_args(), indices, offsets, per_sample_weights, *opts.op_args()
     )
 
 
@@ -146,6 +277,9 @@ def _tt_embedding_bag_fake(
     indices: Tensor,
     offsets: Tensor,
     per_sample_weights: Tensor | None,
+    bounds_check_mode: int,
+    compute_precision: int,
+    deterministic: bool,
 ) -> Tensor:
     num_features = len(feature_table_map)
     torch._check(num_features >= 1, lambda: "feature_table_map is empty")
@@ -176,6 +310,9 @@ def _tt_embedding_bag_backward_fake(
     offsets: Tensor,
     per_sample_weights: Tensor | None,
     per_sample_weights_grad: bool,
+    bounds_check_mode: int,
+    compute_precision: int,
+    deterministic: bool,
 ) -> tuple[list[Tensor], Tensor]:
     grads = [torch.empty_like(c, memory_format=torch.contiguous_format) for c in cores]
     n = indices.shape[0] if per_sample_weights_grad else 0
@@ -185,7 +322,8 @@ def _tt_embedding_bag_backward_fake(
 # Argument names of the forward op, in schema order (the autograd formula looks them up).
 _FWD_ARGS = (
     "cores num_cores p_shapes q_shapes ranks num_rows feature_table_map table_names "
-    "pooling_modes indices offsets per_sample_weights"
+    "pooling_modes indices offsets per_sample_weights bounds_check_mode compute_precision "
+    "deterministic"
 ).split()
 _NUM_META_ARGS = 8  # num_cores … pooling_modes
 
@@ -193,6 +331,7 @@ _NUM_META_ARGS = 8  # num_cores … pooling_modes
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     args = dict(zip(_FWD_ARGS, inputs))
     ctx.meta = tuple(args[k] for k in _FWD_ARGS[1 : 1 + _NUM_META_ARGS])
+    ctx.options = tuple(args[k] for k in _FWD_ARGS[-3:])
     ctx.has_weights = args["per_sample_weights"] is not None
     ctx.save_for_backward(
         args["indices"], args["offsets"], args["per_sample_weights"], *args["cores"]
@@ -205,7 +344,8 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
         ctx.has_weights and ctx.needs_input_grad[_FWD_ARGS.index("per_sample_weights")]
     )
     core_grads, w_grad = torch.ops.torchrec_tt.tt_embedding_bag_backward(
-        grad_output.contiguous(), cores, *ctx.meta, indices, offsets, weights, weights_grad
+        grad_output.contiguous(), cores, *ctx.meta, indices, offsets, weights, weights_grad,
+        *ctx.options,
     )
     return (
         list(core_grads),
@@ -213,6 +353,9 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
         None,  # indices
         None,  # offsets
         w_grad if weights_grad else None,
+        None,  # bounds_check_mode
+        None,  # compute_precision
+        None,  # deterministic
     )
 
 

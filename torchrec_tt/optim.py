@@ -28,6 +28,8 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import Tensor, nn
 from torchrec.optim.keyed import KeyedOptimizer
 
+from torchrec_tt.ops import TTKernelOptions
+
 __all__ = ["FusedOptimConfig", "SUPPORTED_FUSED_OPTIMIZERS", "TTFusedOptimizer"]
 
 SUPPORTED_FUSED_OPTIMIZERS = (
@@ -59,7 +61,8 @@ class FusedOptimConfig:
     @staticmethod
     def from_fused_params(fused_params: Mapping[str, Any]) -> FusedOptimConfig:
         """Validates a ``fused_params`` dict; unknown keys and optimizers raise ValueError."""
-        params = dict(fused_params)
+        # Kernel settings travel in the same dict (as FBGEMM's bounds_check_mode does).
+        params = {k: v for k, v in fused_params.items() if k not in TTKernelOptions.KEYS}
         if "betas" in params:
             params["beta1"], params["beta2"] = params.pop("betas")
         if "lr" in params:

@@ -18,7 +18,7 @@ from torchrec_tt.initializers import (
     sampled_gaussian_cores,
     tt_svd,
 )
-from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.ops import PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.optim import FusedOptimConfig, TTFusedOptimizer
 from torchrec_tt.reference import reconstruct_dense
 from torchrec_tt.shapes import TTShape
@@ -112,10 +112,12 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables: one ``TTEmbeddingBagConfig`` per table.
         is_weighted: use the KJT's weights as per-sample weights.
         device: where the cores live; ``torch.device("meta")`` builds without memory.
-        fused_params: optional FBGEMM-style fused optimizer, e.g.
-            ``{"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.05}``: the cores are then
+        fused_params: optional FBGEMM-style settings. With an ``"optimizer"``, e.g.
+            ``{"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.05}``, the cores are
             updated during the backward (see ``torchrec_tt.optim``), the state joins the
-            state_dict and ``fused_optimizer`` exposes it as a KeyedOptimizer.
+            state_dict and ``fused_optimizer`` exposes it as a KeyedOptimizer. The kernel keys
+            ``bounds_check_mode``, ``compute_precision`` and ``deterministic`` (see
+            ``torchrec_tt.ops.TTKernelOptions``) may come with or without an optimizer.
 
     Example::
 
@@ -175,8 +177,12 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             {cfg.name: TTEmbeddingTable(shape, device) for cfg, shape in zip(tables, self._shapes)}
         )
         self._fused_optimizer: TTFusedOptimizer | None = None
-        if fused_params is not None:
-            cfg = FusedOptimConfig.from_fused_params(fused_params)
+        self._kernel_options = TTKernelOptions.from_fused_params(fused_params)
+        optim_params = {
+            k: v for k, v in (fused_params or {}).items() if k not in TTKernelOptions.KEYS
+        }
+        if fused_params is not None and (optim_params or not self._kernel_options_given(fused_params)):
+            cfg = FusedOptimConfig.from_fused_params(optim_params)
             for table in self.embedding_bags.values():
                 for k, core in enumerate(table.cores()):
                     for key, shape in cfg.state_shapes(core.shape).items():
@@ -190,6 +196,15 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
             self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), state_of)
         self.reset_parameters()
+
+    @staticmethod
+    def _kernel_options_given(fused_params: Mapping[str, Any]) -> bool:
+        return any(k in fused_params for k in TTKernelOptions.KEYS)
+
+    @property
+    def kernel_options(self) -> TTKernelOptions:
+        """Bounds checking, compute precision and determinism of this collection's op calls."""
+        return self._kernel_options
 
     def _core_params(self) -> dict[str, nn.Parameter]:
         return {
@@ -231,7 +246,9 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
         )
         weights = inputs[2] if self._is_weighted else None
-        values = tt_embedding_bag(cores, self._layout, inputs[0], inputs[1], weights)
+        values = tt_embedding_bag(
+            cores, self._layout, inputs[0], inputs[1], weights, self._kernel_options
+        )
         return KeyedTensor(
             keys=list(self._feature_names),
             length_per_key=list(self._lengths_per_key),
