@@ -6,7 +6,7 @@ FBGEMM TBE (SplitTableBatchedEmbeddingBagsCodegen, EXACT_SGD) runs when fbgemm_g
 otherwise its column says so. Prints a markdown table (ns per lookup, ratios, TFLOP/s of the
 TT op counted without dedup, peak extra memory).
 
-    python bench/bench_embedding_bag.py [--iters 20] [--cases all|quick]
+    python bench/bench_embedding_bag.py [--iters 20] [--cases all|quick] [--variants] [--criteo]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
+from torchrec_tt.ops import ComputePrecision, PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.reference import tt_rows_reference
 from torchrec_tt.shapes import TTShape, make_tt_shape
 
@@ -84,7 +84,8 @@ def time_steps(step, iters: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-def tt_step_fn(case: Case, shape: TTShape, idx: list[torch.Tensor], offsets: torch.Tensor, reference: bool):  # type: ignore[no-untyped-def]
+def tt_step_fn(case: Case, shape: TTShape, idx: list[torch.Tensor], offsets: torch.Tensor, reference: bool,  # type: ignore[no-untyped-def]
+               options: TTKernelOptions | None = None):
     dev = offsets.device
     full = shape.full_ranks
     cores = [
@@ -103,7 +104,7 @@ def tt_step_fn(case: Case, shape: TTShape, idx: list[torch.Tensor], offsets: tor
             rows = tt_rows_reference(cores, shape.p, shape.q, shape.ranks, ind)
             out = torch.zeros(case.batch, shape.embedding_dim, device=dev).index_add(0, bags, rows)
         else:
-            out = tt_embedding_bag(cores, layout, ind, offsets)
+            out = tt_embedding_bag(cores, layout, ind, offsets, options=options)
         opt.zero_grad(set_to_none=True)
         out.backward(torch.ones_like(out))
         opt.step()
@@ -134,11 +135,90 @@ def tbe_step_fn(case: Case, idx: list[torch.Tensor], offsets: torch.Tensor):  # 
     return step, ""
 
 
+# Cardinalities of the 26 categorical features of the Criteo Kaggle (Display Advertising
+# Challenge) dataset, as used by TorchRec's DLRM example.
+CRITEO_KAGGLE_ROWS = [
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
+    5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+]
+
+
+def criteo_case(iters: int, batch: int = 16_384, dim: int = 64, rank: int = 32, num_tt: int = 7) -> None:
+    """26 tables, one lookup per feature per sample: all in TBE vs the ``num_tt`` largest in TT
+    (one TT op call) plus the others in TBE."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    order = sorted(range(26), key=lambda f: -CRITEO_KAGGLE_ROWS[f])
+    tt_feats, plain_feats = sorted(order[:num_tt]), sorted(order[num_tt:])
+
+    def batch_for(feats: list[int], sets: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for _ in range(sets):
+            idx = torch.cat([torch.randint(0, CRITEO_KAGGLE_ROWS[f], (batch,), device=dev, generator=gen) for f in feats])
+            out.append((idx, torch.arange(0, idx.numel() + 1, device=dev)))
+        return out
+
+    def tbe_for(feats: list[int]):  # type: ignore[no-untyped-def]
+        return SplitTableBatchedEmbeddingBagsCodegen(
+            [(CRITEO_KAGGLE_ROWS[f], dim, EmbeddingLocation.DEVICE, ComputeDevice.CUDA) for f in feats],
+            optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01,
+        )
+
+    all_batches = batch_for(list(range(26)))
+    tbe_all = tbe_for(list(range(26)))
+
+    def step_all(i: int) -> None:
+        out = tbe_all(*all_batches[i % 8])
+        out.backward(torch.ones_like(out))
+
+    shapes = [make_tt_shape(CRITEO_KAGGLE_ROWS[f], dim, [rank, rank], q=(4, 4, 4)) for f in tt_feats]
+    layout = TTBatchLayout.from_shapes([f"t{f}" for f in tt_feats], shapes, [PoolingMode.SUM] * num_tt, list(range(num_tt)))
+    cores = [
+        (0.3 * torch.randn(s.p[k], s.full_ranks[k] * s.q[k] * s.full_ranks[k + 1], device=dev)).requires_grad_()
+        for s in shapes for k in range(s.num_cores)
+    ]
+    opt = torch.optim.SGD(cores, lr=0.01)
+    tt_batches = batch_for(tt_feats)
+    plain_batches = batch_for(plain_feats)
+    tbe_plain = tbe_for(plain_feats)
+
+    def step_mixed(i: int) -> None:
+        out_tt = tt_embedding_bag(cores, layout, *tt_batches[i % 8])
+        out_plain = tbe_plain(*plain_batches[i % 8])
+        opt.zero_grad(set_to_none=True)
+        torch.cat([out_tt, out_plain], dim=1).backward(torch.ones(batch, 26 * dim, device=dev))
+        opt.step()
+
+    n = 26 * batch
+    t_all = time_steps(step_all, iters)
+    t_mixed = time_steps(step_mixed, iters)
+    dense_mb = sum(CRITEO_KAGGLE_ROWS) * dim * 4 / 2**20
+    mixed_mb = (sum(c.numel() for c in cores) * 4 + sum(CRITEO_KAGGLE_ROWS[f] for f in plain_feats) * dim * 4) / 2**20
+    print(f"\nCriteo-Kaggle-shaped: 26 tables, D={dim}, B={batch}, one lookup per feature; "
+          f"TT (R={rank}, q=(4,4,4)) on the {num_tt} largest")
+    print("| setup | ns/lookup (all 26 features) | step ms | embedding MiB |")
+    print("|---|---|---|---|")
+    print(f"| TBE, all 26 tables | {t_all / n * 1e9:.2f} | {t_all * 1e3:.3f} | {dense_mb:.0f} |")
+    print(f"| TT for 7 + TBE for 19 | {t_mixed / n * 1e9:.2f} | {t_mixed * 1e3:.3f} | {mixed_mb:.0f} |")
+    print(f"| ratio (mixed / TBE) | {t_mixed / t_all:.2f}x | | {dense_mb / mixed_mb:.0f}x smaller |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--cases", default="all", choices=["all", "quick"])
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the BF16 compute option and the deterministic backward")
+    ap.add_argument("--criteo", action="store_true",
+                    help="also run the Criteo-Kaggle-shaped 26-table case")
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
@@ -154,6 +234,11 @@ def main() -> None:
         base = torch.cuda.memory_allocated()
         res["tt"] = time_steps(tt_step_fn(case, shape, idx, offsets, False), args.iters)
         res["tt_mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        if args.variants:
+            bf16 = TTKernelOptions(compute_precision=ComputePrecision.BF16)
+            res["tt_bf16"] = time_steps(tt_step_fn(case, shape, idx, offsets, False, bf16), args.iters)
+            det = TTKernelOptions(deterministic=True)
+            res["tt_det"] = time_steps(tt_step_fn(case, shape, idx, offsets, False, det), args.iters)
         tbe, why = tbe_step_fn(case, idx, offsets)
         res["tbe"] = time_steps(tbe, args.iters) if tbe else why
         if not args.no_reference:
@@ -174,6 +259,14 @@ def main() -> None:
         ref_ratio = f"{ref / r['tt']:.1f}x" if isinstance(ref, float) else "-"
         print(f"| {case.name} | {tt:.2f} | {tbe_s} | {ratio} | {ref_s} | {ref_ratio} | "
               f"{r['tflops']:.1f} | {100 * r['tflops'] / TF32_PEAK_TFLOPS:.1f}% | {r['tt_mem']:.0f} |")
+    if args.variants:
+        print("\n| case | TT TF32 ns/lookup | TT BF16 ns/lookup | TT deterministic ns/lookup |")
+        print("|---|---|---|---|")
+        for case, n, r in rows:
+            print(f"| {case.name} | {r['tt'] / n * 1e9:.2f} | {r['tt_bf16'] / n * 1e9:.2f} | "
+                  f"{r['tt_det'] / n * 1e9:.2f} |")
+    if args.criteo:
+        criteo_case(args.iters)
 
 
 if __name__ == "__main__":

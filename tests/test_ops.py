@@ -366,8 +366,7 @@ def test_cuda_out_of_range_index_is_caught_on_the_device() -> None:
     code = textwrap.dedent(
         """
         import torch
-        from torchrec_tt.shapes import TTShape
-from torchrec_tt.testing import random_problem
+        from torchrec_tt.testing import random_problem
         from torchrec_tt.ops import tt_embedding_bag
         prob = random_problem(3, num_tables=1, batch_size=4)
         idx = prob.indices.clone(); idx[-1] = 10**7
