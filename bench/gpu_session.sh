@@ -16,9 +16,11 @@ TORCH_CUDA_ARCH_LIST=9.0 TORCHREC_TT_CUDA=1 MAX_JOBS=16 \
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 echo "build: $(( $(date +%s) - t0 )) s"
 timeout 300 python3 -m pytest tests/test_ops.py tests/test_kernel_options.py -q -k cuda -p no:cacheprovider \
-  2>&1 | tail -25 | tee "$OUT/tests.txt"
+  -rfE > "$OUT/tests.txt" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt" | tail -30
 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 9 \
   python3 -m pytest tests/test_ops.py tests/test_kernel_options.py -q -x -p no:cacheprovider \
   -k "cuda_empty_batch or cuda_float32_tensor or (cuda_float32 and (4096-q0 or 16384-q2)) or (options_match and (3-True-2 or 3-False-3 or 4-True-1)) or (contribute_zero and 1-cuda)" \
   2>&1 | tail -6 | tee "$OUT/memcheck.txt"
-python3 bench/bench_embedding_bag.py "$@" 2>&1 | tee "$OUT/bench.txt"
+python3 bench/profile_embedding_bag.py 2>&1 | tail -25 > "$OUT/profile.txt"
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_embedding_bag.py "$@" 2>&1 | tee "$OUT/bench.txt"

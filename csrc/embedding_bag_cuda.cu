@@ -563,7 +563,10 @@ __global__ void drows_det_kernel(const Params<scalar_t> P, const int64_t* __rest
 // accumulator.
 struct DetLayout {
   int left[2], right[2], t1, acc, total;
+  int max_slice;  // largest core slice r_k * q_k * r_{k+1}: stride of the partials
 };
+
+constexpr int kDetChunk = 32;  // rows per block in the deterministic core-gradient pass
 
 inline DetLayout det_layout(const DevTable* tables, int T) {
   int left = 1, right = 1, t1 = 1, acc = 1;
@@ -593,12 +596,16 @@ inline DetLayout det_layout(const DevTable* tables, int T) {
   L.acc = off;
   off += round_up(acc, 4);
   L.total = off;
+  L.max_slice = acc;
   return L;
 }
 
-// Core gradients of core `level`, "owner computes": block g owns group g, the slice G_k[s] of
-// one table, and adds the contributions of the group's unique rows one after another in sorted
-// order (plain stores, no atomics: bit-identical run to run). For a row with left chain
+// Core gradients of core `level` without atomics, in two passes. Unique rows are grouped by
+// (table, digit of core k) and the groups cut into chunks of kDetChunk consecutive rows
+// (make_groups). Pass 1: block x sums the contributions of chunk x's rows one after another
+// into its own partial slice. Pass 2 (det_reduce_kernel): the partials of each group are summed
+// in chunk order into the group's slice G_k[s]. Both orders are fixed, so the result is
+// bit-identical run to run, and a hot digit's rows are spread over many blocks. For a row with left chain
 // L [Q_left, r_k], right chain S [r_{k+1}, Q_right] and row gradient dR [Q_left, q_k, Q_right]:
 //   dG_k[s][a, c, b] += sum_{m, x} L[m, a] * dR[m, c, x] * S[b, x]   (via T1 = L^T dR).
 template <typename scalar_t>
@@ -607,7 +614,8 @@ __global__ void __launch_bounds__(kThreads)
                          const int64_t* __restrict__ sorted2, const int64_t* __restrict__ ord,
                          const int64_t* __restrict__ group_start,
                          const int32_t* __restrict__ num_groups, int64_t n,
-                         const int64_t* __restrict__ ukey, const scalar_t* __restrict__ drows) {
+                         const int64_t* __restrict__ ukey, const scalar_t* __restrict__ drows,
+                         int max_slice, scalar_t* __restrict__ partials) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   scalar_t* sm = reinterpret_cast<scalar_t*>(smem_raw);
   const int k = level;
@@ -626,7 +634,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = threadIdx.x; e < slice; e += blockDim.x) {
       acc[e] = 0;
     }
-    for (int64_t kk = k0; kk < n && sorted2[kk] == key; ++kk) {
+    for (int64_t kk = k0; kk < min(n, k0 + kDetChunk) && sorted2[kk] == key; ++kk) {
       const int64_t u = ord[kk];
       const int64_t i = ukey[u] & kKeyMask;
       // Left chain: [Q_l, r_{l+1}] after level l (nothing when k == 0: L is [1, 1] = 1).
@@ -703,11 +711,42 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
     }
-    scalar_t* dst = P.grads[t][k] + digit * slice;
+    scalar_t* dst = partials + g * max_slice;
     for (int e = threadIdx.x; e < slice; e += blockDim.x) {
       dst[e] = acc[e];
     }
     __syncthreads();
+  }
+}
+
+// Pass 2: the first chunk of each group sums its group's partials in chunk order.
+template <typename scalar_t>
+__global__ void det_reduce_kernel(const Params<scalar_t> P, int level,
+                                  const int64_t* __restrict__ sorted2,
+                                  const int64_t* __restrict__ chunk_start,
+                                  const int32_t* __restrict__ num_chunks, int max_slice,
+                                  const scalar_t* __restrict__ partials) {
+  const int64_t C = *num_chunks;
+  for (int64_t x = blockIdx.x; x < C; x += gridDim.x) {
+    const int64_t key = sorted2[chunk_start[x]];
+    if (x > 0 && sorted2[chunk_start[x - 1]] == key) {
+      continue;  // not the group's first chunk
+    }
+    const int t = static_cast<int>(key >> kKeyShift);
+    const DevTable& T = P.tables[t];
+    const int slice = T.r[level] * T.q[level] * T.r[level + 1];
+    int64_t end = x + 1;
+    while (end < C && sorted2[chunk_start[end]] == key) {
+      ++end;
+    }
+    scalar_t* dst = P.grads[t][level] + (key & kKeyMask) * slice;
+    for (int e = threadIdx.x; e < slice; e += blockDim.x) {
+      scalar_t v = 0;
+      for (int64_t c = x; c < end; ++c) {
+        v += partials[c * max_slice + e];
+      }
+      dst[e] = v;
+    }
   }
 }
 
@@ -1508,12 +1547,25 @@ void run_det_core_grads(const Params<scalar_t>& P, const CudaDedup& d, int64_t n
   }
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int level = 0; level < max_k; ++level) {
-    const Tiles groups = make_groups(P, d.ukey, d.num_unique, n, level, /*only_tc=*/false,
-                                     /*tile=*/1 << 30);
+    const Tiles chunks = make_groups(P, d.ukey, d.num_unique, n, level, /*only_tc=*/false,
+                                     kDetChunk);
+    // One partial slice per chunk. Chunks: at most one per kDetChunk rows plus one per group
+    // (a digit value of a table), so about max_slice / kDetChunk floats per lookup.
+    int64_t digits = 0;
+    for (int t = 0; t < P.T; ++t) {
+      digits += level < P.tables[t].K ? P.tables[t].p[level] : 0;
+    }
+    const int64_t max_chunks = std::min(n, (n + kDetChunk - 1) / kDetChunk + digits);
+    auto partials = at::empty({max_chunks, Ls.max_slice}, drows.options());
     det_core_grad_kernel<scalar_t><<<grid_for(n, 1), kThreads, smem, stream>>>(
-        P, Ls, level, groups.sorted2.data_ptr<int64_t>(), groups.ord.data_ptr<int64_t>(),
-        groups.tile_start.data_ptr<int64_t>(), groups.num_tiles.data_ptr<int32_t>(), n,
-        d.ukey.data_ptr<int64_t>(), drows.data_ptr<scalar_t>());
+        P, Ls, level, chunks.sorted2.data_ptr<int64_t>(), chunks.ord.data_ptr<int64_t>(),
+        chunks.tile_start.data_ptr<int64_t>(), chunks.num_tiles.data_ptr<int32_t>(), n,
+        d.ukey.data_ptr<int64_t>(), drows.data_ptr<scalar_t>(), Ls.max_slice,
+        partials.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    det_reduce_kernel<scalar_t><<<grid_for(n, 1), 256, 0, stream>>>(
+        P, level, chunks.sorted2.data_ptr<int64_t>(), chunks.tile_start.data_ptr<int64_t>(),
+        chunks.num_tiles.data_ptr<int32_t>(), Ls.max_slice, partials.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

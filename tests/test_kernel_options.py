@@ -56,9 +56,11 @@ def _fwd_bwd(prob: RandomProblem, options: TTKernelOptions, dy: torch.Tensor | N
     w = prob.per_sample_weights
     w = None if w is None else w.detach().clone().requires_grad_()
     out = tt_embedding_bag(cores, prob.layout, prob.indices, prob.offsets, w, options)
-    if dy is None:
-        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
-    grads = torch.autograd.grad(out, cores + ([w] if w is not None else []), dy.to(out.device))
+    if dy is None:  # the same values whatever the op's dtype and device
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grads = torch.autograd.grad(
+        out, cores + ([w] if w is not None else []), dy.to(device=out.device, dtype=out.dtype)
+    )
     return out, list(grads)
 
 
@@ -258,10 +260,11 @@ def test_cuda_deterministic_backward_is_bit_identical(q: tuple, ranks: tuple) ->
         _, again = _fwd_bwd(prob, opts)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
-    # Same values as the atomic backward, up to summation order.
-    _, atomic = _fwd_bwd(prob, TTKernelOptions())
+    # Same values as the float32 atomic backward (the deterministic one computes on CUDA cores
+    # in float32), up to summation order over hot rows' thousands of lookups.
+    _, atomic = _fwd_bwd(prob, TTKernelOptions(compute_precision=ComputePrecision.FP32))
     for a, b in zip(first, atomic):
-        assert _rel_err(a, b) < 1e-5
+        assert _rel_err(a, b) < 1e-4
 
 
 @requires_cuda
