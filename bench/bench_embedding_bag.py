@@ -6,7 +6,7 @@ FBGEMM TBE (SplitTableBatchedEmbeddingBagsCodegen, EXACT_SGD) runs when fbgemm_g
 otherwise its column says so. Prints a markdown table (ns per lookup, ratios, TFLOP/s of the
 TT op counted without dedup, peak extra memory).
 
-    python bench/bench_embedding_bag.py [--iters 20] [--cases all|quick] [--variants] [--criteo]
+    python bench/bench_embedding_bag.py [--iters 20] [--cases all|quick] [--variants] [--graph] [--criteo]
 """
 
 from __future__ import annotations
@@ -98,8 +98,7 @@ def tt_step_fn(case: Case, shape: TTShape, idx: list[torch.Tensor], offsets: tor
         torch.arange(case.batch, device=dev), case.pooling_factor
     )
 
-    def step(i: int) -> None:
-        ind = idx[i % len(idx)]
+    def step_on(ind: torch.Tensor) -> None:
         if reference:
             rows = tt_rows_reference(cores, shape.p, shape.q, shape.ranks, ind)
             out = torch.zeros(case.batch, shape.embedding_dim, device=dev).index_add(0, bags, rows)
@@ -108,6 +107,31 @@ def tt_step_fn(case: Case, shape: TTShape, idx: list[torch.Tensor], offsets: tor
         opt.zero_grad(set_to_none=True)
         out.backward(torch.ones_like(out))
         opt.step()
+
+    return step_on
+
+
+def eager(step_on, idx: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+    return lambda i: step_on(idx[i % len(idx)])
+
+
+def graphed(step_on, idx: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+    """The step captured once in a CUDA graph; a replay copies the next index set into the
+    captured input buffer first (as a graphed training loop does)."""
+    static = idx[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step_on(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_on(static)
+
+    def step(i: int) -> None:
+        static.copy_(idx[i % len(idx)])
+        graph.replay()
 
     return step
 
@@ -128,11 +152,11 @@ def tbe_step_fn(case: Case, idx: list[torch.Tensor], offsets: torch.Tensor):  # 
         learning_rate=0.01,
     )
 
-    def step(i: int) -> None:
-        out = tbe(idx[i % len(idx)], offsets)
+    def step_on(ind: torch.Tensor) -> None:
+        out = tbe(ind, offsets)
         out.backward(torch.ones_like(out))
 
-    return step, ""
+    return step_on, ""
 
 
 # Cardinalities of the 26 categorical features of the Criteo Kaggle (Display Advertising
@@ -217,6 +241,8 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--variants", action="store_true",
                     help="also time the BF16 compute option and the deterministic backward")
+    ap.add_argument("--graph", action="store_true",
+                    help="also time TT and TBE steps replayed from CUDA graphs (no host launch cost)")
     ap.add_argument("--criteo", action="store_true",
                     help="also run the Criteo-Kaggle-shaped 26-table case")
     args = ap.parse_args()
@@ -232,17 +258,24 @@ def main() -> None:
         res: dict[str, float | str] = {}
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        res["tt"] = time_steps(tt_step_fn(case, shape, idx, offsets, False), args.iters)
+        res["tt"] = time_steps(eager(tt_step_fn(case, shape, idx, offsets, False), idx), args.iters)
         res["tt_mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         if args.variants:
             bf16 = TTKernelOptions(compute_precision=ComputePrecision.BF16)
-            res["tt_bf16"] = time_steps(tt_step_fn(case, shape, idx, offsets, False, bf16), args.iters)
+            res["tt_bf16"] = time_steps(eager(tt_step_fn(case, shape, idx, offsets, False, bf16), idx), args.iters)
             det = TTKernelOptions(deterministic=True)
-            res["tt_det"] = time_steps(tt_step_fn(case, shape, idx, offsets, False, det), args.iters)
+            res["tt_det"] = time_steps(eager(tt_step_fn(case, shape, idx, offsets, False, det), idx), args.iters)
+        if args.graph:
+            res["tt_graph"] = time_steps(graphed(tt_step_fn(case, shape, idx, offsets, False), idx), args.iters)
         tbe, why = tbe_step_fn(case, idx, offsets)
-        res["tbe"] = time_steps(tbe, args.iters) if tbe else why
+        res["tbe"] = time_steps(eager(tbe, idx), args.iters) if tbe else why
+        if args.graph and tbe:
+            try:
+                res["tbe_graph"] = time_steps(graphed(tbe, idx), args.iters)
+            except Exception as e:  # noqa: BLE001 - report, keep benchmarking
+                res["tbe_graph"] = f"not capturable ({type(e).__name__})"
         if not args.no_reference:
-            res["ref"] = time_steps(tt_step_fn(case, shape, idx, offsets, True), max(5, args.iters // 4))
+            res["ref"] = time_steps(eager(tt_step_fn(case, shape, idx, offsets, True), idx), max(5, args.iters // 4))
         flops = (shape.forward_flops_per_lookup() + shape.backward_flops_per_lookup()) * n
         res["tflops"] = flops / res["tt"] / 1e12
         rows.append((case, n, res))
@@ -265,6 +298,16 @@ def main() -> None:
         for case, n, r in rows:
             print(f"| {case.name} | {r['tt'] / n * 1e9:.2f} | {r['tt_bf16'] / n * 1e9:.2f} | "
                   f"{r['tt_det'] / n * 1e9:.2f} |")
+    if args.graph:
+        print("\n| case | TT eager ns/lookup | TT graphed ns/lookup | TBE eager ns/lookup | TBE graphed ns/lookup | TT graphed / TBE graphed |")
+        print("|---|---|---|---|---|---|")
+        for case, n, r in rows:
+            tbe_g = r.get("tbe_graph")
+            tbe_g_s = f"{tbe_g / n * 1e9:.2f}" if isinstance(tbe_g, float) else str(tbe_g)
+            ratio = f"{r['tt_graph'] / tbe_g:.2f}x" if isinstance(tbe_g, float) else "-"
+            tbe_e = r["tbe"]
+            tbe_e_s = f"{tbe_e / n * 1e9:.2f}" if isinstance(tbe_e, float) else str(tbe_e)
+            print(f"| {case.name} | {r['tt'] / n * 1e9:.2f} | {r['tt_graph'] / n * 1e9:.2f} | {tbe_e_s} | {tbe_g_s} | {ratio} |")
     if args.criteo:
         criteo_case(args.iters)
 

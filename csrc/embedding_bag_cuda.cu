@@ -750,12 +750,29 @@ __global__ void det_reduce_kernel(const Params<scalar_t> P, int level,
   }
 }
 
+// SM count of the current device, queried once per device (launch configuration is on the
+// host's critical path: a step launches ~20 kernels).
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= kMaxDevices) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return sms;
+  }
+  if (cache[device] == 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    cache[device] = sms;
+  }
+  return cache[device];
+}
+
 int grid_for(int64_t work, int per_block) {
   const int64_t blocks = (work + per_block - 1) / per_block;
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t cap = int64_t(sms) * 32;
+  const int64_t cap = int64_t(sm_count()) * 32;
   return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
 }
 

@@ -236,7 +236,7 @@ def test_cuda_options_match_float64_reference(
 
 def _skewed_problem(num_lookups: int, q: tuple[int, ...], ranks: tuple[int, ...], seed: int = 0):  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(seed)
-    p = (200, 220, 250)[: len(q)]
+    p = (200, 220, 250, 30)[: len(q)]
     n = math.prod(p) - 7
     full = (1, *ranks, 1)
     cores = [0.2 * torch.randn(p[k], full[k] * q[k] * full[k + 1], generator=gen) for k in range(len(q))]
