@@ -22,10 +22,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cub/cub.cuh>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <climits>
 #include <cstdio>
 #include <type_traits>
 
@@ -1293,13 +1295,68 @@ __global__ void group_key_kernel(const Params<scalar_t> P, const int64_t* __rest
   }
 }
 
-// Group heads of the sorted tile keys (ignored keys are INT64_MAX and sort last).
-__global__ void tile_group_kernel(const int64_t* __restrict__ sorted2, int64_t n,
-                                  int32_t* __restrict__ gflag) {
+// Run heads of sorted keys (dedup's unique lookups, make_groups' groups); one launch instead of
+// the four ATen ops a shifted compare takes. Ignored keys are INT64_MAX and sort last.
+__global__ void head_flag_kernel(const int64_t* __restrict__ sorted, int64_t n,
+                                 int32_t* __restrict__ flag) {
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
        k += int64_t(gridDim.x) * blockDim.x) {
-    gflag[k] = (k == 0 || sorted2[k] != sorted2[k - 1]) ? 1 : 0;
+    flag[k] = (k == 0 || sorted[k] != sorted[k - 1]) ? 1 : 0;
   }
+}
+
+__global__ void iota_kernel(int64_t n, int64_t* __restrict__ out) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    out[k] = k;
+  }
+}
+
+// Bits [0, end_bit) that order the keys (table << kKeyShift) | value of a call with T tables.
+// Why sorting on those bits only is safe: value < 2^40 - 1 (N <= kKeyMask, checked in
+// make_params; group digits are < p) and table <= T - 1 fits in end_bit - kKeyShift bits, so every
+// real key is < 2^end_bit - 1 and its low end_bit bits are the key itself, while INT64_MAX
+// (invalid / ignored) has all its low end_bit bits set: it still sorts after every real key. The
+// sorted output holds the full 64-bit keys, so code comparing them for equality is unaffected.
+// Radix passes scale with the bits: <= 47 of them instead of 64.
+int key_end_bit(int T) {
+  int bits = 1;  // T = 1 would be safe with none; one bit keeps a single rule for every T
+  while ((int64_t{1} << bits) < T) {
+    ++bits;
+  }
+  return kKeyShift + bits;
+}
+
+// Stable ascending sort of int64 keys on bits [0, end_bit): (sorted keys, int64 permutation:
+// sorted position -> input position). cub directly instead of at::sort, which sorts all 64 bits
+// and costs ~200 us of host time per call; temp storage comes from the caching allocator, so no
+// synchronisation and the call stays capturable in a CUDA graph. Stability matters: a row's
+// lookups keep their order (the deterministic dY sums rely on it).
+std::pair<at::Tensor, at::Tensor> sort_pairs(const at::Tensor& keys, int end_bit) {
+  const int64_t n = keys.numel();
+  // 32-bit item counts keep cub on 32-bit offsets; the unique ids are int32 anyway.
+  TORCH_CHECK(n <= INT_MAX, "torchrec_tt: the CUDA kernels take at most ", INT_MAX,
+              " lookups per call, got ", n);
+  auto sorted = at::empty({n}, keys.options());
+  auto perm = at::empty({n}, keys.options());
+  if (n == 0) {
+    return {sorted, perm};  // a null temp pointer would turn the sort into a size query
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto pos = at::empty({n}, keys.options());
+  iota_kernel<<<grid_for(n, 256), 256, 0, stream>>>(n, pos.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int items = static_cast<int>(n);
+  size_t bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, bytes, keys.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
+      pos.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), items, 0, end_bit, stream));
+  auto temp = at::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
+                        keys.options().dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      temp.data_ptr(), bytes, keys.data_ptr<int64_t>(), sorted.data_ptr<int64_t>(),
+      pos.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), items, 0, end_bit, stream));
+  return {sorted, perm};
 }
 
 __global__ void tile_first_kernel(const int32_t* __restrict__ gflag, const int32_t* __restrict__ gid,
@@ -1354,11 +1411,9 @@ Tiles make_groups(const Params<scalar_t>& P, const at::Tensor& ukey, const at::T
                                                     only_tc, key2.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   Tiles T;
-  auto sorted = at::sort(key2, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  T.sorted2 = std::get<0>(sorted);
-  T.ord = std::get<1>(sorted);
+  std::tie(T.sorted2, T.ord) = sort_pairs(key2, key_end_bit(P.T));
   auto gflag = at::empty({n}, opts.dtype(at::kInt));
-  tile_group_kernel<<<g, 256, 0, stream>>>(T.sorted2.data_ptr<int64_t>(), n, gflag.data_ptr<int32_t>());
+  head_flag_kernel<<<g, 256, 0, stream>>>(T.sorted2.data_ptr<int64_t>(), n, gflag.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto gid = at::cumsum(gflag, 0, at::kInt);
   auto gfirst = at::empty({n}, opts);
@@ -1425,12 +1480,13 @@ CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Stable, so a row's lookups keep their order (the deterministic dY sums rely on it).
-  auto [sorted_keys, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor sorted_keys, perm;
+  std::tie(sorted_keys, perm) = sort_pairs(keys, key_end_bit(P.T));
   d.perm = perm;
-  auto heads = at::ones({n}, opts.dtype(at::kInt));
-  if (n > 1) {
-    heads.narrow(0, 1, n - 1).copy_(sorted_keys.narrow(0, 1, n - 1).ne(sorted_keys.narrow(0, 0, n - 1)));
-  }
+  auto heads = at::empty({n}, opts.dtype(at::kInt));
+  head_flag_kernel<<<grid_for(n, 256), 256, 0, stream>>>(sorted_keys.data_ptr<int64_t>(), n,
+                                                         heads.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto uid_incl = at::cumsum(heads, 0, at::kInt);
   d.uid_incl = uid_incl;
   d.ukey = at::empty({n}, opts.dtype(at::kLong));
