@@ -234,6 +234,15 @@ def criteo_case(iters: int, batch: int = 16_384, dim: int = 64, rank: int = 32, 
     print(f"| ratio (mixed / TBE) | {t_mixed / t_all:.2f}x | | {dense_mb / mixed_mb:.0f}x smaller |")
 
 
+def _ns(seconds: float | str, n: int, digits: int = 2) -> str:
+    """ns per lookup, or the reason a column has no time."""
+    return f"{seconds / n * 1e9:.{digits}f}" if isinstance(seconds, float) else str(seconds)
+
+
+def _ratio(a: float | str, b: float | str, digits: int = 2) -> str:
+    return f"{a / b:.{digits}f}x" if isinstance(a, float) and isinstance(b, float) else "-"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iters", type=int, default=20)
@@ -283,14 +292,8 @@ def main() -> None:
     print("\n| case | TT op ns/lookup | TBE ns/lookup | TT / TBE | ref ns/lookup | ref / TT | TT TFLOP/s (no dedup) | % TF32 peak | TT peak extra MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case, n, r in rows:
-        tt = r["tt"] / n * 1e9
-        tbe = r["tbe"]
-        tbe_s = f"{tbe / n * 1e9:.2f}" if isinstance(tbe, float) else str(tbe)
-        ratio = f"{r['tt'] / tbe:.2f}x" if isinstance(tbe, float) else "-"
-        ref = r.get("ref")
-        ref_s = f"{ref / n * 1e9:.1f}" if isinstance(ref, float) else "-"
-        ref_ratio = f"{ref / r['tt']:.1f}x" if isinstance(ref, float) else "-"
-        print(f"| {case.name} | {tt:.2f} | {tbe_s} | {ratio} | {ref_s} | {ref_ratio} | "
+        print(f"| {case.name} | {_ns(r['tt'], n)} | {_ns(r['tbe'], n)} | {_ratio(r['tt'], r['tbe'])} | "
+              f"{_ns(r.get('ref', '-'), n, 1)} | {_ratio(r.get('ref', '-'), r['tt'], 1)} | "
               f"{r['tflops']:.1f} | {100 * r['tflops'] / TF32_PEAK_TFLOPS:.1f}% | {r['tt_mem']:.0f} |")
     if args.variants:
         print("\n| case | TT TF32 ns/lookup | TT BF16 ns/lookup | TT deterministic ns/lookup |")
@@ -302,12 +305,9 @@ def main() -> None:
         print("\n| case | TT eager ns/lookup | TT graphed ns/lookup | TBE eager ns/lookup | TBE graphed ns/lookup | TT graphed / TBE graphed |")
         print("|---|---|---|---|---|---|")
         for case, n, r in rows:
-            tbe_g = r.get("tbe_graph")
-            tbe_g_s = f"{tbe_g / n * 1e9:.2f}" if isinstance(tbe_g, float) else str(tbe_g)
-            ratio = f"{r['tt_graph'] / tbe_g:.2f}x" if isinstance(tbe_g, float) else "-"
-            tbe_e = r["tbe"]
-            tbe_e_s = f"{tbe_e / n * 1e9:.2f}" if isinstance(tbe_e, float) else str(tbe_e)
-            print(f"| {case.name} | {r['tt'] / n * 1e9:.2f} | {r['tt_graph'] / n * 1e9:.2f} | {tbe_e_s} | {tbe_g_s} | {ratio} |")
+            tbe_g = r.get("tbe_graph", "-")
+            print(f"| {case.name} | {_ns(r['tt'], n)} | {_ns(r['tt_graph'], n)} | {_ns(r['tbe'], n)} | "
+                  f"{_ns(tbe_g, n)} | {_ratio(r['tt_graph'], tbe_g)} |")
     if args.criteo:
         criteo_case(args.iters)
 

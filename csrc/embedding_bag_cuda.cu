@@ -215,6 +215,30 @@ __global__ void unique_kernel(const int64_t* __restrict__ sorted_keys,
   }
 }
 
+// Level l of a row's prefix chain, by the whole block: P_0 = G_0[d_0] ([q_0, r_1]) and
+// P_l = P_{l-1} [Q_{l-1}, r_l] @ G_l[d_l] [r_l, q_l * r_{l+1}], read as [Q_l, r_{l+1}]. `g` is
+// the row's slice G_l[d_l]; `in` is P_{l-1} (unused for l = 0). No synchronisation.
+template <typename scalar_t>
+__device__ __forceinline__ void prefix_level(const DevTable& T, int l, const scalar_t* g,
+                                             const scalar_t* in, scalar_t* out) {
+  const int cols = T.q[l] * T.r[l + 1];
+  if (l == 0) {
+    for (int e = threadIdx.x; e < cols; e += blockDim.x) {
+      out[e] = g[e];
+    }
+    return;
+  }
+  const int M = T.Q[l - 1], Kd = T.r[l];
+  for (int e = threadIdx.x; e < M * cols; e += blockDim.x) {
+    const int m = e / cols, c = e - m * cols;
+    scalar_t s = 0;
+    for (int a = 0; a < Kd; ++a) {
+      s += in[m * Kd + a] * g[a * cols + c];
+    }
+    out[e] = s;
+  }
+}
+
 // Shared-memory cache of the prefix chain P_0..P_{K-2} of the current row (all threads of the
 // block hold identical copies of the bookkeeping, so branches on it are uniform).
 template <typename scalar_t>
@@ -247,23 +271,7 @@ struct BlockPrefix {
       digit[l] = static_cast<int>(k % T.p[l]);
       const int cols = T.q[l] * T.r[l + 1];
       const scalar_t* g = P.cores[t][l] + int64_t(digit[l]) * T.r[l] * cols;
-      scalar_t* out = sm + T.level_off[l];
-      if (l == 0) {
-        for (int e = threadIdx.x; e < cols; e += blockDim.x) {
-          out[e] = g[e];
-        }
-      } else {
-        const scalar_t* in = sm + T.level_off[l - 1];
-        const int M = T.Q[l - 1], Kd = T.r[l];
-        for (int e = threadIdx.x; e < M * cols; e += blockDim.x) {
-          const int m = e / cols, c = e - m * cols;
-          scalar_t s = 0;
-          for (int a = 0; a < Kd; ++a) {
-            s += in[m * Kd + a] * g[a * cols + c];
-          }
-          out[e] = s;
-        }
-      }
+      prefix_level(T, l, g, l > 0 ? sm + T.level_off[l - 1] : nullptr, sm + T.level_off[l]);
       __syncthreads();
       valid = l + 1;
       changed = true;
@@ -625,7 +633,6 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t k0 = group_start[g];
     const int64_t key = sorted2[k0];
     const int t = static_cast<int>(key >> kKeyShift);
-    const int64_t digit = key & kKeyMask;
     const DevTable& T = P.tables[t];
     const int K = T.K, rk = T.r[k], qk = T.q[k], rk1 = T.r[k + 1];
     const int qleft = k == 0 ? 1 : T.Q[k - 1];
@@ -645,21 +652,7 @@ __global__ void __launch_bounds__(kThreads)
         const int cols = T.q[l] * T.r[l + 1];
         const scalar_t* gl = P.cores[t][l] + ((i / T.stride[l]) % T.p[l]) * T.r[l] * cols;
         scalar_t* out = sm + Ls.left[l & 1];
-        if (l == 0) {
-          for (int e = threadIdx.x; e < cols; e += blockDim.x) {
-            out[e] = gl[e];
-          }
-        } else {
-          const int M = T.Q[l - 1], Kd = T.r[l];
-          for (int e = threadIdx.x; e < M * cols; e += blockDim.x) {
-            const int m = e / cols, c = e - m * cols;
-            scalar_t v = 0;
-            for (int a = 0; a < Kd; ++a) {
-              v += L[m * Kd + a] * gl[a * cols + c];
-            }
-            out[e] = v;
-          }
-        }
+        prefix_level(T, l, gl, L, out);
         __syncthreads();
         L = out;
       }

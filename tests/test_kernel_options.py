@@ -21,17 +21,11 @@ from torchrec_tt.ops import (
 )
 from torchrec_tt.reference import tt_embedding_bag_dense_reference
 from torchrec_tt.shapes import TTShape
-from torchrec_tt.testing import RandomProblem, random_problem
-
-
-def _has_cuda_kernels() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("torchrec_tt::tt_embedding_bag", "CUDA")
+from torchrec_tt.testing import RandomProblem, has_cuda_kernels, random_problem
 
 
 requires_cuda = pytest.mark.skipif(
-    not _has_cuda_kernels(), reason="needs a CUDA GPU and torchrec_tt built with its CUDA kernels"
+    not has_cuda_kernels(), reason="needs a CUDA GPU and torchrec_tt built with its CUDA kernels"
 )
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
@@ -162,7 +156,7 @@ def test_cuda_warning_mode_prints_the_first_bad_index_and_does_not_trap() -> Non
         """
         import torch
         from torchrec_tt.ops import BoundsCheckMode, TTKernelOptions, tt_embedding_bag
-        from torchrec_tt.testing import random_problem
+        from torchrec_tt.testing import has_cuda_kernels, random_problem
         prob = random_problem(3, num_tables=1, batch_size=4)
         idx = prob.indices.clone(); idx[-1] = 10**7
         out = tt_embedding_bag([c.cuda() for c in prob.cores], prob.layout, idx.cuda(),

@@ -19,7 +19,7 @@ from torchrec_tt.ops import (
 )
 from torchrec_tt.reference import tt_embedding_bag_dense_reference, tt_rows_reference
 from torchrec_tt.shapes import TTShape
-from torchrec_tt.testing import random_problem
+from torchrec_tt.testing import has_cuda_kernels, random_problem
 
 
 def _check_against_reference(prob, weights_grad: bool = False) -> None:  # type: ignore[no-untyped-def]
@@ -224,14 +224,8 @@ def test_bad_layout(prob) -> None:  # type: ignore[no-untyped-def]
 
 # ---- CUDA ------------------------------------------------------------------------------------
 
-def _has_cuda_kernels() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("torchrec_tt::tt_embedding_bag", "CUDA")
-
-
 requires_cuda = pytest.mark.skipif(
-    not _has_cuda_kernels(), reason="needs a CUDA GPU and torchrec_tt built with its CUDA kernels"
+    not has_cuda_kernels(), reason="needs a CUDA GPU and torchrec_tt built with its CUDA kernels"
 )
 
 

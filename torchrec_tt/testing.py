@@ -79,3 +79,10 @@ def random_problem(
     indices = torch.cat(parts).to(index_dtype)
     weights = torch.rand(indices.numel(), generator=gen, dtype=dtype) if weighted else None
     return RandomProblem(cores, layout, indices, offsets, weights, batch_size)
+
+
+def has_cuda_kernels() -> bool:
+    """A CUDA device is present and torchrec_tt was built with its CUDA embedding-bag kernels."""
+    if not torch.cuda.is_available():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("torchrec_tt::tt_embedding_bag", "CUDA")
