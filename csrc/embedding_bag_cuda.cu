@@ -1420,7 +1420,7 @@ Tiles make_groups(const Params<scalar_t>& P, const at::Tensor& ukey, const at::T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto tid = at::cumsum(tflag, 0, at::kInt);
   T.tile_start = at::empty({n}, opts);
-  T.num_tiles = at::zeros({1}, opts.dtype(at::kInt));
+  T.num_tiles = at::empty({1}, opts.dtype(at::kInt));  // written by tile_start_kernel (n > 0)
   tile_start_kernel<<<g, 256, 0, stream>>>(tflag.data_ptr<int32_t>(), tid.data_ptr<int32_t>(), n,
                                            T.tile_start.data_ptr<int64_t>(),
                                            T.num_tiles.data_ptr<int32_t>());
@@ -1485,7 +1485,7 @@ CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::
   d.ukey = at::empty({n}, opts.dtype(at::kLong));
   d.seg_start = at::empty({n + 1}, opts.dtype(at::kLong));
   d.uid_of = at::empty({n}, opts.dtype(at::kInt));
-  d.num_unique = at::zeros({1}, opts.dtype(at::kInt));
+  d.num_unique = at::empty({1}, opts.dtype(at::kInt));  // written by unique_kernel (n > 0)
   unique_kernel<<<grid_for(n, 256), 256, 0, stream>>>(
       sorted_keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), uid_incl.data_ptr<int32_t>(), n,
       d.ukey.data_ptr<int64_t>(), d.seg_start.data_ptr<int64_t>(), d.uid_of.data_ptr<int32_t>(),
@@ -1666,10 +1666,11 @@ at::Tensor tt_embedding_bag_cuda(
   const std::vector<at::Tensor> cc = compute_cores(cores, o);
   const int64_t n = indices.numel();
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_cuda", [&] {
-    auto out = at::zeros({info.B, info.total_D}, cc[0].options());
     if (n == 0 || info.B == 0) {
-      return out;
+      return at::zeros({info.B, info.total_D}, cc[0].options());
     }
+    // pool_kernel writes every column of every bag (empty bags included).
+    auto out = at::empty({info.B, info.total_D}, cc[0].options());
     auto P = make_params<scalar_t>(info, cc, nullptr);
     const TileLayout L = plan_tiles(P, o.precision);
     const CudaDedup d = dedup(P, indices, offsets, o.bounds);
@@ -1732,7 +1733,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
     auto dy = grad_output.contiguous();
     at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
     const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
-    auto drows = at::zeros({n, P.row_stride}, opts);
+    // The atomic reduction adds into drows; the deterministic one writes every row it has.
+    auto drows = o.deterministic ? at::empty({n, P.row_stride}, opts)
+                                 : at::zeros({n, P.row_stride}, opts);
     if (o.deterministic) {
       drows_det_kernel<scalar_t><<<grid_for(n * 32, 256), 256, 0, stream>>>(
           P, d.off.data_ptr<int64_t>(), d.perm.data_ptr<int64_t>(), d.seg_start.data_ptr<int64_t>(),
