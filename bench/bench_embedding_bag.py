@@ -12,6 +12,7 @@ TT op counted without dedup, peak extra memory).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from dataclasses import dataclass
 
@@ -252,6 +253,9 @@ def main() -> None:
                     help="also time the BF16 compute option and the deterministic backward")
     ap.add_argument("--graph", action="store_true",
                     help="also time TT and TBE steps replayed from CUDA graphs (no host launch cost)")
+    ap.add_argument("--tile-rows", default="",
+                    help="comma list of TORCHREC_TT_MAX_TILE_ROWS values to compare (graphed TT "
+                         "step per value), e.g. 32,16")
     ap.add_argument("--criteo", action="store_true",
                     help="also run the Criteo-Kaggle-shaped 26-table case")
     args = ap.parse_args()
@@ -276,6 +280,11 @@ def main() -> None:
             res["tt_det"] = time_steps(eager(tt_step_fn(case, shape, idx, offsets, False, det), idx), args.iters)
         if args.graph:
             res["tt_graph"] = time_steps(graphed(tt_step_fn(case, shape, idx, offsets, False), idx), args.iters)
+        for rows_cap in filter(None, args.tile_rows.split(",")):
+            os.environ["TORCHREC_TT_MAX_TILE_ROWS"] = rows_cap
+            for mode, wrap in (("eager", eager), ("graph", graphed)):
+                res[f"tile{rows_cap}_{mode}"] = time_steps(wrap(tt_step_fn(case, shape, idx, offsets, False), idx), args.iters)
+            os.environ.pop("TORCHREC_TT_MAX_TILE_ROWS")
         tbe, why = tbe_step_fn(case, idx, offsets)
         res["tbe"] = time_steps(eager(tbe, idx), args.iters) if tbe else why
         if args.graph and tbe:
@@ -308,6 +317,13 @@ def main() -> None:
             tbe_g = r.get("tbe_graph", "-")
             print(f"| {case.name} | {_ns(r['tt'], n)} | {_ns(r['tt_graph'], n)} | {_ns(r['tbe'], n)} | "
                   f"{_ns(tbe_g, n)} | {_ratio(r['tt_graph'], tbe_g)} |")
+    caps = list(filter(None, args.tile_rows.split(",")))
+    if caps:
+        print("\n| case | " + " | ".join(f"tile<={c} eager | tile<={c} graphed" for c in caps) + " |")
+        print("|---|" + "---|" * (2 * len(caps)))
+        for case, n, r in rows:
+            cells = [f"{_ns(r[f'tile{c}_eager'], n)} | {_ns(r[f'tile{c}_graph'], n)}" for c in caps]
+            print(f"| {case.name} | " + " | ".join(cells) + " |")
     if args.criteo:
         criteo_case(args.iters)
 

@@ -28,6 +28,7 @@
 #include <mma.h>
 
 #include <climits>
+#include <cstdlib>
 #include <cstdio>
 #include <type_traits>
 
@@ -811,7 +812,14 @@ TileLayout plan_tiles(Params<scalar_t>& P, ComputePrecision prec) {
     return L;  // CUDA-core chain kernels only
   }
   constexpr int kSmemBudget = 200 * 1024 / 4;
+  // Tuning knob for benchmarks: TORCHREC_TT_MAX_TILE_ROWS=16 caps the rows per tile (smaller
+  // tiles: less shared memory, more resident blocks per SM, more tiles).
+  const char* cap_env = std::getenv("TORCHREC_TT_MAX_TILE_ROWS");
+  const int cap = cap_env != nullptr ? std::atoi(cap_env) : kMaxTile;
   for (int tile : {kMaxTile, 16}) {
+    if (tile > cap && tile != 16) {
+      continue;
+    }
     int mx[6] = {0, 0, 0, 0, 0, 0};
     bool any = false;
     for (int t = 0; t < P.T; ++t) {
