@@ -812,10 +812,17 @@ TileLayout plan_tiles(Params<scalar_t>& P, ComputePrecision prec) {
     return L;  // CUDA-core chain kernels only
   }
   constexpr int kSmemBudget = 200 * 1024 / 4;
-  // Tuning knob for benchmarks: TORCHREC_TT_MAX_TILE_ROWS=16 caps the rows per tile (smaller
-  // tiles: less shared memory, more resident blocks per SM, more tiles).
+  // Rows per tile. At ranks >= 32 a 32-row tile needs ~140 KB of shared memory, one block per
+  // SM; 16-row tiles let two blocks overlap their serial phases: measured 3-7% less GPU time per
+  // step at R=32 on an H200, while at R=8 and D=16 they cost 15-20% (docs/benchmarks.md, v3.2).
+  // TORCHREC_TT_MAX_TILE_ROWS=16/32 overrides, for benchmarks.
+  bool wide = false;
+  for (int t = 0; t < P.T; ++t) {
+    const DevTable& T = P.tables[t];
+    wide = wide || (T.K == 3 && T.r[1] >= 32 && T.r[2] >= 32);
+  }
   const char* cap_env = std::getenv("TORCHREC_TT_MAX_TILE_ROWS");
-  const int cap = cap_env != nullptr ? std::atoi(cap_env) : kMaxTile;
+  const int cap = cap_env != nullptr ? std::atoi(cap_env) : (wide ? 16 : kMaxTile);
   for (int tile : {kMaxTile, 16}) {
     if (tile > cap && tile != 16) {
       continue;
