@@ -570,10 +570,11 @@ __global__ void drows_det_kernel(const Params<scalar_t> P, const int64_t* __rest
 }
 
 // Shared-memory buffers of det_core_grad_kernel (element offsets): two ping-pong buffers for the
-// left chain L = G_0..G_{k-1} and for the right chain S = G_{k+1}..G_{K-1}, T1 and the slice
-// accumulator.
+// left chain L = G_0..G_{k-1} and for the right chain S = G_{k+1}..G_{K-1}, and T1. The slice
+// accumulator is the chunk's own partial in global memory: a whole slice (r_k q_k r_{k+1}, e.g.
+// 256 KB at R=128, q=4) need not fit in shared memory.
 struct DetLayout {
-  int left[2], right[2], t1, acc, total;
+  int left[2], right[2], t1, total;
   int max_slice;  // largest core slice r_k * q_k * r_{k+1}: stride of the partials
 };
 
@@ -604,8 +605,6 @@ inline DetLayout det_layout(const DevTable* tables, int T) {
   }
   L.t1 = off;
   off += round_up(t1, 4);
-  L.acc = off;
-  off += round_up(acc, 4);
   L.total = off;
   L.max_slice = acc;
   return L;
@@ -639,7 +638,9 @@ __global__ void __launch_bounds__(kThreads)
     const int qleft = k == 0 ? 1 : T.Q[k - 1];
     const int qright = T.D / (qleft * qk);
     const int slice = rk * qk * rk1;
-    scalar_t* acc = sm + Ls.acc;
+    // Only this block touches its partial, and thread x always owns elements x, x + blockDim..,
+    // so the read-modify-writes below need no synchronisation and keep a fixed order.
+    scalar_t* acc = partials + g * max_slice;
     scalar_t* t1 = sm + Ls.t1;
     for (int e = threadIdx.x; e < slice; e += blockDim.x) {
       acc[e] = 0;
@@ -707,11 +708,6 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
     }
-    scalar_t* dst = partials + g * max_slice;
-    for (int e = threadIdx.x; e < slice; e += blockDim.x) {
-      dst[e] = acc[e];
-    }
-    __syncthreads();
   }
 }
 
@@ -1224,11 +1220,17 @@ __global__ void __launch_bounds__(kTileThreads)
     }
     __syncthreads();
     // dA = dP @ G_2^T  -> W2 [M, R1p]
-    tile_gemm<nvcuda::wmma::row_major, nvcuda::wmma::col_major>(prec, M, R1p, N2p, C, ldc, B, N2p,
+    // dP is a gradient: in fp16 it would underflow at realistic loss scales (no loss scaling
+    // here), so FP16 runs the two gradient GEMMs in TF32 (same 10-bit mantissa, fp32 range);
+    // BF16 keeps fp32's range and stays bf16.
+    const int gprec = prec == static_cast<int>(ComputePrecision::FP16)
+                          ? static_cast<int>(ComputePrecision::TF32)
+                          : prec;
+    tile_gemm<nvcuda::wmma::row_major, nvcuda::wmma::col_major>(gprec, M, R1p, N2p, C, ldc, B, N2p,
                                                                 W2, R1p);
     __syncthreads();
     // dG_2 partial = A^T @ dP -> over B [R1p, N2p]
-    tile_gemm<nvcuda::wmma::col_major, nvcuda::wmma::row_major>(prec, R1p, N2p, M, A, R1p, C, ldc,
+    tile_gemm<nvcuda::wmma::col_major, nvcuda::wmma::row_major>(gprec, R1p, N2p, M, A, R1p, C, ldc,
                                                                 B, N2p);
     __syncthreads();
     float* dg2 = P.grads[t][1] + rows.i2 * R1 * q2 * R2;

@@ -79,6 +79,7 @@ def test_options_parse_fbgemm_and_torchrec_spellings() -> None:
     assert BoundsCheckMode.parse(FB.FATAL) is BoundsCheckMode.FATAL
     assert BoundsCheckMode.parse(FB.IGNORE) is BoundsCheckMode.IGNORE
     assert BoundsCheckMode.parse(FB.NONE) is BoundsCheckMode.IGNORE
+    assert BoundsCheckMode.parse(FB.FATAL.value) is BoundsCheckMode.FATAL
 
 
 def test_bad_options_are_rejected_by_name() -> None:
@@ -101,10 +102,15 @@ def test_bad_options_are_rejected_by_name() -> None:
 # ---- bounds checking -------------------------------------------------------------------------
 
 
-def _with_bad_indices(seed: int, device: str) -> tuple[RandomProblem, RandomProblem, torch.Tensor]:
+def _with_bad_indices(
+    seed: int, device: str, dtype: torch.dtype = torch.float64
+) -> tuple[RandomProblem, RandomProblem, torch.Tensor]:
     """A problem with out-of-range indices, and the same problem where those lookups have weight
     zero and a valid index (what WARNING / IGNORE must compute)."""
-    prob = random_problem(seed, num_tables=2, num_features=3, batch_size=6, max_bag=5, weighted=True)
+    prob = random_problem(
+        seed, num_tables=2, num_features=3, batch_size=6, max_bag=5, weighted=True,
+        num_cores=3 if dtype == torch.float32 else None, dtype=dtype,
+    )
     idx = prob.indices.clone()
     bad = torch.zeros_like(idx, dtype=torch.bool)
     bad[::4] = True
@@ -118,20 +124,29 @@ def _with_bad_indices(seed: int, device: str) -> tuple[RandomProblem, RandomProb
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", [BoundsCheckMode.WARNING, BoundsCheckMode.IGNORE])
-def test_out_of_range_lookups_contribute_zero(device: str, mode: BoundsCheckMode) -> None:
-    with_bad, fixed, bad = _with_bad_indices(3, device)
+@pytest.mark.parametrize(
+    "dtype,deterministic",
+    # float32 3-core tables take the CUDA tile path; deterministic the atomic-free backward.
+    [(torch.float64, False), (torch.float32, False), (torch.float64, True)],
+)
+def test_out_of_range_lookups_contribute_zero(
+    device: str, mode: BoundsCheckMode, dtype: torch.dtype, deterministic: bool
+) -> None:
+    with_bad, fixed, bad = _with_bad_indices(3, device, dtype)
+    opts = TTKernelOptions(bounds_check_mode=mode, deterministic=deterministic)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out, grads = _fwd_bwd(with_bad, TTKernelOptions(bounds_check_mode=mode))
+        out, grads = _fwd_bwd(with_bad, opts)
         if device == "cuda":
             torch.cuda.synchronize()
-    want_out, want_grads = _fwd_bwd(fixed, TTKernelOptions())
-    torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
+    want_out, want_grads = _fwd_bwd(fixed, dataclasses.replace(opts, bounds_check_mode=BoundsCheckMode.FATAL))
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, want_out, rtol=tol, atol=tol)
     # The weight gradient of an out-of-range lookup is zero; the others match.
     assert torch.all(grads[-1][bad] == 0)
     want_grads[-1][bad] = 0
     for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol)
     if device == "cpu":
         msgs = [str(c.message) for c in caught if "out of range" in str(c.message)]
         # One report per op call (forward and backward), not one per bad index.
@@ -228,6 +243,24 @@ def test_cuda_options_match_float64_reference(
                 assert _rel_err(g, r) < tol
 
 
+@requires_cuda
+@pytest.mark.parametrize("precision", [ComputePrecision.BF16, ComputePrecision.FP16])
+def test_cuda_half_precision_gradients_survive_small_loss_scales(precision: ComputePrecision) -> None:
+    # dY of a mean loss over a large batch is ~1e-7: gradients must not flush to zero in fp16.
+    prob = _rounded(
+        random_problem(7, num_tables=1, batch_size=32, num_cores=3, max_factor=6, max_rank=20,
+                       max_bag=8, dtype=torch.float32),
+        _ROUND[precision],
+    )
+    dy = 1e-7 * torch.randn(32, sum(prob.layout.feature_dims()), dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(3))
+    _, grads = _fwd_bwd(_on(prob, "cuda"), TTKernelOptions(compute_precision=precision), dy)
+    _, ref = _fwd_bwd(_on(prob, "cpu", torch.float64), TTKernelOptions(), dy)
+    for g, r in zip(grads, ref):
+        if r.norm() > 0:
+            assert _rel_err(g, r) < _TOL[precision]
+
+
 def _skewed_problem(num_lookups: int, q: tuple[int, ...], ranks: tuple[int, ...], seed: int = 0):  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(seed)
     p = (200, 220, 250, 30)[: len(q)]
@@ -259,6 +292,18 @@ def test_cuda_deterministic_backward_is_bit_identical(q: tuple, ranks: tuple) ->
     _, atomic = _fwd_bwd(prob, TTKernelOptions(compute_precision=ComputePrecision.FP32))
     for a, b in zip(first, atomic):
         assert _rel_err(a, b) < 1e-4
+
+
+@requires_cuda
+def test_cuda_deterministic_backward_takes_slices_larger_than_shared_memory() -> None:
+    # R=128, q=4: one middle-core slice is 256 KB, more than a block's shared memory.
+    prob = _on(_skewed_problem(1 << 12, (4, 4, 4), (128, 128), seed=5), "cuda")
+    _, a = _fwd_bwd(prob, TTKernelOptions(deterministic=True))
+    _, b = _fwd_bwd(prob, TTKernelOptions(deterministic=True))
+    _, ref = _fwd_bwd(prob, TTKernelOptions(compute_precision=ComputePrecision.FP32))
+    for x, y, r in zip(a, b, ref):
+        assert torch.equal(x, y)
+        assert _rel_err(x, r) < 1e-4
 
 
 @requires_cuda

@@ -55,13 +55,16 @@ class BoundsCheckMode(enum.IntEnum):
 
     @staticmethod
     def parse(value: Any) -> BoundsCheckMode:
-        """Accepts this enum, FBGEMM's (by name) or a name string such as ``"warning"``."""
+        """Accepts this enum, FBGEMM's (by name, its ``V2_*`` variants included), FBGEMM's int
+        values (3 = NONE) or a name string such as ``"warning"``."""
         if isinstance(value, BoundsCheckMode):
             return value
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 3:
+            return BoundsCheckMode(min(value, 2))
         name = value if isinstance(value, str) else getattr(value, "name", None)
         if name is None:
             raise ValueError(f"bounds_check_mode must be a BoundsCheckMode or its name, got {value!r}")
-        name = name.upper()
+        name = name.upper().removeprefix("V2_")
         if name == "NONE":
             return BoundsCheckMode.IGNORE
         try:
