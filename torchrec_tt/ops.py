@@ -84,7 +84,8 @@ class ComputePrecision(enum.IntEnum):
     * ``FP32``: float32 everywhere (CUDA cores on the GPU): slower, bit-for-bit independent of
       the tensor-core rounding.
     * ``BF16`` / ``FP16``: the cores are rounded to bfloat16 / float16 and the tile GEMMs run on
-      bf16 / fp16 tensor cores with float32 accumulation; CPU and the non-tile CUDA path use the
+      bf16 / fp16 tensor cores with float32 accumulation (FP16's backward gradient GEMMs run in
+      TF32: fp16 gradients would underflow without loss scaling); CPU and the non-tile CUDA path use the
       same rounded cores with float32 arithmetic. Gradients are with respect to the float32
       cores (straight through the rounding), and stay float32.
     """
