@@ -34,6 +34,12 @@ struct TableInfo {
   int64_t pooling = 0;
 };
 
+struct KernelOptions {
+  BoundsCheckMode bounds = BoundsCheckMode::FATAL;
+  ComputePrecision precision = ComputePrecision::TF32;
+  bool deterministic = false;
+};
+
 struct BatchInfo {
   std::vector<TableInfo> tables;
   std::vector<int64_t> feature_table;
@@ -42,10 +48,28 @@ struct BatchInfo {
   int64_t B = 0;
   int64_t total_D = 0;
   at::ScalarType dtype = at::kFloat;
+  KernelOptions options;
 };
 
 inline std::string table_label(const TableInfo& t) {
   return "table '" + t.name + "'";
+}
+
+inline KernelOptions parse_kernel_options(const char* op, at::ScalarType dtype,
+                                          int64_t bounds_check_mode, int64_t compute_precision,
+                                          bool deterministic) {
+  TORCH_CHECK(bounds_check_mode >= 0 && bounds_check_mode <= 2, op, ": bounds_check_mode must be ",
+              "0 (FATAL), 1 (WARNING) or 2 (IGNORE), got ", bounds_check_mode);
+  TORCH_CHECK(compute_precision >= 0 && compute_precision <= 3, op, ": compute_precision must be ",
+              "0 (TF32), 1 (FP32), 2 (BF16) or 3 (FP16), got ", compute_precision);
+  KernelOptions o;
+  o.bounds = static_cast<BoundsCheckMode>(bounds_check_mode);
+  o.precision = static_cast<ComputePrecision>(compute_precision);
+  o.deterministic = deterministic;
+  TORCH_CHECK(dtype == at::kFloat || o.precision == ComputePrecision::TF32 ||
+                  o.precision == ComputePrecision::FP32,
+              op, ": compute_precision BF16 / FP16 needs float32 cores, got ", dtype);
+  return o;
 }
 
 inline BatchInfo parse_and_check(
@@ -61,7 +85,10 @@ inline BatchInfo parse_and_check(
     at::IntArrayRef pooling_modes,
     const at::Tensor& indices,
     const at::Tensor& offsets,
-    const std::optional<at::Tensor>& per_sample_weights) {
+    const std::optional<at::Tensor>& per_sample_weights,
+    int64_t bounds_check_mode,
+    int64_t compute_precision,
+    bool deterministic) {
   const auto T = static_cast<int64_t>(num_cores.size());
   TORCH_CHECK(T >= 1, op, ": needs at least one table");
   TORCH_CHECK(
@@ -183,30 +210,9 @@ inline BatchInfo parse_and_check(
     TORCH_CHECK(w.scalar_type() == info.dtype, op, ": per_sample_weights is ", w.scalar_type(),
                 " but the cores are ", info.dtype);
   }
+  info.options =
+      parse_kernel_options(op, info.dtype, bounds_check_mode, compute_precision, deterministic);
   return info;
-}
-
-struct KernelOptions {
-  BoundsCheckMode bounds = BoundsCheckMode::FATAL;
-  ComputePrecision precision = ComputePrecision::TF32;
-  bool deterministic = false;
-};
-
-inline KernelOptions parse_kernel_options(const char* op, const BatchInfo& info,
-                                          int64_t bounds_check_mode, int64_t compute_precision,
-                                          bool deterministic) {
-  TORCH_CHECK(bounds_check_mode >= 0 && bounds_check_mode <= 2, op, ": bounds_check_mode must be ",
-              "0 (FATAL), 1 (WARNING) or 2 (IGNORE), got ", bounds_check_mode);
-  TORCH_CHECK(compute_precision >= 0 && compute_precision <= 3, op, ": compute_precision must be ",
-              "0 (TF32), 1 (FP32), 2 (BF16) or 3 (FP16), got ", compute_precision);
-  KernelOptions o;
-  o.bounds = static_cast<BoundsCheckMode>(bounds_check_mode);
-  o.precision = static_cast<ComputePrecision>(compute_precision);
-  o.deterministic = deterministic;
-  TORCH_CHECK(info.dtype == at::kFloat || o.precision == ComputePrecision::TF32 ||
-                  o.precision == ComputePrecision::FP32,
-              op, ": compute_precision BF16 / FP16 needs float32 cores, got ", info.dtype);
-  return o;
 }
 
 // The cores the kernels read: for BF16 / FP16 compute, float32 copies rounded to that type (so

@@ -591,11 +591,11 @@ at::Tensor tt_embedding_bag_cpu(
     bool deterministic) {
   const char* op = "torchrec_tt::tt_embedding_bag";
   const BatchInfo info = parse_and_check(
-      op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
-      feature_table_map, table_names, pooling_modes, indices, offsets, per_sample_weights);
+      op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows, feature_table_map, table_names,
+      pooling_modes, indices, offsets, per_sample_weights, bounds_check_mode, compute_precision,
+      deterministic);
   // The CPU kernel is deterministic for a fixed thread count, so `deterministic` changes nothing.
-  const KernelOptions o =
-      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
+  const KernelOptions& o = info.options;
   const auto cc = compute_cores(cores, o);
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_cpu", [&] {
     return forward_impl<scalar_t>(info, cc, indices, offsets, per_sample_weights, o.bounds);
@@ -624,10 +624,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cpu(
   const BatchInfo info =
       parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                       feature_table_map, table_names, pooling_modes, indices, offsets,
-                      per_sample_weights);
+                      per_sample_weights, bounds_check_mode, compute_precision, deterministic);
   check_backward_args(op, info, grad_output, indices, per_sample_weights, per_sample_weights_grad);
-  const KernelOptions o =
-      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
+  const KernelOptions& o = info.options;
   const auto cc = compute_cores(cores, o);
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_backward_cpu", [&] {
     return backward_impl<scalar_t>(info, grad_output, cc, indices, offsets,

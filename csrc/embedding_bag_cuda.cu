@@ -1674,10 +1674,10 @@ at::Tensor tt_embedding_bag_cuda(
   const char* op = "torchrec_tt::tt_embedding_bag";
   const BatchInfo info = parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                                          feature_table_map, table_names, pooling_modes, indices,
-                                         offsets, per_sample_weights);
+                                         offsets, per_sample_weights, bounds_check_mode,
+                                         compute_precision, deterministic);
   // The forward has no atomics: `deterministic` changes nothing here.
-  const KernelOptions o =
-      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
+  const KernelOptions& o = info.options;
   TORCH_CHECK(indices.is_cuda(), op, ": indices must be on a CUDA device, got ", indices.device());
   c10::cuda::CUDAGuard guard(indices.device());
   const std::vector<at::Tensor> cc = compute_cores(cores, o);
@@ -1724,10 +1724,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
   const char* op = "torchrec_tt::tt_embedding_bag_backward";
   const BatchInfo info = parse_and_check(op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows,
                                          feature_table_map, table_names, pooling_modes, indices,
-                                         offsets, per_sample_weights);
+                                         offsets, per_sample_weights, bounds_check_mode,
+                                         compute_precision, deterministic);
   check_backward_args(op, info, grad_output, indices, per_sample_weights, per_sample_weights_grad);
-  const KernelOptions o =
-      parse_kernel_options(op, info, bounds_check_mode, compute_precision, deterministic);
+  const KernelOptions& o = info.options;
   c10::cuda::CUDAGuard guard(indices.device());
   const std::vector<at::Tensor> cc = compute_cores(cores, o);
   std::vector<at::Tensor> grads;

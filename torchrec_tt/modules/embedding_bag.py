@@ -178,11 +178,11 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self._fused_optimizer: TTFusedOptimizer | None = None
         self._kernel_options = TTKernelOptions.from_fused_params(fused_params)
-        optim_params = {
-            k: v for k, v in (fused_params or {}).items() if k not in TTKernelOptions.KEYS
-        }
-        if fused_params is not None and (optim_params or not self._kernel_options_given(fused_params)):
-            cfg = FusedOptimConfig.from_fused_params(optim_params)
+        # A fused optimizer unless fused_params holds kernel keys only (an empty dict still asks
+        # for one, and gets FusedOptimConfig's "needs an 'optimizer'" error).
+        kernel_only = bool(fused_params) and set(fused_params) <= set(TTKernelOptions.KEYS)
+        if fused_params is not None and not kernel_only:
+            cfg = FusedOptimConfig.from_fused_params(fused_params)
             for table in self.embedding_bags.values():
                 for k, core in enumerate(table.cores()):
                     for key, shape in cfg.state_shapes(core.shape).items():
@@ -196,10 +196,6 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
             self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), state_of)
         self.reset_parameters()
-
-    @staticmethod
-    def _kernel_options_given(fused_params: Mapping[str, Any]) -> bool:
-        return any(k in fused_params for k in TTKernelOptions.KEYS)
 
     @property
     def kernel_options(self) -> TTKernelOptions:
