@@ -39,6 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from torchrec_tt import TTConv2d
+from torchrec_tt.modules.conv import tt_svd_conv_weight
 
 REPO = Path(__file__).resolve().parents[2]
 MEAN = (0.4913, 0.4821, 0.4465)  # train-split statistics of this JPEG copy (its README)
@@ -127,7 +128,8 @@ class Block(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth: int, width: int, conv: ConvFactory, dropout: float = 0.0, classes: int = 10):
+    def __init__(self, depth: int, width: int, conv: ConvFactory, dropout: float = 0.0,
+                 classes: int = 10, tt_init: str = "kaiming"):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"depth must be 6n+4, got {depth}")
@@ -146,7 +148,7 @@ class WideResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, TTConv2d):
-                init_tt_like_kaiming(m)
+                init_tt_spectral(m) if tt_init == "spectral" else init_tt_like_kaiming(m)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -165,6 +167,27 @@ def init_tt_like_kaiming(m: TTConv2d) -> None:
     (fan_out, relu) that the dense convolutions get: 2 / (K·KH·KW)."""
     target = 2.0 / (m.out_channels * m.kernel_size[0] * m.kernel_size[1])
     m.core2.mul_(math.sqrt(target / m.full_weight().var().item()))
+
+
+@torch.no_grad()
+def init_tt_spectral(m: TTConv2d) -> None:
+    """Spectral initialisation (Khodak et al., ICLR 2021, "Initialization and Regularization of
+    Factorized Neural Layers"): the cores are the TT-SVD of the kaiming_normal weight the dense
+    layer would get, truncated to the layer's ranks, instead of independent random cores."""
+    w = torch.empty(m.out_channels, m.in_channels, *m.kernel_size, device=m.core0.device)
+    nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")
+    r1, r2 = m.core0.shape[0], m.core1.shape[0]
+    for core, value in zip(m.cores(), tt_svd_conv_weight(w, (r1, r2))):
+        core.copy_(value.reshape(core.shape))
+
+
+def frobenius_decay(model: nn.Module) -> torch.Tensor:
+    """Sum of ||W||² over the TT layers' reconstructed weights. Weight decay on the cores
+    penalises a product of norms (a nuclear-norm-like pressure to lower rank); decaying the
+    reconstructed weight instead regularises what the dense layer would regularise (Khodak et al.,
+    "Frobenius decay")."""
+    terms = [m.full_weight().float().square().sum() for m in model.modules() if isinstance(m, TTConv2d)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
@@ -197,8 +220,14 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
     if args.limit_batches:
         steps_per_epoch = min(steps_per_epoch, args.limit_batches)
     total = steps_per_epoch * args.epochs
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
-                          weight_decay=args.wd)
+    frob = args.tt_decay == "frobenius" and any(isinstance(m, TTConv2d) for m in model.modules())
+    core_ids = {id(p) for m in model.modules() if isinstance(m, TTConv2d) for p in m.cores()}
+    cores = [p for p in model.parameters() if id(p) in core_ids]
+    others = [p for p in model.parameters() if id(p) not in core_ids]
+    # With Frobenius decay the cores get no plain weight decay: the loss carries wd/2·||W||².
+    groups = [{"params": others}] + ([{"params": cores, "weight_decay": 0.0 if frob else args.wd}]
+                                     if cores else [])
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(total, 1))))
     use_amp = device.type == "cuda" and args.amp == "bf16"
@@ -223,6 +252,8 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
             with amp():
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
+                if frob:
+                    loss = loss + 0.5 * args.wd * frobenius_decay(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -316,6 +347,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tt", action="append", default=None, metavar="STAGES:RANKS",
                     help="a TT configuration, e.g. '3:64' or '2,3:32,64'; repeat to train several "
                     "(overrides --tt-stages/--tt-ranks)")
+    ap.add_argument("--tt-init", choices=["kaiming", "spectral"], default="kaiming",
+                    help="TT cores: random, scaled to kaiming variance; or the TT-SVD of a kaiming init")
+    ap.add_argument("--tt-decay", choices=["cores", "frobenius"], default="cores",
+                    help="weight decay on the TT cores, or on the reconstructed weights (Frobenius decay)")
     ap.add_argument("--models", default="dense,tt", help="which of dense,tt to train (same schedule)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--limit-batches", type=int, default=0, help="steps per epoch cap (0: all)")
@@ -375,6 +410,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         elif which == "tt":
             for stages, ranks in tt_configs:
                 label = f"TT s{''.join(map(str, stages))} r{'/'.join(str(ranks[s]) for s in stages)}"
+                label += "".join(f" {v}" for v in (args.tt_init, args.tt_decay)
+                                 if v not in ("kaiming", "cores"))
                 runs.append((label, set(stages), ranks))
         else:
             raise SystemExit(f"--models: unknown model {which!r}")
@@ -384,7 +421,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for label, stages, ranks in runs:
         torch.manual_seed(args.seed)
-        model = WideResNet(args.depth, args.width, ConvFactory(stages, ranks), args.dropout)
+        model = WideResNet(args.depth, args.width, ConvFactory(stages, ranks), args.dropout,
+                           tt_init=args.tt_init)
         results.append(train_one(label, model, data, args, device))
         # Written after every model, so an interrupted run keeps what finished.
         (out / f"{tag}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
