@@ -5,7 +5,7 @@ Per layer at Wide-ResNet-28-10 shapes (3×3, stride 1, padding 1; 160 channels a
 16×16, 640 at 8×8; batch 128), TT ranks r1 = r2 = R, in tf32 (fp32 tensors, TF32 allowed for
 cuDNN and cuBLAS) and bf16, channels-last everywhere. Timed, each as the median of --iters
 CUDA-event timings after warm-up, with the L2 cache flushed (a 64 MB write) and the GPU kept busy
-(a short spin) before every timed call, so that CPU launch overhead does not show up as GPU time:
+(a ~1 ms spin) before every timed call, so that CPU launch overhead does not show up as GPU time:
 
   forward        dense F.conv2d | three F.conv2d (1×1, 3×3, 1×1) | tt_conv2d
   input grad     dense dgrad    | three dgrads                   | tt_conv2d_backward [1,0,0,0]
@@ -16,7 +16,7 @@ CUDA-event timings after warm-up, with the L2 cache flushed (a 64 MB write) and 
 
 Ratios are baseline time / TT time (> 1: TT faster). Every TT result is checked against the
 unfused computation first. Also sweeps the fused kernel's output tile and pipeline depth at
-R=32 (env TORCHREC_TT_CONV_TILE / TORCHREC_TT_CONV_STAGES). Prints markdown tables; --json writes every number.
+R=32 (env TORCHREC_TT_CONV_TILE / TORCHREC_TT_CONV_STAGES / TORCHREC_TT_CONV_WARPS_N). Prints markdown tables; --json writes every number.
 
     python bench/bench_conv.py [--iters 30] [--ranks 8,16,32,64] [--dtypes tf32,bf16] [--json out.json]
 """
@@ -36,13 +36,13 @@ import torchrec_tt  # noqa: F401  (registers the ops)
 from torchrec_tt import tt_conv2d
 
 SHAPES = {"160@32x32": (160, 32), "320@16x16": (320, 16), "640@8x8": (640, 8)}
-# (tile, pipeline stages) variants of the fused kernel; "" = the planner's choice.
-TILES = [("", ""), ("", "2"), ("", "3"), ("8x8", ""), ("4x16", ""), ("16x4", ""), ("8x16", ""),
-         ("16x8", ""), ("2x32", ""), ("4x32", "")]
+# (tile, pipeline stages, warps across columns) variants of the fused kernel; "" = the planner's.
+TILES = [("", "", ""), ("", "2", ""), ("", "3", ""), ("", "4", ""), ("", "", "2"), ("", "", "4"), ("8x8", "", ""),
+         ("8x8", "", "4"), ("4x16", "", ""), ("8x16", "", ""), ("8x16", "", "4"), ("16x8", "", "")]
 
 
-def tile_name(t: tuple[str, str]) -> str:
-    return (t[0] or "auto") + (f"/st{t[1]}" if t[1] else "")
+def tile_name(t: tuple[str, str, str]) -> str:
+    return (t[0] or "auto") + (f"/st{t[1]}" if t[1] else "") + (f"/wn{t[2]}" if t[2] else "")
 
 
 class Timer:
@@ -59,7 +59,10 @@ class Timer:
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.iters)]
         for s, e in zip(starts, ends):
             self.flush_buf.zero_()
-            torch.cuda._sleep(100_000)  # ~50 µs of GPU work while the CPU enqueues fn
+            # ~1 ms of GPU work while the CPU enqueues fn: the backward compositions make about
+            # ten cuDNN/cuBLAS calls whose host time (50-300 µs) would otherwise show up as GPU
+            # idle time inside the events (seen with a 50 µs spin: docs/benchmarks.md, v2).
+            torch.cuda._sleep(2_000_000)
             s.record()
             fn()
             e.record()
@@ -200,17 +203,19 @@ def tile_sweep(name: str, c: int, hw: int, dtype: torch.dtype, batch: int, timer
     go = torch.randn_like(x)
     out = {}
     ref = tt_conv2d(x, c0, c1, c2, None, 1, 1, 1)
-    for tile, stages in TILES:
+    for tile, stages, wn in TILES:
         os.environ["TORCHREC_TT_CONV_TILE"] = tile
         os.environ["TORCHREC_TT_CONV_STAGES"] = stages
+        os.environ["TORCHREC_TT_CONV_WARPS_N"] = wn
         y = tt_conv2d(x, c0, c1, c2, None, 1, 1, 1)
         err = rel_err(y, ref)
         fwd = timer(lambda: tt_conv2d(x, c0, c1, c2, None, 1, 1, 1))
         ig = timer(lambda: torch.ops.torchrec_tt.tt_conv2d_backward(
             go, x, c0, c1, c2, [1, 1], [1, 1], [1, 1], [True, False, False, False]))
-        out[tile_name((tile, stages))] = {"fwd": fwd, "igrad": ig, "err_vs_auto": err}
+        out[tile_name((tile, stages, wn))] = {"fwd": fwd, "igrad": ig, "err_vs_auto": err}
     os.environ.pop("TORCHREC_TT_CONV_TILE", None)
     os.environ.pop("TORCHREC_TT_CONV_STAGES", None)
+    os.environ.pop("TORCHREC_TT_CONV_WARPS_N", None)
     return out
 
 

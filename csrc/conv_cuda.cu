@@ -52,11 +52,17 @@ DeviceLimits device_limits(int dev) {
   return d;
 }
 
-// TORCHREC_TT_CONV_TILE=THxTW pins the fused kernel's output tile and TORCHREC_TT_CONV_STAGES=2|3
+// TORCHREC_TT_CONV_TILE=THxTW pins the fused kernel's output tile and TORCHREC_TT_CONV_STAGES=2|3|4
 // its pipeline depth (for benchmarking); unset, unparsable or unfitting means automatic.
+// TORCHREC_TT_CONV_WARPS_N=2|4 pins the fused kernel's column split of the warps (benchmarking).
+int forced_wn() {
+  const char* e = std::getenv("TORCHREC_TT_CONV_WARPS_N");
+  return (e != nullptr && (e[0] == '2' || e[0] == '4') && e[1] == '\0') ? e[0] - '0' : 0;
+}
+
 int forced_stages() {
   const char* e = std::getenv("TORCHREC_TT_CONV_STAGES");
-  return (e != nullptr && (e[0] == '2' || e[0] == '3') && e[1] == '\0') ? e[0] - '0' : 0;
+  return (e != nullptr && e[0] >= '2' && e[0] <= '4' && e[1] == '\0') ? e[0] - '0' : 0;
 }
 
 void forced_tile(int& th, int& tw) {
@@ -127,37 +133,43 @@ FusedPlan plan_for(const FusedGeom& g, at::ScalarType dtype, int dev) {
   int th, tw;
   forced_tile(th, tw);
   const int st = forced_stages();
-  FusedPlan plan = plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms, th, tw, st);
-  if (!plan.ok && (th > 0 || st > 0)) plan = plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms);
+  FusedPlan plan =
+      plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms, th, tw, st, forced_wn());
+  if (!plan.ok && (th > 0 || st > 0)) {
+    plan = plan_fused(g, elem_bytes(dtype), lim.max_smem, lim.sms, 0, 0, 0, forced_wn());
+  }
   return plan;
 }
 
-template <typename Tag, int RP, int MT2>
+template <typename Tag, int RP, int MT2, int WN>
 void launch_fused_t(const FusedPlan& plan, const FusedParams& prm, cudaStream_t stream, int dev) {
   // Raise the dynamic shared-memory limit once per device for this instantiation.
   static std::atomic<uint64_t> configured{0};
   const uint64_t bit = uint64_t{1} << (dev & 63);
   if ((configured.load(std::memory_order_acquire) & bit) == 0) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(tt_conv_fused_kernel<Tag, RP, MT2>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(tt_conv_fused_kernel<Tag, RP, MT2, WN>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         device_limits(dev).max_smem));
     configured.fetch_or(bit, std::memory_order_acq_rel);
   }
-  tt_conv_fused_kernel<Tag, RP, MT2>
-      <<<static_cast<unsigned>(plan.blocks), kThreads, plan.smem, stream>>>(prm);
+  tt_conv_fused_kernel<Tag, RP, MT2, WN>
+      <<<static_cast<unsigned>(plan.blocks), threads_for(WN), plan.smem, stream>>>(prm);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename Tag>
 void launch_fused(const FusedPlan& plan, const FusedParams& prm, cudaStream_t stream, int dev) {
-#define TT_CASE(RP_, MT_)                                  \
-  if (plan.RP == RP_ && plan.MT2 == MT_) {                 \
-    launch_fused_t<Tag, RP_, MT_>(plan, prm, stream, dev); \
-    return;                                                \
+#define TT_CASE(RP_, MT_, WN_)                                     \
+  if (plan.RP == RP_ && plan.MT2 == MT_ && plan.WN == WN_) {       \
+    launch_fused_t<Tag, RP_, MT_, WN_>(plan, prm, stream, dev);    \
+    return;                                                        \
   }
-  TT_CASE(16, 1) TT_CASE(16, 2) TT_CASE(32, 1) TT_CASE(32, 2) TT_CASE(64, 1) TT_CASE(64, 2)
+  TT_CASE(16, 1, 2) TT_CASE(16, 2, 2)
+  TT_CASE(32, 1, 2) TT_CASE(32, 2, 2) TT_CASE(32, 1, 4) TT_CASE(32, 2, 4)
+  TT_CASE(64, 1, 2) TT_CASE(64, 2, 2) TT_CASE(64, 1, 4) TT_CASE(64, 2, 4)
 #undef TT_CASE
-  TORCH_CHECK(false, "torchrec_tt: no fused TT-conv kernel for RP=", plan.RP, " MT2=", plan.MT2);
+  TORCH_CHECK(false, "torchrec_tt: no fused TT-conv kernel for RP=", plan.RP, " MT2=", plan.MT2,
+              " WN=", plan.WN);
 }
 
 template <typename Tag>

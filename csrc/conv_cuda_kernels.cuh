@@ -38,13 +38,16 @@ struct TagF32 { static constexpr int kBytes = 4, kKind = 0; };  // fp32 storage,
 struct TagBF16 { static constexpr int kBytes = 2, kKind = 1; };
 struct TagF16 { static constexpr int kBytes = 2, kKind = 2; };
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
+// A block has kWarpsM x WN warps: kWarpsM split the rows (pixels) of every stage, WN split the
+// columns (ranks in stages 1-2, output channels in stage 3), so small grids still get enough
+// warps per SM to hide latency (WN is a template parameter, 2 or 4).
+constexpr int kWarpsM = 4;
 constexpr int kChunkBytes = 128;  // stage-1 channel chunk per patch row (4 k-steps)
 constexpr int kPad = 16;          // smem row padding: rows land 4 banks apart (conflict-free A loads)
 constexpr int kMT1 = 2;           // stage-1 m-tiles (16 patch rows) per warp per pass
-constexpr int kRowsPerPass = kWarps * kMT1 * 16;  // patch rows per stage-1 pass (128)
+constexpr int kRowsPerPass = kWarpsM * kMT1 * 16;  // patch rows per stage-1 pass (128)
 constexpr int kOutChans = 64;     // output channels per stage-3 pass (8 n-tiles)
+__host__ __device__ constexpr int threads_for(int wn) { return kWarpsM * wn * 32; }
 
 struct FusedParams {
   const unsigned char* x;  // NHWC input  [N, H, W, C]
@@ -56,18 +59,21 @@ struct FusedParams {
   int N, H, W, C, Ho, Wo, K;
   int KH, KW, sh, sw, ph, pw, dh, dw;
   int TH, TW, PH, PW;      // output tile, input patch
-  int stages;              // cp.async pipeline depth (2 or 3)
+  int stages;              // cp.async pipeline depth (2 to 4)
   int tiles_h, tiles_w;
   int c_ksteps;            // ceil(C * bytes / 32)
   int nt3;                 // ceil(K / 8)
 };
 
 // Shared-memory layout of one block (bytes), for the host and the kernel alike.
+// Each pipeline stage buffer holds xbuf_rows patch rows of one channel chunk followed by the
+// matching packed stage-1 weights (4 k-steps x RP/8 n-tiles x 32 lanes x 8 bytes), so that the
+// stage-1 B fragments come from shared memory, loaded by the same cp.async pipeline as X.
 struct SmemLayout {
-  int P, Pp, xrow, t1row, t2row, yrow, xbuf_rows, region0, t1_off, t2_off, total;
+  int P, Pp, xrow, t1row, t2row, yrow, xbuf_rows, w1chunk, xbuf, region0, t1_off, t2_off, total;
 };
 
-// stages: depth of the cp.async pipeline over channel chunks (2 or 3).
+// stages: depth of the cp.async pipeline over channel chunks (2 to 4).
 __host__ __device__ inline SmemLayout smem_layout(int PH, int PW, int M, int RP, int bytes,
                                                   int stages) {
   SmemLayout s;
@@ -78,7 +84,9 @@ __host__ __device__ inline SmemLayout smem_layout(int PH, int PW, int M, int RP,
   s.t2row = RP * bytes + kPad;
   s.yrow = kOutChans * bytes + kPad;
   s.xbuf_rows = s.Pp < kRowsPerPass ? s.Pp : kRowsPerPass;
-  const int xbytes = stages * s.xbuf_rows * s.xrow;
+  s.w1chunk = 4 * (RP / 8) * 32 * 8;
+  s.xbuf = s.xbuf_rows * s.xrow + s.w1chunk;
+  const int xbytes = stages * s.xbuf;
   const int ybytes = M * s.yrow;
   s.region0 = xbytes > ybytes ? xbytes : ybytes;
   s.t1_off = s.region0;
@@ -195,19 +203,24 @@ __device__ __forceinline__ void load_a(uint32_t (&a)[4], const unsigned char* ro
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fused kernel. RP: ranks padded to 16/32/64; MT2: output m-tiles (16 pixels) per warp, so
-// a tile holds M = 64 * MT2 pixels.
-template <typename Tag, int RP, int MT2>
-__global__ void __launch_bounds__(kThreads)
+// The fused kernel. RP: ranks padded to 16/32/64; MT2: output m-tiles (16 pixels) per warp row,
+// so a tile holds M = 64 * MT2 pixels; WN: warps splitting the columns (RP/8 must divide by WN).
+template <typename Tag, int RP, int MT2, int WN>
+__global__ void __launch_bounds__(threads_for(WN))
     tt_conv_fused_kernel(const FusedParams p) {
   constexpr int S = Tag::kBytes;
+  constexpr int NT = threads_for(WN);
   constexpr int RT = RP / 8;             // n-tiles over a rank
+  constexpr int RTW = RT / WN;           // ... per warp
+  static_assert(RT % WN == 0, "WN must divide the rank's n-tiles");
+  constexpr int OTW = 8 / WN;            // stage-3 n-tiles per warp per 64-channel group
   constexpr int RKS = RP * S / 32;       // k-steps over a rank
   constexpr int M = 64 * MT2;
   TT_DYN_SMEM(smem);
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int wm = warp % kWarpsM, wn = warp / kWarpsM;
 
   int b = blockIdx.x;
   const int tw_idx = b % p.tiles_w;
@@ -218,8 +231,7 @@ __global__ void __launch_bounds__(kThreads)
   const int ih0 = oh0 * p.sh - p.ph, iw0 = ow0 * p.sw - p.pw;
 
   const SmemLayout L = smem_layout(p.PH, p.PW, M, RP, S, p.stages);
-  const int xbuf_bytes = L.xbuf_rows * L.xrow;  // buffer b starts at smem + b * xbuf_bytes
-  const int nst = p.stages;
+  const int nst = p.stages;  // buffer b starts at smem + b * L.xbuf
   unsigned char* t1s = smem + L.t1_off;
   unsigned char* t2s = smem + L.t2_off;
   unsigned char* ys = smem;  // reuses the X buffers once stage 1 is done
@@ -235,7 +247,7 @@ __global__ void __launch_bounds__(kThreads)
     const int pass = it / nchunks, ch = it - pass * nchunks;
     const int row0 = pass * kRowsPerPass;
     constexpr int kVecs = kChunkBytes / 16;
-    for (int idx = tid; idx < L.xbuf_rows * kVecs; idx += kThreads) {
+    for (int idx = tid; idx < L.xbuf_rows * kVecs; idx += NT) {
       const int r = idx / kVecs, v = idx - r * kVecs;
       const int prow = row0 + r;
       const int pi = prow / p.PW, pj = prow - pi * p.PW;
@@ -246,12 +258,22 @@ __global__ void __launch_bounds__(kThreads)
           valid ? p.x + (static_cast<size_t>(n * p.H + ih) * p.W + iw) * row_bytes + cb : p.x;
       cp_async16(buf + r * L.xrow + v * 16, src, valid);
     }
+    // The chunk's packed weights: k-steps ch*4 .. ch*4+3 are contiguous in w1.
+    constexpr int kWVecs = 4 * RT * 32 * 8 / 16;
+    const int wvalid = ((p.c_ksteps - ch * 4 < 4 ? p.c_ksteps - ch * 4 : 4) * RT * 32 * 8) / 16;
+    const unsigned char* wsrc =
+        reinterpret_cast<const unsigned char*>(p.w1) + static_cast<size_t>(ch) * 4 * RT * 32 * 8;
+    unsigned char* wdst = buf + L.xbuf_rows * L.xrow;
+    for (int idx = tid; idx < kWVecs; idx += NT) {
+      const bool valid = idx < wvalid;
+      cp_async16(wdst + idx * 16, valid ? wsrc + idx * 16 : wsrc, valid);
+    }
   };
 
-  float acc1[kMT1][RT][4];
+  float acc1[kMT1][RTW][4];
   // Multistage pipeline: chunks it+1 .. it+nst-1 are in flight while chunk it is multiplied.
   for (int st = 0; st < nst - 1; ++st) {
-    if (st < niters) load_chunk(st, smem + st * xbuf_bytes);
+    if (st < niters) load_chunk(st, smem + st * L.xbuf);
     cp_async_commit();
   }
   for (int it = 0; it < niters; ++it) {
@@ -260,12 +282,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < kMT1; ++i)
 #pragma unroll
-        for (int j = 0; j < RT; ++j)
+        for (int j = 0; j < RTW; ++j)
 #pragma unroll
           for (int r = 0; r < 4; ++r) acc1[i][j][r] = 0.f;
     }
     // Chunk `it` is group `it`; the nst-2 groups committed after it may still be in flight.
-    if (nst == 3) {
+    if (nst == 4) {
+      cp_async_wait<2>();
+    } else if (nst == 3) {
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -273,31 +297,33 @@ __global__ void __launch_bounds__(kThreads)
     block_sync();  // chunk `it` visible to all; everyone is done with chunk it-1's buffer
     {
       const int nxt = it + nst - 1;
-      if (nxt < niters) load_chunk(nxt, smem + (nxt % nst) * xbuf_bytes);
+      if (nxt < niters) load_chunk(nxt, smem + (nxt % nst) * L.xbuf);
       cp_async_commit();
     }
-    const unsigned char* cur = smem + (it % nst) * xbuf_bytes;
+    const unsigned char* cur = smem + (it % nst) * L.xbuf;
+    const uint2* wsm = reinterpret_cast<const uint2*>(cur + L.xbuf_rows * L.xrow) + lane;
     const int row0 = pass * kRowsPerPass;
     const int nks = p.c_ksteps - ch * 4 < 4 ? p.c_ksteps - ch * 4 : 4;
 #pragma unroll
     for (int ks = 0; ks < 4; ++ks) {
       if (ks < nks) {
+        uint2 bw[RTW];
+#pragma unroll
+        for (int j = 0; j < RTW; ++j) bw[j] = wsm[(ks * RT + wn * RTW + j) * 32];
         uint32_t a[kMT1][4];
 #pragma unroll
         for (int i = 0; i < kMT1; ++i) {
-          const int lr = (warp + kWarps * i) * 16;  // local row of this m-tile
+          const int lr = (wm + kWarpsM * i) * 16;  // local row of this m-tile
           if (row0 + lr < L.Pp) {
             load_a(a[i], cur + (lr + g) * L.xrow + ks * 32, cur + (lr + g + 8) * L.xrow + ks * 32,
                    t);
           }
         }
-        const uint2* wp = p.w1 + (static_cast<size_t>(ch * 4 + ks) * RT) * 32 + lane;
 #pragma unroll
-        for (int j = 0; j < RT; ++j) {
-          const uint2 bw = load_weights(wp + j * 32);
+        for (int j = 0; j < RTW; ++j) {
 #pragma unroll
           for (int i = 0; i < kMT1; ++i) {
-            if (row0 + (warp + kWarps * i) * 16 < L.Pp) mma<Tag>(acc1[i][j], a[i], bw);
+            if (row0 + (wm + kWarpsM * i) * 16 < L.Pp) mma<Tag>(acc1[i][j], a[i], bw[j]);
           }
         }
       }
@@ -305,13 +331,13 @@ __global__ void __launch_bounds__(kThreads)
     if (ch == nchunks - 1) {
 #pragma unroll
       for (int i = 0; i < kMT1; ++i) {
-        const int row = row0 + (warp + kWarps * i) * 16 + g;
-        if (row0 + (warp + kWarps * i) * 16 < L.Pp) {
+        const int row = row0 + (wm + kWarpsM * i) * 16 + g;
+        if (row0 + (wm + kWarpsM * i) * 16 < L.Pp) {
 #pragma unroll
-          for (int j = 0; j < RT; ++j) {
-            store_pair<Tag>(t1s + row * L.t1row, j * 8 + 2 * t, acc1[i][j][0], acc1[i][j][1], true);
-            store_pair<Tag>(t1s + (row + 8) * L.t1row, j * 8 + 2 * t, acc1[i][j][2], acc1[i][j][3],
-                            true);
+          for (int j = 0; j < RTW; ++j) {
+            const int col = (wn * RTW + j) * 8 + 2 * t;
+            store_pair<Tag>(t1s + row * L.t1row, col, acc1[i][j][0], acc1[i][j][1], true);
+            store_pair<Tag>(t1s + (row + 8) * L.t1row, col, acc1[i][j][2], acc1[i][j][3], true);
           }
         }
       }
@@ -324,25 +350,46 @@ __global__ void __launch_bounds__(kThreads)
   int base0[MT2], base8[MT2];
 #pragma unroll
   for (int i = 0; i < MT2; ++i) {
-    const int q0 = (warp + kWarps * i) * 16 + g, q8 = q0 + 8;
+    const int q0 = (wm + kWarpsM * i) * 16 + g, q8 = q0 + 8;
     const int qi0 = q0 / p.TW, qj0 = q0 - qi0 * p.TW;
     const int qi8 = q8 / p.TW, qj8 = q8 - qi8 * p.TW;
     base0[i] = qi0 * p.sh * p.PW + qj0 * p.sw;
     base8[i] = qi8 * p.sh * p.PW + qj8 * p.sw;
   }
-  float acc2[MT2][RT][4];
+  float acc2[MT2][RTW][4];
 #pragma unroll
   for (int i = 0; i < MT2; ++i)
 #pragma unroll
-    for (int j = 0; j < RT; ++j)
+    for (int j = 0; j < RTW; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc2[i][j][r] = 0.f;
+  // Stage 3's B fragments for the next 64-channel group are loaded one group ahead (from L2),
+  // so their latency overlaps this group's MMAs and stores; the first group's during stage 2.
+  constexpr bool kPrefetch3 = RKS * OTW <= 16;
+  const int ngroups = (p.nt3 + 7) / 8;
+  uint2 b3[kPrefetch3 ? RKS : 1][OTW];
+  auto load_b3 = [&](int grp, uint2 (&dst)[kPrefetch3 ? RKS : 1][OTW]) {
+#pragma unroll
+    for (int ks = 0; ks < (kPrefetch3 ? RKS : 1); ++ks)
+#pragma unroll
+      for (int j = 0; j < OTW; ++j) {
+        const int nt = grp * 8 + wn * OTW + j;
+        dst[ks][j] = nt < p.nt3
+                         ? load_weights(p.w3 + (static_cast<size_t>(ks) * p.nt3 + nt) * 32 + lane)
+                         : uint2{0u, 0u};
+      }
+  };
+  if (kPrefetch3) load_b3(0, b3);
   for (int kh = 0; kh < p.KH; ++kh) {
     for (int kw = 0; kw < p.KW; ++kw) {
       const int toff = kh * p.dh * p.PW + kw * p.dw;
-      const uint2* wtap = p.w2 + static_cast<size_t>(kh * p.KW + kw) * RKS * RT * 32 + lane;
+      const uint2* wtap =
+          p.w2 + static_cast<size_t>(kh * p.KW + kw) * RKS * RT * 32 + wn * RTW * 32 + lane;
 #pragma unroll
       for (int ks = 0; ks < RKS; ++ks) {
+        uint2 bw[RTW];
+#pragma unroll
+        for (int j = 0; j < RTW; ++j) bw[j] = load_weights(wtap + (ks * RT + j) * 32);
         uint32_t a[MT2][4];
 #pragma unroll
         for (int i = 0; i < MT2; ++i) {
@@ -350,60 +397,70 @@ __global__ void __launch_bounds__(kThreads)
                  t1s + (base8[i] + toff) * L.t1row + ks * 32, t);
         }
 #pragma unroll
-        for (int j = 0; j < RT; ++j) {
-          const uint2 bw = load_weights(wtap + (ks * RT + j) * 32);
+        for (int j = 0; j < RTW; ++j) {
 #pragma unroll
-          for (int i = 0; i < MT2; ++i) mma<Tag>(acc2[i][j], a[i], bw);
+          for (int i = 0; i < MT2; ++i) mma<Tag>(acc2[i][j], a[i], bw[j]);
         }
       }
     }
   }
 #pragma unroll
   for (int i = 0; i < MT2; ++i) {
-    const int row = (warp + kWarps * i) * 16 + g;
+    const int row = (wm + kWarpsM * i) * 16 + g;
 #pragma unroll
-    for (int j = 0; j < RT; ++j) {
-      store_pair<Tag>(t2s + row * L.t2row, j * 8 + 2 * t, acc2[i][j][0], acc2[i][j][1], true);
-      store_pair<Tag>(t2s + (row + 8) * L.t2row, j * 8 + 2 * t, acc2[i][j][2], acc2[i][j][3], true);
+    for (int j = 0; j < RTW; ++j) {
+      const int col = (wn * RTW + j) * 8 + 2 * t;
+      store_pair<Tag>(t2s + row * L.t2row, col, acc2[i][j][0], acc2[i][j][1], true);
+      store_pair<Tag>(t2s + (row + 8) * L.t2row, col, acc2[i][j][2], acc2[i][j][3], true);
     }
   }
   block_sync();
 
   // ---- stage 3: Y = T2 . Cm + bias, 64 output channels per pass, staged for 16-byte stores.
-  const int ngroups = (p.nt3 + 7) / 8;
   constexpr int kOutVecs = kOutChans * S / 16;  // 16-byte vectors per staged row
   for (int grp = 0; grp < ngroups; ++grp) {
-    float acc3[MT2][8][4];
+    float acc3[MT2][OTW][4];
 #pragma unroll
     for (int i = 0; i < MT2; ++i)
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < OTW; ++j)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc3[i][j][r] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < RKS; ++ks) {
+      uint2 bw[OTW];
+#pragma unroll
+      for (int j = 0; j < OTW; ++j) {
+        const int nt = grp * 8 + wn * OTW + j;
+        if (kPrefetch3) {
+          bw[j] = b3[kPrefetch3 ? ks : 0][j];
+        } else {
+          bw[j] = nt < p.nt3
+                      ? load_weights(p.w3 + (static_cast<size_t>(ks) * p.nt3 + nt) * 32 + lane)
+                      : uint2{0u, 0u};
+        }
+      }
       uint32_t a[MT2][4];
 #pragma unroll
       for (int i = 0; i < MT2; ++i) {
-        const int row = (warp + kWarps * i) * 16 + g;
+        const int row = (wm + kWarpsM * i) * 16 + g;
         load_a(a[i], t2s + row * L.t2row + ks * 32, t2s + (row + 8) * L.t2row + ks * 32, t);
       }
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int nt = grp * 8 + j;
-        if (nt < p.nt3) {
-          const uint2 bw = load_weights(p.w3 + (static_cast<size_t>(ks) * p.nt3 + nt) * 32 + lane);
+      for (int j = 0; j < OTW; ++j) {
+        if (grp * 8 + wn * OTW + j < p.nt3) {
 #pragma unroll
-          for (int i = 0; i < MT2; ++i) mma<Tag>(acc3[i][j], a[i], bw);
+          for (int i = 0; i < MT2; ++i) mma<Tag>(acc3[i][j], a[i], bw[j]);
         }
       }
     }
+    if (kPrefetch3 && grp + 1 < ngroups) load_b3(grp + 1, b3);
 #pragma unroll
     for (int i = 0; i < MT2; ++i) {
-      const int row = (warp + kWarps * i) * 16 + g;
+      const int row = (wm + kWarpsM * i) * 16 + g;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int col = j * 8 + 2 * t;
+      for (int j = 0; j < OTW; ++j) {
+        const int col = (wn * OTW + j) * 8 + 2 * t;
         const int c = grp * kOutChans + col;
         float b0 = 0.f, b1 = 0.f;
         if (p.bias != nullptr && c < p.K) {
@@ -415,7 +472,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     block_sync();
-    for (int idx = tid; idx < M * kOutVecs; idx += kThreads) {
+    for (int idx = tid; idx < M * kOutVecs; idx += NT) {
       const int row = idx / kOutVecs, v = idx - row * kOutVecs;
       const int qi = row / p.TW, qj = row - qi * p.TW;
       const int oh = oh0 + qi, ow = ow0 + qj;
@@ -498,14 +555,16 @@ struct FusedPlan {
   const char* why = "";
   int RP = 0, MT2 = 0, TH = 0, TW = 0, PH = 0, PW = 0, tiles_h = 0, tiles_w = 0, smem = 0;
   int stages = 2;
+  int WN = 2;  // warps across the columns: the block has threads_for(WN) threads
   long long blocks = 0;
 };
 
 // Picks a tile for the fused kernel, or says why it cannot run (the caller then falls back to
-// the composition of cuDNN convolutions). force_th/force_tw/force_stages (0 = automatic) pin the
-// tile and the pipeline depth.
+// the composition of cuDNN convolutions). force_th/force_tw/force_stages/force_wn (0 = automatic)
+// pin the tile, the pipeline depth and the column split of the warps.
 __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem, int num_sms,
-                                     int force_th = 0, int force_tw = 0, int force_stages = 0) {
+                                     int force_th = 0, int force_tw = 0, int force_stages = 0,
+                                     int force_wn = 0) {
   FusedPlan plan;
   const int r = g.r1 > g.r2 ? g.r1 : g.r2;
   if (r > 64) {
@@ -524,20 +583,17 @@ __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem
   for (const auto& tile : kTiles) {
     const int th = tile[0], tw = tile[1], m = th * tw;
     if (force_th > 0 && (th != force_th || tw != force_tw)) continue;
-    // Measured on an H100 (docs/benchmarks.md, tile sweep): with 16-bit data the 64-pixel tiles
-    // beat the 128-pixel ones at every WRN shape (more resident blocks hide latency better), while
-    // with fp32 the cost model below picks well. So 16-bit data uses 128-pixel tiles only when no
-    // 64-pixel tile fits.
-    if (force_th == 0 && bytes == 2 && m == 128 && plan.ok && plan.MT2 == 1) continue;
     const int ph = (th - 1) * g.sh + (g.KH - 1) * g.dh + 1;
     const int pw = (tw - 1) * g.sw + (g.KW - 1) * g.dw + 1;
     const long long tiles_h = (g.Ho + th - 1) / th, tiles_w = (g.Wo + tw - 1) / tw;
     const long long blocks = static_cast<long long>(g.N) * tiles_h * tiles_w;
     // A deeper pipeline when the grid is too small to hide load latency with more blocks.
+    // A deeper pipeline when the grid is too small to hide load latency with more blocks (four
+    // stages measured no faster than three at 640@8x8: docs/benchmarks.md, tile sweep v2).
     int stages = force_stages > 0 ? force_stages : (blocks <= 2LL * num_sms ? 3 : 2);
     SmemLayout L = smem_layout(ph, pw, m, plan.RP, bytes, stages);
-    if (L.total > max_smem && stages == 3 && force_stages == 0) {
-      stages = 2;
+    while (L.total > max_smem && stages > 2 && force_stages == 0) {
+      --stages;
       L = smem_layout(ph, pw, m, plan.RP, bytes, stages);
     }
     if (L.total > max_smem) continue;
@@ -565,7 +621,17 @@ __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem
       plan.blocks = blocks;
     }
   }
-  if (!plan.ok) plan.why = force_th > 0 ? "forced tile does not fit" : "no tile fits in shared memory";
+  if (!plan.ok) {
+    plan.why = force_th > 0 ? "forced tile does not fit" : "no tile fits in shared memory";
+    return plan;
+  }
+  // 16 warps when the grid leaves one block per SM (e.g. 8x8 images) and the rank has the
+  // n-tiles to split four ways; else 8 warps, which lets two or three blocks share an SM.
+  if (force_wn == 2 || (force_wn == 4 && plan.RP >= 32)) {
+    plan.WN = force_wn;
+  } else {
+    plan.WN = plan.RP >= 32 && plan.blocks <= num_sms ? 4 : 2;
+  }
   return plan;
 }
 

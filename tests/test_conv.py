@@ -433,6 +433,26 @@ def test_cuda_wrn_shapes_match_reference(dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("warps_n", ["2", "4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_warp_column_splits_match_reference(monkeypatch, warps_n, dtype):
+    """Both column splits of the fused kernel's warps (8 or 16 warps per block; the planner picks
+    by grid size) compute the same convolution, forward and input gradient, at ranks 32 and 64."""
+    monkeypatch.setenv("TORCHREC_TT_CONV_WARPS_N", warps_n)
+    for r, c, hw in ((32, 64, (16, 16)), (64, 48, (9, 12))):
+        ref_ts, dev, args = _cuda_case(3, c, c, r, r, hw, dtype=dtype, seed=r)
+        assert _fused_plan(*dev[:4], args)[:2] == [1, 1]
+        y = tt_conv2d(*dev, *args)
+        assert _rel_err(y.cpu(), _dense_ref(*ref_ts, *args)) < _CUDA_TOL[dtype]
+        leaves = [t.clone().requires_grad_() for t in ref_ts[:1]]
+        go64 = torch.randn_like(y.cpu().double())
+        (want,) = torch.autograd.grad(_dense_ref(*leaves, *ref_ts[1:], *args), leaves, go64)
+        gi = torch.ops.torchrec_tt.tt_conv2d_backward(
+            go64.to("cuda", dtype), *dev[:4], *args, [True, False, False, False])[0]
+        assert _rel_err(gi.cpu(), want) < 2 * _CUDA_TOL[dtype]
+
+
+@requires_cuda
 def test_cuda_output_fully_written_and_deterministic():
     _, dev, args = _cuda_case(3, 64, 96, 32, 32, (15, 17), dtype=torch.bfloat16)
     a = tt_conv2d(*dev, *args)

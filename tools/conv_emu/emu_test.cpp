@@ -17,6 +17,7 @@ struct Problem {
   bool bias;
   int force_th, force_tw;
   int force_stages = 0;  // cp.async pipeline depth (0: the planner's choice)
+  int force_wn = 0;      // warps across the columns, 2 or 4 (0: the planner's choice)
 };
 
 template <typename Tag>
@@ -48,16 +49,18 @@ struct Host {
 template <typename Tag>
 void run_fused(const FusedPlan& plan, const FusedParams& prm) {
   const auto body = [&] {
-#define TT_CASE(RP_, MT_)                                  \
-  if (plan.RP == RP_ && plan.MT2 == MT_) {                 \
-    tt_conv_fused_kernel<Tag, RP_, MT_>(prm);              \
-    return;                                                \
+#define TT_CASE(RP_, MT_, WN_)                                \
+  if (plan.RP == RP_ && plan.MT2 == MT_ && plan.WN == WN_) {  \
+    tt_conv_fused_kernel<Tag, RP_, MT_, WN_>(prm);            \
+    return;                                                   \
   }
-    TT_CASE(16, 1) TT_CASE(16, 2) TT_CASE(32, 1) TT_CASE(32, 2) TT_CASE(64, 1) TT_CASE(64, 2)
+    TT_CASE(16, 1, 2) TT_CASE(16, 2, 2)
+    TT_CASE(32, 1, 2) TT_CASE(32, 2, 2) TT_CASE(32, 1, 4) TT_CASE(32, 2, 4)
+    TT_CASE(64, 1, 2) TT_CASE(64, 2, 2) TT_CASE(64, 1, 4) TT_CASE(64, 2, 4)
 #undef TT_CASE
     std::abort();
   };
-  emu::launch(static_cast<unsigned>(plan.blocks), 1, kThreads, plan.smem, body);
+  emu::launch(static_cast<unsigned>(plan.blocks), 1, threads_for(plan.WN), plan.smem, body);
 }
 
 struct Result {
@@ -74,7 +77,7 @@ Result run_one(const FusedGeom& g, const Problem& pr, bool transposed,
                int K0, FusedPlan* plan_out) {
   constexpr int S = Tag::kBytes;
   const FusedPlan plan =
-      plan_fused(g, S, 227 * 1024, 132, pr.force_th, pr.force_tw, pr.force_stages);
+      plan_fused(g, S, 227 * 1024, 132, pr.force_th, pr.force_tw, pr.force_stages, pr.force_wn);
   *plan_out = plan;
   if (!plan.ok) {
     std::printf("  plan failed: %s\n", plan.why);
@@ -168,9 +171,9 @@ bool check(const Problem& pr, unsigned seed, double tol) {
   const char* name = Tag::kKind == 0 ? "tf32" : (Tag::kKind == 1 ? "bf16" : "f16");
   bool ok = fwd.all_written && fwd.rel_err < tol;
   std::printf("%-4s fwd  N%d C%d %dx%d K%d r(%d,%d) k%dx%d s%d,%d p%d,%d d%d,%d tile %dx%d RP%d "
-              "P%dx%d st%d: rel_err %.2e %s%s\n",
+              "WN%d P%dx%d st%d: rel_err %.2e %s%s\n",
               name, pr.N, pr.C, pr.H, pr.W, pr.K, pr.r1, pr.r2, pr.KH, pr.KW, pr.sh, pr.sw, pr.ph,
-              pr.pw, pr.dh, pr.dw, plan.TH, plan.TW, plan.RP, plan.PH, plan.PW, plan.stages,
+              pr.pw, pr.dh, pr.dw, plan.TH, plan.TW, plan.RP, plan.WN, plan.PH, plan.PW, plan.stages,
               fwd.rel_err,
               fwd.all_written ? "" : "UNWRITTEN ", ok ? "ok" : "FAIL");
   // Input gradient (stride 1 and padding <= dilation * (kernel - 1) only, as in conv_cuda.cu).
@@ -199,8 +202,8 @@ bool check(const Problem& pr, unsigned seed, double tol) {
     prt.force_th = prt.force_tw = 0;  // the input gradient's own planner choice
     const Result bwd = run_one<Tag>(gt, prt, true, gob, gref, c0b, c1b, c2b, bias, pr.C, pr.K, &plan);
     const bool okb = bwd.all_written && bwd.rel_err < tol;
-    std::printf("%-4s igrad tile %dx%d RP%d st%d: rel_err %.2e %s%s\n", name, plan.TH, plan.TW,
-                plan.RP, plan.stages, bwd.rel_err, bwd.all_written ? "" : "UNWRITTEN ", okb ? "ok" : "FAIL");
+    std::printf("%-4s igrad tile %dx%d RP%d WN%d st%d: rel_err %.2e %s%s\n", name, plan.TH,
+                plan.TW, plan.RP, plan.WN, plan.stages, bwd.rel_err, bwd.all_written ? "" : "UNWRITTEN ", okb ? "ok" : "FAIL");
     ok = ok && okb;
   }
   std::fflush(stdout);
@@ -227,10 +230,13 @@ int main(int argc, char** argv) {
   unsigned seed = 1;
   for (auto pr : problems) {  // each dtype with a different pipeline depth
     pr.force_stages = 3;
+    pr.force_wn = 4;
     fails += !check<TagF32>(pr, seed++, 3e-3);
     pr.force_stages = 2;
+    pr.force_wn = 2;
     fails += !check<TagBF16>(pr, seed++, 2.5e-2);
     pr.force_stages = 0;
+    pr.force_wn = 0;
     fails += !check<TagF16>(pr, seed++, 4e-3);
   }
   std::printf("%s: %d failure(s)\n", fails ? "FAILED" : "PASSED", fails);
