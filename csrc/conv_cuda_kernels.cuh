@@ -583,11 +583,12 @@ __host__ inline FusedPlan plan_fused(const FusedGeom& g, int bytes, int max_smem
   for (const auto& tile : kTiles) {
     const int th = tile[0], tw = tile[1], m = th * tw;
     if (force_th > 0 && (th != force_th || tw != force_tw)) continue;
+    // (v1 kept 16-bit data on 64-pixel tiles; with the v2 warp split the cost model's choice is
+    // as fast or faster at every WRN shape: docs/benchmarks.md, v2 sweep.)
     const int ph = (th - 1) * g.sh + (g.KH - 1) * g.dh + 1;
     const int pw = (tw - 1) * g.sw + (g.KW - 1) * g.dw + 1;
     const long long tiles_h = (g.Ho + th - 1) / th, tiles_w = (g.Wo + tw - 1) / tw;
     const long long blocks = static_cast<long long>(g.N) * tiles_h * tiles_w;
-    // A deeper pipeline when the grid is too small to hide load latency with more blocks.
     // A deeper pipeline when the grid is too small to hide load latency with more blocks (four
     // stages measured no faster than three at 640@8x8: docs/benchmarks.md, tile sweep v2).
     int stages = force_stages > 0 ? force_stages : (blocks <= 2LL * num_sms ? 3 : 2);
