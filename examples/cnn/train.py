@@ -264,8 +264,8 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
             with amp():
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
-                if frob:
-                    loss = loss + 0.5 * args.wd * frobenius_decay(model)
+            if frob:  # outside autocast: a sum of squares in fp32, not bf16
+                loss = loss + 0.5 * args.wd * frobenius_decay(model)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
