@@ -7,6 +7,7 @@ otherwise its column says so. Prints a markdown table (ns per lookup, ratios, TF
 TT op counted without dedup, peak extra memory).
 
     python bench/bench_embedding_bag.py [--iters 20] [--cases all|quick] [--variants] [--graph] [--criteo]
+    python bench/bench_embedding_bag.py --kaggle7 [--iters 20]   # the decisive case set only
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from torchrec_tt.ops import ComputePrecision, PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
+from torchrec_tt.kernel_shapes import two_factor_fits, two_factor_shape
 from torchrec_tt.reference import tt_rows_reference
 from torchrec_tt.shapes import TTShape, make_tt_shape
 
@@ -235,6 +237,103 @@ def criteo_case(iters: int, batch: int = 16_384, dim: int = 64, rank: int = 32, 
     print(f"| ratio (mixed / TBE) | {t_mixed / t_all:.2f}x | | {dense_mb / mixed_mb:.0f}x smaller |")
 
 
+def zipf_ids(rows: int, n: int, gen: torch.Generator, exponent: float = 1.05) -> torch.Tensor:
+    """``n`` Zipf-distributed ids of a ``rows``-row table, hot ids spread over the table."""
+    ranks = torch.arange(1, rows + 1, device=gen.device, dtype=torch.float32)
+    probs = ranks.pow(-exponent)
+    r = torch.multinomial(probs / probs.sum(), n, replacement=True, generator=gen)
+    return (r * 2_654_435_761) % rows
+
+
+def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ...] = (65_536, 8_192),
+            rank: int = 32) -> None:
+    """The 7 largest Criteo Kaggle tables, one Zipf 1.05 lookup per table and sample, fwd + bwd +
+    SGD: TBE (EXACT_SGD, uncompressed) vs TT with the two-factor 2-core shape and with the
+    balanced 3-core default, eager and replayed from a CUDA graph, same index stream."""
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    except Exception as e:  # noqa: BLE001 - TT columns still measured, TBE's say why not
+        SplitTableBatchedEmbeddingBagsCodegen = None
+        no_tbe = f"no fbgemm_gpu ({type(e).__name__})"
+
+    dev = torch.device("cuda")
+    rows = sorted(CRITEO_KAGGLE_ROWS, reverse=True)[:7]
+    results = []
+    for dim in dims:
+        for batch in batches:
+            gen = torch.Generator(device=dev).manual_seed(batch + dim)
+            sets = [torch.cat([zipf_ids(r, batch, gen) for r in rows]) for _ in range(8)]
+            offsets = torch.arange(0, 7 * batch + 1, device=dev)
+            dy = torch.randn(batch, 7 * dim, device=dev)
+            res: dict[str, float | str] = {"tbe": no_tbe, "tbe_graph": no_tbe} if SplitTableBatchedEmbeddingBagsCodegen is None else {}
+            if SplitTableBatchedEmbeddingBagsCodegen is not None:
+                tbe = SplitTableBatchedEmbeddingBagsCodegen(
+                    [(r, dim, EmbeddingLocation.DEVICE, ComputeDevice.CUDA) for r in rows],
+                    optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01,
+                )
+
+                def tbe_on(ind: torch.Tensor) -> None:
+                    tbe(ind, offsets).backward(dy)
+
+                res["tbe"] = time_steps(eager(tbe_on, sets), iters)
+                res["tbe_graph"] = time_steps(graphed(tbe_on, sets), iters)
+                del tbe
+                torch.cuda.empty_cache()
+            variants = {
+                "two-factor 2-core": ([two_factor_shape(r, dim, rank) for r in rows], None),
+                "3-core default": ([make_tt_shape(r, dim, [rank, rank]) for r in rows], None),
+                "two-factor shape, old kernels": ([two_factor_shape(r, dim, rank) for r in rows], "0"),
+            }
+            for name, (shapes, env) in variants.items():
+                if env is not None:
+                    os.environ["TORCHREC_TT_TWO_FACTOR"] = env
+                layout = TTBatchLayout.from_shapes([f"t{i}" for i in range(7)], shapes, [PoolingMode.SUM] * 7,
+                                                   list(range(7)))
+                cores = [
+                    (0.3 * torch.randn(s.p[k], s.full_ranks[k] * s.q[k] * s.full_ranks[k + 1], device=dev)).requires_grad_()
+                    for s in shapes for k in range(s.num_cores)
+                ]
+                opt = torch.optim.SGD(cores, lr=0.01)
+
+                def tt_on(ind: torch.Tensor) -> None:
+                    tt_embedding_bag(cores, layout, ind, offsets).backward(dy)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                res[name] = time_steps(eager(tt_on, sets), iters)
+                res[name + " mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                res[name + " graph"] = time_steps(graphed(tt_on, sets), iters)
+                dense = sum(rows) * dim
+                res[name + " x"] = dense / sum(s.num_parameters() for s in shapes)
+                res[name + " fits"] = all(two_factor_fits(s) for s in shapes) and env is None
+                os.environ.pop("TORCHREC_TT_TWO_FACTOR", None)
+                del cores, opt
+                torch.cuda.empty_cache()
+            results.append((dim, batch, res, list(variants)))
+    print(f"\nKaggle's 7 largest tables, R={rank}, one Zipf 1.05 lookup per table and sample, fwd + bwd + SGD, "
+          f"median of {iters} steps, ms")
+    print("| D | B | TBE eager | TBE graphed | TT variant | two-factor kernels | compression | TT eager | TT graphed | "
+          "eager ratio | graphed ratio | TT peak extra MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for dim, batch, r, names in results:
+        for name in names:
+            print(f"| {dim} | {batch} | {_ms(r['tbe'])} | {_ms(r['tbe_graph'])} | {name} | "
+                  f"{'yes' if r[name + ' fits'] else 'no'} | {r[name + ' x']:.0f}x | {r[name] * 1e3:.3f} | "
+                  f"{r[name + ' graph'] * 1e3:.3f} | {_ratio(r[name], r['tbe'])} | "
+                  f"{_ratio(r[name + ' graph'], r['tbe_graph'])} | {r[name + ' mem']:.0f} |")
+
+
+def _ms(seconds: float | str) -> str:
+    return f"{seconds * 1e3:.3f}" if isinstance(seconds, float) else str(seconds)
+
+
 def _ns(seconds: float | str, n: int, digits: int = 2) -> str:
     """ns per lookup, or the reason a column has no time."""
     return f"{seconds / n * 1e9:.{digits}f}" if isinstance(seconds, float) else str(seconds)
@@ -258,9 +357,14 @@ def main() -> None:
                          "step per value), e.g. 32,16")
     ap.add_argument("--criteo", action="store_true",
                     help="also run the Criteo-Kaggle-shaped 26-table case")
+    ap.add_argument("--kaggle7", action="store_true",
+                    help="run only the 7-largest-Kaggle-tables case set (TT shapes vs TBE)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    if args.kaggle7:
+        kaggle7(args.iters)
+        return
     rows = []
     for case in cases(args.cases):
         print(f"case: {case.name}", flush=True)

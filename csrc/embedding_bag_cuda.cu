@@ -140,10 +140,10 @@ __device__ __forceinline__ int64_t find_bag(const int64_t* off, int64_t num_bags
   return lo;
 }
 
-template <typename scalar_t>
-__global__ void check_offsets_kernel(const Params<scalar_t> P, const int64_t* off, int64_t n) {
-  const int64_t num_bags = P.F * P.B;
-  for (int64_t bag = blockIdx.x * blockDim.x + threadIdx.x; bag < num_bags;
+// Traps unless the offsets of num_bags bags (B per feature) start at 0, never decrease and end
+// at n = len(indices).
+__global__ void check_offsets_kernel(const int64_t* off, int64_t num_bags, int64_t B, int64_t n) {
+  for (int64_t bag = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; bag < num_bags;
        bag += int64_t(gridDim.x) * blockDim.x) {
     const bool bad = off[bag + 1] < off[bag] || (bag == 0 && off[0] != 0) ||
                      (bag == num_bags - 1 && off[num_bags] != n);
@@ -151,7 +151,7 @@ __global__ void check_offsets_kernel(const Params<scalar_t> P, const int64_t* of
       printf("torchrec_tt::tt_embedding_bag: offsets must start at 0, not decrease and end at "
              "len(indices)=%lld; violated at bag %lld (feature %lld)\n",
              static_cast<long long>(n), static_cast<long long>(bag),
-             static_cast<long long>(bag / P.B));
+             static_cast<long long>(bag / B));
       __trap();
     }
   }
@@ -1474,8 +1474,8 @@ CudaDedup dedup(const Params<scalar_t>& P, const at::Tensor& indices, const at::
   d.off = offsets.to(at::kLong).contiguous();
   const int64_t num_bags = P.F * P.B;
   if (num_bags > 0) {
-    check_offsets_kernel<scalar_t><<<grid_for(num_bags, 256), 256, 0, stream>>>(
-        P, d.off.data_ptr<int64_t>(), n);
+    check_offsets_kernel<<<grid_for(num_bags, 256), 256, 0, stream>>>(d.off.data_ptr<int64_t>(),
+                                                                     num_bags, P.B, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   auto opts = indices.options();
@@ -1653,6 +1653,8 @@ void run_det_core_grads(const Params<scalar_t>& P, const CudaDedup& d, int64_t n
   }
 }
 
+#include "embedding_bag_cuda_two_factor.cuh"
+
 }  // namespace
 
 at::Tensor tt_embedding_bag_cuda(
@@ -1685,6 +1687,9 @@ at::Tensor tt_embedding_bag_cuda(
   return AT_DISPATCH_FLOATING_TYPES(info.dtype, "tt_embedding_bag_cuda", [&] {
     if (n == 0 || info.B == 0) {
       return at::zeros({info.B, info.total_D}, cc[0].options());
+    }
+    if (two_factor::applies(info, std::is_same<scalar_t, float>::value)) {
+      return two_factor::forward(info, cc, indices, offsets, per_sample_weights);
     }
     // pool_kernel writes every column of every bag (empty bags included).
     auto out = at::empty({info.B, info.total_D}, cc[0].options());
@@ -1730,6 +1735,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> tt_embedding_bag_backward_cuda(
   const KernelOptions& o = info.options;
   c10::cuda::CUDAGuard guard(indices.device());
   const std::vector<at::Tensor> cc = compute_cores(cores, o);
+  if (indices.numel() > 0 && info.B > 0 && two_factor::applies(info, info.dtype == at::kFloat)) {
+    return two_factor::backward(info, cc, grad_output, indices, offsets, per_sample_weights,
+                                per_sample_weights_grad);
+  }
   std::vector<at::Tensor> grads;
   for (const auto& c : cc) {
     grads.push_back(at::zeros_like(c));

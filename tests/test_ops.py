@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from torchrec_tt.ops import (
@@ -350,19 +350,18 @@ def test_cuda_empty_batch_and_opcheck() -> None:
     assert torch.equal(out, torch.zeros_like(out))
 
 
-@requires_cuda
-def test_cuda_out_of_range_index_is_caught_on_the_device() -> None:
+def _assert_out_of_range_traps(problem_args: str) -> None:
     # A device-side trap poisons the CUDA context, so run it in a child process.
     import subprocess
     import sys
     import textwrap
 
     code = textwrap.dedent(
-        """
+        f"""
         import torch
         from torchrec_tt.testing import random_problem
         from torchrec_tt.ops import tt_embedding_bag
-        prob = random_problem(3, num_tables=1, batch_size=4)
+        prob = random_problem({problem_args})
         idx = prob.indices.clone(); idx[-1] = 10**7
         out = tt_embedding_bag([c.cuda() for c in prob.cores], prob.layout, idx.cuda(), prob.offsets.cuda())
         torch.cuda.synchronize()
@@ -371,3 +370,142 @@ def test_cuda_out_of_range_index_is_caught_on_the_device() -> None:
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "out of range" in res.stdout + res.stderr
+
+
+@requires_cuda
+def test_cuda_out_of_range_index_is_caught_on_the_device() -> None:
+    _assert_out_of_range_traps("3, num_tables=1, batch_size=4")
+
+
+# ---- the two-factor CUDA kernels (csrc/embedding_bag_cuda_two_factor.cuh) ------------------------
+
+
+def _two_factor_problem(seed: int, **kw):  # type: ignore[no-untyped-def]
+    # Ranks the two-factor kernels take; float32 and q factors up to 6 (q_last <= 8).
+    return random_problem(seed, dtype=torch.float32, rank_choices=(4, 8, 16, 32, 64), **kw)
+
+
+def _layout_shapes(layout: TTBatchLayout) -> list[TTShape]:
+    from torchrec_tt.reference import split_cores
+
+    p = split_cores(list(layout.p_shapes), layout.num_cores)
+    q = split_cores(list(layout.q_shapes), layout.num_cores)
+    r = split_cores(list(layout.ranks), [k - 1 for k in layout.num_cores])
+    return [TTShape(n, math.prod(qq), pp, qq, rr) for n, pp, qq, rr in zip(layout.num_rows, p, q, r)]
+
+
+def _check_two_factor(prob, monkeypatch, weighted: bool) -> None:  # type: ignore[no-untyped-def]
+    """The two-factor kernels and the older kernels (TORCHREC_TT_TWO_FACTOR=0) on the same call
+    against float64: output, core gradients and (``weighted``) per-sample-weight gradients."""
+    gpu = _to(prob, "cuda")
+    results = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("TORCHREC_TT_TWO_FACTOR", mode)
+        cores = [c.clone().requires_grad_() for c in gpu.cores]
+        w = None
+        if gpu.per_sample_weights is not None:
+            w = gpu.per_sample_weights.clone().requires_grad_(weighted)
+        out = tt_embedding_bag(cores, gpu.layout, gpu.indices, gpu.offsets, w)
+        dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).cuda()
+        wrt = cores + ([w] if weighted and w is not None else [])
+        results.append((out, torch.autograd.grad(out, wrt, dy)))
+    ref_cores = [c.double().requires_grad_() for c in prob.cores]
+    ref_w = None
+    if prob.per_sample_weights is not None:
+        ref_w = prob.per_sample_weights.double().requires_grad_(weighted)
+    ref = tt_embedding_bag_dense_reference(ref_cores, prob.layout, prob.indices, prob.offsets, ref_w)
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).double()
+    want = torch.autograd.grad(ref, ref_cores + ([ref_w] if weighted and ref_w is not None else []), dy)
+    for out, grads in results:
+        if ref.norm() > 0:
+            _assert_rel_close(out, ref, tol=1e-4)
+        for g, r in zip(grads, want):
+            if r.norm() > 0:
+                _assert_rel_close(g, r, tol=1e-4)
+
+
+@requires_cuda
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_tables=st.integers(1, 3),
+    num_cores=st.sampled_from([2, 3, 4]),
+    batch_size=st.integers(1, 40),
+    index_dtype=st.sampled_from([torch.int32, torch.int64]),
+    weighted=st.booleans(),
+)
+def test_cuda_two_factor_kernels_match_reference(
+    monkeypatch, seed: int, num_tables: int, num_cores: int, batch_size: int, index_dtype: torch.dtype,
+    weighted: bool,
+) -> None:
+    # Forward, core gradients and weight gradients of the two-factor kernels and of the older
+    # kernels (TORCHREC_TT_TWO_FACTOR=0) against float64: 2-4 cores, SUM/MEAN, empty bags.
+    from hypothesis import assume
+
+    from torchrec_tt.kernel_shapes import two_factor_fits
+
+    prob = _two_factor_problem(
+        seed, num_tables=num_tables, num_features=num_tables + 1, batch_size=batch_size,
+        num_cores=num_cores, max_factor=5, max_bag=8, index_dtype=index_dtype, weighted=weighted,
+    )
+    assume(all(two_factor_fits(s) for s in _layout_shapes(prob.layout)))
+    _check_two_factor(prob, monkeypatch, weighted)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dim,q", [(16, (4, 4)), (64, (8, 8)), (64, (16, 4)), (128, (16, 8)), (12, (3, 4))])
+@pytest.mark.parametrize("rank", [8, 32, 64, 128])
+def test_cuda_two_factor_kaggle_sized_shapes(monkeypatch, dim: int, q: tuple, rank: int) -> None:
+    # Large 2-core tables at the kernel limits (Q up to 32, q_last up to 8, R up to 128), Zipf-like
+    # skew (hot prefixes spread over many warps), MEAN pooling and weights.
+    from torchrec_tt.kernel_shapes import two_factor_fits
+
+    gen = torch.Generator().manual_seed(dim * rank)
+    n = 1_000_003
+    p = (1001, 1000)
+    shape = TTShape(n, dim, p, q, (rank,))
+    if not two_factor_fits(shape):
+        pytest.skip(f"{shape} is outside the two-factor kernels (covered by the older path)")
+    cores = [0.1 * torch.randn(p[0], q[0] * rank, generator=gen), 0.1 * torch.randn(p[1], rank * q[1], generator=gen)]
+    layout = TTBatchLayout.from_shapes(["t"], [shape], [PoolingMode.MEAN], [0])
+    lengths = torch.randint(0, 9, (4096,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    indices = (torch.randint(0, 1000, (int(offsets[-1]),), generator=gen) ** 2 * 7919) % n
+    weights = torch.rand(indices.numel(), generator=gen)
+    import dataclasses
+
+    prob = dataclasses.replace(
+        random_problem(0, num_tables=1), cores=cores, layout=layout, indices=indices, offsets=offsets,
+        per_sample_weights=weights, batch_size=4096,
+    )
+    _check_two_factor(prob, monkeypatch, weighted=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("bounds", [BoundsCheckMode.WARNING, BoundsCheckMode.IGNORE])
+def test_cuda_two_factor_out_of_range_lookups_contribute_zero(bounds: BoundsCheckMode) -> None:
+    prob = _to(_two_factor_problem(5, num_tables=2, num_features=3, batch_size=16, num_cores=2,
+                                   max_factor=6, pooling=PoolingMode.SUM, weighted=True), "cuda")
+    opts = TTKernelOptions(bounds_check_mode=bounds)
+    bad = prob.indices.clone()
+    bad[::3] = -1 - bad[::3]  # every third lookup out of range
+    keep = bad >= 0
+    w = prob.per_sample_weights.clone().requires_grad_()
+    w_zeroed = (prob.per_sample_weights * keep).clone().requires_grad_()
+    cores = [c.clone().requires_grad_() for c in prob.cores]
+    cores2 = [c.clone().requires_grad_() for c in prob.cores]
+    out = tt_embedding_bag(cores, prob.layout, bad, prob.offsets, w, options=opts)
+    want = tt_embedding_bag(cores2, prob.layout, torch.where(keep, bad, 0), prob.offsets, w_zeroed, options=opts)
+    _assert_rel_close(out, want, tol=1e-6)
+    dy = torch.randn_like(out)
+    got = torch.autograd.grad(out, cores + [w], dy)
+    exp = torch.autograd.grad(want, cores2 + [w_zeroed], dy)
+    for g, e in zip(got[:-1], exp[:-1]):
+        _assert_rel_close(g, e, tol=1e-6)
+    assert torch.all(got[-1][~keep] == 0)
+
+
+@requires_cuda
+def test_cuda_two_factor_fatal_out_of_range_traps() -> None:
+    _assert_out_of_range_traps("3, num_tables=1, batch_size=4, num_cores=2, dtype=torch.float32, "
+                               "rank_choices=(8,)")

@@ -42,9 +42,11 @@ def random_problem(
     dtype: torch.dtype = torch.float64,
     weighted: bool = False,
     pooling: PoolingMode | None = None,
+    rank_choices: tuple[int, ...] | None = None,
 ) -> RandomProblem:
-    """A small random problem: tables with random K (2-4 unless given), factors and ranks,
-    N anywhere in (prod(p)/2, prod(p)], bags of 0..max_bag lookups (empty bags included)."""
+    """A small random problem: tables with random K (2-4 unless given), factors and ranks
+    (1..max_rank, or drawn from ``rank_choices``), N anywhere in (prod(p)/2, prod(p)], bags of
+    0..max_bag lookups (empty bags included)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     shapes = []
@@ -54,7 +56,9 @@ def random_problem(
         k = num_cores or rng.randint(2, 4)
         p = tuple(rng.randint(1, max_factor) for _ in range(k))
         q = tuple(rng.randint(1, max_factor) for _ in range(k))
-        ranks = tuple(rng.randint(1, max_rank) for _ in range(k - 1))
+        ranks = tuple(
+            rng.choice(rank_choices) if rank_choices else rng.randint(1, max_rank) for _ in range(k - 1)
+        )
         padded = math.prod(p)
         n = rng.randint(max(1, padded // 2), padded)
         full = (1, *ranks, 1)

@@ -1,0 +1,629 @@
+// Two-factor CUDA path of the TT embedding bag (included by embedding_bag_cuda.cu).
+//
+// A table whose prefix table is small is looked up as a product of two factors:
+//   row i = P[i / p_last] ([Q, R]) @ G_last[i % p_last] ([R, q_last]),   Q = D / q_last,
+// where P[a] = G_0[a_0] @ ... @ G_{K-2}[a_{K-2}] is the chain of all cores but the last. For 2
+// cores P is core 0 itself; for 3 and 4 cores P is built for every prefix at the start of a call
+// by one GEMM per level (cuBLAS) and the backward goes back through the same GEMMs. The lookup
+// is then 2*D*R FLOPs (a balanced 3-core chain costs 2R(Q'R + D) with Q' = q_0 q_1), and a row
+// reads Q*R + R*q_last floats that stay in L2 when the factors are small.
+//
+// Forward (no sort, no atomics): one warp per bag, each lane owns "units" (m, 4 consecutive
+// ranks) of P's [Q, R] slice, so the warp reads P[a] and G_last[s] with 16-byte coalesced loads;
+// partial products are summed over the bag's lookups in registers and reduced across the lanes
+// of a unit row once per bag.
+// Backward: lookups are sorted by (table, prefix) with a stable radix sort on the few key bits
+// the prefixes need; a warp walks a chunk of sorted lookups with lane <-> rank r, so
+//   dP[a][m][r]      += sum_c g[m][c] G_last[s][r][c]   (kept in registers while the prefix
+//                                                         repeats, flushed with one atomic each)
+//   dG_last[s][r][c] += sum_m P[a][m][r] g[m][c]         (one vector atomic per lane)
+// need no cross-lane reduction. Not taken under `deterministic` (atomics) or for float64.
+
+#pragma once
+
+namespace two_factor {
+
+constexpr int kChunk = 32;                 // sorted lookups per warp in the backward
+constexpr int kWarpsPerBlock = 8;
+constexpr int kMaxD = 256;                 // g buffer per warp (Q * q_last <= 32 * 8)
+constexpr int64_t kMaxPrefixFloats = int64_t{1} << 23;  // built P per table (32 MB) in auto mode
+
+struct Table {
+  int64_t N;
+  const float* P;        // [n_prefix, Q, R]
+  const float* G;        // last core [p_last, R, q_last]
+  float* dP;             // [n_prefix, Q, R], zeroed
+  float* dG;             // [p_last, R, q_last], zeroed
+  int key_base;          // first global prefix id of the table
+  int pl, ql, R, Q, D, pooling;
+};
+
+struct Params {
+  Table tables[kMaxTables];
+  int16_t feature_table[kMaxFeatures];
+  int feature_col[kMaxFeatures];
+  int F, total_D, num_keys;
+  int64_t B;
+};
+
+// Host-side description of one table of the call (levels are built with ATen GEMMs).
+struct HostTable {
+  int64_t n_prefix = 0;  // rows of P: prod(p_0..p_{K-2})
+  at::Tensor P;          // [n_prefix, Q*R] (core 0 itself for K = 2)
+  std::vector<at::Tensor> levels;  // L_0 (core 0 as [p_0 * q_0, r_1]) .. L_{K-2} = P
+  std::vector<at::Tensor> gperm;   // G_l as [r_l, p_l * q_l * r_{l+1}] for l = 1..K-2
+};
+
+// TORCHREC_TT_TWO_FACTOR: "0" never takes this path, "force" takes it whenever the shapes fit
+// the kernels (ignoring the prefix-size limit), anything else (default) takes it for tables
+// whose built prefix is at most kMaxPrefixFloats.
+inline int mode_from_env() {
+  const char* v = std::getenv("TORCHREC_TT_TWO_FACTOR");  // read per call: tests switch it
+  if (v == nullptr) return 1;
+  const std::string s(v);
+  return s == "0" ? 0 : (s == "force" ? 2 : 1);
+}
+
+inline int64_t prefix_rows(const TableInfo& t) {
+  int64_t n = 1;
+  for (int64_t k = 0; k + 1 < t.K; ++k) n *= t.p[k];
+  return n;
+}
+
+inline int pow2_at_least(int64_t x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+
+// Template arguments of the kernels for a call (maxima over its tables): forward
+// {units per lane, q_last bound}, backward {ranks per lane, Q bound, q_last bound}.
+struct KernelConfig {
+  int upl = 1, qlm = 4, rpl = 1, qm = 8;
+};
+
+inline KernelConfig kernel_config(const BatchInfo& info) {
+  KernelConfig k;
+  for (const auto& t : info.tables) {
+    const int64_t ql = t.q[t.K - 1], Q = t.D / ql, mstep = 32 / std::max<int64_t>(t.R / 4, 1);
+    k.upl = std::max(k.upl, pow2_at_least((Q + mstep - 1) / mstep));
+    k.qlm = std::max(k.qlm, pow2_at_least(ql));
+    k.rpl = std::max(k.rpl, pow2_at_least((t.R + 31) / 32));
+    k.qm = std::max(k.qm, pow2_at_least(Q));
+  }
+  return k;
+}
+
+inline bool shape_fits(const TableInfo& t) {
+  const int64_t R = t.R;
+  return R == 4 || R == 8 || R == 16 || R == 32 || R == 64 || R == 128;
+}
+
+// Whether the whole call takes the two-factor path.
+inline bool applies(const BatchInfo& info, bool float32) {
+  const int mode = mode_from_env();
+  if (mode == 0 || !float32 || info.options.deterministic) return false;
+  int64_t keys = 0;
+  for (const auto& t : info.tables) {
+    if (!shape_fits(t)) return false;
+    const int64_t n = prefix_rows(t);
+    if (mode == 1 && t.K > 2 && n * t.Q[t.K - 2] * t.R > kMaxPrefixFloats) return false;
+    keys += (t.N + t.p[t.K - 1] - 1) / t.p[t.K - 1];
+  }
+  // The instantiated kernels (launch_forward / launch_grad).
+  const KernelConfig k = kernel_config(info);
+  const bool fwd = k.qlm <= 8 && k.upl * k.qlm <= 32;
+  const bool bwd = k.qlm <= 8 && k.rpl * k.qm <= 32;
+  return fwd && bwd && keys < (int64_t{1} << 30);
+}
+
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// 16-byte aligned contiguous copy when needed (the kernels read 4 floats at a time).
+inline at::Tensor aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return aligned16(c.data_ptr()) ? c : c.clone();
+}
+
+// P of every table (and, for the backward, the levels it came from). levels[l] is the level-l
+// prefix as [rows * M_l, r_{l+1}] with M_l = q_0 ... q_l.
+inline std::vector<HostTable> build_prefixes(const BatchInfo& info,
+                                             const std::vector<at::Tensor>& cores) {
+  std::vector<HostTable> out(info.tables.size());
+  for (size_t ti = 0; ti < info.tables.size(); ++ti) {
+    const TableInfo& t = info.tables[ti];
+    HostTable& h = out[ti];
+    at::Tensor L = aligned(cores[t.first_core]).view({t.p[0] * t.q[0], t.r[1]});
+    h.levels.push_back(L);
+    int64_t n = t.p[0], M = t.q[0];
+    for (int64_t l = 1; l + 1 < t.K; ++l) {
+      const int64_t X = t.r[l], S = t.r[l + 1], pl = t.p[l], ql = t.q[l];
+      at::Tensor Gp =
+          cores[t.first_core + l].view({pl, X, ql * S}).permute({1, 0, 2}).reshape({X, pl * ql * S});
+      at::Tensor C = at::mm(L, Gp);  // [(a, m), (b, c, s)]
+      L = C.view({n, M, pl, ql, S}).permute({0, 2, 1, 3, 4}).reshape({n * pl * M * ql, S});
+      h.gperm.push_back(Gp);
+      h.levels.push_back(L);
+      n *= pl;
+      M *= ql;
+    }
+    h.n_prefix = n;
+    h.P = L.view({n, M * t.R});
+  }
+  return out;
+}
+
+// Core gradients of levels 0..K-2 from dP (the gradient of levels.back()), back through the
+// level GEMMs; writes grads[first_core + l] for l < K-1 (dP already is core 0's gradient for K=2).
+inline void prefix_backward(const TableInfo& t, const HostTable& h, const at::Tensor& dP,
+                            std::vector<at::Tensor>& grads) {
+  at::Tensor dL = dP;  // gradient of levels[l] (l = K-2 first), same layout
+  for (int64_t l = t.K - 2; l >= 1; --l) {
+    int64_t n = 1, M = 1;
+    for (int64_t k = 0; k < l; ++k) {
+      n *= t.p[k];
+      M *= t.q[k];
+    }
+    const int64_t X = t.r[l], S = t.r[l + 1], pl = t.p[l], ql = t.q[l];
+    at::Tensor dC =
+        dL.reshape({n, pl, M, ql, S}).permute({0, 2, 1, 3, 4}).reshape({n * M, pl * ql * S});
+    const at::Tensor& Gp = h.gperm[l - 1];
+    const at::Tensor& Lprev = h.levels[l - 1];  // [n * M, X]
+    at::Tensor dGp = at::mm(Lprev.t(), dC);     // [X, (b, c, s)]
+    grads[t.first_core + l].view({pl, X, ql * S}).copy_(dGp.view({X, pl, ql * S}).permute({1, 0, 2}));
+    at::Tensor dLprev = at::mm(dC, Gp.t());     // [n * M, X]
+    if (l == 1) {
+      grads[t.first_core].view({n * M, X}).copy_(dLprev);
+    } else {
+      dL = dLprev;
+    }
+  }
+}
+
+inline Params make_params(const BatchInfo& info, const std::vector<HostTable>& hosts,
+                          const std::vector<at::Tensor>& cores, float* dP_base,
+                          const std::vector<int64_t>& dP_off, std::vector<at::Tensor>* grads) {
+  TORCH_CHECK(static_cast<int>(info.tables.size()) <= kMaxTables && info.F <= kMaxFeatures,
+              "torchrec_tt: the CUDA kernels take at most ", kMaxTables, " tables and ",
+              kMaxFeatures, " features per call");
+  Params P{};
+  P.F = static_cast<int>(info.F);
+  P.B = info.B;
+  P.total_D = static_cast<int>(info.total_D);
+  int key = 0;
+  for (size_t ti = 0; ti < info.tables.size(); ++ti) {
+    const TableInfo& t = info.tables[ti];
+    Table& d = P.tables[ti];
+    d.N = t.N;
+    d.pl = static_cast<int>(t.p[t.K - 1]);
+    d.ql = static_cast<int>(t.q[t.K - 1]);
+    d.R = static_cast<int>(t.R);
+    d.D = static_cast<int>(t.D);
+    d.Q = static_cast<int>(t.D / t.q[t.K - 1]);
+    d.pooling = static_cast<int>(t.pooling);
+    d.P = hosts[ti].P.data_ptr<float>();
+    d.G = cores[t.first_core + t.K - 1].data_ptr<float>();
+    TORCH_INTERNAL_ASSERT(aligned16(d.P) && aligned16(d.G));
+    d.key_base = key;
+    key += static_cast<int>((t.N + d.pl - 1) / d.pl);
+    if (grads != nullptr) {
+      d.dP = dP_base + dP_off[ti];
+      d.dG = (*grads)[t.first_core + t.K - 1].data_ptr<float>();
+      TORCH_INTERNAL_ASSERT(aligned16(d.dP) && aligned16(d.dG));
+    }
+  }
+  P.num_keys = key;
+  for (int64_t f = 0; f < info.F; ++f) {
+    P.feature_table[f] = static_cast<int16_t>(info.feature_table[f]);
+    P.feature_col[f] = static_cast<int>(info.feature_col[f]);
+  }
+  return P;
+}
+
+// Bounds check of one lookup, as the tile path does it: FATAL traps, WARNING reports the first
+// out-of-range index of the call, IGNORE is silent. Returns whether the lookup is valid.
+__device__ __forceinline__ bool check_index(int64_t v, int64_t N, int t, int64_t feature,
+                                            int64_t j, int bounds, int32_t* warned, bool report) {
+  if (v >= 0 && v < N) return true;
+  const bool fatal = bounds == static_cast<int>(BoundsCheckMode::FATAL);
+  if (report && (fatal || (bounds == static_cast<int>(BoundsCheckMode::WARNING) &&
+                           atomicCAS(warned, 0, 1) == 0))) {
+    printf("torchrec_tt::tt_embedding_bag: table %d (feature %lld): index %lld at position %lld "
+           "is out of range [0, %lld)%s\n",
+           t, static_cast<long long>(feature), static_cast<long long>(v),
+           static_cast<long long>(j), static_cast<long long>(N),
+           fatal ? "" : "; out-of-range lookups contribute zero (further ones in this call are "
+                        "not reported)");
+  }
+  if (fatal) __trap();
+  return false;
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+// UPL: units (m, 4-rank chunk) per lane; QLM: bound on q_last. Lane l owns rank chunk
+// rq = l % RQ and rows m = l / RQ + k * (32 / RQ), RQ = R / 4 (a power of two <= 32).
+template <typename index_t, int UPL, int QLM>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* __restrict__ off,
+               const float* __restrict__ w, int bounds, int32_t* __restrict__ warned,
+               float* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t num_bags = P.F * P.B;
+  for (int64_t bag = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; bag < num_bags;
+       bag += (int64_t(gridDim.x) * blockDim.x) >> 5) {
+    const int64_t f = bag / P.B;
+    const int t = P.feature_table[f];
+    const Table& T = P.tables[t];
+    const int RQ = T.R >> 2, ql = T.ql, Q = T.Q;
+    const int rq = lane & (RQ - 1);
+    const int m0 = lane / RQ, mstep = 32 / RQ;
+    float acc[UPL][QLM];
+#pragma unroll
+    for (int k = 0; k < UPL; ++k)
+#pragma unroll
+      for (int c = 0; c < QLM; ++c) acc[k][c] = 0.f;
+    const int64_t lo = off[bag], hi = off[bag + 1];
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t v = static_cast<int64_t>(idx[j]);
+      if (!check_index(v, T.N, t, f, j, bounds, warned, lane == 0)) continue;
+      const float wj = w != nullptr ? w[j] : 1.f;
+      const int64_t a = v / T.pl;
+      const int64_t s = v - a * T.pl;
+      // G_last[s] rows 4rq .. 4rq+3: 4 * ql consecutive floats.
+      float g[4][QLM];
+      const float* gp = T.G + (s * T.R + 4 * rq) * ql;
+      if (ql == 4 && QLM >= 4) {
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const float4 v4 = __ldg(reinterpret_cast<const float4*>(gp) + x);
+          g[x][0] = v4.x;
+          g[x][1] = v4.y;
+          g[x][2] = v4.z;
+          g[x][3] = v4.w;
+        }
+      } else {
+#pragma unroll
+        for (int x = 0; x < 4; ++x)
+#pragma unroll
+          for (int c = 0; c < QLM; ++c) g[x][c] = c < ql ? __ldg(gp + x * ql + c) : 0.f;
+      }
+      const float* pp = T.P + a * Q * T.R + 4 * rq;
+#pragma unroll
+      for (int k = 0; k < UPL; ++k) {
+        const int m = m0 + k * mstep;
+        if (m < Q) {
+          float4 pv = __ldg(reinterpret_cast<const float4*>(pp + m * T.R));
+          pv.x *= wj;
+          pv.y *= wj;
+          pv.z *= wj;
+          pv.w *= wj;
+#pragma unroll
+          for (int c = 0; c < QLM; ++c) {
+            acc[k][c] += pv.x * g[0][c] + pv.y * g[1][c] + pv.z * g[2][c] + pv.w * g[3][c];
+          }
+        }
+      }
+    }
+    // Sum over the RQ lanes that share a row m (consecutive lanes).
+    for (int o = 1; o < RQ; o <<= 1) {
+#pragma unroll
+      for (int k = 0; k < UPL; ++k)
+#pragma unroll
+        for (int c = 0; c < QLM; ++c) acc[k][c] += __shfl_xor_sync(0xffffffffu, acc[k][c], o);
+    }
+    const float scale = (T.pooling == static_cast<int>(PoolingMode::MEAN) && hi > lo)
+                            ? 1.f / static_cast<float>(hi - lo)
+                            : 1.f;
+    float* y = out + (bag - f * P.B) * P.total_D + P.feature_col[f];
+#pragma unroll
+    for (int k = 0; k < UPL; ++k) {
+      const int m = m0 + k * mstep;
+#pragma unroll
+      for (int c = 0; c < QLM; ++c) {
+        if (m < Q && c < ql && (c & (RQ - 1)) == rq) y[m * ql + c] = acc[k][c] * scale;
+      }
+    }
+    // Columns c >= RQ of a row are written by lane rq = c % RQ (every c < ql is covered).
+  }
+}
+
+// ---- backward --------------------------------------------------------------------------------
+
+template <typename index_t>
+__global__ void keys_kernel(const Params P, const index_t* __restrict__ idx,
+                            const int64_t* __restrict__ off, int64_t n, int bounds,
+                            int32_t* __restrict__ warned, int32_t* __restrict__ keys,
+                            int32_t* __restrict__ vals, int32_t* __restrict__ bag_of) {
+  const int64_t num_bags = P.F * P.B;
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < n;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t bag = find_bag(off, num_bags, j);
+    const int64_t f = bag / P.B;
+    const int t = P.feature_table[f];
+    const Table& T = P.tables[t];
+    const int64_t v = static_cast<int64_t>(idx[j]);
+    bag_of[j] = static_cast<int32_t>(bag);
+    vals[j] = static_cast<int32_t>(j);
+    keys[j] = check_index(v, T.N, t, f, j, bounds, warned, true)
+                  ? T.key_base + static_cast<int32_t>(v / T.pl)
+                  : P.num_keys;  // sorts last, processed by nobody
+  }
+}
+
+// One warp per chunk of kChunk sorted lookups; lane <-> ranks r = lane + 32 i (i < RPL).
+template <typename index_t, int RPL, int QM, int QLM>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __restrict__ svals,
+            const int32_t* __restrict__ bag_of, const index_t* __restrict__ idx,
+            const int64_t* __restrict__ off, const float* __restrict__ w,
+            const float* __restrict__ dy, int64_t n, float* __restrict__ wgrad) {
+  __shared__ __align__(16) float gbuf[kWarpsPerBlock][kMaxD];
+  const int lane = threadIdx.x & 31;
+  const int wib = threadIdx.x >> 5;
+  float* gs = gbuf[wib];
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  for (int64_t chunk = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; chunk < chunks;
+       chunk += (int64_t(gridDim.x) * blockDim.x) >> 5) {
+    const int64_t begin = chunk * kChunk;
+    const int64_t end = min(begin + kChunk, n);
+    int cur = -1;
+    const Table* T = nullptr;
+    int64_t a = 0;
+    float dPacc[RPL][QM];
+    float Preg[RPL][QM];
+    auto flush = [&]() {
+      float* dst = T->dP + a * T->Q * T->R;
+#pragma unroll
+      for (int i = 0; i < RPL; ++i) {
+        const int r = lane + 32 * i;
+#pragma unroll
+        for (int m = 0; m < QM; ++m) {
+          if (r < T->R && m < T->Q) atomicAdd(dst + m * T->R + r, dPacc[i][m]);
+        }
+      }
+    };
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int key = skeys[pos];
+      if (key >= P.num_keys) break;  // out-of-range lookups sort last
+      const int64_t j = svals[pos];
+      const int64_t bag = bag_of[j];
+      const int64_t f = bag / P.B;
+      if (key != cur) {
+        if (cur >= 0) flush();
+        cur = key;
+        T = &P.tables[P.feature_table[f]];
+        a = key - T->key_base;
+        const float* src = T->P + a * T->Q * T->R;
+#pragma unroll
+        for (int i = 0; i < RPL; ++i) {
+          const int r = lane + 32 * i;
+#pragma unroll
+          for (int m = 0; m < QM; ++m) {
+            dPacc[i][m] = 0.f;
+            Preg[i][m] = (r < T->R && m < T->Q) ? __ldg(src + m * T->R + r) : 0.f;
+          }
+        }
+      }
+      const int ql = T->ql, Q = T->Q, R = T->R;
+      const int64_t len = off[bag + 1] - off[bag];
+      const float inv_len = T->pooling == static_cast<int>(PoolingMode::MEAN)
+                                ? 1.f / static_cast<float>(len)
+                                : 1.f;
+      const float wj = w != nullptr ? w[j] : 1.f;
+      const float* dyr = dy + (bag - f * P.B) * P.total_D + P.feature_col[f];
+      __syncwarp();
+      for (int d = lane; d < T->D; d += 32) gs[d] = dyr[d] * inv_len;
+      __syncwarp();
+      const int64_t v = static_cast<int64_t>(idx[j]);
+      const int64_t s = v - (v / T->pl) * T->pl;
+      float part = 0.f;
+#pragma unroll
+      for (int i = 0; i < RPL; ++i) {
+        const int r = lane + 32 * i;
+        if (r >= R) continue;
+        float gl[QLM], h[QLM];
+        const float* gp = T->G + (s * R + r) * ql;
+#pragma unroll
+        for (int c = 0; c < QLM; ++c) {
+          gl[c] = c < ql ? __ldg(gp + c) : 0.f;
+          h[c] = 0.f;
+        }
+#pragma unroll
+        for (int m = 0; m < QM; ++m) {
+          if (m < Q) {
+            float gv[QLM];
+#pragma unroll
+            for (int c = 0; c < QLM; ++c) gv[c] = c < ql ? gs[m * ql + c] : 0.f;
+            float dp = 0.f;
+#pragma unroll
+            for (int c = 0; c < QLM; ++c) {
+              dp += gv[c] * gl[c];
+              h[c] += Preg[i][m] * gv[c];
+            }
+            dPacc[i][m] += wj * dp;
+          }
+        }
+        float* dg = T->dG + (s * R + r) * ql;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        if (ql == 4 && QLM >= 4) {  // one vector atomic (sm_90)
+          atomicAdd(reinterpret_cast<float4*>(dg),
+                    make_float4(wj * h[0], wj * h[1], wj * h[2], wj * h[3]));
+        } else
+#endif
+        {
+#pragma unroll
+          for (int c = 0; c < QLM; ++c) {
+            if (c < ql) atomicAdd(dg + c, wj * h[c]);
+          }
+        }
+#pragma unroll
+        for (int c = 0; c < QLM; ++c) part += gl[c] * h[c];
+      }
+      if (wgrad != nullptr) {
+        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        if (lane == 0) wgrad[j] = part;
+      }
+    }
+    if (cur >= 0) flush();
+  }
+}
+
+// ---- dispatch --------------------------------------------------------------------------------
+
+template <typename index_t>
+void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, const int64_t* off,
+                    const float* w, int bounds, int32_t* warned, float* out, cudaStream_t stream) {
+  const KernelConfig kc = kernel_config(info);
+  const int upl = kc.upl, qlm = kc.qlm;
+  const int64_t bags = info.F * info.B;
+  const int grid = grid_for(bags * 32, kWarpsPerBlock * 32);
+#define TT_TWO_FACTOR_FWD(U, QL)                                                               \
+  if (upl == U && qlm == QL) {                                                                 \
+    forward_kernel<index_t, U, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(P, idx, off, w,   \
+                                                                             bounds, warned, out); \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                            \
+    return;                                                                                    \
+  }
+  TT_TWO_FACTOR_FWD(1, 4) TT_TWO_FACTOR_FWD(2, 4) TT_TWO_FACTOR_FWD(4, 4) TT_TWO_FACTOR_FWD(8, 4)
+  TT_TWO_FACTOR_FWD(1, 8) TT_TWO_FACTOR_FWD(2, 8) TT_TWO_FACTOR_FWD(4, 8)
+#undef TT_TWO_FACTOR_FWD
+  TORCH_INTERNAL_ASSERT(false, "two-factor forward: no kernel for units ", upl, " q_last ", qlm);
+}
+
+template <typename index_t>
+void launch_grad(const Params& P, const BatchInfo& info, const int32_t* skeys, const int32_t* svals,
+                 const int32_t* bag_of, const index_t* idx, const int64_t* off, const float* w,
+                 const float* dy, int64_t n, float* wgrad, cudaStream_t stream) {
+  const KernelConfig kc = kernel_config(info);
+  const int rpl = kc.rpl, qm = kc.qm, qlm = kc.qlm;
+  const int grid = grid_for((n + kChunk - 1) / kChunk * 32, kWarpsPerBlock * 32);
+#define TT_TWO_FACTOR_GRAD(RP, QMAX, QL)                                                       \
+  if (rpl == RP && qm == QMAX && qlm == QL) {                                                  \
+    grad_kernel<index_t, RP, QMAX, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(              \
+        P, skeys, svals, bag_of, idx, off, w, dy, n, wgrad);                                   \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                            \
+    return;                                                                                    \
+  }
+  TT_TWO_FACTOR_GRAD(1, 8, 4) TT_TWO_FACTOR_GRAD(1, 16, 4) TT_TWO_FACTOR_GRAD(1, 32, 4)
+  TT_TWO_FACTOR_GRAD(2, 8, 4) TT_TWO_FACTOR_GRAD(2, 16, 4) TT_TWO_FACTOR_GRAD(4, 8, 4)
+  TT_TWO_FACTOR_GRAD(1, 8, 8) TT_TWO_FACTOR_GRAD(1, 16, 8) TT_TWO_FACTOR_GRAD(1, 32, 8)
+  TT_TWO_FACTOR_GRAD(2, 8, 8) TT_TWO_FACTOR_GRAD(2, 16, 8) TT_TWO_FACTOR_GRAD(4, 8, 8)
+#undef TT_TWO_FACTOR_GRAD
+  TORCH_INTERNAL_ASSERT(false, "two-factor backward: no kernel for ranks/lane ", rpl, " Q ", qm);
+}
+
+inline int key_bits(int num_keys) {
+  int b = 1;
+  while ((int64_t{1} << b) <= num_keys) ++b;
+  return b;
+}
+
+inline at::Tensor forward(const BatchInfo& info, const std::vector<at::Tensor>& cc,
+                          const at::Tensor& indices, const at::Tensor& offsets,
+                          const std::optional<at::Tensor>& per_sample_weights) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<at::Tensor> cores;
+  for (const auto& c : cc) cores.push_back(aligned(c));
+  const auto hosts = build_prefixes(info, cores);
+  const Params P = make_params(info, hosts, cores, nullptr, {}, nullptr);
+  const int64_t n = indices.numel();
+  auto out = at::empty({info.B, info.total_D}, cores[0].options());
+  const at::Tensor off = offsets.to(at::kLong).contiguous();
+  const int64_t bags = info.F * info.B;
+  check_offsets_kernel<<<grid_for(bags, 256), 256, 0, stream>>>(off.data_ptr<int64_t>(), bags,
+                                                                info.B, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto warned = at::zeros({1}, indices.options().dtype(at::kInt));
+  at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  const at::Tensor idx = indices.contiguous();
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "tt_two_factor_forward", [&] {
+    launch_forward<index_t>(P, info, idx.data_ptr<index_t>(), off.data_ptr<int64_t>(),
+                            w.defined() ? w.data_ptr<float>() : nullptr,
+                            static_cast<int>(info.options.bounds), warned.data_ptr<int32_t>(),
+                            out.data_ptr<float>(), stream);
+  });
+  return out;
+}
+
+inline std::tuple<std::vector<at::Tensor>, at::Tensor> backward(
+    const BatchInfo& info, const std::vector<at::Tensor>& cc, const at::Tensor& grad_output,
+    const at::Tensor& indices, const at::Tensor& offsets,
+    const std::optional<at::Tensor>& per_sample_weights, bool per_sample_weights_grad) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<at::Tensor> cores;
+  for (const auto& c : cc) cores.push_back(aligned(c));
+  const auto hosts = build_prefixes(info, cores);
+  // One zeroed buffer holds every core gradient and the dP of the tables with K > 2 (dP of a
+  // 2-core table is core 0's gradient); each piece starts on a 16-byte boundary.
+  auto pad4 = [](int64_t x) { return (x + 3) / 4 * 4; };
+  std::vector<int64_t> grad_off(cores.size()), dP_off(info.tables.size());
+  int64_t total = 0;
+  for (size_t k = 0; k < cores.size(); ++k) {
+    grad_off[k] = total;
+    total += pad4(cores[k].numel());
+  }
+  for (size_t ti = 0; ti < info.tables.size(); ++ti) {
+    const TableInfo& t = info.tables[ti];
+    if (t.K == 2) {
+      dP_off[ti] = grad_off[t.first_core];
+    } else {
+      dP_off[ti] = total;
+      total += pad4(hosts[ti].P.numel());
+    }
+  }
+  at::Tensor buf = at::zeros({total}, cores[0].options());
+  std::vector<at::Tensor> grads;
+  for (size_t k = 0; k < cores.size(); ++k) {
+    grads.push_back(buf.narrow(0, grad_off[k], cores[k].numel()).view(cores[k].sizes()));
+  }
+  const int64_t n = indices.numel();
+  at::Tensor wgrad = at::zeros({per_sample_weights_grad ? n : 0}, grad_output.options());
+  const Params P = make_params(info, hosts, cores, buf.data_ptr<float>(), dP_off, &grads);
+  const at::Tensor off = offsets.to(at::kLong).contiguous();
+  const int64_t bags = info.F * info.B;
+  check_offsets_kernel<<<grid_for(bags, 256), 256, 0, stream>>>(off.data_ptr<int64_t>(), bags,
+                                                                info.B, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK(n < (int64_t{1} << 31), "torchrec_tt: at most 2^31 - 1 lookups per call, got ", n);
+  auto iopts = indices.options().dtype(at::kInt);
+  auto keys = at::empty({n}, iopts), vals = at::empty({n}, iopts);
+  auto skeys = at::empty({n}, iopts), svals = at::empty({n}, iopts);
+  auto bag_of = at::empty({n}, iopts);
+  auto warned = at::zeros({1}, iopts);
+  at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
+  const at::Tensor idx = indices.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "tt_two_factor_backward", [&] {
+    keys_kernel<index_t><<<grid_for(n, 256), 256, 0, stream>>>(
+        P, idx.data_ptr<index_t>(), off.data_ptr<int64_t>(), n,
+        static_cast<int>(info.options.bounds), warned.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
+        vals.data_ptr<int32_t>(), bag_of.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int bits = key_bits(P.num_keys);
+    size_t temp_bytes = 0;
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        nullptr, temp_bytes, keys.data_ptr<int32_t>(), skeys.data_ptr<int32_t>(),
+        vals.data_ptr<int32_t>(), svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
+    auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, indices.options().dtype(at::kByte));
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        temp.data_ptr(), temp_bytes, keys.data_ptr<int32_t>(), skeys.data_ptr<int32_t>(),
+        vals.data_ptr<int32_t>(), svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
+    launch_grad<index_t>(P, info, skeys.data_ptr<int32_t>(), svals.data_ptr<int32_t>(),
+                         bag_of.data_ptr<int32_t>(), idx.data_ptr<index_t>(),
+                         off.data_ptr<int64_t>(), w.defined() ? w.data_ptr<float>() : nullptr,
+                         dy.data_ptr<float>(), n,
+                         per_sample_weights_grad ? wgrad.data_ptr<float>() : nullptr, stream);
+  });
+  for (size_t ti = 0; ti < info.tables.size(); ++ti) {
+    const TableInfo& t = info.tables[ti];
+    if (t.K > 2) {
+      prefix_backward(t, hosts[ti], buf.narrow(0, dP_off[ti], hosts[ti].P.numel()), grads);
+    }
+  }
+  return {grads, wgrad};
+}
+
+}  // namespace two_factor
