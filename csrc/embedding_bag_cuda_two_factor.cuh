@@ -34,7 +34,7 @@ struct Table {
   const float* G;        // last core [p_last, R, q_last]
   float* dP;             // [n_prefix, Q, R], zeroed
   float* dG;             // [p_last, R, q_last], zeroed
-  int key_base;          // first global prefix id of the table
+  int key_base;          // first backward sort key of the table
   int pl, ql, R, Q, D, pooling;
 };
 
@@ -43,6 +43,7 @@ struct Params {
   int16_t feature_table[kMaxFeatures];
   int feature_col[kMaxFeatures];
   int F, total_D, num_keys;
+  int row_keys;  // keys are (table, row); else (table, prefix) when rows do not fit 31 bits
   int64_t B;
 };
 
@@ -192,6 +193,9 @@ inline Params make_params(const BatchInfo& info, const std::vector<HostTable>& h
   P.F = static_cast<int>(info.F);
   P.B = info.B;
   P.total_D = static_cast<int>(info.total_D);
+  int64_t total_rows = 0;
+  for (const auto& t : info.tables) total_rows += t.N;
+  P.row_keys = total_rows < (int64_t{1} << 30) ? 1 : 0;
   int key = 0;
   for (size_t ti = 0; ti < info.tables.size(); ++ti) {
     const TableInfo& t = info.tables[ti];
@@ -207,7 +211,7 @@ inline Params make_params(const BatchInfo& info, const std::vector<HostTable>& h
     d.G = cores[t.first_core + t.K - 1].data_ptr<float>();
     TORCH_INTERNAL_ASSERT(aligned16(d.P) && aligned16(d.G));
     d.key_base = key;
-    key += static_cast<int>((t.N + d.pl - 1) / d.pl);
+    key += static_cast<int>(P.row_keys ? t.N : (t.N + d.pl - 1) / d.pl);
     if (grads != nullptr) {
       d.dP = dP_base + dP_off[ti];
       d.dG = (*grads)[t.first_core + t.K - 1].data_ptr<float>();
@@ -275,14 +279,17 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
       // G_last[s] rows 4rq .. 4rq+3: 4 * ql consecutive floats.
       float g[4][QLM];
       const float* gp = T.G + (s * T.R + 4 * rq) * ql;
-      if (ql == 4 && QLM >= 4) {
+      if (ql == QLM) {  // 4 or 8 floats per rank: 16-byte loads
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
-          const float4 v4 = __ldg(reinterpret_cast<const float4*>(gp) + x);
-          g[x][0] = v4.x;
-          g[x][1] = v4.y;
-          g[x][2] = v4.z;
-          g[x][3] = v4.w;
+#pragma unroll
+          for (int c = 0; c < QLM; c += 4) {
+            const float4 v4 = __ldg(reinterpret_cast<const float4*>(gp + x * QLM + c));
+            g[x][c] = v4.x;
+            g[x][c + 1] = v4.y;
+            g[x][c + 2] = v4.z;
+            g[x][c + 3] = v4.w;
+          }
         }
       } else {
 #pragma unroll
@@ -348,34 +355,85 @@ __global__ void keys_kernel(const Params P, const index_t* __restrict__ idx,
     bag_of[j] = static_cast<int32_t>(bag);
     vals[j] = static_cast<int32_t>(j);
     keys[j] = check_index(v, T.N, t, f, j, bounds, warned, true)
-                  ? T.key_base + static_cast<int32_t>(v / T.pl)
+                  ? T.key_base + static_cast<int32_t>(P.row_keys ? v : v / T.pl)
                   : P.num_keys;  // sorts last, processed by nobody
   }
 }
 
-// One warp per chunk of kChunk sorted lookups; lane <-> ranks r = lane + 32 i (i < RPL).
+// Float atomics of n consecutive floats (16-byte aligned when n % 4 == 0: vector atomics on sm_90).
+__device__ __forceinline__ void atomic_add_n(float* dst, const float* v, int n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if ((n & 3) == 0) {
+    for (int c = 0; c < n; c += 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst + c), make_float4(v[c], v[c + 1], v[c + 2], v[c + 3]));
+    }
+    return;
+  }
+#endif
+  for (int c = 0; c < n; ++c) atomicAdd(dst + c, v[c]);
+}
+
+// One warp per chunk of kChunk sorted lookups; lane <-> ranks r = lane + 32 i (i < RPL). Sorted
+// order puts the lookups of a row next to each other (row keys; prefix keys when the tables have
+// 2^31 rows or more) and the rows of a prefix next to each other. A row's weighted dY is summed
+// over its lookups first (registers, lane <-> columns), then contracted once:
+//   dP[a] += gsum G_last[s]^T (registers until the prefix changes), dG_last[s] += P[a]^T gsum.
 template <typename index_t, int RPL, int QM, int QLM>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __restrict__ svals,
             const int32_t* __restrict__ bag_of, const index_t* __restrict__ idx,
             const int64_t* __restrict__ off, const float* __restrict__ w,
             const float* __restrict__ dy, int64_t n, float* __restrict__ wgrad) {
+  constexpr int kDPL = (QM * QLM + 31) / 32;  // columns of the row sum per lane (D <= QM * QLM)
   __shared__ __align__(16) float gbuf[kWarpsPerBlock][kMaxD];
   const int lane = threadIdx.x & 31;
-  const int wib = threadIdx.x >> 5;
-  float* gs = gbuf[wib];
+  float* gs = gbuf[threadIdx.x >> 5];
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   for (int64_t chunk = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; chunk < chunks;
        chunk += (int64_t(gridDim.x) * blockDim.x) >> 5) {
     const int64_t begin = chunk * kChunk;
     const int64_t end = min(begin + kChunk, n);
-    int cur = -1;
+    int cur_t = -1;
+    int64_t cur_a = -1, cur_v = -1, cur_s = 0;
     const Table* T = nullptr;
-    int64_t a = 0;
-    float dPacc[RPL][QM];
-    float Preg[RPL][QM];
-    auto flush = [&]() {
-      float* dst = T->dP + a * T->Q * T->R;
+    float dPacc[RPL][QM], Preg[RPL][QM], gl[RPL][QLM], gsum[kDPL];
+#pragma unroll
+    for (int k = 0; k < kDPL; ++k) gsum[k] = 0.f;
+    // Contracts the summed row gradient of row (cur_a, cur_s) once.
+    auto finish_row = [&]() {
+      __syncwarp();
+#pragma unroll
+      for (int k = 0; k < kDPL; ++k) {
+        if (lane + 32 * k < T->D) gs[lane + 32 * k] = gsum[k];
+        gsum[k] = 0.f;
+      }
+      __syncwarp();
+      const int ql = T->ql, Q = T->Q, R = T->R;
+#pragma unroll
+      for (int i = 0; i < RPL; ++i) {
+        const int r = lane + 32 * i;
+        if (r >= R) continue;
+        float h[QLM];
+#pragma unroll
+        for (int c = 0; c < QLM; ++c) h[c] = 0.f;
+#pragma unroll
+        for (int m = 0; m < QM; ++m) {
+          if (m < Q) {
+            float dp = 0.f;
+#pragma unroll
+            for (int c = 0; c < QLM; ++c) {
+              const float gv = c < ql ? gs[m * ql + c] : 0.f;
+              dp += gv * gl[i][c];
+              h[c] += Preg[i][m] * gv;
+            }
+            dPacc[i][m] += dp;
+          }
+        }
+        atomic_add_n(T->dG + (cur_s * R + r) * ql, h, ql);
+      }
+    };
+    auto flush_prefix = [&]() {
+      float* dst = T->dP + cur_a * T->Q * T->R;
 #pragma unroll
       for (int i = 0; i < RPL; ++i) {
         const int r = lane + 32 * i;
@@ -386,88 +444,84 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
       }
     };
     for (int64_t pos = begin; pos < end; ++pos) {
-      const int key = skeys[pos];
-      if (key >= P.num_keys) break;  // out-of-range lookups sort last
+      if (skeys[pos] >= P.num_keys) break;  // out-of-range lookups sort last
       const int64_t j = svals[pos];
       const int64_t bag = bag_of[j];
       const int64_t f = bag / P.B;
-      if (key != cur) {
-        if (cur >= 0) flush();
-        cur = key;
-        T = &P.tables[P.feature_table[f]];
-        a = key - T->key_base;
-        const float* src = T->P + a * T->Q * T->R;
+      const int t = P.feature_table[f];
+      const int64_t v = static_cast<int64_t>(idx[j]);
+      if (t != cur_t || v != cur_v) {  // a new row
+        if (cur_t >= 0) finish_row();
+        const Table* NT = &P.tables[t];
+        const int64_t a = v / NT->pl;
+        if (t != cur_t || a != cur_a) {  // a new prefix
+          if (cur_t >= 0) flush_prefix();
+          const float* src = NT->P + a * NT->Q * NT->R;
+#pragma unroll
+          for (int i = 0; i < RPL; ++i) {
+            const int r = lane + 32 * i;
+#pragma unroll
+            for (int m = 0; m < QM; ++m) {
+              dPacc[i][m] = 0.f;
+              Preg[i][m] = (r < NT->R && m < NT->Q) ? __ldg(src + m * NT->R + r) : 0.f;
+            }
+          }
+          cur_a = a;
+        }
+        T = NT;
+        cur_t = t;
+        cur_v = v;
+        cur_s = v - a * T->pl;
 #pragma unroll
         for (int i = 0; i < RPL; ++i) {
           const int r = lane + 32 * i;
+          const float* gp = T->G + (cur_s * T->R + r) * T->ql;
 #pragma unroll
-          for (int m = 0; m < QM; ++m) {
-            dPacc[i][m] = 0.f;
-            Preg[i][m] = (r < T->R && m < T->Q) ? __ldg(src + m * T->R + r) : 0.f;
-          }
+          for (int c = 0; c < QLM; ++c) gl[i][c] = (r < T->R && c < T->ql) ? __ldg(gp + c) : 0.f;
         }
       }
-      const int ql = T->ql, Q = T->Q, R = T->R;
       const int64_t len = off[bag + 1] - off[bag];
       const float inv_len = T->pooling == static_cast<int>(PoolingMode::MEAN)
                                 ? 1.f / static_cast<float>(len)
                                 : 1.f;
       const float wj = w != nullptr ? w[j] : 1.f;
       const float* dyr = dy + (bag - f * P.B) * P.total_D + P.feature_col[f];
-      __syncwarp();
-      for (int d = lane; d < T->D; d += 32) gs[d] = dyr[d] * inv_len;
-      __syncwarp();
-      const int64_t v = static_cast<int64_t>(idx[j]);
-      const int64_t s = v - (v / T->pl) * T->pl;
-      float part = 0.f;
+      float dyl[kDPL];
 #pragma unroll
-      for (int i = 0; i < RPL; ++i) {
-        const int r = lane + 32 * i;
-        if (r >= R) continue;
-        float gl[QLM], h[QLM];
-        const float* gp = T->G + (s * R + r) * ql;
-#pragma unroll
-        for (int c = 0; c < QLM; ++c) {
-          gl[c] = c < ql ? __ldg(gp + c) : 0.f;
-          h[c] = 0.f;
-        }
-#pragma unroll
-        for (int m = 0; m < QM; ++m) {
-          if (m < Q) {
-            float gv[QLM];
-#pragma unroll
-            for (int c = 0; c < QLM; ++c) gv[c] = c < ql ? gs[m * ql + c] : 0.f;
-            float dp = 0.f;
-#pragma unroll
-            for (int c = 0; c < QLM; ++c) {
-              dp += gv[c] * gl[c];
-              h[c] += Preg[i][m] * gv[c];
-            }
-            dPacc[i][m] += wj * dp;
-          }
-        }
-        float* dg = T->dG + (s * R + r) * ql;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        if (ql == 4 && QLM >= 4) {  // one vector atomic (sm_90)
-          atomicAdd(reinterpret_cast<float4*>(dg),
-                    make_float4(wj * h[0], wj * h[1], wj * h[2], wj * h[3]));
-        } else
-#endif
-        {
-#pragma unroll
-          for (int c = 0; c < QLM; ++c) {
-            if (c < ql) atomicAdd(dg + c, wj * h[c]);
-          }
-        }
-#pragma unroll
-        for (int c = 0; c < QLM; ++c) part += gl[c] * h[c];
+      for (int k = 0; k < kDPL; ++k) {
+        const int d = lane + 32 * k;
+        dyl[k] = d < T->D ? dyr[d] * inv_len : 0.f;
+        gsum[k] += wj * dyl[k];
       }
-      if (wgrad != nullptr) {
+      if (wgrad != nullptr) {  // dw_j = <dY_j / len, row>, row = P[a] G_last[s]
+        __syncwarp();
+#pragma unroll
+        for (int k = 0; k < kDPL; ++k) {
+          if (lane + 32 * k < T->D) gs[lane + 32 * k] = dyl[k];
+        }
+        __syncwarp();
+        float part = 0.f;
+#pragma unroll
+        for (int i = 0; i < RPL; ++i) {
+          if (lane + 32 * i >= T->R) continue;
+#pragma unroll
+          for (int m = 0; m < QM; ++m) {
+            if (m < T->Q) {
+#pragma unroll
+              for (int c = 0; c < QLM; ++c) {
+                if (c < T->ql) part += Preg[i][m] * gl[i][c] * gs[m * T->ql + c];
+              }
+            }
+          }
+        }
         for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
         if (lane == 0) wgrad[j] = part;
       }
     }
-    if (cur >= 0) flush();
+    if (cur_t >= 0) {
+      finish_row();
+      flush_prefix();
+    }
   }
 }
 

@@ -416,12 +416,14 @@ def _check_two_factor(prob, monkeypatch, weighted: bool) -> None:  # type: ignor
     ref = tt_embedding_bag_dense_reference(ref_cores, prob.layout, prob.indices, prob.offsets, ref_w)
     dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).double()
     want = torch.autograd.grad(ref, ref_cores + ([ref_w] if weighted and ref_w is not None else []), dy)
-    for out, grads in results:
+    # float32 arithmetic on the two-factor kernels; the older kernels run 3-core float32 tables
+    # on TF32 tensor cores (~3e-4).
+    for (out, grads), tol in zip(results, (1e-4, 3e-3)):
         if ref.norm() > 0:
-            _assert_rel_close(out, ref, tol=1e-4)
+            _assert_rel_close(out, ref, tol=tol)
         for g, r in zip(grads, want):
             if r.norm() > 0:
-                _assert_rel_close(g, r, tol=1e-4)
+                _assert_rel_close(g, r, tol=tol)
 
 
 @requires_cuda

@@ -363,6 +363,8 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Any, ...]:
     )
 
 
+# CPU and meta tensors; CUDA tensors take the C++ formula (csrc/embedding_bag_autograd.cpp),
+# registered for AutogradCUDA, which wins over this registration for the Autograd alias.
 torch.library.register_autograd(
     "torchrec_tt::tt_embedding_bag", _backward, setup_context=_setup_context
 )
