@@ -219,7 +219,10 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     (["--multi_hot_sizes", ",".join(["2"] * 26), "--data", "x.tsv"], "synthetic only"),
 ])
 def test_bad_flags_are_named_before_anything_runs(argv: list[str], message: str,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("RANK", "WORLD_SIZE"):  # not under torchrun: --nproc is ours to bound
+        monkeypatch.delenv(var, raising=False)
     train = _import_train()
     with pytest.raises(SystemExit) as e:
         train.parse_args(argv)
