@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 exec .venv/bin/python examples/dlrm/train.py --nproc 2 --mode compare --steps 600 \
-  --eval-samples 65536 --out runs/dlrm "$@"
+  --eval_samples 65536 --out runs/dlrm "$@"

@@ -120,6 +120,7 @@ class SyntheticCriteo:
 
     Args:
         scale: table sizes are ``round(KAGGLE_CARDINALITIES * scale)`` (at least 2 rows).
+        num_embeddings: the 26 table sizes instead (``scale`` is then not used).
         seed: fixes the hidden model, the id maps and every stream.
         zipf_exponent: id popularity exponent.
         latent_dim: ``k``, size of the hidden per-id vectors.
@@ -138,12 +139,19 @@ class SyntheticCriteo:
     num_pairs: int = 12
     dense_weight: float = 0.25
     positive_rate: float = 0.25
+    num_embeddings: Sequence[int] | None = None
     cardinalities: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.scale > 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
-        self.cardinalities = [max(2, int(round(n * self.scale))) for n in KAGGLE_CARDINALITIES]
+        if self.num_embeddings is None:
+            self.cardinalities = [max(2, int(round(n * self.scale))) for n in KAGGLE_CARDINALITIES]
+        else:
+            if len(self.num_embeddings) != CAT_FEATURE_COUNT or min(self.num_embeddings) < 1:
+                raise ValueError(f"num_embeddings must be {CAT_FEATURE_COUNT} sizes >= 1, got "
+                                 f"{list(self.num_embeddings)}")
+            self.cardinalities = [int(n) for n in self.num_embeddings]
         rng = np.random.default_rng([self.seed, 12345])
         self._mult = []
         for n in self.cardinalities:

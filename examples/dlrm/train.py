@@ -3,18 +3,28 @@
 TorchRec's DLRM (``torchrec.models.dlrm.DLRMTrain``) whose big tables are swapped to TT by
 config (``torchrec_tt.swap``), sharded with ``DistributedModelParallel`` on a plan from
 ``torchrec_tt.sharding.plan``, trained with ``TrainPipelineSparseDist``, evaluated with
-torchmetrics (AUC, log-loss), checkpointed with ``torch.distributed.checkpoint``.
+``torchrec.metrics`` (NE, AUC, calibration, log-loss), checkpointed with
+``torch.distributed.checkpoint``. Flags follow TorchRec's examples/dlrm/dlrm_main.py
+(``--batch_size``, ``--epochs``, ``--num_embeddings_per_feature``, ``--dense_arch_layer_sizes``
+ending in the embedding dim, ``--over_arch_layer_sizes`` ending in 1, ``--learning_rate``,
+``--multi_hot_sizes`` ...); the hyphenated and older spellings still work.
 
 Launch (CPU/gloo or GPU/NCCL):
 
     python examples/dlrm/train.py --nproc 2 --mode compare          # local processes, TT vs uncompressed
     torchrun --nproc-per-node 2 examples/dlrm/train.py --steps 500  # under torchrun (or torchx)
     python examples/dlrm/train.py --data train.txt --baseline       # real Criteo Kaggle TSV
+    python examples/dlrm/train.py --batch_size 512 --epochs 1 --limit_train_batches 200 \
+        --embedding_dim 16 --dense_arch_layer_sizes 128,64,16 --over_arch_layer_sizes 256,128,1 \
+        --adagrad --learning_rate 0.02 --multi_hot_sizes 3,2,1,2,6,1,1,1,1,7,3,8,1,6,9,5,1,1,1,12,4,2,1,3,1,1
 
-Data: synthetic Criteo-format rows with a planted hidden model by default (``--scale`` sets the
-table sizes relative to Criteo Kaggle); ``--data`` takes a Criteo TSV / ``.tsv.gz`` (validated,
-converted to ``.npy`` with TorchRec's preprocessing and cached) or a folder of preprocessed
-``dense/sparse/labels.npy`` files, split into train/test by ``--split-seed``.
+Data: synthetic Criteo-format rows with a planted hidden model by default, made on the training
+device with torch (``torchrec_tt.synthetic``; ``--scale`` or ``--num_embeddings_per_feature`` set
+the tables, ``--multi_hot_sizes`` the ids per feature); ``--data`` takes a Criteo TSV /
+``.tsv.gz`` (validated, converted to ``.npy`` with TorchRec's preprocessing and cached) or a
+folder of preprocessed ``dense/sparse/labels.npy`` files, split into train/test by
+``--split_seed``. Losses stay on the device and are read every ``--log_every`` steps; the step
+time and samples/s are measured over those windows.
 
 Outputs (``--out``): ``summary.json``, ``history_<model>.json`` (per-step losses, evaluations),
 ``curves.png`` (matplotlib), ``tb/<model>`` (TensorBoard), ``checkpoint/<model>`` (DCP). The last
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import itertools
 import json
 import logging
@@ -32,6 +43,7 @@ import math
 import os
 import resource
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -43,16 +55,18 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torchmetrics import MeanMetric
-from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.utils import PipelinedPostproc
-from torchrec.distributed.types import ShardingEnv
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.metrics.auc import AUCMetric
+from torchrec.metrics.calibration import CalibrationMetric
+from torchrec.metrics.metrics_config import RecTaskInfo
+from torchrec.metrics.ne import NEMetric
 from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -64,6 +78,7 @@ from torchrec_tt import criteo
 from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
 from torchrec_tt.sharding import plan as tt_plan
 from torchrec_tt.swap import HybridEmbeddingBagCollection, TTPolicy, swap_configs
+from torchrec_tt.synthetic import DeviceSyntheticCriteo
 
 try:
     from tqdm import tqdm
@@ -71,72 +86,225 @@ except ImportError:  # pragma: no cover - tqdm is in requirements/base.txt
     tqdm = None
 
 MODELS = ("tt", "uncompressed")
+MODELS_OF_MODE = {"tt": ["tt"], "baseline": ["uncompressed"], "compare": ["tt", "uncompressed"]}
 
 
 # ------------------------------------------------------------------------------ arguments
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default, keeps the module docstring's layout."""
+
+
+def _flag(group: Any, name: str, *aliases: str, **kwargs: Any) -> argparse.Action:
+    """``--name`` (TorchRec's spelling), its hyphenated twin, and older spellings."""
+    opts = [f"--{name}"]
+    for alias in (f"--{name.replace('_', '-')}", *aliases):
+        if alias not in opts:
+            opts.append(alias)
+    return group.add_argument(*opts, dest=name, **kwargs)
+
+
+def _int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (argparse names the flag when this fails)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of integers >= 1")
+    return values
+
+
+def _available_workers(device: str) -> tuple[int, str]:
+    """How many local processes the machine can run: GPUs on CUDA, else usable cores."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.device_count(), "GPU(s)"
+    return len(os.sched_getaffinity(0)), "CPU core(s)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    """Flags with TorchRec's dlrm_main.py names and meanings (hyphenated and older spellings
+    still work), validated here, before any process or model exists."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     g = ap.add_argument_group("run")
     g.add_argument("--mode", choices=("tt", "baseline", "compare"), default="tt",
                    help="tt: TT model; baseline: uncompressed; compare: TT then uncompressed")
     g.add_argument("--baseline", action="store_true", help="same as --mode baseline")
-    g.add_argument("--steps", type=int, default=1000, help="training steps")
-    g.add_argument("--batch-size", type=int, default=512, help="per-process batch size")
+    _flag(g, "epochs", type=int, default=1,
+          help="epochs; an epoch is --limit_train_batches batches, or one pass over --data")
+    _flag(g, "limit_train_batches", type=int, default=None,
+          help="training batches per epoch (synthetic data: 1000 when not given)")
+    _flag(g, "steps", type=int, default=None,
+          help="total training steps (overrides --epochs x batches per epoch)")
+    _flag(g, "batch_size", type=int, default=512, help="batch size per process")
     g.add_argument("--nproc", type=int, default=1,
-                   help="local processes to spawn (ignored under torchrun/torchx)")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+                   help="local processes to spawn, at most one per GPU or CPU core (ignored "
+                   "under torchrun/torchx)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available")
     g.add_argument("--seed", type=int, default=0, help="model init and synthetic data seed")
     g.add_argument("--threads", type=int, default=0,
                    help="torch threads per process (0: cores / processes)")
     g.add_argument("--out", default="runs/dlrm", help="output folder")
-    g.add_argument("--no-pipeline", action="store_true",
-                   help="plain forward/backward instead of TrainPipelineSparseDist")
-    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    g.add_argument("--log-every", type=int, default=50)
+    _flag(g, "no_pipeline", action="store_true",
+          help="plain forward/backward instead of TrainPipelineSparseDist")
+    _flag(g, "no_progress", action="store_true", help="no tqdm bar")
+    _flag(g, "log_every", type=int, default=50,
+          help="read the losses back from the device (and log them) every N steps")
     g = ap.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="Criteo TSV/.tsv.gz or folder of dense/sparse/labels.npy; "
-                   "default: synthetic")
+                   "default: synthetic rows made on the training device")
     g.add_argument("--scale", type=float, default=1.0,
                    help="synthetic table sizes relative to Criteo Kaggle")
-    g.add_argument("--eval-samples", type=int, default=65536, help="synthetic test rows")
-    g.add_argument("--test-fraction", type=float, default=0.2, help="real data: test share")
-    g.add_argument("--split-seed", type=int, default=0, help="real data: train/test split")
-    g.add_argument("--max-ind-range", type=int, default=0,
-                   help="real data: cap table sizes (ids hashed mod size); 0 = Kaggle sizes")
-    g.add_argument("--cache-dir", default=None, help="where TSVs are converted to .npy")
+    _flag(g, "num_embeddings", type=int, default=None,
+          help="rows of every table (synthetic: the generator's tables; real data: ids are "
+          "hashed mod this)")
+    _flag(g, "num_embeddings_per_feature", type=_int_list, default=None,
+          help="comma-separated rows of each of the 26 tables (as --num_embeddings, per table)")
+    _flag(g, "multi_hot_sizes", type=_int_list, default=None,
+          help="comma-separated ids per sample of each of the 26 features (synthetic data); "
+          "default one each")
+    _flag(g, "multi_hot_distribution_type", choices=("pareto", "uniform"), default="pareto",
+          help="multi-hot ids after the first: the Zipf law of the first (pareto) or uniform "
+          "over the table")
+    _flag(g, "pin_memory", action="store_true",
+          help="pin host-made batches (real data) so copies to the GPU overlap compute")
+    _flag(g, "eval_samples", type=int, default=65536, help="synthetic test rows")
+    _flag(g, "test_fraction", type=float, default=0.2, help="real data: test share")
+    _flag(g, "split_seed", type=int, default=0, help="real data: train/test split")
+    _flag(g, "max_ind_range", type=int, default=0,
+          help="real data: cap table sizes (ids hashed mod size); 0 = Kaggle sizes")
+    _flag(g, "cache_dir", default=None, help="where TSVs are converted to .npy")
     g = ap.add_argument_group("model")
-    g.add_argument("--embedding-dim", type=int, default=16)
-    g.add_argument("--dense-arch", default="128,64", help="bottom MLP (the embedding dim is appended)")
-    g.add_argument("--over-arch", default="256,128", help="top MLP (1 is appended)")
-    g.add_argument("--tt-tables", type=int, default=7, help="TT for the k largest tables")
-    g.add_argument("--tt-min-rows", type=int, default=None, help="TT for tables with >= rows")
-    g.add_argument("--tt-budget-bytes", type=float, default=None,
-                   help="TT for as many tables as needed to fit the embeddings in this budget")
-    g.add_argument("--tt-rank", type=int, default=32)
-    g.add_argument("--tt-cores", type=int, default=3)
-    g.add_argument("--lr", type=float, default=0.02, help="dense Adagrad learning rate")
-    g.add_argument("--emb-lr", type=float, default=0.05, help="row-wise Adagrad (plain tables)")
-    g.add_argument("--tt-lr", type=float, default=0.05, help="Adagrad on the TT cores")
+    _flag(g, "embedding_dim", type=int, default=16, help="embedding dimension of every table")
+    _flag(g, "dense_arch_layer_sizes", type=_int_list, default=None,
+          help="bottom MLP, ending in the embedding dim (default: 128,64,EMBEDDING_DIM)")
+    _flag(g, "over_arch_layer_sizes", type=_int_list, default=[256, 128, 1],
+          help="top MLP, ending in 1")
+    g.add_argument("--dense-arch", dest="dense_hidden", type=_int_list, default=None,
+                   help="older spelling: bottom MLP hidden layers (the embedding dim is appended)")
+    g.add_argument("--over-arch", dest="over_hidden", type=_int_list, default=None,
+                   help="older spelling: top MLP hidden layers (1 is appended)")
+    _flag(g, "tt_tables", type=int, default=7, help="TT for the k largest tables")
+    _flag(g, "tt_min_rows", type=int, default=None, help="TT for tables with >= rows")
+    _flag(g, "tt_budget_bytes", type=float, default=None,
+          help="TT for as many tables as needed to fit the embeddings in this budget")
+    _flag(g, "tt_rank", type=int, default=32, help="TT rank (all inner ranks)")
+    _flag(g, "tt_cores", type=int, default=3, help="TT cores per table")
+    g = ap.add_argument_group("optimisation")
+    _flag(g, "learning_rate", "--lr", type=float, default=0.02,
+          help="learning rate of the dense layers")
+    opt = g.add_mutually_exclusive_group()
+    opt.add_argument("--adagrad", action="store_true",
+                     help="Adagrad on the dense layers (this trainer's default; TorchRec's "
+                     "dlrm_main.py uses SGD without this flag)")
+    opt.add_argument("--sgd", action="store_true", help="plain SGD on the dense layers")
+    _flag(g, "embedding_learning_rate", "--emb-lr", type=float, default=0.05,
+          help="row-wise Adagrad on the plain tables (fused into the backward)")
+    _flag(g, "tt_learning_rate", "--tt-lr", type=float, default=0.05,
+          help="Adagrad on the TT cores")
     g = ap.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=0, help="0: 10 evaluations per run")
-    g.add_argument("--eval-batch-size", type=int, default=4096)
-    g.add_argument("--checkpoint-every", type=int, default=0,
-                   help="checkpoint every N steps and at the end (0: no checkpoints unless "
-                   "--stop-after)")
-    g.add_argument("--resume", action="store_true", help="resume from --out/checkpoint/<model>")
-    g.add_argument("--stop-after", type=int, default=0,
-                   help="stop (as if killed) after this many steps, having checkpointed")
+    _flag(g, "validation_freq_within_epoch", "--eval-every", type=int, default=0,
+          help="evaluate every N steps (0: 10 evaluations per run)")
+    _flag(g, "test_batch_size", "--eval-batch-size", type=int, default=4096,
+          help="evaluation batch size per process")
+    _flag(g, "checkpoint_every", type=int, default=0,
+          help="checkpoint every N steps and at the end (0: no checkpoints unless --stop_after)")
+    g.add_argument("--resume", action="store_true",
+                   help="resume from --out/checkpoint/<model>; stops if there is none")
+    _flag(g, "resume_if_present", action="store_true",
+          help="resume when a checkpoint exists, else start from step 0")
+    _flag(g, "stop_after", type=int, default=0,
+          help="stop (as if killed) after this many steps, having checkpointed")
     args = ap.parse_args(argv)
+    try:
+        validate_args(args)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks the flags together and fills the derived ones (``steps`` stays None until the
+    data size is known); raises ValueError naming the flag."""
     if args.baseline:
         args.mode = "baseline"
-    if args.steps < 1 or args.batch_size < 1:
-        ap.error("--steps and --batch-size must be >= 1")
-    return args
+    positive = {"--batch_size": args.batch_size, "--test_batch_size": args.test_batch_size,
+                "--epochs": args.epochs, "--log_every": args.log_every,
+                "--eval_samples": args.eval_samples, "--embedding_dim": args.embedding_dim,
+                "--tt_rank": args.tt_rank, "--nproc": args.nproc}
+    for opt in ("steps", "limit_train_batches", "num_embeddings", "tt_min_rows"):
+        if getattr(args, opt) is not None:
+            positive[f"--{opt}"] = getattr(args, opt)
+    for flag, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    for flag in ("validation_freq_within_epoch", "checkpoint_every", "stop_after", "threads",
+                 "max_ind_range", "tt_tables"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.tt_cores < 2:
+        raise ValueError(f"--tt_cores must be >= 2, got {args.tt_cores}")
+    for flag in ("learning_rate", "embedding_learning_rate", "tt_learning_rate", "scale"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag} must be a finite number > 0, got {value}")
+    if not 0 < args.test_fraction < 1:
+        raise ValueError(f"--test_fraction must be in (0, 1), got {args.test_fraction}")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # we spawn the processes
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: CUDA is not available on this machine")
+        available, what = _available_workers(args.device)
+        if args.nproc > available:
+            raise ValueError(f"--nproc {args.nproc} exceeds the {available} {what} available")
+    args.optimizer = "sgd" if args.sgd else "adagrad"
+    # Layer lists, TorchRec's meaning: the bottom MLP ends in the embedding dim, the top in 1.
+    d = args.embedding_dim
+    if args.dense_hidden is not None:
+        if args.dense_arch_layer_sizes is not None:
+            raise ValueError("give --dense_arch_layer_sizes or --dense-arch, not both")
+        args.dense_arch_layer_sizes = args.dense_hidden + [d]
+    elif args.dense_arch_layer_sizes is None:
+        args.dense_arch_layer_sizes = [128, 64, d]
+    if args.over_hidden is not None:
+        args.over_arch_layer_sizes = args.over_hidden + [1]
+    if args.dense_arch_layer_sizes[-1] != d:
+        raise ValueError(f"--dense_arch_layer_sizes {args.dense_arch_layer_sizes} must end in "
+                         f"the embedding dim {d} (--embedding_dim)")
+    if args.over_arch_layer_sizes[-1] != 1:
+        raise ValueError(f"--over_arch_layer_sizes {args.over_arch_layer_sizes} must end in 1 "
+                         "(one logit)")
+    for flag in ("num_embeddings_per_feature", "multi_hot_sizes"):
+        value = getattr(args, flag)
+        if value is not None and len(value) != criteo.CAT_FEATURE_COUNT:
+            raise ValueError(f"--{flag} needs {criteo.CAT_FEATURE_COUNT} values (one per "
+                             f"sparse feature), got {len(value)}")
+    if args.num_embeddings is not None and args.num_embeddings_per_feature is not None:
+        raise ValueError("give --num_embeddings or --num_embeddings_per_feature, not both")
+    if args.multi_hot_sizes is not None and args.data is not None:
+        raise ValueError("--multi_hot_sizes: multi-hot features are synthetic only; real "
+                         "Criteo rows have one id per feature")
+    if args.resume and not args.resume_if_present:
+        models = [name for name in MODELS_OF_MODE[args.mode]
+                  if os.path.exists(os.path.join(_ckpt_dir(args, name), "latest"))]
+        if not models:
+            raise ValueError(f"--resume: no checkpoint under {os.path.join(args.out, 'checkpoint')}"
+                             " (--resume_if_present starts from step 0 when there is none)")
+    args.resume = args.resume or args.resume_if_present
+
+
+def resolve_steps(args: argparse.Namespace, batches_per_epoch: int | None) -> int:
+    """Total steps: --steps, else --epochs x batches per epoch (--limit_train_batches, capped by
+    one pass over real data; 1000 for synthetic data)."""
+    if args.steps is not None:
+        return int(args.steps)
+    per_epoch = args.limit_train_batches or batches_per_epoch or 1000
+    if batches_per_epoch is not None:
+        per_epoch = min(per_epoch, batches_per_epoch)
+    return args.epochs * per_epoch
 
 
 # ------------------------------------------------------------------------------ data
@@ -147,34 +315,48 @@ class Data:
     """Train batches from a step on, and the test batches of this rank."""
 
     cardinalities: list[int]
-    synthetic: criteo.SyntheticCriteo | None = None
+    synthetic: DeviceSyntheticCriteo | None = None
     train: criteo.CriteoArrays | None = None
     test: criteo.CriteoArrays | None = None
     description: str = ""
 
+    def batches_per_epoch(self, args: argparse.Namespace, world: int) -> int | None:
+        """Local batches in one pass over the real training rows (None: synthetic, endless)."""
+        if self.train is None:
+            return None
+        return len(self.train) // (args.batch_size * world)
+
     def train_batches(self, args: argparse.Namespace, rank: int, world: int,
                       start: int) -> Iterator[Batch]:
+        """Synthetic batches are made on the training device; real ones on the host (pinned
+        with --pin_memory), for the pipeline to copy."""
         if self.synthetic is not None:
             for step in itertools.count(start):
                 yield self.synthetic.batch(args.batch_size, 0, step * world + rank)
         else:
             assert self.train is not None
-            yield from self.train.batches(args.batch_size, rank, world, start, args.seed)
+            for batch in self.train.batches(args.batch_size, rank, world, start, args.seed):
+                yield batch.pin_memory() if args.pin_memory else batch
 
     def test_batches(self, args: argparse.Namespace, rank: int, world: int) -> Iterator[Batch]:
         if self.synthetic is not None:
             per_rank = math.ceil(args.eval_samples / world)
-            blocks = math.ceil(per_rank / args.eval_batch_size)
+            blocks = math.ceil(per_rank / args.test_batch_size)
             for i in range(blocks):
-                n = min(args.eval_batch_size, per_rank - i * args.eval_batch_size)
+                n = min(args.test_batch_size, per_rank - i * args.test_batch_size)
                 yield self.synthetic.batch(n, 1, rank * blocks + i)
         else:
             assert self.test is not None
-            yield from self.test.eval_batches(args.eval_batch_size, rank, world)
+            yield from self.test.eval_batches(args.test_batch_size, rank, world)
 
 
 def cardinalities(args: argparse.Namespace) -> list[int]:
-    """Table sizes: the synthetic generator's, or Kaggle's (capped by --max-ind-range)."""
+    """Table sizes: --num_embeddings(_per_feature), else the synthetic generator's (--scale) or
+    Kaggle's (capped by --max_ind_range)."""
+    if args.num_embeddings_per_feature is not None:
+        return list(args.num_embeddings_per_feature)
+    if args.num_embeddings is not None:
+        return [args.num_embeddings] * criteo.CAT_FEATURE_COUNT
     if args.data is None:
         return [max(2, int(round(n * args.scale))) for n in criteo.KAGGLE_CARDINALITIES]
     cards = list(criteo.KAGGLE_CARDINALITIES)
@@ -183,13 +365,18 @@ def cardinalities(args: argparse.Namespace) -> list[int]:
     return cards
 
 
-def load_data(args: argparse.Namespace, rank: int) -> Data:
-    if args.data is None:
-        syn = criteo.SyntheticCriteo(scale=args.scale, seed=args.seed)
-        assert syn.cardinalities == cardinalities(args)
-        return Data(list(syn.cardinalities), synthetic=syn,
-                    description=f"synthetic Criteo (scale {args.scale}, seed {args.seed})")
+def load_data(args: argparse.Namespace, rank: int, device: torch.device) -> Data:
     cards = cardinalities(args)
+    if args.data is None:
+        model = criteo.SyntheticCriteo(scale=args.scale, seed=args.seed, num_embeddings=cards)
+        syn = DeviceSyntheticCriteo(model, args.multi_hot_sizes,
+                                    args.multi_hot_distribution_type, device=device)
+        hot = ("one id per feature" if args.multi_hot_sizes is None else
+               f"multi-hot {sum(args.multi_hot_sizes)} ids/sample "
+               f"({args.multi_hot_distribution_type})")
+        return Data(cards, synthetic=syn,
+                    description=f"synthetic Criteo (scale {args.scale}, seed {args.seed}, "
+                    f"{hot}, made on {device.type})")
     path = args.data
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path!r} does not exist")
@@ -236,32 +423,66 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     torch.manual_seed(args.seed)
     configs = table_configs(args, data.cardinalities, tt)
     ebc = HybridEmbeddingBagCollection(configs, device=torch.device("meta"))
-    dense = [int(x) for x in args.dense_arch.split(",") if x] + [args.embedding_dim]
-    over = [int(x) for x in args.over_arch.split(",") if x] + [1]
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc,
                            dense_in_features=criteo.INT_FEATURE_COUNT,
-                           dense_arch_layer_sizes=dense, over_arch_layer_sizes=over,
+                           dense_arch_layer_sizes=args.dense_arch_layer_sizes,
+                           over_arch_layer_sizes=args.over_arch_layer_sizes,
                            dense_device=device))
     if ebc.ebc is not None:  # plain tables: TorchRec's fused row-wise Adagrad in the backward
-        apply_optimizer_in_backward(RowWiseAdagrad, ebc.ebc.parameters(), {"lr": args.emb_lr})
+        apply_optimizer_in_backward(RowWiseAdagrad, ebc.ebc.parameters(),
+                                    {"lr": args.embedding_learning_rate})
     sharders: list[Any] = [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
     world = dist.get_world_size(pg)
     topology = Topology(world_size=world, compute_device=device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    sharding_plan = tt_plan(model, topology, batch_size=args.batch_size, sharders=sharders,
-                            optimizer_multiplier=1.0, pg=pg)
+    constraints = None
+    if args.multi_hot_sizes is not None:  # the planner prices lookups by the pooling factor
+        constraints = {f"t_{f}": ParameterConstraints(pooling_factors=[float(n)])
+                       for f, n in zip(criteo.DEFAULT_CAT_NAMES, args.multi_hot_sizes)}
+    sharding_plan = plan_without_dp_spec_warnings(
+        model, topology, batch_size=args.batch_size, constraints=constraints, sharders=sharders,
+        optimizer_multiplier=1.0, pg=pg)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device,
                                    plan=sharding_plan, sharders=sharders)
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     tt_params = {k: v for k, v in params.items() if ".embedding_bag_collection.tt." in k}
     dense_params = {k: v for k, v in params.items() if k not in tt_params}
-    optims: list[Any] = [dmp.fused_optimizer,
-                         KeyedOptimizerWrapper(dense_params,
-                                               lambda p: torch.optim.Adagrad(p, lr=args.lr))]
+    dense_optim = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.Adagrad
+    optims: list[Any] = [
+        dmp.fused_optimizer,
+        KeyedOptimizerWrapper(dense_params, lambda p: dense_optim(p, lr=args.learning_rate)),
+    ]
     if tt_params:
-        optims.append(KeyedOptimizerWrapper(tt_params,
-                                            lambda p: torch.optim.Adagrad(p, lr=args.tt_lr)))
+        optims.append(KeyedOptimizerWrapper(
+            tt_params, lambda p: torch.optim.Adagrad(p, lr=args.tt_learning_rate)))
     return dmp, CombinedOptimizer(optims), ebc
+
+
+class _MissingSpecOfDataParallel(logging.Filter):
+    """Drops TorchRec's "Sharding spec not found" warning (planners.validate_rank_assignment,
+    torchrec 1.6.1), which it logs for every data-parallel table: those have no sharding spec
+    by design. ``plan_without_dp_spec_warnings`` checks the other tables itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Sharding spec not found for ")
+
+
+def plan_without_dp_spec_warnings(model: torch.nn.Module, topology: Topology,
+                                  **kwargs: Any) -> ShardingPlan:
+    """``torchrec_tt.sharding.plan`` without the false warning per data-parallel table; a
+    sharded table without a spec still warns."""
+    quiet = _MissingSpecOfDataParallel()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        sharding_plan = tt_plan(model, topology, **kwargs)
+    finally:
+        root.removeFilter(quiet)
+    for module, module_plan in sharding_plan.plan.items():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            if ps.sharding_spec is None and ps.sharding_type != ShardingType.DATA_PARALLEL.value:
+                warnings.warn(f"{module}.{table}: {ps.sharding_type} plan without a sharding spec")
+    return sharding_plan
 
 
 def plan_summary(dmp: DistributedModelParallel) -> dict[str, str]:
@@ -295,24 +516,60 @@ def detach_pipeline(pipeline: TrainPipelineSparseDist | None,
             setattr(parent, attr, mod.postproc_module)
 
 
+class EvalMetrics:
+    """Test NE, AUC, calibration and log-loss with ``torchrec.metrics`` (NEMetric, AUCMetric,
+    CalibrationMetric: states on the device, gathered over the process group at ``compute``).
+
+    NE is the log-loss divided by the entropy of the label rate ``p``:
+    ``-(p log p + (1 - p) log(1 - p))``; calibration is the sum of predicted click
+    probabilities over the number of clicks.
+    """
+
+    TASK = "ctr"
+
+    def __init__(self, world: int, rank: int, batch_size: int, device: torch.device,
+                 pg: dist.ProcessGroup | None = None) -> None:
+        task = RecTaskInfo(name=self.TASK)
+        kw: dict[str, Any] = dict(world_size=world, my_rank=rank, batch_size=batch_size,
+                                  tasks=[task], window_size=2**40, compute_on_all_ranks=True,
+                                  process_group=pg)
+        self.metrics = [NEMetric(include_logloss=True, **kw).to(device),
+                        AUCMetric(**kw).to(device), CalibrationMetric(**kw).to(device)]
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        predictions = {self.TASK: torch.sigmoid(logits.float())}
+        targets = {self.TASK: labels.float()}
+        weights = {self.TASK: torch.ones_like(predictions[self.TASK])}
+        for metric in self.metrics:
+            metric.update(predictions=predictions, labels=targets, weights=weights)
+
+    def compute(self) -> dict[str, float]:
+        out: dict[str, torch.Tensor] = {}
+        for metric in self.metrics:
+            out.update(metric.compute())
+        t = self.TASK
+        keys = {"auc": f"auc-{t}|window_auc", "ne": f"ne-{t}|lifetime_ne",
+                "logloss": f"ne-{t}|lifetime_logloss",
+                "calibration": f"calibration-{t}|lifetime_calibration"}
+        values = {name: float(out[key]) for name, key in keys.items()}
+        # torchrec.metrics' cross entropy is in bits (log2); report nats, as torch's BCE loss.
+        values["logloss"] *= math.log(2)
+        return values
+
+
 @torch.no_grad()
 def evaluate(dmp: DistributedModelParallel, data: Data, args: argparse.Namespace, rank: int,
-             world: int, device: torch.device) -> dict[str, float]:
-    """Test AUC (torchmetrics BinaryAUROC) and log-loss (torch BCE averaged by torchmetrics
-    MeanMetric), gathered over all ranks."""
-    auroc = BinaryAUROC().to(device)
-    logloss = MeanMetric().to(device)
+             world: int, device: torch.device, pg: dist.ProcessGroup) -> dict[str, float]:
+    """Test metrics (:class:`EvalMetrics`) over all ranks' test rows."""
+    metrics = EvalMetrics(world, rank, args.test_batch_size, device, pg)
     was_training = dmp.training
     dmp.eval()
     for batch in data.test_batches(args, rank, world):
-        batch = batch.to(device)
+        batch = batch.to(device, non_blocking=True)
         _, (_, logits, labels) = dmp(batch)
-        logits = logits.float()
-        auroc.update(torch.sigmoid(logits), labels.int())
-        logloss.update(F.binary_cross_entropy_with_logits(logits, labels.float(),
-                                                          reduction="none"))
+        metrics.update(logits, labels)
     dmp.train(was_training)
-    return {"auc": float(auroc.compute()), "logloss": float(logloss.compute())}
+    return metrics.compute()
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -369,8 +626,11 @@ class RunResult:
     compression: float
     tt_tables: int
     auc: float = float("nan")
+    ne: float = float("nan")
     logloss: float = float("nan")
+    calibration: float = float("nan")
     step_ms: float = float("nan")
+    samples_per_s: float = float("nan")
     peak_mib: float = float("nan")
     steps: int = 0
     stopped: bool = False
@@ -384,21 +644,63 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
+class LossLog:
+    """Per-step losses kept on the device and read back every ``--log_every`` steps (and before
+    evaluations and checkpoints), averaged over ranks in one all-reduce per read.
+
+    Step time is measured over the same windows: wall time from the end of one read (or of an
+    evaluation/checkpoint) to the next read, after a device synchronisation, over the steps in
+    between; the first window (warm-up) is left out when there are others.
+    """
+
+    def __init__(self, device: torch.device, pg: dist.ProcessGroup, world: int) -> None:
+        self.device, self.pg, self.world = device, pg, world
+        self.pending: list[torch.Tensor] = []
+        self.windows: list[tuple[int, float]] = []
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss.detach().reshape(()))
+
+    def read(self) -> list[float]:
+        """The mean-over-ranks losses of the steps since the last read (a host sync)."""
+        if not self.pending:
+            return []
+        losses = torch.stack(self.pending).to(torch.float64)
+        dist.all_reduce(losses, group=self.pg)
+        values = (losses / self.world).tolist()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.windows.append((len(values), time.perf_counter() - self.t0))
+        self.pending.clear()
+        self.restart_clock()
+        return values
+
+    def step_seconds(self) -> float:
+        windows = self.windows[1:] or self.windows
+        steps = sum(n for n, _ in windows)
+        return sum(t for _, t in windows) / steps if steps else float("nan")
+
+
 def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world: int,
               device: torch.device, pg: dist.ProcessGroup, writer_factory: Any) -> RunResult:
     dmp, optimizer, ebc = build(args, data, name == "tt", device, pg)
     mem = ebc.memory_stats()
     result = RunResult(name, mem["bytes"], mem["dense_bytes"], mem["compression"],
                        int(mem["tt_tables"]), plan=plan_summary(dmp))
-    history: dict[str, Any] = {"loss": [], "eval": []}
+    history: dict[str, Any] = {"loss": [], "eval": [], "samples_per_s": []}
     start = 0
     if args.resume:
         loaded = load_checkpoint(args, name, dmp, optimizer)
         if loaded is not None:
             start, history = loaded
+            history.setdefault("samples_per_s", [])
             if rank == 0:
                 print(f"[{name}] resumed from step {start}", flush=True)
-    eval_every = args.eval_every or max(1, args.steps // 10)
+    eval_every = args.validation_freq_within_epoch or max(1, args.steps // 10)
     writer = writer_factory(name) if rank == 0 else None
     batches = data.train_batches(args, rank, world, start)
     pipeline = None
@@ -409,66 +711,77 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     if rank == 0 and tqdm is not None and not args.no_progress:
         bar = tqdm(total=args.steps, initial=start, desc=name, dynamic_ncols=True,
                    mininterval=2.0, file=sys.stdout)
-    step_times: list[float] = []
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # NCCL needs device tensors
+    log = LossLog(device, pg, world)
+    samples_per_step = args.batch_size * world
+
+    def read_losses(step: int) -> None:
+        losses = log.read()
+        if not losses:
+            return
+        first = step - len(losses) + 1
+        history["loss"].extend(losses)
+        rate = samples_per_step * log.windows[-1][0] / log.windows[-1][1]
+        history["samples_per_s"].append([step, rate])
+        if writer is not None:
+            for i, value in enumerate(losses):
+                writer.add_scalar("train/loss", value, first + i)
+            writer.add_scalar("train/samples_per_s", rate, step)
+        if bar is not None:
+            bar.update(len(losses))
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", samples_s=f"{rate:,.0f}")
+
     stop_at = min(args.steps, args.stop_after) if args.stop_after else args.steps
+    checkpointing = args.checkpoint_every > 0 or args.stop_after > 0
     dmp.train()
     step = start
     while step < stop_at:
-        t0 = time.perf_counter()
         if pipeline is not None:
             loss, _, _ = pipeline.progress(batches)
         else:
-            batch = next(batches).to(device)
+            batch = next(batches).to(device, non_blocking=True)
             optimizer.zero_grad()
             loss, _ = dmp(batch)
             loss.backward()
             optimizer.step()
-        step_times.append(time.perf_counter() - t0)
+        log.add(loss)
         step += 1
         if pipeline is not None and not result.pipelined:
             result.pipelined = sorted({type(m).__name__ for m in dmp.modules()
                                        if getattr(m, "is_pipelined", False)})
-        # Mean loss over ranks (one small all-reduce per step).
-        loss_sum[0], loss_sum[1] = float(loss.detach()), 1.0
-        dist.all_reduce(loss_sum, group=pg)
-        mean_loss = float(loss_sum[0] / loss_sum[1])
-        history["loss"].append(mean_loss)
-        if writer is not None:
-            writer.add_scalar("train/loss", mean_loss, step)
-        if bar is not None:
-            bar.update(1)
-            if step % args.log_every == 0:
-                bar.set_postfix(loss=f"{sum(history['loss'][-args.log_every:]) / args.log_every:.4f}")
-        if step % eval_every == 0 or step == args.steps:
+        evaluating = step % eval_every == 0 or step == args.steps
+        saving = checkpointing and (step == stop_at or (args.checkpoint_every > 0
+                                                        and step % args.checkpoint_every == 0))
+        if step % args.log_every == 0 or evaluating or saving or step == stop_at:
+            read_losses(step)
+        if evaluating:
             detach_pipeline(pipeline, dmp)  # plain forwards; the next progress() re-attaches
-            metrics = evaluate(dmp, data, args, rank, world, device)
+            metrics = evaluate(dmp, data, args, rank, world, device, pg)
             history["eval"].append({"step": step, **metrics})
             if writer is not None:
-                writer.add_scalar("eval/auc", metrics["auc"], step)
-                writer.add_scalar("eval/logloss", metrics["logloss"], step)
+                for key, value in metrics.items():
+                    writer.add_scalar(f"eval/{key}", value, step)
             if rank == 0:
-                msg = (f"[{name}] step {step}: loss {mean_loss:.4f} "
-                       f"test auc {metrics['auc']:.4f} logloss {metrics['logloss']:.4f}")
+                msg = (f"[{name}] step {step}: loss {history['loss'][-1]:.4f} "
+                       f"test auc {metrics['auc']:.4f} ne {metrics['ne']:.4f} "
+                       f"logloss {metrics['logloss']:.4f}")
                 (bar.write(msg) if bar is not None else print(msg, flush=True))
-        checkpointing = args.checkpoint_every > 0 or args.stop_after > 0
-        if checkpointing and (step == stop_at or (args.checkpoint_every
-                                                  and step % args.checkpoint_every == 0)):
+        if saving:
             detach_pipeline(pipeline, dmp)
             save_checkpoint(args, name, dmp, optimizer, step, history, rank)
+        if evaluating or saving:
+            log.restart_clock()  # step time leaves evaluations and checkpoints out
     if bar is not None:
         bar.close()
     if writer is not None:
         writer.close()
     result.steps = step
     result.stopped = step < args.steps
-    warm = step_times[min(10, len(step_times) // 2):] or step_times
-    if warm:
-        result.step_ms = 1e3 * sum(warm) / len(warm)
+    result.step_ms = 1e3 * log.step_seconds()
+    result.samples_per_s = samples_per_step / log.step_seconds()
     result.peak_mib = peak_memory_mib(device)
     if history["eval"]:
-        result.auc = history["eval"][-1]["auc"]
-        result.logloss = history["eval"][-1]["logloss"]
+        for key in ("auc", "ne", "logloss", "calibration"):
+            setattr(result, key, history["eval"][-1][key])
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"history_{name}.json"), "w") as f:
@@ -511,7 +824,9 @@ def plot_curves(args: argparse.Namespace, names: list[str]) -> str | None:
         w = max(1, len(loss) // 50)
         smooth = [sum(loss[max(0, i - w + 1):i + 1]) / len(loss[max(0, i - w + 1):i + 1])
                   for i in range(len(loss))]
-        label = "TT" if name == "tt" else "uncompressed"
+        r = h["result"]
+        label = (f"TT (rank {args.tt_rank}, {r['compression']:.1f}x smaller)" if name == "tt"
+                 else "uncompressed")
         ax_loss.plot(range(1, len(loss) + 1), smooth, label=label)
         ev = h["eval"]
         ax_auc.plot([e["step"] for e in ev], [e["auc"] for e in ev], marker="o", label=label)
@@ -535,30 +850,53 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def report(args: argparse.Namespace, results: list[RunResult], data: Data, world: int) -> None:
+def environment(device: torch.device) -> dict[str, str]:
+    """Library versions, git commit, device and date, for summary.json."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    env = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                      else f"cpu ({os.cpu_count()} cores)"),
+           "python": sys.version.split()[0]}
+    for pkg in ("torch", "torchrec", "fbgemm-gpu", "fbgemm-gpu-cpu"):
+        with contextlib.suppress(PackageNotFoundError):
+            env[pkg] = version(pkg)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    return env
+
+
+def report(args: argparse.Namespace, results: list[RunResult], data: Data, world: int,
+           device: torch.device) -> None:
     print(f"\ndata: {data.description}; {world} process(es), batch {args.batch_size}/process")
     for r in results:
         print(f"plan [{r.name}]: " + ", ".join(f"{t}={s}" for t, s in sorted(r.plan.items())))
     head = (f"{'model':<13} {'TT tables':>9} {'emb bytes':>11} {'compression':>11} "
-            f"{'AUC':>7} {'log-loss':>8} {'step ms':>8} {'peak MiB':>9}")
+            f"{'AUC':>7} {'NE':>7} {'log-loss':>8} {'calib':>6} {'step ms':>8} "
+            f"{'samples/s':>10} {'peak MiB':>9}")
     print(head)
     print("-" * len(head))
     for r in results:
         print(f"{r.name:<13} {r.tt_tables:>9} {_fmt_bytes(r.embedding_bytes):>11} "
-              f"{r.compression:>10.1f}x {r.auc:>7.4f} {r.logloss:>8.4f} {r.step_ms:>8.1f} "
+              f"{r.compression:>10.1f}x {r.auc:>7.4f} {r.ne:>7.4f} {r.logloss:>8.4f} "
+              f"{r.calibration:>6.3f} {r.step_ms:>8.1f} {r.samples_per_s:>10.0f} "
               f"{r.peak_mib:>9.0f}")
     by = {r.name: r for r in results}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"args": vars(args), "data": data.description, "world_size": world,
+                   "environment": environment(device),
                    "results": [r.__dict__ for r in results]}, f, indent=1)
     main = by.get("tt", results[0])
     line = (f"summary: model={main.name} steps={main.steps} auc={main.auc:.4f} "
-            f"logloss={main.logloss:.4f} compression={main.compression:.1f}x "
-            f"emb_bytes={main.embedding_bytes:.0f} step_ms={main.step_ms:.1f}")
+            f"ne={main.ne:.4f} logloss={main.logloss:.4f} compression={main.compression:.1f}x "
+            f"emb_bytes={main.embedding_bytes:.0f} step_ms={main.step_ms:.1f} "
+            f"samples_per_s={main.samples_per_s:.0f}")
     if "tt" in by and "uncompressed" in by:
         base = by["uncompressed"]
         line += (f" auc_uncompressed={base.auc:.4f} auc_delta={main.auc - base.auc:+.4f} "
-                 f"step_ms_uncompressed={base.step_ms:.1f}")
+                 f"ne_uncompressed={base.ne:.4f} step_ms_uncompressed={base.step_ms:.1f}")
     print(line, flush=True)
 
 
@@ -575,6 +913,10 @@ def _quiet() -> None:
     logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
     logging.getLogger("torchrec.distributed.train_pipeline.postproc").setLevel(logging.ERROR)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    # "known issue with TorchRec's dense tensor size calculation in dry run scenarios": the
+    # planner runs on the meta-device model by design; its dense estimate only sizes the HBM
+    # reservation, which does not bind for these models.
+    logging.getLogger("torchrec.distributed.planner.storage_reservations").setLevel(logging.ERROR)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -594,13 +936,13 @@ def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("nccl" if use_cuda else "gloo")
     pg = dist.group.WORLD
     try:
-        data = load_data(args, rank)
-        names = {"tt": ["tt"], "baseline": ["uncompressed"], "compare": ["tt", "uncompressed"]}
+        data = load_data(args, rank, device)
+        args.steps = resolve_steps(args, data.batches_per_epoch(args, world))
         results = []
         writer_factory = _writer_factory(args) if rank == 0 else (lambda name: None)
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
-        for name in names[args.mode]:
+        for name in MODELS_OF_MODE[args.mode]:
             results.append(train_one(args, name, data, rank, world, device, pg, writer_factory))
             if results[-1].stopped:
                 if rank == 0:
@@ -612,7 +954,7 @@ def worker(args: argparse.Namespace) -> None:
             png = plot_curves(args, done)
             if png:
                 print(f"curves: {png}")
-            report(args, results, data, world)
+            report(args, results, data, world, device)
     finally:
         with contextlib.suppress(Exception):
             dist.barrier()
