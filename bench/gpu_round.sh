@@ -1,16 +1,39 @@
 #!/usr/bin/env bash
-# The device call after the staged stack's last part: install it, then the two-factor session
-# (build, tests, memcheck, Kaggle-7 benchmark), the profile and the DLRM step.
-# Usage: bash bench/gpu_round.sh   (from the repository root, .gpu-wheels/p3 carried)
+# One device call after the staged stack's parts p0..p2 were copied (bench/gpu_round.sh carries
+# p3): install the stack, build, the two-factor tests, the Kaggle-7 benchmark, the one-GPU DLRM
+# step, the older CUDA tests, a memcheck pass and the profile, most important first.
+# Usage on the GPU machine, from the repository root:  bash bench/gpu_round.sh
 set -uo pipefail
+export PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .gpu-wheels/p3 ] && [ ! -f /root/gw/env.sh ]; then
-  bash .gpu-wheels/p3/install.sh 2>&1 | tail -2
+  bash .gpu-wheels/p3/install.sh 2>&1 | tail -1
 fi
 . /root/gw/env.sh
-bash bench/gpu_two_factor_session.sh
+[ -e torchrec_tt/sharding ] || ln -s ../sharding torchrec_tt/sharding  # what the editable install maps
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
+t0=$(date +%s)
+TORCH_CUDA_ARCH_LIST=9.0 TORCHREC_TT_CUDA=1 MAX_JOBS=16 \
+  python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
 export PYTHONPATH=$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}
-python3 bench/profile_embedding_bag.py --kaggle7 --dim 16 2>&1 > "$OUT/profile_d16.txt"
-python3 bench/profile_embedding_bag.py --kaggle7 --dim 64 2>&1 > "$OUT/profile_d64.txt"
-head -30 "$OUT/profile_d64.txt" | cut -c1-160
-timeout 300 python3 bench/bench_dlrm_step.py 2>&1 | tee "$OUT/dlrm_step.txt" | tail -9
+echo "build: $(( $(date +%s) - t0 )) s"
+timeout 240 python3 -m pytest tests/test_ops.py -q -x -k "two_factor" -p no:cacheprovider -rfE \
+  > "$OUT/tests_two_factor.txt" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/tests_two_factor.txt" | head -12
+echo "two-factor tests: $(( $(date +%s) - t0 )) s"
+python3 bench/bench_embedding_bag.py --kaggle7 --iters ${ITERS:-20} > "$OUT/kaggle7.txt" 2>&1
+echo "kaggle7: $(( $(date +%s) - t0 )) s"
+timeout 240 python3 bench/bench_dlrm_step.py > "$OUT/dlrm_step.txt" 2>&1
+echo "dlrm: $(( $(date +%s) - t0 )) s"
+timeout 150 python3 -m pytest tests/test_ops.py tests/test_kernel_options.py -q -k "cuda and not two_factor" \
+  -p no:cacheprovider -rfE > "$OUT/tests_cuda.txt" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_cuda.txt" | tail -6
+timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 -m pytest tests/test_ops.py -q -x -p no:cacheprovider \
+  -k "two_factor_kaggle_sized_shapes and q0 or two_factor_out_of_range" 2>&1 | tail -2 | tee "$OUT/memcheck.txt"
+timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 16 > "$OUT/profile_d16.txt" 2>&1
+timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 64 > "$OUT/profile_d64.txt" 2>&1
+echo "total: $(( $(date +%s) - t0 )) s"
+grep -E "^\|" "$OUT/kaggle7.txt" | cut -d'|' -f2-3,6,9-12 | head -14
+grep -E "^\|" "$OUT/dlrm_step.txt" | head -8

@@ -130,6 +130,16 @@ inline at::Tensor aligned(const at::Tensor& t) {
 
 // P of every table (and, for the backward, the levels it came from). levels[l] is the level-l
 // prefix as [rows * M_l, r_{l+1}] with M_l = q_0 ... q_l.
+// The level GEMMs: cuBLAS in float32 (which may use TF32 tensor cores where torch allows it:
+// compute_precision TF32 allows that rounding), in float64 for compute_precision FP32.
+inline at::Tensor level_mm(const at::Tensor& a, const at::Tensor& b, bool exact) {
+  return exact ? at::mm(a.to(at::kDouble), b.to(at::kDouble)).to(at::kFloat) : at::mm(a, b);
+}
+
+inline bool exact_levels(const BatchInfo& info) {
+  return info.options.precision == ComputePrecision::FP32;
+}
+
 inline std::vector<HostTable> build_prefixes(const BatchInfo& info,
                                              const std::vector<at::Tensor>& cores) {
   std::vector<HostTable> out(info.tables.size());
@@ -143,7 +153,7 @@ inline std::vector<HostTable> build_prefixes(const BatchInfo& info,
       const int64_t X = t.r[l], S = t.r[l + 1], pl = t.p[l], ql = t.q[l];
       at::Tensor Gp =
           cores[t.first_core + l].view({pl, X, ql * S}).permute({1, 0, 2}).reshape({X, pl * ql * S});
-      at::Tensor C = at::mm(L, Gp);  // [(a, m), (b, c, s)]
+      at::Tensor C = level_mm(L, Gp, exact_levels(info));  // [(a, m), (b, c, s)]
       L = C.view({n, M, pl, ql, S}).permute({0, 2, 1, 3, 4}).reshape({n * pl * M * ql, S});
       h.gperm.push_back(Gp);
       h.levels.push_back(L);
@@ -159,7 +169,7 @@ inline std::vector<HostTable> build_prefixes(const BatchInfo& info,
 // Core gradients of levels 0..K-2 from dP (the gradient of levels.back()), back through the
 // level GEMMs; writes grads[first_core + l] for l < K-1 (dP already is core 0's gradient for K=2).
 inline void prefix_backward(const TableInfo& t, const HostTable& h, const at::Tensor& dP,
-                            std::vector<at::Tensor>& grads) {
+                            bool exact, std::vector<at::Tensor>& grads) {
   at::Tensor dL = dP;  // gradient of levels[l] (l = K-2 first), same layout
   for (int64_t l = t.K - 2; l >= 1; --l) {
     int64_t n = 1, M = 1;
@@ -172,9 +182,9 @@ inline void prefix_backward(const TableInfo& t, const HostTable& h, const at::Te
         dL.reshape({n, pl, M, ql, S}).permute({0, 2, 1, 3, 4}).reshape({n * M, pl * ql * S});
     const at::Tensor& Gp = h.gperm[l - 1];
     const at::Tensor& Lprev = h.levels[l - 1];  // [n * M, X]
-    at::Tensor dGp = at::mm(Lprev.t(), dC);     // [X, (b, c, s)]
+    at::Tensor dGp = level_mm(Lprev.t(), dC, exact);  // [X, (b, c, s)]
     grads[t.first_core + l].view({pl, X, ql * S}).copy_(dGp.view({X, pl, ql * S}).permute({1, 0, 2}));
-    at::Tensor dLprev = at::mm(dC, Gp.t());     // [n * M, X]
+    at::Tensor dLprev = level_mm(dC, Gp.t(), exact);  // [n * M, X]
     if (l == 1) {
       grads[t.first_core].view({n * M, X}).copy_(dLprev);
     } else {
@@ -245,6 +255,11 @@ __device__ __forceinline__ bool check_index(int64_t v, int64_t N, int t, int64_t
   return false;
 }
 
+// a = v / p_last in 32 bits when the table's rows fit (a 64-bit division is ~4x the instructions).
+__device__ __forceinline__ int64_t div_rows(int64_t v, int pl, bool small) {
+  return small ? static_cast<int64_t>(static_cast<uint32_t>(v) / static_cast<uint32_t>(pl)) : v / pl;
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 // UPL: units (m, 4-rank chunk) per lane; QLM: bound on q_last. Lane l owns rank chunk
@@ -256,25 +271,37 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
                float* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int64_t num_bags = P.F * P.B;
-  for (int64_t bag = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; bag < num_bags;
-       bag += (int64_t(gridDim.x) * blockDim.x) >> 5) {
+  const int64_t stride = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  int64_t bag = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
+  // Offsets and first index of the next bag are loaded while this one computes: with one lookup
+  // per bag (one-hot features) these two dependent loads would otherwise be most of its latency.
+  int64_t lo = 0, hi = 0, v_first = 0;
+  auto load_meta = [&](int64_t b, int64_t& l, int64_t& h, int64_t& v) {
+    l = off[b];
+    h = off[b + 1];
+    v = h > l ? static_cast<int64_t>(idx[l]) : 0;
+  };
+  if (bag < num_bags) load_meta(bag, lo, hi, v_first);
+  for (; bag < num_bags; bag += stride) {
+    int64_t next_lo = 0, next_hi = 0, next_v = 0;
+    if (bag + stride < num_bags) load_meta(bag + stride, next_lo, next_hi, next_v);
     const int64_t f = bag / P.B;
     const int t = P.feature_table[f];
     const Table& T = P.tables[t];
     const int RQ = T.R >> 2, ql = T.ql, Q = T.Q;
     const int rq = lane & (RQ - 1);
     const int m0 = lane / RQ, mstep = 32 / RQ;
+    const bool small = T.N <= INT32_MAX;
     float acc[UPL][QLM];
 #pragma unroll
     for (int k = 0; k < UPL; ++k)
 #pragma unroll
       for (int c = 0; c < QLM; ++c) acc[k][c] = 0.f;
-    const int64_t lo = off[bag], hi = off[bag + 1];
     for (int64_t j = lo; j < hi; ++j) {
-      const int64_t v = static_cast<int64_t>(idx[j]);
+      const int64_t v = j == lo ? v_first : static_cast<int64_t>(idx[j]);
       if (!check_index(v, T.N, t, f, j, bounds, warned, lane == 0)) continue;
       const float wj = w != nullptr ? w[j] : 1.f;
-      const int64_t a = v / T.pl;
+      const int64_t a = div_rows(v, T.pl, small);
       const int64_t s = v - a * T.pl;
       // G_last[s] rows 4rq .. 4rq+3: 4 * ql consecutive floats.
       float g[4][QLM];
@@ -334,6 +361,9 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
       }
     }
     // Columns c >= RQ of a row are written by lane rq = c % RQ (every c < ql is covered).
+    lo = next_lo;
+    hi = next_hi;
+    v_first = next_v;
   }
 }
 
@@ -443,27 +473,63 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         }
       }
     };
-    for (int64_t pos = begin; pos < end; ++pos) {
-      if (skeys[pos] >= P.num_keys) break;  // out-of-range lookups sort last
-      const int64_t j = svals[pos];
-      const int64_t bag = bag_of[j];
+    // Lane i loads the metadata of sorted position begin + i (one round trip for the chunk);
+    // iteration i reads it back with shuffles.
+    const int cnt = static_cast<int>(end - begin);
+    int my_key = P.num_keys, my_t = 0;
+    int64_t my_j = 0, my_bag = 0, my_v = 0;
+    float my_w = 1.f, my_inv = 1.f;
+    if (lane < cnt) {
+      my_key = skeys[begin + lane];
+      if (my_key < P.num_keys) {
+        my_j = svals[begin + lane];
+        my_bag = bag_of[my_j];
+        my_v = static_cast<int64_t>(idx[my_j]);
+        my_w = w != nullptr ? w[my_j] : 1.f;
+        my_t = P.feature_table[my_bag / P.B];
+        if (P.tables[my_t].pooling == static_cast<int>(PoolingMode::MEAN)) {
+          my_inv = 1.f / static_cast<float>(off[my_bag + 1] - off[my_bag]);
+        }
+      }
+    }
+    // dY / len of lookup i, lane <-> columns d = lane + 32 k (issued one lookup ahead).
+    auto load_dy = [&](int i, float* out) {
+      const int64_t bag = __shfl_sync(0xffffffffu, my_bag, i);
+      const int t = __shfl_sync(0xffffffffu, my_t, i);
+      const float inv = __shfl_sync(0xffffffffu, my_inv, i);
       const int64_t f = bag / P.B;
-      const int t = P.feature_table[f];
-      const int64_t v = static_cast<int64_t>(idx[j]);
+      const float* dyr = dy + (bag - f * P.B) * P.total_D + P.feature_col[f];
+      const int D = P.tables[t].D;
+#pragma unroll
+      for (int k = 0; k < kDPL; ++k) {
+        const int d = lane + 32 * k;
+        out[k] = d < D ? __ldg(dyr + d) * inv : 0.f;
+      }
+    };
+    float dyl[kDPL] = {}, dyl_next[kDPL] = {};
+    if (cnt > 0 && __shfl_sync(0xffffffffu, my_key, 0) < P.num_keys) load_dy(0, dyl);
+    for (int i = 0; i < cnt; ++i) {
+      if (__shfl_sync(0xffffffffu, my_key, i) >= P.num_keys) break;  // out-of-range sort last
+      const bool more = i + 1 < cnt && __shfl_sync(0xffffffffu, my_key, i + 1) < P.num_keys;
+      if (more) load_dy(i + 1, dyl_next);
+      const int64_t j = __shfl_sync(0xffffffffu, my_j, i);
+      const int t = __shfl_sync(0xffffffffu, my_t, i);
+      const int64_t v = __shfl_sync(0xffffffffu, my_v, i);
+      const float wj = __shfl_sync(0xffffffffu, my_w, i);
       if (t != cur_t || v != cur_v) {  // a new row
         if (cur_t >= 0) finish_row();
         const Table* NT = &P.tables[t];
-        const int64_t a = v / NT->pl;
+        const int64_t a = div_rows(v, NT->pl, NT->N <= INT32_MAX);
         if (t != cur_t || a != cur_a) {  // a new prefix
           if (cur_t >= 0) flush_prefix();
           const float* src = NT->P + a * NT->Q * NT->R;
 #pragma unroll
-          for (int i = 0; i < RPL; ++i) {
-            const int r = lane + 32 * i;
+          for (int ii = 0; ii < RPL; ++ii) {
+            const int r = lane + 32 * ii;
 #pragma unroll
             for (int m = 0; m < QM; ++m) {
-              dPacc[i][m] = 0.f;
-              Preg[i][m] = (r < NT->R && m < NT->Q) ? __ldg(src + m * NT->R + r) : 0.f;
+              dPacc[ii][m] = 0.f;
+              Preg[ii][m] = (r < NT->R && m < NT->Q) ? __ldg(src + m * NT->R + r) : 0.f;
             }
           }
           cur_a = a;
@@ -473,26 +539,15 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         cur_v = v;
         cur_s = v - a * T->pl;
 #pragma unroll
-        for (int i = 0; i < RPL; ++i) {
-          const int r = lane + 32 * i;
+        for (int ii = 0; ii < RPL; ++ii) {
+          const int r = lane + 32 * ii;
           const float* gp = T->G + (cur_s * T->R + r) * T->ql;
 #pragma unroll
-          for (int c = 0; c < QLM; ++c) gl[i][c] = (r < T->R && c < T->ql) ? __ldg(gp + c) : 0.f;
+          for (int c = 0; c < QLM; ++c) gl[ii][c] = (r < T->R && c < T->ql) ? __ldg(gp + c) : 0.f;
         }
       }
-      const int64_t len = off[bag + 1] - off[bag];
-      const float inv_len = T->pooling == static_cast<int>(PoolingMode::MEAN)
-                                ? 1.f / static_cast<float>(len)
-                                : 1.f;
-      const float wj = w != nullptr ? w[j] : 1.f;
-      const float* dyr = dy + (bag - f * P.B) * P.total_D + P.feature_col[f];
-      float dyl[kDPL];
 #pragma unroll
-      for (int k = 0; k < kDPL; ++k) {
-        const int d = lane + 32 * k;
-        dyl[k] = d < T->D ? dyr[d] * inv_len : 0.f;
-        gsum[k] += wj * dyl[k];
-      }
+      for (int k = 0; k < kDPL; ++k) gsum[k] += wj * dyl[k];
       if (wgrad != nullptr) {  // dw_j = <dY_j / len, row>, row = P[a] G_last[s]
         __syncwarp();
 #pragma unroll
@@ -502,14 +557,14 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         __syncwarp();
         float part = 0.f;
 #pragma unroll
-        for (int i = 0; i < RPL; ++i) {
-          if (lane + 32 * i >= T->R) continue;
+        for (int ii = 0; ii < RPL; ++ii) {
+          if (lane + 32 * ii >= T->R) continue;
 #pragma unroll
           for (int m = 0; m < QM; ++m) {
             if (m < T->Q) {
 #pragma unroll
               for (int c = 0; c < QLM; ++c) {
-                if (c < T->ql) part += Preg[i][m] * gl[i][c] * gs[m * T->ql + c];
+                if (c < T->ql) part += Preg[ii][m] * gl[ii][c] * gs[m * T->ql + c];
               }
             }
           }
@@ -517,6 +572,8 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
         if (lane == 0) wgrad[j] = part;
       }
+#pragma unroll
+      for (int k = 0; k < kDPL; ++k) dyl[k] = dyl_next[k];
     }
     if (cur_t >= 0) {
       finish_row();
@@ -674,7 +731,8 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor> backward(
   for (size_t ti = 0; ti < info.tables.size(); ++ti) {
     const TableInfo& t = info.tables[ti];
     if (t.K > 2) {
-      prefix_backward(t, hosts[ti], buf.narrow(0, dP_off[ti], hosts[ti].P.numel()), grads);
+      prefix_backward(t, hosts[ti], buf.narrow(0, dP_off[ti], hosts[ti].P.numel()),
+                      exact_levels(info), grads);
     }
   }
   return {grads, wgrad};
