@@ -4,19 +4,21 @@
 
 #include <ATen/ATen.h>
 
-#define TT_CHECK_DIM(x, n)                                                     \
-  TORCH_CHECK((x).dim() == (n), "torchrec_tt: ", #x, " must be ", (n), "-D, got ", \
-              (x).dim(), "-D of shape ", (x).sizes())
-
-#define TT_CHECK_INDEX_DTYPE(x)                                                  \
-  TORCH_CHECK((x).scalar_type() == at::kInt || (x).scalar_type() == at::kLong,   \
-              "torchrec_tt: ", #x, " must be int32 or int64, got ", (x).scalar_type())
-
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace torchrec_tt {
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& x, int64_t n) {
+  TORCH_CHECK(x.dim() == n, op, ": ", name, " must be ", n, "-D, got ", x.dim(), "-D of shape ",
+              x.sizes());
+}
+
+inline void check_index_dtype(const char* op, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kInt || x.scalar_type() == at::kLong, op, ": ", name,
+              " must be int32 or int64, got ", x.scalar_type());
+}
 
 // The tensor arguments of one op call, by name: every one must be on the device of the first.
 // A kernel reading a tensor of another device reads garbage (or faults), so every op entry

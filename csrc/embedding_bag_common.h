@@ -215,17 +215,17 @@ inline BatchInfo parse_and_check(
   }
   info.total_D = info.feature_col[info.F];
 
-  TT_CHECK_DIM(indices, 1);
-  TT_CHECK_DIM(offsets, 1);
-  TT_CHECK_INDEX_DTYPE(indices);
-  TT_CHECK_INDEX_DTYPE(offsets);
+  check_dim(op, "indices", indices, 1);
+  check_dim(op, "offsets", offsets, 1);
+  check_index_dtype(op, "indices", indices);
+  check_index_dtype(op, "offsets", offsets);
   TORCH_CHECK(offsets.numel() >= 1 && (offsets.numel() - 1) % info.F == 0, op,
               ": offsets must have F*B+1 entries for F = ", info.F, " features, got ",
               offsets.numel());
   info.B = (offsets.numel() - 1) / info.F;
   if (per_sample_weights.has_value()) {
     const auto& w = *per_sample_weights;
-    TT_CHECK_DIM(w, 1);
+    check_dim(op, "per_sample_weights", w, 1);
     TORCH_CHECK(w.numel() == indices.numel(), op, ": per_sample_weights has ", w.numel(),
                 " entries but there are ", indices.numel(), " indices");
     TORCH_CHECK(w.scalar_type() == info.dtype, op, ": per_sample_weights is ", w.scalar_type(),

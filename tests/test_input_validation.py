@@ -17,10 +17,13 @@ import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_tt import TTConv2d, TTEmbeddingBagCollection, TTEmbeddingBagConfig, tt_conv2d
+from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
 from torchrec_tt.ops import tt_embedding_bag
+from torchrec_tt.optim import fused_update
 from torchrec_tt.reference import tt_embedding_bag_dense_reference
 from torchrec_tt.testing import has_cuda_kernels, random_problem
 
@@ -319,3 +322,173 @@ def test_conv_op_gives_a_clear_error_or_the_correct_result(
         w = torch.einsum("kb,baij,ac->kcij", c2[:, :, 0, 0], c1, c0[:, :, 0, 0])  # type: ignore[index]
         ref = torch.nn.functional.conv2d(x, w, bias, stride, padding)  # type: ignore[arg-type]
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+
+
+# --- 2. hyper-parameters: finite, in range, numbers; the lr again at every update -------------
+
+
+@pytest.mark.parametrize(
+    "extra,names",
+    [
+        ({"learning_rate": float("nan")}, ("learning_rate", "finite", "nan")),
+        ({"learning_rate": float("inf")}, ("learning_rate", "finite", "inf")),
+        ({"lr": float("inf")}, ("learning_rate", "finite")),
+        ({"learning_rate": -0.1}, ("learning_rate", ">= 0.0", "-0.1")),
+        ({"eps": float("nan")}, ("eps", "finite")),
+        ({"eps": 0.0}, ("eps", "> 0.0")),
+        ({"weight_decay": float("nan")}, ("weight_decay", "finite")),
+        ({"weight_decay": -5}, ("weight_decay", ">= 0.0", "-5")),
+        ({"beta1": 1.0}, ("beta1", "< 1.0")),
+        ({"betas": (0.9, float("nan"))}, ("beta2", "finite")),
+        ({"learning_rate": "0.1"}, ("learning_rate", "real number", "'0.1'", "str")),
+        ({"learning_rate": True}, ("learning_rate", "real number")),
+        ({"max_gradient": 0.0}, ("max_gradient", "> 0.0")),
+        ({"gradient_clipping": 1}, ("gradient_clipping", "bool")),
+        ({"skip_non_finite": "yes"}, ("skip_non_finite", "bool")),
+    ],
+)
+def test_bad_hyper_parameters_are_rejected_at_construction(extra: dict, names: tuple) -> None:
+    with _raises(ValueError, "fused optimizer", *names):
+        _ebc(EmbOptimType.ADAM, **extra)
+
+
+def test_sharder_rejects_non_finite_hyper_parameters_naming_the_table() -> None:
+    with _raises(ValueError, "TTEmbeddingBagCollectionSharder", "learning_rate must be finite"):
+        TTEmbeddingBagCollectionSharder(
+            fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": float("nan")}
+        )
+    module = _ebc(None)
+    for cores in (module.embedding_bags["t0"].parameters(), module.embedding_bags["t1"].parameters()):
+        apply_optimizer_in_backward(torch.optim.Adam, cores, {"lr": float("inf")})
+    with _raises(ValueError, "TT table 't0'", "learning_rate must be finite, got inf"):
+        TTEmbeddingBagCollectionSharder().fused_configs(module)
+
+
+@pytest.mark.parametrize("optimizer", ALL_OPTIMIZERS)
+@pytest.mark.parametrize("lr", [-0.1, float("nan"), float("inf"), "0.1"])
+def test_bad_lr_set_in_param_groups_is_rejected_at_the_update(optimizer: EmbOptimType, lr) -> None:  # type: ignore[no-untyped-def]
+    def make():  # type: ignore[no-untyped-def]
+        return _ebc(optimizer)
+
+    ebc = make()
+    before = _snapshot(ebc)
+    ebc.fused_optimizer.param_groups[0]["lr"] = lr
+    with _raises(ValueError, "param_groups lr", "'t0'", "'t1'"):
+        _train_step(ebc, _kjt())
+    _assert_unchanged(ebc, before)
+    assert all(c.grad is None for c in ebc.cores())
+    ebc.fused_optimizer.param_groups[0]["lr"] = 0.1
+    _assert_valid_step_matches_fresh(ebc, make)
+
+
+# --- 3. non-finite gradients: clipping, and the opt-in skip with a counter --------------------
+
+
+@pytest.mark.parametrize("optimizer", ALL_OPTIMIZERS)
+def test_skip_non_finite_drops_the_step_and_counts_it(optimizer: EmbOptimType) -> None:
+    def make():  # type: ignore[no-untyped-def]
+        return _ebc(optimizer, weighted=True, skip_non_finite=True)
+
+    ebc = make()
+    before = _snapshot(ebc)
+    bad = _kjt(weighted=True)
+    w = bad.weights().clone()
+    w[0] = float("nan")  # a lookup of t0 only: t1's update stays valid
+    bad = KeyedJaggedTensor(keys=bad.keys(), values=bad.values(), offsets=bad.offsets(), weights=w)
+    _train_step(ebc, bad)  # NaN in t0's gradients only (t1's lookups carry finite weights)
+    assert ebc.fused_optimizer.skipped_steps == {"t0": 1, "t1": 0}
+    state = _snapshot(ebc)
+    for k, v in before.items():
+        if ".t0." in k:
+            torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+    assert not torch.equal(state["embedding_bags.t1.core_0"], before["embedding_bags.t1.core_0"])
+    assert all(torch.isfinite(v).all() for v in state.values())
+    # A following valid step updates t0 exactly as a fresh model's first step does.
+    fresh = make()
+    _train_step(ebc, _kjt(weighted=True))
+    _train_step(fresh, _kjt(weighted=True))
+    got, want = ebc.state_dict(), fresh.state_dict()
+    for k in want:
+        if ".t0." in k:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+    assert ebc.fused_optimizer.skipped_steps == {"t0": 1, "t1": 0}
+    # Without the option the same step writes NaN into the cores (the issue's reproducer).
+    plain = _ebc(optimizer, weighted=True)
+    _train_step(plain, bad)
+    assert not torch.isfinite(plain.embedding_bags["t0"].core_0).all()
+
+
+def test_skip_non_finite_on_a_nan_loss_keeps_adam_moments_finite() -> None:
+    ebc = _ebc(EmbOptimType.ADAM, skip_non_finite=True)
+    before = _snapshot(ebc)
+    (ebc(_kjt()).values().sum() * float("nan")).backward()
+    assert ebc.fused_optimizer.skipped_steps == {"t0": 1, "t1": 1}
+    _assert_unchanged(ebc, before)
+    _assert_valid_step_matches_fresh(ebc, lambda: _ebc(EmbOptimType.ADAM, skip_non_finite=True))
+
+
+@pytest.mark.parametrize("optimizer", ALL_OPTIMIZERS)
+def test_gradient_clipping_clamps_every_gradient_entry(optimizer: EmbOptimType) -> None:
+    clipped = _ebc(optimizer, gradient_clipping=True, max_gradient=0.01)
+    reference = _ebc(None)
+    cores = reference.cores()
+    grads = torch.autograd.grad(reference(_kjt()).values().square().sum() * 1e3, cores)
+    (clipped(_kjt()).values().square().sum() * 1e3).backward()
+    assert max(g.abs().max() for g in grads) > 0.01  # the clamp matters here
+    # The clipped model equals a plain one stepped by hand with the clamped gradients.
+    manual = _ebc(optimizer)
+    for (name, p), g in zip(manual.fused_optimizer.params.items(), grads):
+        state = manual.fused_optimizer.state[p]
+        fused_update(p, g.clamp(-0.01, 0.01), state, manual.fused_optimizer.cfg, 0.1)
+    _assert_unchanged(clipped, _snapshot(manual))
+
+
+# --- 4. state loads: checked whole before anything is written ---------------------------------
+
+
+@pytest.mark.parametrize("optimizer", [EmbOptimType.EXACT_ADAGRAD, EmbOptimType.ADAM])
+def test_bad_optimizer_state_dict_is_rejected_naming_the_key(optimizer: EmbOptimType) -> None:
+    def make():  # type: ignore[no-untyped-def]
+        return _ebc(optimizer)
+
+    ebc = make()
+    _train_step(ebc, _kjt())
+    ebc.fused_optimizer.save_param_groups(True)
+    good = copy.deepcopy(ebc.fused_optimizer.state_dict())
+    zeroed = copy.deepcopy(good)
+    for st_ in zeroed["state"].values():
+        for v in st_.values():
+            v.zero_()
+    last = "embedding_bags.t1.core_2"
+    cases = []
+    bad = copy.deepcopy(zeroed)
+    bad["state"][last]["momentum1"] = torch.zeros(2)  # wrong shape on the last core
+    cases.append((bad, (repr(last), "'momentum1'", "shape (2,)", "nothing was loaded")))
+    bad = copy.deepcopy(zeroed)
+    bad["state"][last]["momentum1"] = bad["state"][last]["momentum1"].double()
+    cases.append((bad, (repr(last), "float64", "float32")))
+    bad = copy.deepcopy(zeroed)
+    del bad["state"][last]
+    cases.append((bad, ("missing", repr(last))))
+    bad = copy.deepcopy(zeroed)
+    bad["state"]["embedding_bags.t9.core_0"] = bad["state"][last]
+    cases.append((bad, ("unexpected", "'embedding_bags.t9.core_0'")))
+    bad = copy.deepcopy(zeroed)
+    bad["state"][last] = {**bad["state"][last], "momentum3": torch.zeros(1)}
+    cases.append((bad, (repr(last), "momentum3")))
+    bad = copy.deepcopy(zeroed)
+    bad["param_groups"][0]["lr"] = float("nan")
+    cases.append((bad, ("param_groups lr", "finite")))
+    bad = copy.deepcopy(zeroed)
+    bad["param_groups"].append(dict(bad["param_groups"][0]))
+    cases.append((bad, ("param_groups", "1 groups")))
+    before = _snapshot(ebc)
+    for sd, names in cases:
+        with _raises(ValueError, "fused optimizer state_dict", *names):
+            ebc.fused_optimizer.load_state_dict(sd)
+        _assert_unchanged(ebc, before)
+    assert ebc.fused_optimizer.param_groups[0]["lr"] == 0.1
+    ebc.fused_optimizer.load_state_dict(zeroed)  # a good one loads entirely
+    assert all(float(v.abs().sum()) == 0 for k, v in ebc.state_dict().items() if "momentum" in k)
+    ebc.fused_optimizer.load_state_dict(good)
+    _assert_unchanged(ebc, before)
