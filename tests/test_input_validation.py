@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-import re
+import time
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
 from torchrec_tt.ops import tt_embedding_bag
 from torchrec_tt.optim import fused_update
 from torchrec_tt.reference import tt_embedding_bag_dense_reference
+from torchrec_tt.shapes import factor_rows
 from torchrec_tt.testing import has_cuda_kernels, random_problem
 
 ALL_OPTIMIZERS = [
@@ -492,3 +494,45 @@ def test_bad_optimizer_state_dict_is_rejected_naming_the_key(optimizer: EmbOptim
     assert all(float(v.abs().sum()) == 0 for k, v in ebc.state_dict().items() if "momentum" in k)
     ebc.fused_optimizer.load_state_dict(good)
     _assert_unchanged(ebc, before)
+
+
+# --- 5. table sizes: fast factorisation, the 2^40 key limit, ranks beyond the dense table -----
+
+
+def test_huge_tables_are_rejected_at_once_with_the_limit() -> None:
+    t0 = time.perf_counter()
+    with _raises(ValueError, "TT table 'huge'", "2^40", str(2**62)):
+        TTEmbeddingBagConfig(name="huge", num_embeddings=2**62, embedding_dim=8, feature_names=["f"])
+    assert time.perf_counter() - t0 < 1.0
+    for k in (2, 3, 4):  # the largest allowed size factorises fast
+        t0 = time.perf_counter()
+        p = factor_rows(2**40 - 3, k)
+        assert math.prod(p) >= 2**40 - 3 and time.perf_counter() - t0 < 1.0
+
+
+def test_ranks_beyond_the_dense_table_are_rejected_naming_it() -> None:
+    with _raises(ValueError, "TT table 'small'", "more than the dense table", "100x8"):
+        TTEmbeddingBagConfig(
+            name="small", num_embeddings=100, embedding_dim=8, feature_names=["f"],
+            tt_ranks=[100_000, 100_000],
+        )
+
+
+# --- 8. smaller errors --------------------------------------------------------------------------
+
+
+def test_int_tt_ranks_and_float_channels_say_what_is_wrong() -> None:
+    with _raises(ValueError, "TT table 't'", "tt_ranks", "list", "got 4"):
+        TTEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=8, feature_names=["f"], tt_ranks=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no bogus "clamped to (8.5, 8)" warning first
+        with _raises(ValueError, "TTConv2d", "in_channels", "8.5"):
+            TTConv2d(8.5, 8, 3)  # type: ignore[arg-type]
+
+
+def test_mismatched_core_shape_on_meta_is_rejected() -> None:
+    prob = random_problem(7, num_tables=2, num_cores=3)
+    cores = [c.to("meta") for c in prob.cores]
+    cores[1] = torch.empty(cores[1].shape[0] + 1, cores[1].shape[1], device="meta", dtype=cores[1].dtype)
+    with _raises(RuntimeError, "core 1 of table 'table_0' must have shape"):
+        tt_embedding_bag(cores, prob.layout, prob.indices.to("meta"), prob.offsets.to("meta"))
