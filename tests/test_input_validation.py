@@ -536,3 +536,19 @@ def test_mismatched_core_shape_on_meta_is_rejected() -> None:
     cores[1] = torch.empty(cores[1].shape[0] + 1, cores[1].shape[1], device="meta", dtype=cores[1].dtype)
     with _raises(RuntimeError, "core 1 of table 'table_0' must have shape"):
         tt_embedding_bag(cores, prob.layout, prob.indices.to("meta"), prob.offsets.to("meta"))
+
+
+def test_plan_rejects_bad_batch_sizes_and_sharding_types() -> None:
+    from torchrec.distributed.planner import ParameterConstraints, Topology
+
+    from torchrec_tt.sharding import plan
+
+    model = TTEmbeddingBagCollection(_tables(), device="meta")
+    topology = Topology(world_size=2, compute_device="cpu")
+    for bad in (0, -8, 2.5):
+        with _raises(ValueError, "plan()", "batch_size", str(bad)):
+            plan(model, topology, batch_size=bad)  # type: ignore[arg-type]
+    with _raises(ValueError, "constraints['t0'].sharding_types", "'bogus'", "table_wise"):
+        plan(model, topology, batch_size=8,
+             constraints={"t0": ParameterConstraints(sharding_types=["bogus"])})
+    assert plan(model, topology, batch_size=8).plan  # a valid call still plans
