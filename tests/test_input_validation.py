@@ -552,3 +552,42 @@ def test_plan_rejects_bad_batch_sizes_and_sharding_types() -> None:
         plan(model, topology, batch_size=8,
              constraints={"t0": ParameterConstraints(sharding_types=["bogus"])})
     assert plan(model, topology, batch_size=8).plan  # a valid call still plans
+
+
+class _LocalTable:
+    """The slice of TTLocalTable that TTFusedUpdate uses for a whole (table_wise) table."""
+
+    def __init__(self, name: str, cores: list[torch.Tensor], cfg) -> None:  # type: ignore[no-untyped-def]
+        self.name, self.cores = name, cores
+        self.state = [{k: torch.zeros(s) for k, s in cfg.state_shapes(c.shape).items()} for c in cores]
+
+    def whole_cores(self) -> list[torch.Tensor]:
+        return self.cores
+
+    def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
+        return self.state[k]
+
+
+def test_sharded_fused_update_checks_lr_first_and_skips_non_finite_tables() -> None:
+    from torchrec_tt.optim import FusedOptimConfig
+    from torchrec_tt.sharding.fused import FusedTable, TTFusedUpdate
+
+    cfg = FusedOptimConfig(EmbOptimType.ADAM, learning_rate=0.1, skip_non_finite=True)
+    tables = [_LocalTable(n, [torch.randn(3, 4), torch.randn(2, 5)], cfg) for n in ("a", "b")]
+    groups = {"a": {"lr": 0.1}, "b": {"lr": 0.1}}
+    fused = {n: FusedTable(cfg, groups[n]) for n in groups}
+    update = TTFusedUpdate(tables, fused)
+    params = [c for t in tables for c in t.cores]
+    before = [c.clone() for c in params]
+    grads = [torch.ones_like(c) for c in params]
+    groups["b"]["lr"] = float("nan")  # table b's lr is bad: table a must not move either
+    with _raises(ValueError, "TT table 'b'", "param_groups lr", "finite"):
+        update(params, grads)
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    groups["b"]["lr"] = 0.1
+    grads[3] = torch.full_like(grads[3], float("inf"))  # table b, core 1
+    update(params, grads)
+    assert [fused["a"].skipped_steps, fused["b"].skipped_steps] == [0, 1]
+    assert not torch.equal(params[0], before[0])
+    assert torch.equal(params[2], before[2]) and torch.equal(params[3], before[3])
+    assert all(float(v.abs().sum()) == 0 for s in tables[1].state for v in s.values())
