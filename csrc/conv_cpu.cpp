@@ -18,8 +18,6 @@ void check_core(const char* op, const char* name, const at::Tensor& core,
   TORCH_CHECK(core.defined(), op, ": ", name, " is undefined");
   TORCH_CHECK(core.dim() == 4, op, ": ", name, " must be 4-D, got ", core.dim(),
               "-D of shape ", core.sizes());
-  TORCH_CHECK(core.device() == input.device(), op, ": ", name, " is on ", core.device(),
-              " but input is on ", input.device());
   TORCH_CHECK(core.scalar_type() == input.scalar_type(), op, ": ", name, " is ",
               core.scalar_type(), " but input is ", input.scalar_type());
 }
@@ -30,6 +28,12 @@ TTConvShape check_tt_conv2d(const char* op, const at::Tensor& input, const at::T
                             const at::Tensor& core1, const at::Tensor& core2,
                             const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  SameDeviceCheck(op, "input", input)
+      .add("core0", core0)
+      .add("core1", core1)
+      .add("core2", core2)
+      .add("bias", bias.has_value() ? *bias : at::Tensor())
+      .check();
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D [N, C, H, W], got ", input.dim(),
               "-D of shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), op,
@@ -68,9 +72,8 @@ TTConvShape check_tt_conv2d(const char* op, const at::Tensor& input, const at::T
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.K, op, ": bias must have shape [K=", s.K,
                 "], got ", bias->sizes());
-    TORCH_CHECK(bias->device() == input.device() && bias->scalar_type() == input.scalar_type(),
-                op, ": bias must match input's device and dtype, got ", bias->device(), " ",
-                bias->scalar_type());
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias is ",
+                bias->scalar_type(), " but input is ", input.scalar_type());
   }
   TORCH_CHECK(s.sh >= 1 && s.sw >= 1, op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK(s.dh >= 1 && s.dw >= 1, op, ": dilation must be >= 1, got ", dilation);
@@ -86,14 +89,13 @@ TTConvShape check_tt_conv2d(const char* op, const at::Tensor& input, const at::T
 
 void check_tt_conv2d_grad_output(const char* op, const at::Tensor& grad_output,
                                  const at::Tensor& input, const TTConvShape& s) {
+  SameDeviceCheck(op, "input", input).add("grad_output", grad_output).check();
   TORCH_CHECK(grad_output.dim() == 4 && grad_output.size(0) == s.N && grad_output.size(1) == s.K &&
                   grad_output.size(2) == s.Ho && grad_output.size(3) == s.Wo,
               op, ": grad_output must have shape [", s.N, ", ", s.K, ", ", s.Ho, ", ", s.Wo,
               "], got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.device() == input.device() &&
-                  grad_output.scalar_type() == input.scalar_type(),
-              op, ": grad_output must match input's device and dtype, got ",
-              grad_output.device(), " ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op, ": grad_output is ",
+              grad_output.scalar_type(), " but input is ", input.scalar_type());
 }
 
 at::Tensor tt_conv2d_composite(const at::Tensor& input, const at::Tensor& core0,

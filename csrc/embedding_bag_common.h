@@ -72,6 +72,30 @@ inline KernelOptions parse_kernel_options(const char* op, at::ScalarType dtype,
   return o;
 }
 
+// Every tensor argument on the device of `indices` (cores named by table, as "core k of table
+// 't'"). check_backward_args adds the backward's grad_output.
+inline void check_devices(const char* op, const std::vector<at::Tensor>& cores,
+                          at::IntArrayRef num_cores, const std::vector<std::string>& table_names,
+                          const at::Tensor& indices, const at::Tensor& offsets,
+                          const std::optional<at::Tensor>& per_sample_weights) {
+  SameDeviceCheck check(op, "indices", indices);
+  check.add("offsets", offsets);
+  if (per_sample_weights.has_value()) check.add("per_sample_weights", *per_sample_weights);
+  int64_t t = 0, k = 0;
+  for (const auto& c : cores) {
+    while (t < static_cast<int64_t>(num_cores.size()) && k >= num_cores[t]) {
+      ++t;
+      k = 0;
+    }
+    const std::string table = t < static_cast<int64_t>(table_names.size())
+                                  ? "table '" + table_names[t] + "'"
+                                  : "an extra table";
+    check.add("core " + std::to_string(k) + " of " + table, c);
+    ++k;
+  }
+  check.check();
+}
+
 inline BatchInfo parse_and_check(
     const char* op,
     const std::vector<at::Tensor>& cores,
@@ -99,6 +123,7 @@ inline BatchInfo parse_and_check(
               ": pooling_modes must have one entry per table, got ", pooling_modes.size(),
               " for ", T, " tables");
   TORCH_CHECK(!cores.empty(), op, ": no cores given");
+  check_devices(op, cores, num_cores, table_names, indices, offsets, per_sample_weights);
   BatchInfo info;
   info.dtype = cores[0].scalar_type();
   TORCH_CHECK(
@@ -157,8 +182,6 @@ inline BatchInfo parse_and_check(
     }
     for (const auto k : c10::irange(ti.K)) {
       const auto& c = cores[core_pos + k];
-      TORCH_CHECK(c.device() == indices.device(), op, ": core ", k, " of ", table_label(ti),
-                  " is on ", c.device(), " but indices are on ", indices.device());
       TORCH_CHECK(c.scalar_type() == info.dtype, op, ": core ", k, " of ", table_label(ti),
                   " is ", c.scalar_type(), " but core 0 of the batch is ", info.dtype,
                   "; all cores of one call share a dtype");
@@ -192,19 +215,17 @@ inline BatchInfo parse_and_check(
   }
   info.total_D = info.feature_col[info.F];
 
-  TT_CHECK_DIM(indices, 1);
-  TT_CHECK_DIM(offsets, 1);
-  TT_CHECK_INDEX_DTYPE(indices);
-  TT_CHECK_INDEX_DTYPE(offsets);
-  TT_CHECK_DEVICE(offsets, indices.device());
+  check_dim(op, "indices", indices, 1);
+  check_dim(op, "offsets", offsets, 1);
+  check_index_dtype(op, "indices", indices);
+  check_index_dtype(op, "offsets", offsets);
   TORCH_CHECK(offsets.numel() >= 1 && (offsets.numel() - 1) % info.F == 0, op,
               ": offsets must have F*B+1 entries for F = ", info.F, " features, got ",
               offsets.numel());
   info.B = (offsets.numel() - 1) / info.F;
   if (per_sample_weights.has_value()) {
     const auto& w = *per_sample_weights;
-    TT_CHECK_DIM(w, 1);
-    TT_CHECK_DEVICE(w, indices.device());
+    check_dim(op, "per_sample_weights", w, 1);
     TORCH_CHECK(w.numel() == indices.numel(), op, ": per_sample_weights has ", w.numel(),
                 " entries but there are ", indices.numel(), " indices");
     TORCH_CHECK(w.scalar_type() == info.dtype, op, ": per_sample_weights is ", w.scalar_type(),
@@ -246,7 +267,7 @@ inline void check_backward_args(const char* op, const BatchInfo& info,
               grad_output.sizes());
   TORCH_CHECK(grad_output.scalar_type() == info.dtype, op, ": grad_output is ",
               grad_output.scalar_type(), " but the cores are ", info.dtype);
-  TT_CHECK_DEVICE(grad_output, indices.device());
+  SameDeviceCheck(op, "indices", indices).add("grad_output", grad_output).check();
 }
 
 }  // namespace torchrec_tt

@@ -431,7 +431,8 @@ class ShardedTTEmbeddingBagCollection(
                 keys = [f"embedding_bags.{name}.core_{k}" for k in range(self._shapes[name].num_cores)]
                 by_group.setdefault(id(fused.group), (fused.group, []))[1].extend(keys)
             self._fused_optimizer = ShardedTTFusedOptimizer(
-                self._fused_param_views, self._fused_state_views, list(by_group.values())
+                self._fused_param_views, self._fused_state_views, list(by_group.values()),
+                self._fused_tables,
             )
 
     # --- construction helpers ---------------------------------------------------------------

@@ -54,7 +54,15 @@ from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_tt.ops import TTKernelOptions
-from torchrec_tt.optim import SUPPORTED_FUSED_OPTIMIZERS, FusedOptimConfig, fused_update
+from torchrec_tt.optim import (
+    SUPPORTED_FUSED_OPTIMIZERS,
+    FusedOptimConfig,
+    ValidatedLoadMixin,
+    all_finite,
+    effective_grad,
+    fused_update,
+    read_lr,
+)
 from torchrec_tt.shapes import TTShape
 
 __all__ = [
@@ -251,6 +259,7 @@ class FusedTable:
 
     cfg: FusedOptimConfig
     group: dict[str, Any]
+    skipped_steps: int = 0  # updates dropped by skip_non_finite (on the ranks holding the table)
 
 
 class TTFusedUpdate:
@@ -288,18 +297,34 @@ class TTFusedUpdate:
 
     @torch.no_grad()
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+        # Every table's learning rate is checked before anything is reduced or updated.
+        lrs = {
+            table.name: read_lr(self._fused[table.name].group, f"fused optimizer of TT table {table.name!r}")
+            for table in self._tables
+        }
         grad_of = {id(p): g for p, g in zip(params, grads)}
         row_stats: dict[str, Tensor] = {}
+        bad_shards: dict[str, Tensor] = {}  # column_wise: non-finite core_0 shard gradients
         column_wise = self._reduce == "sum"
         if self._reduce is not None:
-            parts: list[tuple[Any, Tensor]] = []  # (id of the core or table name, tensor)
+            # (id of the core, or (kind, table name), tensor)
+            parts: list[tuple[Any, Tensor]] = []
             for table in self._tables:
                 fused = self._fused[table.name]
                 if column_wise:
                     for core in table.replicated_cores():
                         parts.append((id(core), grad_of[id(core)]))
                     if fused.cfg.optimizer == EmbOptimType.EXACT_ROWWISE_ADAGRAD:
-                        parts.append((table.name, self._core0_row_sums(table, fused.cfg, grad_of)))
+                        rows = self._core0_row_sums(table, fused.cfg, grad_of)
+                        parts.append((("rows", table.name), rows))
+                    if fused.cfg.skip_non_finite:
+                        # Shards differ by rank: their finiteness is summed over the group so
+                        # that every rank skips (or applies) the table alike.
+                        shard_grads = [grad_of[id(piece)] for piece in table.core_0_shards]
+                        flag = torch.zeros(1, dtype=torch.float32, device=table.replicated_cores()[0].device)
+                        if shard_grads:
+                            flag += (~torch.isfinite(torch.cat([g.reshape(-1) for g in shard_grads]))).any()
+                        parts.append((("bad", table.name), flag))
                 else:
                     for core in table.whole_cores():
                         parts.append((id(core), grad_of[id(core)]))
@@ -314,13 +339,16 @@ class TTFusedUpdate:
                 for key, t in parts:
                     value = flat[pos : pos + t.numel()].view(t.shape)
                     pos += t.numel()
-                    if isinstance(key, str):
-                        row_stats[key] = value
+                    if isinstance(key, tuple):
+                        (row_stats if key[0] == "rows" else bad_shards)[key[1]] = value
                     else:
                         grad_of[key] = value
         for table in self._tables:
             fused = self._fused[table.name]
-            lr = float(fused.group["lr"])
+            lr = lrs[table.name]
+            if fused.cfg.skip_non_finite and self._non_finite(table, grad_of, bad_shards, row_stats):
+                fused.skipped_steps += 1
+                continue
             if column_wise:
                 for k, core in enumerate(table.replicated_cores(), start=1):
                     fused_update(core, grad_of[id(core)], table.optimizer_state(k), fused.cfg, lr)
@@ -329,9 +357,25 @@ class TTFusedUpdate:
                 for k, core in enumerate(table.whole_cores()):
                     fused_update(core, grad_of[id(core)], table.optimizer_state(k), fused.cfg, lr)
 
-    @staticmethod
-    def _decayed(piece: Tensor, grad: Tensor, cfg: FusedOptimConfig) -> Tensor:
-        return grad if cfg.weight_decay == 0 else grad.add(piece, alpha=cfg.weight_decay)
+    def _non_finite(
+        self,
+        table: Any,
+        grad_of: Mapping[int, Tensor],
+        bad_shards: Mapping[str, Tensor],
+        row_stats: Mapping[str, Tensor],
+    ) -> bool:
+        """Whether the table's (reduced) gradients hold a NaN or inf; the same answer on every
+        rank that holds the table (reduced gradients are equal across ranks, and column_wise
+        shards' finiteness was reduced with them)."""
+        if self._reduce == "sum":
+            local = [grad_of[id(c)] for c in table.replicated_cores()]
+            if table.name in row_stats:
+                local.append(row_stats[table.name])
+            # The summed count of ranks whose core_0 shards held a NaN or inf, as a NaN if > 0.
+            local.append(torch.where(bad_shards[table.name] > 0, float("nan"), 0.0))
+        else:
+            local = [grad_of[id(c)] for c in table.whole_cores()]
+        return not all_finite(local)
 
     def _core0_row_sums(
         self, table: Any, cfg: FusedOptimConfig, grad_of: Mapping[int, Tensor]
@@ -341,7 +385,7 @@ class TTFusedUpdate:
         ref = table.replicated_cores()[0]
         total = torch.zeros(table.shape.core_shapes()[0][0], dtype=ref.dtype, device=ref.device)
         for piece in table.core_0_shards:
-            total += self._decayed(piece, grad_of[id(piece)], cfg).square().sum(dim=1)
+            total += effective_grad(piece, grad_of[id(piece)], cfg).square().sum(dim=1)
         return total
 
     def _update_core0_shards(
@@ -360,7 +404,7 @@ class TTFusedUpdate:
             m1.add_(row_sums.to(m1.dtype) / table.shape.core_shapes()[0][1])
             scale = (lr / (m1.sqrt() + cfg.eps)).unsqueeze(1)
             for piece in pieces:
-                piece.sub_(self._decayed(piece, grad_of[id(piece)], cfg) * scale)
+                piece.sub_(effective_grad(piece, grad_of[id(piece)], cfg) * scale)
         elif opt == EmbOptimType.ADAM:
             step = table.optimizer_state(0)["step"]  # replicated: one step for all shards
             for i, piece in enumerate(pieces):
@@ -373,7 +417,7 @@ class TTFusedUpdate:
                 fused_update(piece, grad_of[id(piece)], table.optimizer_state(0, piece=i), cfg, lr)
 
 
-class ShardedTTFusedOptimizer(KeyedOptimizer):
+class ShardedTTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
     """``KeyedOptimizer`` view of the fused optimizers of a sharded TT collection.
 
     Keys are the unsharded module's (``embedding_bags.<table>.core_<k>``) on every rank; values
@@ -387,6 +431,8 @@ class ShardedTTFusedOptimizer(KeyedOptimizer):
         state_of: ``key -> {state name: tensor or ShardedTensor}`` (views of the buffers).
         groups: ``(param group, keys in it)`` per distinct config; the dicts are the ones the
             updates read ``lr`` from.
+        fused_tables: the collection's fused tables, whose ``skipped_steps`` counters
+            (``skip_non_finite``) ``skipped_steps`` reports.
     """
 
     def __init__(
@@ -394,7 +440,9 @@ class ShardedTTFusedOptimizer(KeyedOptimizer):
         views: Callable[[], dict[str, Tensor]],
         state_of: Callable[[str], dict[str, Any]],
         groups: Sequence[tuple[dict[str, Any], Sequence[str]]],
+        fused_tables: Mapping[str, FusedTable] | None = None,
     ) -> None:
+        self._fused_tables = dict(fused_tables or {})
         self._views = views
         self._state_of = state_of
         self._group_keys = [list(keys) for _, keys in groups]
@@ -415,6 +463,12 @@ class ShardedTTFusedOptimizer(KeyedOptimizer):
     def state(self, value: Mapping[Any, Any]) -> None:
         if value:
             raise ValueError("ShardedTTFusedOptimizer state lives in the module's buffers")
+
+    @property
+    def skipped_steps(self) -> dict[str, int]:
+        """Updates dropped per table by ``skip_non_finite`` (counted on the ranks that hold the
+        table: every rank for data_parallel and column_wise, the owner for table_wise)."""
+        return {name: t.skipped_steps for name, t in self._fused_tables.items()}
 
     def init_state(self, sparse_grad_parameter_names: Any = None) -> None:
         """Nothing to do: the state exists from construction (zeros or the module's)."""

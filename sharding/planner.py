@@ -25,6 +25,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 import torch.distributed as dist
 
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.validation import check_number
 from torchrec_tt.sharding.embeddingbag import TTEmbeddingBagCollectionSharder, tt_planning
 from torchrec_tt.sharding.estimator import TTShardEstimator
 from torchrec_tt.sharding.tt_shards import tt_column_shard_dims
@@ -123,12 +124,21 @@ def plan(
         (logged at INFO on ``torchrec.distributed.planner.stats``) show TT tables with their
         estimated TT storage.
     """
+    batch_size = int(check_number("batch_size", batch_size, low=1, integer=True, where="plan()"))
     if sharders is None:
         sharders = [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
     if constraints:
         unknown = sorted(set(constraints) - _table_names(model, sharders))
         if unknown:
             raise ValueError(f"constraints name tables {unknown} that the model does not have")
+        known = [t.value for t in ShardingType]
+        for table, constraint in constraints.items():
+            bogus = [t for t in constraint.sharding_types or () if t not in known]
+            if bogus:
+                raise ValueError(
+                    f"constraints[{table!r}].sharding_types has {bogus}, which are not sharding "
+                    f"types; choose from {known} (TT tables: data_parallel, table_wise, column_wise)"
+                )
     estimator = TTShardEstimator(
         topology,
         constraints,

@@ -127,7 +127,7 @@ def test_apply_optimizer_in_backward_is_honoured() -> None:
         ({"optimizer": "lamb"}, "LAMB is not supported"),
         ({"optimizer": "nonsense"}, "unknown optimizer"),
         ({"optimizer": "exact_sgd", "momentum": 0.9}, "unsupported keys \\['momentum'\\]"),
-        ({"optimizer": "adam", "beta1": 1.5}, "invalid fused optimizer"),
+        ({"optimizer": "adam", "beta1": 1.5}, "fused optimizer: beta1 must be < 1.0, got 1.5"),
     ],
 )
 def test_bad_fused_params(params: dict, match: str) -> None:

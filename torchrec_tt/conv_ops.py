@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from torchrec_tt import _C  # noqa: F401  (registers the torchrec_tt ops)
+from torchrec_tt.validation import check_same_device
 
 __all__ = ["pair", "tt_conv2d", "tt_conv2d_output_size"]
 
@@ -70,23 +71,86 @@ def tt_conv2d(
     )
 
 
+def _check_conv_args(
+    op: str, input: Tensor, core0: Tensor, core1: Tensor, core2: Tensor, bias: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int],
+) -> tuple[int, int]:
+    """The checks of ``check_tt_conv2d`` (csrc/conv_cpu.cpp) for the fake (meta) kernels, with
+    the same messages; returns the output's ``(Ho, Wo)``."""
+    check_same_device(
+        op, [("input", input), ("core0", core0), ("core1", core1), ("core2", core2), ("bias", bias)]
+    )
+    torch._check(
+        input.dim() == 4,
+        lambda: f"{op}: input must be 4-D [N, C, H, W], got {input.dim()}-D of shape {list(input.shape)}",
+    )
+    torch._check(
+        input.dtype.is_floating_point,
+        lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}",
+    )
+    for name, core in (("core0", core0), ("core1", core1), ("core2", core2)):
+        torch._check(
+            core.dim() == 4,
+            lambda: f"{op}: {name} must be 4-D, got {core.dim()}-D of shape {list(core.shape)}",
+        )
+        torch._check(
+            core.dtype == input.dtype, lambda: f"{op}: {name} is {core.dtype} but input is {input.dtype}"
+        )
+    torch._check(
+        len(stride) == 2 and len(padding) == 2 and len(dilation) == 2,
+        lambda: f"{op}: stride, padding and dilation must have 2 entries each, got {stride}, "
+        f"{padding}, {dilation}",
+    )
+    c, r1, r2, k = input.shape[1], core0.shape[0], core1.shape[0], core2.shape[0]
+    torch._check(
+        core0.shape[1] == c and core0.shape[2] == 1 and core0.shape[3] == 1,
+        lambda: f"{op}: core0 must have shape [r1, C={c}, 1, 1], got {list(core0.shape)}",
+    )
+    torch._check(
+        core1.shape[1] == r1,
+        lambda: f"{op}: core1 must have shape [r2, r1={r1}, KH, KW], got {list(core1.shape)}",
+    )
+    torch._check(
+        core2.shape[1] == r2 and core2.shape[2] == 1 and core2.shape[3] == 1,
+        lambda: f"{op}: core2 must have shape [K, r2={r2}, 1, 1], got {list(core2.shape)}",
+    )
+    torch._check(
+        min(r1, r2, k, c, core1.shape[2], core1.shape[3]) >= 1,
+        lambda: f"{op}: ranks, channels and kernel size must be >= 1, got core shapes "
+        f"{list(core0.shape)}, {list(core1.shape)}, {list(core2.shape)}",
+    )
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == k,
+            lambda: f"{op}: bias must have shape [K={k}], got {list(bias.shape)}",
+        )
+        torch._check(
+            bias.dtype == input.dtype, lambda: f"{op}: bias is {bias.dtype} but input is {input.dtype}"
+        )
+    torch._check(min(stride) >= 1, lambda: f"{op}: stride must be >= 1, got {stride}")
+    torch._check(min(dilation) >= 1, lambda: f"{op}: dilation must be >= 1, got {dilation}")
+    torch._check(min(padding) >= 0, lambda: f"{op}: padding must be >= 0, got {padding}")
+    eh = dilation[0] * (core1.shape[2] - 1) + 1
+    ew = dilation[1] * (core1.shape[3] - 1) + 1
+    ph, pw = input.shape[2] + 2 * padding[0], input.shape[3] + 2 * padding[1]
+    torch._check(
+        ph >= eh and pw >= ew,
+        lambda: f"{op}: padded input {ph}x{pw} is smaller than the dilated kernel {eh}x{ew}",
+    )
+    return tt_conv2d_output_size(
+        input.shape[2], input.shape[3], (core1.shape[2], core1.shape[3]),
+        (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]),
+    )
+
+
 @torch.library.register_fake("torchrec_tt::tt_conv2d")
 def _tt_conv2d_fake(
     input: Tensor, core0: Tensor, core1: Tensor, core2: Tensor, bias: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int],
 ) -> Tensor:
-    torch._check(input.dim() == 4, lambda: "tt_conv2d: input must be 4-D [N, C, H, W]")
-    for name, core in (("core0", core0), ("core1", core1), ("core2", core2)):
-        torch._check(core.dim() == 4, lambda: f"tt_conv2d: {name} must be 4-D")
-        torch._check(core.dtype == input.dtype, lambda: f"tt_conv2d: {name} dtype differs from input")
-    torch._check(core0.shape[1] == input.shape[1], lambda: "tt_conv2d: core0 must be [r1, C, 1, 1]")
-    torch._check(core1.shape[1] == core0.shape[0], lambda: "tt_conv2d: core1 must be [r2, r1, KH, KW]")
-    torch._check(core2.shape[1] == core1.shape[0], lambda: "tt_conv2d: core2 must be [K, r2, 1, 1]")
-    ho, wo = tt_conv2d_output_size(
-        input.shape[2], input.shape[3], (core1.shape[2], core1.shape[3]),
-        (stride[0], stride[1]), (padding[0], padding[1]), (dilation[0], dilation[1]),
+    ho, wo = _check_conv_args(
+        "torchrec_tt::tt_conv2d", input, core0, core1, core2, bias, stride, padding, dilation
     )
-    torch._check(ho >= 1 and wo >= 1, lambda: "tt_conv2d: output would be empty")
     out = input.new_empty((input.shape[0], core2.shape[0], ho, wo))
     return out.contiguous(memory_format=_output_memory_format(input))
 
@@ -96,7 +160,19 @@ def _tt_conv2d_backward_fake(
     grad_output: Tensor, input: Tensor, core0: Tensor, core1: Tensor, core2: Tensor,
     stride: list[int], padding: list[int], dilation: list[int], output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    torch._check(len(output_mask) == 4, lambda: "tt_conv2d_backward: output_mask needs 4 entries")
+    op = "torchrec_tt::tt_conv2d_backward"
+    torch._check(len(output_mask) == 4, lambda: f"{op}: output_mask needs 4 entries")
+    ho, wo = _check_conv_args(op, input, core0, core1, core2, None, stride, padding, dilation)
+    check_same_device(op, [("input", input), ("grad_output", grad_output)])
+    want = [input.shape[0], core2.shape[0], ho, wo]
+    torch._check(
+        grad_output.dim() == 4 and list(grad_output.shape) == want,
+        lambda: f"{op}: grad_output must have shape {want}, got {list(grad_output.shape)}",
+    )
+    torch._check(
+        grad_output.dtype == input.dtype,
+        lambda: f"{op}: grad_output is {grad_output.dtype} but input is {input.dtype}",
+    )
     empty = input.new_empty((0,))
     grad_input = (
         torch.empty_like(input, memory_format=_output_memory_format(input))

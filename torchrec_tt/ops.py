@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from torchrec_tt import _C  # noqa: F401  (registers the torchrec_tt ops)
+from torchrec_tt.validation import check_same_device
 
 __all__ = [
     "BoundsCheckMode",
@@ -267,6 +268,154 @@ def tt_embedding_bag(
     )
 
 
+def _check_op_args(
+    op: str,
+    cores: list[Tensor],
+    num_cores: list[int],
+    p_shapes: list[int],
+    q_shapes: list[int],
+    ranks: list[int],
+    num_rows: list[int],
+    feature_table_map: list[int],
+    table_names: list[str],
+    pooling_modes: list[int],
+    indices: Tensor,
+    offsets: Tensor,
+    per_sample_weights: Tensor | None,
+    grad_output: Tensor | None = None,
+) -> tuple[int, int]:
+    """The checks of ``parse_and_check`` (csrc/embedding_bag_common.h) that need no tensor data,
+    for the fake (meta) kernels, with the same messages; returns ``(B, total D)``."""
+    t_count = len(num_cores)
+    torch._check(t_count >= 1, lambda: f"{op}: needs at least one table")
+    torch._check(
+        len(num_rows) == t_count and len(table_names) == t_count and len(pooling_modes) == t_count,
+        lambda: f"{op}: num_cores, num_rows, table_names and pooling_modes must have one entry "
+        f"per table, got {t_count}, {len(num_rows)}, {len(table_names)} and {len(pooling_modes)}",
+    )
+    torch._check(len(cores) >= 1, lambda: f"{op}: no cores given")
+    named = [("indices", indices), ("offsets", offsets), ("per_sample_weights", per_sample_weights)]
+    if grad_output is not None:
+        named.append(("grad_output", grad_output))
+    pos = 0
+    for t, k_count in enumerate(num_cores):
+        for k in range(k_count):
+            if pos < len(cores):
+                named.append((f"core {k} of table {table_names[t]!r}", cores[pos]))
+            pos += 1
+    check_same_device(op, named)
+    dtype = cores[0].dtype
+    torch._check(
+        dtype in (torch.float32, torch.float64),
+        lambda: f"{op}: cores must be float32 or float64, got {dtype}",
+    )
+    core_pos = rank_pos = 0
+    dims = []
+    for t, k_count in enumerate(num_cores):
+        label = f"table {table_names[t]!r}"
+        torch._check(
+            2 <= k_count <= 4, lambda: f"{op}: {label} must have 2, 3 or 4 cores, got {k_count}"
+        )
+        torch._check(
+            core_pos + k_count <= min(len(p_shapes), len(q_shapes), len(cores))
+            and rank_pos + k_count - 1 <= len(ranks),
+            lambda: f"{op}: p_shapes, q_shapes, ranks or cores are too short for {label}",
+        )
+        torch._check(
+            pooling_modes[t] in (int(PoolingMode.SUM), int(PoolingMode.MEAN)),
+            lambda: f"{op}: {label} has pooling mode {pooling_modes[t]}; expected 0 (SUM) or 1 (MEAN)",
+        )
+        torch._check(num_rows[t] >= 1, lambda: f"{op}: {label} has num_rows {num_rows[t]}")
+        p = p_shapes[core_pos : core_pos + k_count]
+        q = q_shapes[core_pos : core_pos + k_count]
+        r = [1, *ranks[rank_pos : rank_pos + k_count - 1], 1]
+        torch._check(
+            all(v >= 1 for v in (*p, *q)), lambda: f"{op}: {label} has a non-positive p or q factor"
+        )
+        torch._check(all(v >= 1 for v in r), lambda: f"{op}: {label} has rank {min(r)}")
+        torch._check(
+            math.prod(p) >= num_rows[t],
+            lambda: f"{op}: {label} row factors multiply to {math.prod(p)} < num_rows {num_rows[t]}",
+        )
+        for k in range(k_count):
+            c = cores[core_pos + k]
+            torch._check(
+                c.dtype == dtype,
+                lambda: f"{op}: core {k} of {label} is {c.dtype} but core 0 of the batch is "
+                f"{dtype}; all cores of one call share a dtype",
+            )
+            cols = r[k] * q[k] * r[k + 1]
+            torch._check(
+                c.dim() == 2 and c.shape[0] == p[k] and c.shape[1] == cols,
+                lambda: f"{op}: core {k} of {label} must have shape [{p[k]}, {cols}] "
+                f"(p_k, r_{{k-1}}*q_k*r_k), got {list(c.shape)}",
+            )
+        dims.append(math.prod(q))
+        core_pos += k_count
+        rank_pos += k_count - 1
+    torch._check(
+        core_pos == len(cores) == len(p_shapes) == len(q_shapes) and rank_pos == len(ranks),
+        lambda: f"{op}: the tables need {core_pos} cores / p / q entries and {rank_pos} ranks, "
+        f"got {len(cores)} / {len(p_shapes)} / {len(q_shapes)} and {len(ranks)}",
+    )
+    num_features = len(feature_table_map)
+    torch._check(num_features >= 1, lambda: f"{op}: feature_table_map is empty")
+    for f, t in enumerate(feature_table_map):
+        torch._check(
+            0 <= t < t_count,
+            lambda: f"{op}: feature {f} maps to table {t} but there are {t_count} tables",
+        )
+    for name, x in (("indices", indices), ("offsets", offsets)):
+        torch._check(
+            x.dim() == 1, lambda: f"{op}: {name} must be 1-D, got {x.dim()}-D of shape {list(x.shape)}"
+        )
+        torch._check(
+            x.dtype in (torch.int32, torch.int64),
+            lambda: f"{op}: {name} must be int32 or int64, got {x.dtype}",
+        )
+    torch._check(
+        offsets.shape[0] >= 1 and (offsets.shape[0] - 1) % num_features == 0,
+        lambda: f"{op}: offsets must have F*B+1 entries for F = {num_features} features, got "
+        f"{offsets.shape[0]}",
+    )
+    if per_sample_weights is not None:
+        w = per_sample_weights
+        torch._check(
+            w.dim() == 1,
+            lambda: f"{op}: per_sample_weights must be 1-D, got {w.dim()}-D of shape {list(w.shape)}",
+        )
+        torch._check(
+            w.shape[0] == indices.shape[0],
+            lambda: f"{op}: per_sample_weights has {w.shape[0]} entries but there are "
+            f"{indices.shape[0]} indices",
+        )
+        torch._check(
+            w.dtype == dtype,
+            lambda: f"{op}: per_sample_weights is {w.dtype} but the cores are {dtype}",
+        )
+    batch = (offsets.shape[0] - 1) // num_features
+    return batch, sum(dims[t] for t in feature_table_map)
+
+
+def _check_kernel_options(
+    op: str, dtype: torch.dtype, bounds_check_mode: int, compute_precision: int
+) -> None:
+    torch._check(
+        0 <= bounds_check_mode <= 2,
+        lambda: f"{op}: bounds_check_mode must be 0 (FATAL), 1 (WARNING) or 2 (IGNORE), got "
+        f"{bounds_check_mode}",
+    )
+    torch._check(
+        0 <= compute_precision <= 3,
+        lambda: f"{op}: compute_precision must be 0 (TF32), 1 (FP32), 2 (BF16) or 3 (FP16), got "
+        f"{compute_precision}",
+    )
+    torch._check(
+        dtype == torch.float32 or compute_precision in (0, 1),
+        lambda: f"{op}: compute_precision BF16 / FP16 needs float32 cores, got {dtype}",
+    )
+
+
 @torch.library.register_fake("torchrec_tt::tt_embedding_bag")
 def _tt_embedding_bag_fake(
     cores: list[Tensor],
@@ -285,16 +434,12 @@ def _tt_embedding_bag_fake(
     compute_precision: int,
     deterministic: bool,
 ) -> Tensor:
-    num_features = len(feature_table_map)
-    torch._check(num_features >= 1, lambda: "feature_table_map is empty")
-    torch._check(indices.dim() == 1, lambda: "indices must be 1-D")
-    torch._check(offsets.dim() == 1, lambda: "offsets must be 1-D")
-    torch._check(
-        (offsets.shape[0] - 1) % num_features == 0, lambda: "offsets must have F*B+1 entries"
+    op = "torchrec_tt::tt_embedding_bag"
+    batch, total_d = _check_op_args(
+        op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows, feature_table_map,
+        table_names, pooling_modes, indices, offsets, per_sample_weights,
     )
-    dims = _table_dims(num_cores, q_shapes)
-    total_d = sum(dims[t] for t in feature_table_map)
-    batch = (offsets.shape[0] - 1) // num_features
+    _check_kernel_options(op, cores[0].dtype, bounds_check_mode, compute_precision)
     return cores[0].new_empty((batch, total_d))
 
 
@@ -318,6 +463,24 @@ def _tt_embedding_bag_backward_fake(
     compute_precision: int,
     deterministic: bool,
 ) -> tuple[list[Tensor], Tensor]:
+    op = "torchrec_tt::tt_embedding_bag_backward"
+    batch, total_d = _check_op_args(
+        op, cores, num_cores, p_shapes, q_shapes, ranks, num_rows, feature_table_map,
+        table_names, pooling_modes, indices, offsets, per_sample_weights, grad_output,
+    )
+    _check_kernel_options(op, cores[0].dtype, bounds_check_mode, compute_precision)
+    torch._check(
+        per_sample_weights is not None or not per_sample_weights_grad,
+        lambda: f"{op}: per_sample_weights_grad needs per_sample_weights",
+    )
+    torch._check(
+        grad_output.dim() == 2 and grad_output.shape[0] == batch and grad_output.shape[1] == total_d,
+        lambda: f"{op}: grad_output must have shape [{batch}, {total_d}], got {list(grad_output.shape)}",
+    )
+    torch._check(
+        grad_output.dtype == cores[0].dtype,
+        lambda: f"{op}: grad_output is {grad_output.dtype} but the cores are {cores[0].dtype}",
+    )
     grads = [torch.empty_like(c, memory_format=torch.contiguous_format) for c in cores]
     n = indices.shape[0] if per_sample_weights_grad else 0
     return grads, grad_output.new_empty((n,))

@@ -15,22 +15,44 @@ Semantics per core ``G`` with gradient ``g`` (after ``g += weight_decay * G``):
   ``m1 += mean(g_row²); G_row -= lr * g_row / (sqrt(m1) + eps)`` (FBGEMM's row-wise Adagrad).
 * ADAM: ``torch.optim.Adam`` with bias correction, applied to every slice (dense: the cores are
   small, so there is no reason for FBGEMM's lazy per-row variant).
+
+Safety options (``fused_params`` keys, all off by default):
+
+* ``gradient_clipping`` / ``max_gradient`` (FBGEMM's): every gradient entry is clamped to
+  ``[-max_gradient, max_gradient]`` before weight decay and the update (``±inf`` becomes
+  ``±max_gradient``; NaN stays NaN).
+* ``skip_non_finite``: a table whose gradient holds a NaN or inf in any core is not updated that
+  step (cores and state untouched) and the step is counted in ``skipped_steps[table]`` of the
+  fused optimizer. It costs a host synchronisation per table and step.
+
+Hyper-parameters are checked when the config is built (finite, in range, numbers) and the
+learning rate again at every update, when it is read from ``param_groups``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import Tensor, nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.optim.keyed import KeyedOptimizer
 
 from torchrec_tt.ops import TTKernelOptions
+from torchrec_tt.validation import check_number
 
-__all__ = ["FusedOptimConfig", "SUPPORTED_FUSED_OPTIMIZERS", "TTFusedOptimizer"]
+__all__ = [
+    "FusedOptimConfig",
+    "SUPPORTED_FUSED_OPTIMIZERS",
+    "TTFusedOptimizer",
+    "ValidatedLoadMixin",
+    "all_finite",
+    "effective_grad",
+    "read_lr",
+]
 
 SUPPORTED_FUSED_OPTIMIZERS = (
     EmbOptimType.EXACT_SGD,
@@ -57,6 +79,28 @@ class FusedOptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     weight_decay: float = 0.0
+    gradient_clipping: bool = False
+    max_gradient: float = 1.0
+    skip_non_finite: bool = False
+
+    def __post_init__(self) -> None:
+        # Every construction path (fused_params, apply_optimizer_in_backward, sharders) ends
+        # here: non-finite, out-of-range or non-numeric values never reach an update.
+        where = "fused optimizer"
+        ranges = {
+            "learning_rate": {"low": 0.0},
+            "eps": {"low": 0.0, "low_open": True},
+            "beta1": {"low": 0.0, "high": 1.0, "high_open": True},
+            "beta2": {"low": 0.0, "high": 1.0, "high_open": True},
+            "weight_decay": {"low": 0.0},
+            "max_gradient": {"low": 0.0, "low_open": True},
+        }
+        for name, limits in ranges.items():
+            value = check_number(name, getattr(self, name), where=where, **limits)  # type: ignore[arg-type]
+            object.__setattr__(self, name, value)
+        for name in ("gradient_clipping", "skip_non_finite"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{where}: {name} must be a bool, got {getattr(self, name)!r}")
 
     @staticmethod
     def from_fused_params(fused_params: Mapping[str, Any]) -> FusedOptimConfig:
@@ -64,7 +108,10 @@ class FusedOptimConfig:
         # Kernel settings travel in the same dict (as FBGEMM's bounds_check_mode does).
         params = {k: v for k, v in fused_params.items() if k not in TTKernelOptions.KEYS}
         if "betas" in params:
-            params["beta1"], params["beta2"] = params.pop("betas")
+            betas = params.pop("betas")
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"fused optimizer: betas must be a pair, got {betas!r}")
+            params["beta1"], params["beta2"] = betas
         if "lr" in params:
             params["learning_rate"] = params.pop("lr")
         names = {f.name for f in fields(FusedOptimConfig)}
@@ -83,10 +130,7 @@ class FusedOptimConfig:
                 f"{[o.name for o in SUPPORTED_FUSED_OPTIMIZERS]}"
             )
         params["optimizer"] = opt
-        cfg = FusedOptimConfig(**params)
-        if cfg.learning_rate < 0 or cfg.eps <= 0 or not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
-            raise ValueError(f"invalid fused optimizer hyper-parameters: {cfg}")
-        return cfg
+        return FusedOptimConfig(**params)
 
     def state_shapes(self, core_shape: torch.Size) -> dict[str, tuple[int, ...]]:
         """Shapes of the state buffers of one core."""
@@ -99,10 +143,29 @@ class FusedOptimConfig:
         return {}
 
 
+def read_lr(group: Mapping[str, Any], where: str) -> float:
+    """The learning rate of a param group, checked as it is read for an update (a scheduler or
+    a user may have set it to anything since the config was validated)."""
+    return check_number("param_groups lr", group["lr"], low=0.0, where=where)
+
+
+def effective_grad(core: Tensor, grad: Tensor, cfg: FusedOptimConfig) -> Tensor:
+    """The gradient an update uses: clipped (``gradient_clipping``), then weight decay added."""
+    g = grad.clamp(-cfg.max_gradient, cfg.max_gradient) if cfg.gradient_clipping else grad
+    return g if cfg.weight_decay == 0 else g.add(core, alpha=cfg.weight_decay)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when no tensor holds a NaN or inf (one host synchronisation)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 @torch.no_grad()
 def fused_update(core: Tensor, grad: Tensor, state: Mapping[str, Tensor], cfg: FusedOptimConfig, lr: float) -> None:
     """Applies one fused-optimizer step to ``core`` in place (state updated in place)."""
-    g = grad if cfg.weight_decay == 0 else grad.add(core, alpha=cfg.weight_decay)
+    g = effective_grad(core, grad, cfg)
     opt = cfg.optimizer
     if opt == EmbOptimType.EXACT_SGD:
         core.add_(g, alpha=-lr)
@@ -128,12 +191,104 @@ def fused_update(core: Tensor, grad: Tensor, state: Mapping[str, Tensor], cfg: F
         raise AssertionError(opt)
 
 
-class TTFusedOptimizer(KeyedOptimizer):
+def _describe(value: Any) -> str:
+    if isinstance(value, ShardedTensor):
+        return f"a ShardedTensor of size {tuple(value.size())}, {value.dtype}"
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}, {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+def _check_state_value(path: str, have: Any, new: Any) -> None:
+    if isinstance(have, ShardedTensor):
+        ok = (
+            isinstance(new, ShardedTensor)
+            and new.size() == have.size()
+            and new.dtype == have.dtype
+            and [s.tensor.shape for s in new.local_shards()]
+            == [s.tensor.shape for s in have.local_shards()]
+        )
+    else:
+        ok = isinstance(new, Tensor) and not isinstance(new, ShardedTensor) and (
+            new.shape == have.shape and new.dtype == have.dtype
+        )
+    if not ok:
+        raise ValueError(
+            f"fused optimizer state_dict: {path} is {_describe(new)} but the optimizer holds "
+            f"{_describe(have)} (local shards must match too); nothing was loaded"
+        )
+
+
+def _names(keys: Any) -> list[str]:
+    return sorted(str(k) for k in keys)
+
+
+class ValidatedLoadMixin:
+    """``load_state_dict`` that checks the whole state dict (every key, state name, shape and
+    dtype, the param groups and their learning rates) before KeyedOptimizer copies any of it,
+    so a bad state dict raises ``ValueError`` naming the key and leaves the optimizer as it was."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        pre = "fused optimizer state_dict"
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict:
+            raise ValueError(f"{pre}: expected a mapping with 'state' (and 'param_groups')")
+        new_state = state_dict["state"]
+        params: dict[str, Any] = self.params  # type: ignore[attr-defined]
+        state = self.state  # type: ignore[attr-defined]
+        missing, unexpected = set(params) - set(new_state), set(new_state) - set(params)
+        if missing or unexpected:
+            raise ValueError(
+                f"{pre}: keys do not match the optimizer's: missing {_names(missing)}, "
+                f"unexpected {_names(unexpected)}; nothing was loaded"
+            )
+        for key, param in params.items():
+            have, new = state[param], new_state[key]
+            if not isinstance(new, Mapping) or set(have) != set(new):
+                got = _names(new) if isinstance(new, Mapping) else _describe(new)
+                raise ValueError(
+                    f"{pre}: state[{key!r}] has {got} but the optimizer's has {_names(have)}; "
+                    "nothing was loaded"
+                )
+            for name, value in have.items():
+                _check_state_value(f"state[{key!r}][{name!r}]", value, new[name])
+        if not self.defaults["_save_param_groups"]:  # type: ignore[attr-defined]
+            return
+        new_groups = state_dict.get("param_groups")
+        groups = self.param_groups  # type: ignore[attr-defined]
+        if not isinstance(new_groups, Sequence) or len(new_groups) != len(groups):
+            raise ValueError(
+                f"{pre}: param_groups must be a list of {len(groups)} groups, got "
+                f"{new_groups!r}; nothing was loaded"
+            )
+        key_of = {id(p): k for k, p in params.items()}
+        new_by_params = {
+            tuple(sorted(g.get("params", ()))): g for g in new_groups if isinstance(g, Mapping)
+        }
+        for group in groups:
+            keys = tuple(sorted(key_of[id(p)] for p in group["params"]))
+            new = new_by_params.get(keys)
+            if new is None:
+                raise ValueError(f"{pre}: no param group holds {list(keys)}; nothing was loaded")
+            if set(new) != set(group):
+                raise ValueError(
+                    f"{pre}: the param group of {list(keys)} has keys {_names(new)}, expected "
+                    f"{_names(group)}; nothing was loaded"
+                )
+            read_lr(new, f"{pre}: the param group of {list(keys)}")
+
+
+class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
     """KeyedOptimizer view of the fused optimizer of a TT collection.
 
     The updates happen in the backward; ``step()`` and ``zero_grad()`` do nothing (as for
-    FBGEMM's fused TBE optimizer). ``param_groups[0]["lr"]`` is read at every update, so
-    learning-rate schedulers work.
+    FBGEMM's fused TBE optimizer). ``param_groups[0]["lr"]`` is read (and checked) at every
+    update, so learning-rate schedulers work. With ``skip_non_finite``, a table's core
+    gradients are held until all of them arrived in the backward, then applied together or
+    (any of them non-finite) dropped and counted in ``skipped_steps``.
     """
 
     def __init__(
@@ -152,7 +307,14 @@ class TTFusedOptimizer(KeyedOptimizer):
         )
         self.cfg = cfg
         self._handles: list[Any] = []
+        #: Steps skipped per table by ``skip_non_finite`` (always 0 with it off).
+        self.skipped_steps: dict[str, int] = {}
+        self._pending: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         self.rebind(params)
+
+    @staticmethod
+    def _table_of(name: str) -> str:
+        return name.split(".")[1]  # embedding_bags.<table>.core_<k>
 
     def rebind(self, params: Mapping[str, nn.Parameter]) -> None:
         """Moves the update hooks to new parameter objects (after ``to_empty``, ``to``, …)."""
@@ -161,6 +323,12 @@ class TTFusedOptimizer(KeyedOptimizer):
         self.params = dict(params)
         self.param_groups[0]["params"] = list(self.params.values())  # type: ignore[index]
         self._names = {p: name for name, p in self.params.items()}
+        self._cores_per_table: dict[str, int] = {}
+        for name in self.params:
+            table = self._table_of(name)
+            self._cores_per_table[table] = self._cores_per_table.get(table, 0) + 1
+            self.skipped_steps.setdefault(table, 0)
+        self._pending.clear()
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params.values()]
 
     @property  # type: ignore[override]
@@ -176,9 +344,23 @@ class TTFusedOptimizer(KeyedOptimizer):
         grad = param.grad
         if grad is None:
             return
-        state = self._state_of(self._names[param])
-        fused_update(param, grad, state, self.cfg, float(self.param_groups[0]["lr"]))  # type: ignore[index]
-        param.grad = None
+        param.grad = None  # also on a rejected step: no gradient leaks into the next backward
+        name = self._names[param]
+        table = self._table_of(name)
+        lr = read_lr(self.param_groups[0], f"fused optimizer of TT tables {sorted(self._cores_per_table)}")  # type: ignore[arg-type]
+        if not self.cfg.skip_non_finite:
+            fused_update(param, grad, self._state_of(name), self.cfg, lr)
+            return
+        pending = self._pending.setdefault(table, {})
+        pending[name] = (param, grad)
+        if len(pending) < self._cores_per_table[table]:
+            return
+        del self._pending[table]
+        if not all_finite([g for _, g in pending.values()]):
+            self.skipped_steps[table] += 1
+            return
+        for core_name, (core, g) in pending.items():
+            fused_update(core, g, self._state_of(core_name), self.cfg, lr)
 
     def step(self, closure: Any = None) -> None:  # noqa: D102 - updates already happened
         return None

@@ -33,7 +33,15 @@ _ROW_WINDOW = 1.25
 # Cap on outer-level (Python-looped) candidates, spread over the K-2 outer levels, so the search
 # stays in the tens of milliseconds even for N ~ 1e10 and K = 4. The innermost pair is vectorised.
 _ROW_OUTER_BUDGET = 4096
-_PAIR_MAX_HALF_WINDOW = 1 << 19
+_PAIR_MAX_HALF_WINDOW = 1 << 17
+# Above this many pair candidates in all (outer candidates x the pair window), the level above
+# the pair tries fewer outer candidates, so one call stays in the milliseconds at any size. Sizes
+# up to ~1e10 rows never reach it (their factors are the same as without it).
+_PAIR_WORK_BUDGET = 1 << 20
+
+#: Rows a table may have: the op's sort keys are ``table << 40 | index``, so indices must be
+#: below 2^40.
+MAX_ROWS = 1 << 40
 
 
 def _prod(xs: Sequence[int]) -> int:
@@ -131,6 +139,7 @@ def _validate(
     pre = _table_prefix(table_name)
     if not _is_int(num_rows) or num_rows < 1:
         raise ValueError(f"{pre}num_rows must be a positive int, got {num_rows!r}")
+    _check_max_rows(num_rows, table_name)
     if not _is_int(embedding_dim) or embedding_dim < 1:
         raise ValueError(f"{pre}embedding_dim must be a positive int, got {embedding_dim!r}")
     k = len(ranks) + 1
@@ -156,6 +165,32 @@ def _validate(
         raise ValueError(
             f"{pre}column factors q={tuple(q)} (prod {_prod(q)}) must multiply to "
             f"embedding_dim={embedding_dim}"
+        )
+
+
+def _check_max_rows(num_rows: int, table_name: str) -> None:
+    if num_rows > MAX_ROWS:
+        raise ValueError(
+            f"{_table_prefix(table_name)}num_rows {num_rows} exceeds the limit of 2^40 = "
+            f"{MAX_ROWS} rows (the op keys lookups as table << 40 | index)"
+        )
+
+
+#: Parameters a TT table may always have, even when that is more than its dense table (small
+#: tables at the default ranks are common in tests and examples).
+_TT_PARAMETER_ALLOWANCE = 1 << 24
+
+
+def _check_not_larger_than_dense(shape: TTShape, table_name: str) -> None:
+    """Ranks whose cores would outgrow the dense table (beyond a small allowance) are a
+    mistake, not a compression: reject them before anything allocates the cores."""
+    tt, dense = shape.num_parameters(), shape.num_rows * shape.embedding_dim
+    if tt > max(dense, _TT_PARAMETER_ALLOWANCE):
+        raise ValueError(
+            f"{_table_prefix(table_name)}ranks {shape.ranks} give {tt} TT parameters "
+            f"({shape.num_bytes(4)} bytes) for a {shape.num_rows}x{shape.embedding_dim} table "
+            f"of {dense} ({shape.dense_num_bytes(4)} bytes): more than the dense table; "
+            f"useful ranks are at most {max_useful_ranks(shape.p, shape.q)}"
         )
 
 
@@ -199,8 +234,13 @@ def _best_factors(m: int, k: int, per_level: int) -> tuple[int, tuple[int, ...]]
     if k == 2:
         return _best_pair(m)
     lo, hi = _window(m, k)
-    # The per_level candidates nearest the root (the whole window when it is small enough).
     mid = round(m ** (1.0 / k))
+    if k == 3:
+        # Each candidate costs a vectorised pair search over its window: bound the total.
+        p_lo, p_hi = _window(-(-m // max(1, mid)), 2)
+        pair_width = min(p_hi - p_lo + 1, 2 * _PAIR_MAX_HALF_WINDOW + 1)
+        per_level = min(per_level, max(16, _PAIR_WORK_BUDGET // pair_width))
+    # The per_level candidates nearest the root (the whole window when it is small enough).
     start = max(lo, min(mid - per_level // 2, hi - per_level + 1))
     cands = range(start, min(hi, start + per_level - 1) + 1)
     best: tuple[int, float, tuple[int, ...]] | None = None
@@ -226,6 +266,7 @@ def factor_rows(num_rows: int, num_cores: int) -> tuple[int, ...]:
     """
     if not _is_int(num_rows) or num_rows < 1:
         raise ValueError(f"num_rows must be a positive int, got {num_rows!r}")
+    _check_max_rows(num_rows, "")
     if not _is_int(num_cores) or num_cores < 1:
         raise ValueError(f"num_cores must be a positive int, got {num_cores!r}")
     outer_levels = max(1, num_cores - 2)
@@ -283,6 +324,11 @@ def make_tt_shape(
     Raises ``ValueError`` naming ``table_name`` and the problem for any invalid input.
     """
     pre = _table_prefix(table_name)
+    if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence | np.ndarray):
+        raise ValueError(
+            f"{pre}ranks (tt_ranks) must be a list of inner ranks, one fewer than the cores "
+            f"(e.g. [{ranks!r}, {ranks!r}] for 3 cores), got {ranks!r}"
+        )
     ranks = tuple(ranks)
     if not all(_is_int(r) and r >= 1 for r in ranks):
         raise ValueError(f"{pre}ranks must be positive ints, got {ranks!r}")
@@ -294,18 +340,21 @@ def make_tt_shape(
         )
     if not _is_int(num_rows) or num_rows < 1:
         raise ValueError(f"{pre}num_rows must be a positive int, got {num_rows!r}")
+    _check_max_rows(num_rows, table_name)
     if not _is_int(embedding_dim) or embedding_dim < 1:
         raise ValueError(f"{pre}embedding_dim must be a positive int, got {embedding_dim!r}")
     p_t = factor_rows(num_rows, k) if p is None else tuple(p)
     q_t = factor_dim(embedding_dim, k) if q is None else tuple(q)
     _validate(num_rows, embedding_dim, p_t, q_t, ranks, table_name)
-    return TTShape(
+    shape = TTShape(
         num_rows=int(num_rows),
         embedding_dim=int(embedding_dim),
         p=tuple(int(v) for v in p_t),
         q=tuple(int(v) for v in q_t),
         ranks=tuple(int(r) for r in ranks),
     )
+    _check_not_larger_than_dense(shape, table_name)
+    return shape
 
 
 def max_useful_ranks(p: Sequence[int], q: Sequence[int]) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchrec_tt.conv_ops import pair, tt_conv2d, tt_conv2d_output_size
+from torchrec_tt.validation import check_number
 
 __all__ = ["TTConv2d", "max_tt_conv_ranks", "tt_svd_conv_weight"]
 
@@ -143,10 +144,8 @@ class TTConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(
-                f"TTConv2d: in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}"
-            )
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            check_number(name, value, low=1, integer=True, where="TTConv2d")
         if groups != 1:
             raise ValueError(
                 f"TTConv2d: groups={groups} is not supported; the TT cores couple all channels, "
