@@ -26,7 +26,6 @@ namespace two_factor {
 constexpr int kChunk = 32;                 // sorted lookups per warp in the backward
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMaxD = 256;                 // g buffer per warp (Q * q_last <= 32 * 8)
-constexpr int kMaxGFloats = 128 * 8;       // a G_last slice per warp (R <= 128, q_last <= 8)
 constexpr int64_t kMaxPrefixFloats = int64_t{1} << 23;  // built P per table (32 MB) in auto mode
 
 struct Table {
@@ -270,9 +269,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* __restrict__ off,
                const float* __restrict__ w, int bounds, int32_t* __restrict__ warned,
                float* __restrict__ out) {
-  __shared__ __align__(16) float gbuf[kWarpsPerBlock][kMaxGFloats];
   const int lane = threadIdx.x & 31;
-  float* gsm = gbuf[threadIdx.x >> 5];
   const int64_t num_bags = P.F * P.B;
   const int64_t stride = (int64_t(gridDim.x) * blockDim.x) >> 5;
   int64_t bag = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
@@ -306,25 +303,15 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
       const float wj = w != nullptr ? w[j] : 1.f;
       const int64_t a = div_rows(v, T.pl, small);
       const int64_t s = v - a * T.pl;
-      // G_last[s] ([R, ql], R * ql floats) is staged once per warp in shared memory: the
-      // 32 / RQ row groups of lanes all need the same rank chunks, and reading them straight
-      // from global memory kept the L1/TEX pipeline ~80% busy with repeated requests (ncu).
-      __syncwarp();
-      {
-        const float4* src = reinterpret_cast<const float4*>(T.G + s * T.R * ql);
-        float4* dst = reinterpret_cast<float4*>(gsm);
-        for (int x = lane; x < T.R * ql / 4; x += 32) dst[x] = __ldg(src + x);
-      }
-      __syncwarp();
-      // Rows 4rq .. 4rq+3 of G_last[s]: 4 * ql consecutive floats.
+      // G_last[s] rows 4rq .. 4rq+3: 4 * ql consecutive floats.
       float g[4][QLM];
-      const float* gp = gsm + 4 * rq * ql;
-      if (ql == QLM) {  // 4 or 8 floats per rank: 16-byte shared loads
+      const float* gp = T.G + (s * T.R + 4 * rq) * ql;
+      if (ql == QLM) {  // 4 or 8 floats per rank: 16-byte loads
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
 #pragma unroll
           for (int c = 0; c < QLM; c += 4) {
-            const float4 v4 = *reinterpret_cast<const float4*>(gp + x * QLM + c);
+            const float4 v4 = __ldg(reinterpret_cast<const float4*>(gp + x * QLM + c));
             g[x][c] = v4.x;
             g[x][c + 1] = v4.y;
             g[x][c + 2] = v4.z;
@@ -335,7 +322,7 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
 #pragma unroll
         for (int x = 0; x < 4; ++x)
 #pragma unroll
-          for (int c = 0; c < QLM; ++c) g[x][c] = c < ql ? gp[x * ql + c] : 0.f;
+          for (int c = 0; c < QLM; ++c) g[x][c] = c < ql ? __ldg(gp + x * ql + c) : 0.f;
       }
       const float* pp = T.P + a * Q * T.R + 4 * rq;
 #pragma unroll
