@@ -51,6 +51,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
+from torchrec_tt.kernel_shapes import kernel_cost
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.optim import FusedOptimConfig
@@ -73,9 +74,11 @@ __all__ = [
 ]
 
 #: Effective FLOP/s of the TT lookup per compute device, used when none is given: rough values
-#: (the CPU one measured with ``measure_tt_flops`` on a 2-core CI machine, the CUDA one an
-#: assumption until the CUDA kernels exist). Measure and pass ``device_flops`` for real planning.
-DEFAULT_TT_FLOPS: dict[str, float] = {"cpu": 5e9, "cuda": 5e12, "mtia": 5e12}
+#: (the CPU one measured with ``measure_tt_flops`` on a 2-core CI machine; the CUDA one fitted to
+#: the two-factor kernels' Kaggle-7 fwd + bwd step on an H200, counting the kernels' own FLOPs,
+#: ``torchrec_tt.kernel_shapes.kernel_cost``: docs/benchmarks.md "v4" gives estimate / measured
+#: per case). Measure and pass ``device_flops`` for real planning.
+DEFAULT_TT_FLOPS: dict[str, float] = {"cpu": 5e9, "cuda": 3e12, "mtia": 3e12}
 
 #: Optimizer state per core element assumed for TT tables without a fused optimizer (Adam).
 DEFAULT_OPTIMIZER_MULTIPLIER = 2.0
@@ -167,15 +170,22 @@ def tt_shard_perf(
     is_weighted: bool = False,
     index_bytes: int = _INDEX_BYTES,
     output_element_size: int = 4,
+    compute_device: str = "cpu",
 ) -> Perf:
     """Per-step cost of one TT shard (``shard_shape`` is the shard's own TT: for a column shard,
     ``q_1`` reduced). ``replicated_bytes``: column_wise only, the shared cores whose gradients
-    are all-reduced."""
+    are all-reduced. On CUDA the FLOPs are those of the kernels that run the shape (the
+    two-factor kernels do ``2DR`` forward whatever the core count: ``kernel_cost``)."""
     model_parallel = _is_model_parallel(sharding_type)
     scale = world_size if model_parallel else 1
     lookups = batch_inputs * scale
-    fwd_compute = tt_compute_ms(lookups, shard_shape.forward_flops_per_lookup(), device_flops)
-    bwd_compute = tt_compute_ms(lookups, shard_shape.backward_flops_per_lookup(), device_flops)
+    if compute_device == "cuda":
+        cost = kernel_cost(shard_shape)
+        fwd_flops, bwd_flops = cost.forward_flops, cost.backward_flops
+    else:
+        fwd_flops, bwd_flops = shard_shape.forward_flops_per_lookup(), shard_shape.backward_flops_per_lookup()
+    fwd_compute = tt_compute_ms(lookups, fwd_flops, device_flops)
+    bwd_compute = tt_compute_ms(lookups, bwd_flops, device_flops)
     if not model_parallel:
         return Perf(
             fwd_compute=fwd_compute,
@@ -358,6 +368,7 @@ class TTShardEstimator(ShardEstimator):
                 ar_bw,
                 replicated_bytes=replicated,
                 is_weighted=weighted,
+                compute_device=self._topology.compute_device,
             )
 
 

@@ -232,3 +232,16 @@ def test_estimator_counts_the_fused_optimizer_state(optimizer: EmbOptimType) -> 
                                         fused_params=fused)
     assert ddr(model, TTEmbeddingBagCollectionSharder()) == expected
     assert ddr(_Model(), TTEmbeddingBagCollectionSharder()) == 4 * core + sum(io)
+
+
+def test_cuda_compute_counts_the_two_factor_kernels_flops() -> None:
+    # On CUDA a 3-core shape whose prefix fits the two-factor kernels costs 2DR forward and 4DR
+    # backward per lookup (what those kernels do), not the per-row chain's 2R(q0 q1 R + D).
+    shape = TTShape(10_000, 16, (25, 20, 20), (2, 2, 4), (32, 32))
+    flops, lookups = 1e12, 4096.0
+    cpu = tt_shard_perf(shape, "data_parallel", lookups, 1, 1, flops, 1e9, 1e9)
+    cuda = tt_shard_perf(shape, "data_parallel", lookups, 1, 1, flops, 1e9, 1e9, compute_device="cuda")
+    assert math.isclose(cpu.fwd_compute, lookups * shape.forward_flops_per_lookup() / flops * 1e3)
+    assert math.isclose(cuda.fwd_compute, lookups * 2 * 16 * 32 / flops * 1e3)
+    assert math.isclose(cuda.bwd_compute, lookups * 4 * 16 * 32 / flops * 1e3)
+    assert cuda.fwd_compute < cpu.fwd_compute

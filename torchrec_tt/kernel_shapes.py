@@ -63,6 +63,8 @@ class KernelCost:
 
     params: int            # floats of the cores
     flops_per_lookup: int  # forward + backward
+    forward_flops: int     # per lookup
+    backward_flops: int    # per lookup
     bytes_per_lookup: int  # core data a lookup reads (from L2 when the cores fit there)
     prefix_floats: int     # P built per call (3-4 cores)
     prefix_flops: int      # building P and going back through it, per call
@@ -82,7 +84,7 @@ def kernel_cost(shape: TTShape) -> KernelCost:
     fits = two_factor_fits(shape)
     pf = prefix_floats(shape)
     if fits:
-        flops = 6 * d * r_last  # 2DR forward, 4DR backward (dP and dG_last)
+        fwd, bwd = 2 * d * r_last, 4 * d * r_last  # backward: dP and dG_last
         nbytes = 4 * (d // ql * r_last + r_last * ql)
         # Each level l of P is one GEMM [rows, r_l] x [r_l, p_l q_l r_{l+1}]; backward twice that.
         prefix_flops, rows, m = 0, shape.p[0], shape.q[0]
@@ -92,13 +94,15 @@ def kernel_cost(shape: TTShape) -> KernelCost:
             rows *= shape.p[k]
             m *= shape.q[k]
     else:
-        flops = shape.forward_flops_per_lookup() + shape.backward_flops_per_lookup()
+        fwd, bwd = shape.forward_flops_per_lookup(), shape.backward_flops_per_lookup()
         full = shape.full_ranks
         nbytes = 4 * sum(full[k] * shape.q[k] * full[k + 1] for k in range(shape.num_cores))
         prefix_flops = 0
     return KernelCost(
         params=shape.num_parameters(),
-        flops_per_lookup=flops,
+        flops_per_lookup=fwd + bwd,
+        forward_flops=fwd,
+        backward_flops=bwd,
         bytes_per_lookup=nbytes,
         prefix_floats=pf,
         prefix_flops=prefix_flops,
