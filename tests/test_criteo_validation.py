@@ -6,16 +6,20 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from torchrec_tt.criteo import (
+    CriteoArrays,
     CriteoFormatError,
     SyntheticCriteo,
+    load_criteo_npys,
     preprocess_criteo_tsv,
     validate_criteo_tsv,
 )
 
 GOOD = "0" + "\t1" * 13 + "\t68fd1e64" * 26
+SIZES = [100] * 26
 
 
 def _row(label: str = "0", ints: dict[int, str] | None = None,
@@ -129,3 +133,118 @@ def test_corrupt_gz_body(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(CriteoFormatError, match=r"corrupt\.gz:\d+: (corrupt gzip data|the gzip)"):
         validate_criteo_tsv(str(path))
+
+
+# ------------------------------------------------------------------------------------ .npy folder
+
+
+def _write_npys(folder: Path, n: int = 20, **override: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "dense": rng.random((n, 13), dtype=np.float32),
+        "sparse": rng.integers(0, 1000, size=(n, 26), dtype=np.int64),
+        "labels": rng.integers(0, 2, size=(n, 1), dtype=np.int32),
+    }
+    arrays.update(override)
+    for k, a in arrays.items():
+        np.save(folder / f"{k}.npy", a)
+    return folder
+
+
+def test_npy_good_folder_loads_and_hashes(tmp_path: Path) -> None:
+    folder = _write_npys(tmp_path / "d")
+    arrays = load_criteo_npys(str(folder), SIZES)
+    assert len(arrays) == 20 and arrays.labels.shape == (20,)
+    assert (arrays.sparse < 100).all() and arrays.dense.dtype == np.float32
+    with pytest.raises(CriteoFormatError, match=r"sparse\.npy: row 0, column \d+ \(C\d+\): id \d+ "
+                                                r"is not below the table size 100"):
+        load_criteo_npys(str(folder), SIZES, hash_ids=False)
+    assert len(load_criteo_npys(str(folder), [1000] * 26, hash_ids=False)) == 20
+
+
+def test_npy_labels_must_be_0_or_1(tmp_path: Path) -> None:
+    labels = np.zeros((20, 1), dtype=np.int32)
+    labels[7] = 5
+    labels[9] = 5
+    folder = _write_npys(tmp_path / "d", labels=labels)
+    with pytest.raises(CriteoFormatError,
+                       match=r"labels\.npy: row 7: label must be 0 or 1, got 5 \(2 bad labels\)"):
+        load_criteo_npys(str(folder), SIZES)
+    nan_labels = np.zeros(20, dtype=np.float32)
+    nan_labels[3] = np.nan
+    folder = _write_npys(tmp_path / "f", labels=nan_labels)
+    with pytest.raises(CriteoFormatError, match=r"labels\.npy: row 3: label must be 0 or 1, got nan"):
+        load_criteo_npys(str(folder), SIZES)
+
+
+@pytest.mark.parametrize("short", ["dense", "sparse", "labels"])
+def test_npy_row_counts_must_agree(tmp_path: Path, short: str) -> None:
+    full = _write_npys(tmp_path / "full")
+    arr = np.load(full / f"{short}.npy")
+    folder = _write_npys(tmp_path / "d", **{short: arr[:15]})
+    with pytest.raises(CriteoFormatError, match="row counts of the Criteo files disagree") as e:
+        load_criteo_npys(str(folder), SIZES)
+    msg = str(e.value)
+    for k in ("dense", "sparse", "labels"):
+        assert f"{k}.npy: {15 if k == short else 20}" in msg
+
+
+def test_npy_dense_must_be_finite(tmp_path: Path) -> None:
+    dense = np.ones((20, 13), dtype=np.float32)
+    dense[4, 2] = np.nan
+    folder = _write_npys(tmp_path / "d", dense=dense)
+    with pytest.raises(CriteoFormatError,
+                       match=r"dense\.npy: row 4, column 2 \(I3\): dense value nan is not finite"):
+        load_criteo_npys(str(folder), SIZES)
+    big = np.ones((20, 13), dtype=np.float64)
+    big[1, 0] = 1e300  # finite as float64, inf once cast to float32
+    folder = _write_npys(tmp_path / "b", dense=big)
+    with pytest.raises(CriteoFormatError, match=r"row 1, column 0 \(I1\).*as float32: inf"):
+        load_criteo_npys(str(folder), SIZES)
+
+
+@pytest.mark.parametrize(
+    ("name", "array", "match"),
+    [
+        ("dense", np.ones((20, 12), np.float32), r"dense\.npy: expected shape \(rows, 13\).*\(20, 12\)"),
+        ("dense", np.ones(20, np.float32), r"dense\.npy: expected shape \(rows, 13\).*\(20,\)"),
+        ("dense", np.ones((20, 13), np.int32), r"dense\.npy: expected floating dense.*int32"),
+        ("sparse", np.ones((20, 13), np.int64), r"sparse\.npy: expected shape \(rows, 26\).*\(20, 13\)"),
+        ("sparse", np.ones((20, 26), np.float32), r"sparse\.npy: expected integer ids, got dtype float32"),
+        ("labels", np.ones((20, 2), np.int32), r"labels\.npy: expected shape \(rows,\) or \(rows, 1\)"),
+        ("labels", np.array(["1"] * 20), r"labels\.npy: expected integer, bool or float labels"),
+    ],
+)
+def test_npy_wrong_shape_or_dtype_names_file(tmp_path: Path, name: str, array: np.ndarray,
+                                             match: str) -> None:
+    folder = _write_npys(tmp_path / "d", **{name: array})
+    with pytest.raises(CriteoFormatError, match=match):
+        load_criteo_npys(str(folder), SIZES)
+
+
+def test_npy_negative_ids_and_unreadable_files(tmp_path: Path) -> None:
+    sparse = np.zeros((20, 26), dtype=np.int64)
+    sparse[6, 25] = -3  # would otherwise hash silently to 97
+    folder = _write_npys(tmp_path / "d", sparse=sparse)
+    with pytest.raises(CriteoFormatError, match=r"sparse\.npy: row 6, column 25 \(C26\): negative id -3"):
+        load_criteo_npys(str(folder), SIZES)
+    folder = _write_npys(tmp_path / "e")
+    (folder / "dense.npy").write_text("not numpy")
+    with pytest.raises(CriteoFormatError, match=r"dense\.npy: not a readable \.npy array"):
+        load_criteo_npys(str(folder), SIZES)
+    np.save(folder / "dense.npy", np.array([{"a": 1}] * 20, dtype=object))
+    with pytest.raises(CriteoFormatError, match=r"dense\.npy: not a readable \.npy array"):
+        load_criteo_npys(str(folder), SIZES)
+    folder = _write_npys(tmp_path / "z", n=0)
+    with pytest.raises(CriteoFormatError, match="have no rows"):
+        load_criteo_npys(str(folder), SIZES)
+    with pytest.raises(ValueError, match=r"table sizes must be integers >= 1.*\(3, 0\)"):
+        load_criteo_npys(str(_write_npys(tmp_path / "g")), [100] * 3 + [0] + [100] * 22)
+
+
+def test_criteo_arrays_rejects_mismatched_rows() -> None:
+    with pytest.raises(ValueError, match="row counts disagree"):
+        CriteoArrays(np.zeros((4, 13), np.float32), np.zeros((3, 26), np.int64), np.zeros(4))
+    with pytest.raises(ValueError, match=r"dense must be \[rows, 13\]"):
+        CriteoArrays(np.zeros((4, 12), np.float32), np.zeros((4, 26), np.int64), np.zeros(4))

@@ -446,6 +446,20 @@ class CriteoArrays:
     sparse: np.ndarray
     labels: np.ndarray
 
+    def __post_init__(self) -> None:
+        # Shapes only (cheap, also on every take); values are checked by load_criteo_npys.
+        if self.dense.ndim != 2 or self.dense.shape[1] != INT_FEATURE_COUNT:
+            raise ValueError(f"dense must be [rows, {INT_FEATURE_COUNT}], got {self.dense.shape}")
+        if self.sparse.ndim != 2 or self.sparse.shape[1] != CAT_FEATURE_COUNT:
+            raise ValueError(f"sparse must be [rows, {CAT_FEATURE_COUNT}], got "
+                             f"{self.sparse.shape}")
+        if self.labels.ndim != 1:
+            raise ValueError(f"labels must be [rows], got {self.labels.shape}")
+        n = {"dense": self.dense.shape[0], "sparse": self.sparse.shape[0],
+             "labels": self.labels.shape[0]}
+        if len(set(n.values())) != 1:
+            raise ValueError(f"row counts disagree: {n}")
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
@@ -503,18 +517,127 @@ class CriteoArrays:
             yield make_batch(self.dense[rows], self.sparse[rows], self.labels[rows])
 
 
-def load_criteo_npys(folder: str, num_embeddings: Sequence[int]) -> CriteoArrays:
+_CHUNK = 1 << 20  # rows per block of the value checks (bounds the temporaries)
+
+
+def _first_bad(arr: np.ndarray, bad) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+    """``(row, column)`` of the first entry where ``bad(block)`` is True, checked block by block;
+    None if there is none. ``arr`` is 1-D or 2-D."""
+    for s in range(0, arr.shape[0], _CHUNK):
+        mask = bad(np.asarray(arr[s : s + _CHUNK]))
+        if mask.any():
+            flat = int(np.argmax(mask.reshape(-1)))
+            if mask.ndim == 1:
+                return s + flat, 0
+            return s + flat // mask.shape[1], flat % mask.shape[1]
+    return None
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds for a bad file
+        raise CriteoFormatError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") \
+            from None
+
+
+def load_criteo_npys(
+    folder: str, num_embeddings: Sequence[int], hash_ids: bool = True
+) -> CriteoArrays:
     """Reads the ``dense/sparse/labels.npy`` triple that :func:`preprocess_criteo_tsv` (TorchRec's
-    layout) wrote; ids become ``id % num_embeddings[t]``."""
+    layout) wrote; ids become ``id % num_embeddings[t]`` (``hash_ids=False``: ids must already be
+    below the table sizes).
+
+    Checks, each failing with :class:`CriteoFormatError` naming the file (and the first bad row,
+    column and value): ``labels`` shape ``[n]`` or ``[n, 1]``, integer/bool/float, every value 0
+    or 1; ``dense`` shape ``[n, 13]``, floating (TorchRec's log-transformed values), finite also as
+    float32; ``sparse`` shape ``[n, 26]``, integer, no negative ids (and, without hashing, below
+    the table sizes); the three row counts equal and not zero.
+    """
     paths = {k: os.path.join(folder, f"{k}.npy") for k in ("dense", "sparse", "labels")}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"missing preprocessed Criteo files {missing}")
     if len(num_embeddings) != CAT_FEATURE_COUNT:
         raise ValueError(f"need {CAT_FEATURE_COUNT} table sizes, got {len(num_embeddings)}")
-    dense = np.load(paths["dense"]).astype(np.float32)
-    sparse = np.load(paths["sparse"]).astype(np.int64) % np.asarray(num_embeddings, dtype=np.int64)
-    labels = np.load(paths["labels"]).reshape(-1).astype(np.float32)
+    bad_sizes = [(t, n) for t, n in enumerate(num_embeddings)
+                 if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1]
+    if bad_sizes:
+        raise ValueError(f"table sizes must be integers >= 1; got (feature, size) {bad_sizes}")
+    sizes = np.asarray(num_embeddings, dtype=np.int64)
+    raw = {k: _load_npy(p) for k, p in paths.items()}
+
+    # Shapes and dtypes, before any value is read.
+    lab = raw["labels"]
+    if not (lab.ndim == 1 or (lab.ndim == 2 and lab.shape[1] == 1)):
+        raise CriteoFormatError(f"{paths['labels']}: expected shape (rows,) or (rows, 1), got "
+                                f"{lab.shape}")
+    if lab.dtype.kind not in "biuf":
+        raise CriteoFormatError(f"{paths['labels']}: expected integer, bool or float labels, got "
+                                f"dtype {lab.dtype}")
+    for k, cols, what in (("dense", INT_FEATURE_COUNT, "I1..I13"),
+                          ("sparse", CAT_FEATURE_COUNT, "C1..C26")):
+        a = raw[k]
+        if a.ndim != 2 or a.shape[1] != cols:
+            raise CriteoFormatError(f"{paths[k]}: expected shape (rows, {cols}) ({what}), got "
+                                    f"{a.shape}")
+    if raw["dense"].dtype.kind != "f":
+        raise CriteoFormatError(
+            f"{paths['dense']}: expected floating dense features (TorchRec's log-transformed "
+            f"float32), got dtype {raw['dense'].dtype}"
+        )
+    if raw["sparse"].dtype.kind not in "iu":
+        raise CriteoFormatError(f"{paths['sparse']}: expected integer ids, got dtype "
+                                f"{raw['sparse'].dtype}")
+    counts = {k: int(a.shape[0]) for k, a in raw.items()}
+    if len(set(counts.values())) != 1:
+        raise CriteoFormatError(
+            "row counts of the Criteo files disagree (no rows are dropped to make them fit): "
+            + ", ".join(f"{paths[k]}: {n}" for k, n in counts.items())
+        )
+    if counts["labels"] == 0:
+        raise CriteoFormatError(f"{folder}: the Criteo files have no rows")
+
+    # Values.
+    labels = np.asarray(lab).reshape(-1).astype(np.float32)
+    hit = _first_bad(labels, lambda b: (b != 0) & (b != 1))
+    if hit is not None:
+        r = hit[0]
+        n_bad = int(((labels != 0) & (labels != 1)).sum())
+        raise CriteoFormatError(f"{paths['labels']}: row {r}: label must be 0 or 1, got "
+                                f"{np.asarray(lab).reshape(-1)[r].item()!r} ({n_bad} bad labels)")
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, reported below
+        dense = np.asarray(raw["dense"]).astype(np.float32)
+    hit = _first_bad(dense, lambda b: ~np.isfinite(b))
+    if hit is not None:
+        r, c = hit
+        raise CriteoFormatError(
+            f"{paths['dense']}: row {r}, column {c} (I{c + 1}): dense value "
+            f"{raw['dense'][r, c].item()!r} is not finite (as float32: {dense[r, c].item()})"
+        )
+    sp = raw["sparse"]
+    if sp.dtype.kind == "u" and sp.dtype.itemsize >= 8:
+        hit = _first_bad(sp, lambda b: b > np.iinfo(np.int64).max)
+        if hit is not None:
+            r, c = hit
+            raise CriteoFormatError(f"{paths['sparse']}: row {r}, column {c} (C{c + 1}): id "
+                                    f"{sp[r, c]} does not fit int64")
+    sparse = np.asarray(sp).astype(np.int64)
+    hit = _first_bad(sparse, lambda b: b < 0)
+    if hit is not None:
+        r, c = hit
+        raise CriteoFormatError(f"{paths['sparse']}: row {r}, column {c} (C{c + 1}): negative id "
+                                f"{sparse[r, c]}")
+    if hash_ids:
+        sparse %= sizes
+    else:
+        hit = _first_bad(sparse, lambda b: b >= sizes)
+        if hit is not None:
+            r, c = hit
+            raise CriteoFormatError(
+                f"{paths['sparse']}: row {r}, column {c} (C{c + 1}): id {sparse[r, c]} is not "
+                f"below the table size {int(sizes[c])}"
+            )
     return CriteoArrays(dense, sparse, labels)
 
 
