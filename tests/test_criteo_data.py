@@ -91,8 +91,8 @@ def test_write_validate_preprocess_round_trip(tmp_path: Path) -> None:
     [
         ("1\t2\t3", r"bad\.tsv:2: expected 40 tab-separated fields .* got 3"),
         ("2" + "\t" * 39, r"bad\.tsv:2: label must be 0 or 1, got '2'"),
-        ("0\tx" + "\t" * 38, r"bad\.tsv:2: I1 must be an integer or empty, got 'x'"),
-        ("0" + "\t" * 14 + "zz" + "\t" * 25, r"bad\.tsv:2: C1 must be a hex hash or empty"),
+        ("0\tx" + "\t" * 38, r"bad\.tsv:2: I1 must be an integer \(ASCII digits, optional '-'\) or empty, got 'x'"),
+        ("0" + "\t" * 14 + "zz" + "\t" * 25, r"bad\.tsv:2: C1 must be a hex hash of at most 8 hex digits .* or empty, got 'zz'"),
     ],
 )
 def test_malformed_line_names_file_and_line(tmp_path: Path, line: str, match: str) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from torchrec_tt.criteo import CriteoFormatError, SyntheticCriteo
@@ -138,6 +139,21 @@ def test_malformed_tsv_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(CriteoFormatError, match=r"bad\.tsv:3: I1 must be an integer"):
         train.main(["--data", str(bad), "--steps", "1", "--out", str(tmp_path / "o"),
                     "--cache-dir", str(tmp_path / "c"), "--no-progress"])
+
+
+def test_npy_folder_with_bad_labels_fails_before_training(tmp_path: Path) -> None:
+    # Issue 13 item 6: labels of 5 used to train to completion (auc 0, logloss -184.9, exit 0).
+    train = _import_train()
+    folder = tmp_path / "npys"
+    folder.mkdir()
+    n = 64
+    np.save(folder / "dense.npy", np.zeros((n, 13), dtype=np.float32))
+    np.save(folder / "sparse.npy", np.zeros((n, 26), dtype=np.int64))
+    np.save(folder / "labels.npy", np.full((n, 1), 5, dtype=np.int32))
+    with pytest.raises(CriteoFormatError, match=r"labels\.npy: row 0: label must be 0 or 1, got 5"):
+        train.main(["--data", str(folder), "--steps", "1", "--out", str(tmp_path / "o"),
+                    "--no-progress", *SMALL])
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.pt"))
 
 
 def test_policy_selecting_no_table_is_a_clear_error(tmp_path: Path) -> None:

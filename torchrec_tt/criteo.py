@@ -18,8 +18,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -58,7 +60,17 @@ NUM_FIELDS = 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT
 
 
 class CriteoFormatError(ValueError):
-    """A Criteo TSV row that does not follow the format; the message names the file and line."""
+    """Criteo data that does not follow the format: the message names the file and the line (TSV)
+    or row (``.npy``) and what is wrong."""
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+#: An integer feature: ASCII digits with an optional minus (``str.isdigit`` also takes "²", "١").
+_INT_RE = re.compile(r"-?[0-9]+")
+#: A categorical hash: 1 to 8 ASCII hex digits (32 bits), no sign, prefix, "_" or spaces (all of
+#: which ``int(v, 16)`` would take).
+_HEX_RE = re.compile(r"[0-9a-fA-F]{1,8}")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray) -> Batch:
@@ -252,17 +264,60 @@ class SyntheticCriteo:
 # ---------------------------------------------------------------------------- real TSV files
 
 
-def _open_text(path: str):  # type: ignore[no-untyped-def]
+def _open_binary(path: str):  # type: ignore[no-untyped-def]
     if not os.path.exists(path):
         raise FileNotFoundError(f"Criteo data file {path!r} does not exist")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path!r} is a directory, expected a Criteo TSV file")
+    with open(path, "rb") as f:
+        magic = f.read(2)
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", newline="\n")
-    return open(path, newline="\n")
+        if magic != _GZIP_MAGIC:
+            raise CriteoFormatError(
+                f"{path}:1: not a gzip file (starts with {magic!r}, gzip starts with "
+                f"{_GZIP_MAGIC!r}) although its name ends in .gz"
+            )
+        return gzip.open(path, "rb")
+    if magic == _GZIP_MAGIC:
+        raise CriteoFormatError(
+            f"{path}:1: gzip-compressed but its name does not end in .gz (TorchRec's reader would "
+            "read the compressed bytes as text); rename it to .gz"
+        )
+    return open(path, "rb")
 
 
-def _check_row(fields: list[str], path: str, lineno: int, has_label: bool) -> None:
+def _read_lines(path: str) -> Iterator[tuple[int, str]]:
+    """``(line number, text without the line end)``. A line is handed out only once the read
+    after it succeeded, so a truncated ``.gz`` fails as truncated, not as a short last row."""
+    with _open_binary(path) as f:
+        lineno, pending = 0, None
+        it = iter(f)
+        while True:
+            try:
+                raw = next(it, None)
+            except EOFError:
+                raise CriteoFormatError(
+                    f"{path}:{lineno + 1}: the gzip stream ends before its end marker (truncated "
+                    f"file?) after {lineno} complete lines"
+                ) from None
+            except (OSError, zlib.error) as e:
+                raise CriteoFormatError(f"{path}:{lineno + 1}: corrupt gzip data: {e}") from None
+            if pending is not None:
+                try:
+                    text = pending.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CriteoFormatError(
+                        f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start})"
+                    ) from None
+                yield lineno, text.rstrip("\n").rstrip("\r")
+            if raw is None:
+                return
+            pending = raw
+            lineno += 1
+
+
+def _check_row(fields: list[str], path: str, lineno: int, has_label: bool) -> list[int]:
+    """Checks one row; returns its integer features (empty as 0, as TorchRec reads them)."""
     expected = NUM_FIELDS if has_label else NUM_FIELDS - 1
     if len(fields) != expected:
         raise CriteoFormatError(
@@ -274,37 +329,64 @@ def _check_row(fields: list[str], path: str, lineno: int, has_label: bool) -> No
         if fields[0] not in ("0", "1"):
             raise CriteoFormatError(f"{path}:{lineno}: label must be 0 or 1, got {fields[0]!r}")
         start = 1
+    ints = []
     for j in range(INT_FEATURE_COUNT):
         v = fields[start + j]
-        if v and not (v.lstrip("-").isdigit()):
+        if not v:
+            ints.append(0)
+            continue
+        if not _INT_RE.fullmatch(v):
             raise CriteoFormatError(
-                f"{path}:{lineno}: I{j + 1} must be an integer or empty, got {v!r}"
+                f"{path}:{lineno}: I{j + 1} must be an integer (ASCII digits, optional '-') or "
+                f"empty, got {v!r}"
             )
+        x = int(v) if len(v) <= 12 else INT32_MAX + 1  # (long strings: out of range anyway)
+        if not INT32_MIN <= x <= INT32_MAX:
+            raise CriteoFormatError(
+                f"{path}:{lineno}: I{j + 1} = {v[:40]} is outside int32 [{INT32_MIN}, "
+                f"{INT32_MAX}] (TorchRec stores the integer features as int32)"
+            )
+        ints.append(x)
     for j in range(CAT_FEATURE_COUNT):
         v = fields[start + INT_FEATURE_COUNT + j]
-        if v:
-            try:
-                int(v, 16)
-            except ValueError:
-                raise CriteoFormatError(
-                    f"{path}:{lineno}: C{j + 1} must be a hex hash or empty, got {v!r}"
-                ) from None
+        if v and not _HEX_RE.fullmatch(v):
+            raise CriteoFormatError(
+                f"{path}:{lineno}: C{j + 1} must be a hex hash of at most 8 hex digits (32 bits, "
+                f"no sign or prefix) or empty, got {v[:40]!r}"
+            )
+    return ints
 
 
 def validate_criteo_tsv(path: str, has_label: bool = True) -> int:
     """Checks every line of a Criteo Kaggle/Terabyte TSV (``.gz`` too); returns the row count.
 
+    Per line: 40 tab-separated fields (39 without label); label ``0``/``1``; ``I1..I13`` empty or
+    ASCII integers within int32; ``C1..C26`` empty or 1-8 hex digits. Per file: UTF-8 text, a
+    ``.gz`` name exactly for gzip content, an untruncated gzip stream, at least one row, and the
+    integer features' range small enough for TorchRec's int32 shift ``x - min + 2``.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CriteoFormatError: a line is malformed; the message is ``path:line: what is wrong``.
+        CriteoFormatError: the data is malformed; the message is ``path:line: what is wrong``.
     """
     n = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            _check_row(line.rstrip("\n").rstrip("\r").split("\t"), path, lineno, has_label)
-            n += 1
+    lo, lo_line, hi, hi_line = 0, 0, 0, 0
+    for lineno, line in _read_lines(path):
+        ints = _check_row(line.split("\t"), path, lineno, has_label)
+        a, b = min(ints), max(ints)
+        if n == 0 or a < lo:
+            lo, lo_line = a, lineno
+        if n == 0 or b > hi:
+            hi, hi_line = b, lineno
+        n += 1
     if n == 0:
         raise CriteoFormatError(f"{path}: no rows")
+    if hi - lo + 2 > INT32_MAX:
+        raise CriteoFormatError(
+            f"{path}:{hi_line}: integer feature {hi} (and {lo} at line {lo_line}) spans more than "
+            f"int32: TorchRec's preprocessing computes x - min + 2 = {hi - lo + 2} in int32, which "
+            "would wrap around"
+        )
     return n
 
 
@@ -364,6 +446,20 @@ class CriteoArrays:
     sparse: np.ndarray
     labels: np.ndarray
 
+    def __post_init__(self) -> None:
+        # Shapes only (cheap, also on every take); values are checked by load_criteo_npys.
+        if self.dense.ndim != 2 or self.dense.shape[1] != INT_FEATURE_COUNT:
+            raise ValueError(f"dense must be [rows, {INT_FEATURE_COUNT}], got {self.dense.shape}")
+        if self.sparse.ndim != 2 or self.sparse.shape[1] != CAT_FEATURE_COUNT:
+            raise ValueError(f"sparse must be [rows, {CAT_FEATURE_COUNT}], got "
+                             f"{self.sparse.shape}")
+        if self.labels.ndim != 1:
+            raise ValueError(f"labels must be [rows], got {self.labels.shape}")
+        n = {"dense": self.dense.shape[0], "sparse": self.sparse.shape[0],
+             "labels": self.labels.shape[0]}
+        if len(set(n.values())) != 1:
+            raise ValueError(f"row counts disagree: {n}")
+
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
@@ -421,18 +517,127 @@ class CriteoArrays:
             yield make_batch(self.dense[rows], self.sparse[rows], self.labels[rows])
 
 
-def load_criteo_npys(folder: str, num_embeddings: Sequence[int]) -> CriteoArrays:
+_CHUNK = 1 << 20  # rows per block of the value checks (bounds the temporaries)
+
+
+def _first_bad(arr: np.ndarray, bad) -> tuple[int, int] | None:  # type: ignore[no-untyped-def]
+    """``(row, column)`` of the first entry where ``bad(block)`` is True, checked block by block;
+    None if there is none. ``arr`` is 1-D or 2-D."""
+    for s in range(0, arr.shape[0], _CHUNK):
+        mask = bad(np.asarray(arr[s : s + _CHUNK]))
+        if mask.any():
+            flat = int(np.argmax(mask.reshape(-1)))
+            if mask.ndim == 1:
+                return s + flat, 0
+            return s + flat // mask.shape[1], flat % mask.shape[1]
+    return None
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds for a bad file
+        raise CriteoFormatError(f"{path}: not a readable .npy array ({type(e).__name__}: {e})") \
+            from None
+
+
+def load_criteo_npys(
+    folder: str, num_embeddings: Sequence[int], hash_ids: bool = True
+) -> CriteoArrays:
     """Reads the ``dense/sparse/labels.npy`` triple that :func:`preprocess_criteo_tsv` (TorchRec's
-    layout) wrote; ids become ``id % num_embeddings[t]``."""
+    layout) wrote; ids become ``id % num_embeddings[t]`` (``hash_ids=False``: ids must already be
+    below the table sizes).
+
+    Checks, each failing with :class:`CriteoFormatError` naming the file (and the first bad row,
+    column and value): ``labels`` shape ``[n]`` or ``[n, 1]``, integer/bool/float, every value 0
+    or 1; ``dense`` shape ``[n, 13]``, floating (TorchRec's log-transformed values), finite also as
+    float32; ``sparse`` shape ``[n, 26]``, integer, no negative ids (and, without hashing, below
+    the table sizes); the three row counts equal and not zero.
+    """
     paths = {k: os.path.join(folder, f"{k}.npy") for k in ("dense", "sparse", "labels")}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"missing preprocessed Criteo files {missing}")
     if len(num_embeddings) != CAT_FEATURE_COUNT:
         raise ValueError(f"need {CAT_FEATURE_COUNT} table sizes, got {len(num_embeddings)}")
-    dense = np.load(paths["dense"]).astype(np.float32)
-    sparse = np.load(paths["sparse"]).astype(np.int64) % np.asarray(num_embeddings, dtype=np.int64)
-    labels = np.load(paths["labels"]).reshape(-1).astype(np.float32)
+    bad_sizes = [(t, n) for t, n in enumerate(num_embeddings)
+                 if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1]
+    if bad_sizes:
+        raise ValueError(f"table sizes must be integers >= 1; got (feature, size) {bad_sizes}")
+    sizes = np.asarray(num_embeddings, dtype=np.int64)
+    raw = {k: _load_npy(p) for k, p in paths.items()}
+
+    # Shapes and dtypes, before any value is read.
+    lab = raw["labels"]
+    if not (lab.ndim == 1 or (lab.ndim == 2 and lab.shape[1] == 1)):
+        raise CriteoFormatError(f"{paths['labels']}: expected shape (rows,) or (rows, 1), got "
+                                f"{lab.shape}")
+    if lab.dtype.kind not in "biuf":
+        raise CriteoFormatError(f"{paths['labels']}: expected integer, bool or float labels, got "
+                                f"dtype {lab.dtype}")
+    for k, cols, what in (("dense", INT_FEATURE_COUNT, "I1..I13"),
+                          ("sparse", CAT_FEATURE_COUNT, "C1..C26")):
+        a = raw[k]
+        if a.ndim != 2 or a.shape[1] != cols:
+            raise CriteoFormatError(f"{paths[k]}: expected shape (rows, {cols}) ({what}), got "
+                                    f"{a.shape}")
+    if raw["dense"].dtype.kind != "f":
+        raise CriteoFormatError(
+            f"{paths['dense']}: expected floating dense features (TorchRec's log-transformed "
+            f"float32), got dtype {raw['dense'].dtype}"
+        )
+    if raw["sparse"].dtype.kind not in "iu":
+        raise CriteoFormatError(f"{paths['sparse']}: expected integer ids, got dtype "
+                                f"{raw['sparse'].dtype}")
+    counts = {k: int(a.shape[0]) for k, a in raw.items()}
+    if len(set(counts.values())) != 1:
+        raise CriteoFormatError(
+            "row counts of the Criteo files disagree (no rows are dropped to make them fit): "
+            + ", ".join(f"{paths[k]}: {n}" for k, n in counts.items())
+        )
+    if counts["labels"] == 0:
+        raise CriteoFormatError(f"{folder}: the Criteo files have no rows")
+
+    # Values.
+    labels = np.asarray(lab).reshape(-1).astype(np.float32)
+    hit = _first_bad(labels, lambda b: (b != 0) & (b != 1))
+    if hit is not None:
+        r = hit[0]
+        n_bad = int(((labels != 0) & (labels != 1)).sum())
+        raise CriteoFormatError(f"{paths['labels']}: row {r}: label must be 0 or 1, got "
+                                f"{np.asarray(lab).reshape(-1)[r].item()!r} ({n_bad} bad labels)")
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, reported below
+        dense = np.asarray(raw["dense"]).astype(np.float32)
+    hit = _first_bad(dense, lambda b: ~np.isfinite(b))
+    if hit is not None:
+        r, c = hit
+        raise CriteoFormatError(
+            f"{paths['dense']}: row {r}, column {c} (I{c + 1}): dense value "
+            f"{raw['dense'][r, c].item()!r} is not finite (as float32: {dense[r, c].item()})"
+        )
+    sp = raw["sparse"]
+    if sp.dtype.kind == "u" and sp.dtype.itemsize >= 8:
+        hit = _first_bad(sp, lambda b: b > np.iinfo(np.int64).max)
+        if hit is not None:
+            r, c = hit
+            raise CriteoFormatError(f"{paths['sparse']}: row {r}, column {c} (C{c + 1}): id "
+                                    f"{sp[r, c]} does not fit int64")
+    sparse = np.asarray(sp).astype(np.int64)
+    hit = _first_bad(sparse, lambda b: b < 0)
+    if hit is not None:
+        r, c = hit
+        raise CriteoFormatError(f"{paths['sparse']}: row {r}, column {c} (C{c + 1}): negative id "
+                                f"{sparse[r, c]}")
+    if hash_ids:
+        sparse %= sizes
+    else:
+        hit = _first_bad(sparse, lambda b: b >= sizes)
+        if hit is not None:
+            r, c = hit
+            raise CriteoFormatError(
+                f"{paths['sparse']}: row {r}, column {c} (C{c + 1}): id {sparse[r, c]} is not "
+                f"below the table size {int(sizes[c])}"
+            )
     return CriteoArrays(dense, sparse, labels)
 
 

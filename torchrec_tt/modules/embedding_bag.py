@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -75,6 +78,10 @@ def _lookup_inputs(
             )
         weights = weights.to(core.dtype)
     return values, features.offsets(), weights
+
+
+#: DistributedDataParallel objects -> ids of the TT modules already checked inside them.
+_DDP_CHECKED: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
 
 
 class TTEmbeddingTable(nn.Module):
@@ -234,6 +241,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of every feature; see the class docstring for the contract."""
+        if not torch.compiler.is_compiling():
+            self._check_outer_ddp()
         cores = self.cores()
         # The checks and the reordering depend on the KJT's keys, which torch.fx cannot see, so
         # they live in an fx-wrapped helper (a leaf for TorchRec's tracer, as in TorchRec's own
@@ -250,6 +259,46 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             length_per_key=list(self._lengths_per_key),
             values=values,
         )
+
+    def _check_outer_ddp(self) -> None:
+        """Refuses a fused optimizer, and warns otherwise, when this (unsharded) module's cores are
+        parameters of the DistributedDataParallel whose forward is running: what
+        ``DistributedModelParallel`` does to a TT module when no ``TTEmbeddingBagCollectionSharder``
+        is passed (its default sharders do not know TT, so the whole module lands in its DDP).
+        Uses DDP's ``_get_active_ddp_module`` (set during a C++-reducer DDP forward); the check
+        runs once per DDP object."""
+        get_active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+        ddp = get_active() if get_active is not None else None
+        if ddp is None:
+            return
+        checked = _DDP_CHECKED.setdefault(ddp, set())  # (not an attribute: copies must work)
+        if id(self) in checked:
+            return
+        ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+        managed = {id(p) for n, p in ddp.module.named_parameters() if n not in ignored}
+        if not any(id(c) in managed for c in self.cores()):
+            checked.add(id(self))
+            return
+        names = [c.name for c in self._embedding_bag_configs]
+        what = ("its cores are plain DistributedDataParallel parameters (replicated, gradients "
+                "all-reduced by DDP)")
+        fix = ("to shard it, pass torchrec_tt.sharding.TTEmbeddingBagCollectionSharder() in "
+               "DistributedModelParallel(..., sharders=[...]) and a plan from "
+               "torchrec_tt.sharding.plan")
+        if self._fused_optimizer is not None:
+            raise RuntimeError(
+                f"TTEmbeddingBagCollection (tables {names}) with a fused optimizer "
+                f"runs inside DistributedDataParallel: {what}, but the fused update in the "
+                f"backward would apply each rank's local gradient (before DDP's all-reduce), so "
+                f"replicas diverge; {fix}"
+            )
+        warnings.warn(
+            f"TTEmbeddingBagCollection (tables {names}) runs inside "
+            f"DistributedDataParallel unsharded: {what}. If this is DistributedModelParallel, "
+            f"the TT sharder was not passed; {fix}",
+            stacklevel=3,
+        )
+        checked.add(id(self))
 
     # --- TT-specific ------------------------------------------------------------------------
 
