@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
+from torchrec_tt.kernel_shapes import two_factor_shape
 from torchrec_tt.shapes import TTShape, make_tt_shape
 
 __all__ = ["TTEmbeddingBagConfig", "TTInit"]
@@ -35,9 +36,11 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
 
     Args:
         tt_ranks (list[int]): inner TT ranks, one fewer than the number of cores (2-4 cores):
-            ``[32, 32]`` means three cores.
+            ``[32, 32]`` means three cores, ``[32]`` two (the shape the CUDA two-factor kernels
+            run fastest; ``TTPolicy`` and the DLRM trainer default to it).
         tt_p_shapes (list[int] | None): row factors, ``prod >= num_embeddings``; chosen
-            automatically (near-balanced, little padding) when None.
+            automatically when None (2 cores: ``kernel_shapes.two_factor_shape``, which also
+            picks ``q``; otherwise near-balanced, little padding).
         tt_q_shapes (list[int] | None): column factors, ``prod == embedding_dim``; chosen
             automatically (largest factor last) when None.
         tt_init (TTInit): core initialisation.
@@ -84,7 +87,15 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
         self.tt_shape()  # validates ranks and shapes, naming the table
 
     def tt_shape(self) -> TTShape:
-        """The table's validated TT shape (factors chosen here when not given)."""
+        """The table's validated TT shape (factors chosen here when not given: for 2 cores the
+        shape the CUDA two-factor kernels run best, ``kernel_shapes.two_factor_shape``)."""
+        if len(self.tt_ranks) == 1 and self.tt_p_shapes is None and self.tt_q_shapes is None:
+            try:
+                s = two_factor_shape(self.num_embeddings, self.embedding_dim, self.tt_ranks[0])
+                return make_tt_shape(self.num_embeddings, self.embedding_dim, self.tt_ranks,
+                                     p=s.p, q=s.q, table_name=self.name)
+            except (ValueError, TypeError):
+                pass  # outside the kernels' limits (or invalid: make_tt_shape below says why)
         return make_tt_shape(
             self.num_embeddings,
             self.embedding_dim,

@@ -92,7 +92,9 @@ class TTPolicy:
         tables: compress exactly these tables.
         ranks: TT ranks: an int ``R`` (every inner rank ``R``), a list of inner ranks, or a
             mapping table name -> int or list (tables not in it get ``default_ranks``).
-        num_cores: number of cores (2-4) when ranks are given as an int.
+        num_cores: number of cores (2-4) when ranks are given as an int; 2 by default (the
+            kernel-aware choice of ``torchrec_tt.kernel_shapes`` for large tables: 1.6-3× faster
+            CUDA steps than 3 cores at no AUC loss, docs/benchmarks.md "v4").
         default_ranks: ranks for tables missing from a ``ranks`` mapping.
         tt_init: core initialisation of the new TT tables.
     """
@@ -102,7 +104,7 @@ class TTPolicy:
     memory_budget_bytes: int | None = None
     tables: Sequence[str] | None = None
     ranks: int | Sequence[int] | Mapping[str, int | Sequence[int]] = 32
-    num_cores: int = 3
+    num_cores: int = 2
     default_ranks: int | Sequence[int] = 32
     tt_init: TTInit = TTInit.SAMPLED_GAUSSIAN
 

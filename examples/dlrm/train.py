@@ -193,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(g, "tt_budget_bytes", type=float, default=None,
           help="TT for as many tables as needed to fit the embeddings in this budget")
     _flag(g, "tt_rank", type=int, default=32, help="TT rank (all inner ranks)")
-    _flag(g, "tt_cores", type=int, default=3, help="TT cores per table")
+    _flag(g, "tt_cores", type=int, default=2,
+          help="TT cores per table (2: the CUDA two-factor kernels' best shape)")
     g = ap.add_argument_group("optimisation")
     _flag(g, "learning_rate", "--lr", type=float, default=0.02,
           help="learning rate of the dense layers")
