@@ -50,7 +50,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"))
     ap.add_argument("extra", nargs="*", help="more train.py arguments (after --)")
-    a = ap.parse_args()
+    # Split at "--" by hand: argparse drops what follows "--" after a positional has been read.
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    a = ap.parse_args(argv[:cut])
+    a.extra = a.extra + argv[cut + 1:]
     results = []
     for seed in a.seeds:
         if a.data == "synthetic":
