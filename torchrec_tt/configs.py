@@ -89,7 +89,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     def tt_shape(self) -> TTShape:
         """The table's validated TT shape (factors chosen here when not given: for 2 cores the
         shape the CUDA two-factor kernels run best, ``kernel_shapes.two_factor_shape``)."""
-        if len(self.tt_ranks) == 1 and self.tt_p_shapes is None and self.tt_q_shapes is None:
+        ranks = self.tt_ranks
+        if (isinstance(ranks, (list, tuple)) and len(ranks) == 1 and self.tt_p_shapes is None
+                and self.tt_q_shapes is None):
             try:
                 s = two_factor_shape(self.num_embeddings, self.embedding_dim, self.tt_ranks[0])
                 return make_tt_shape(self.num_embeddings, self.embedding_dim, self.tt_ranks,
