@@ -509,17 +509,18 @@ class ShardedTTEmbeddingBagCollection(
             )
 
     def _validate_features(self, features: KeyedJaggedTensor) -> None:
+        # Keys of no table are ignored (the input permute drops them), as in TorchRec's EBC.
         expected = [f for cfg in self._embedding_bag_configs for f in cfg.feature_names]
         keys = features.keys()
-        unknown = [k for k in keys if k not in expected]
-        if unknown:
-            raise ValueError(
-                f"KeyedJaggedTensor keys {unknown} match no table of this sharded "
-                f"TTEmbeddingBagCollection (features: {expected})"
-            )
+        duplicated = sorted({k for k in keys if k in expected and keys.count(k) > 1})
+        if duplicated:
+            raise ValueError(f"KeyedJaggedTensor has the keys {duplicated} more than once")
         missing = [f for f in expected if f not in keys]
         if missing:
-            raise ValueError(f"KeyedJaggedTensor lacks the features {missing}")
+            raise ValueError(
+                f"KeyedJaggedTensor (keys {keys}) lacks the features {missing} of this sharded "
+                "TTEmbeddingBagCollection"
+            )
         validate_keyed_jagged_tensor(features)
 
     def input_dist(

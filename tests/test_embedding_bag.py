@@ -511,11 +511,14 @@ def test_torchrec_fx_symbolic_trace() -> None:
         ga = torch.autograd.grad(got[0].sum() + got[1].sum(), list(gm.parameters()))
         gb = torch.autograd.grad(want[0].sum() + want[1].sum(), list(wrapper.parameters()))
         assert all(torch.equal(a, b) for a, b in zip(ga, gb))
-    # Bad input is still caught by the traced module.
-    with pytest.raises(ValueError, match="'zzz'"):
-        gm(_random_kjt([*tables, TTEmbeddingBagConfig(name="zzz", num_embeddings=5,
-                                                      embedding_dim=2, tt_ranks=[1])],
-                       ["f1", "f2", "g", "zzz"], 2, seed=0, weighted=True))
+    # Extra keys are dropped and bad input is still caught by the traced module.
+    extra = [*tables, TTEmbeddingBagConfig(name="zzz", num_embeddings=5, embedding_dim=2,
+                                           tt_ranks=[1])]
+    kjt = _random_kjt(extra, ["zzz", "g", "f2", "f1"], 3, seed=0, weighted=True)
+    for a, b in zip(gm(kjt), wrapper(kjt)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"lacks the features 'f1' \(table 't1'\)"):
+        gm(_random_kjt(extra, ["f2", "g", "zzz"], 2, seed=0, weighted=True))
 
     model = _dlrm(TTEmbeddingBagCollection(_dlrm_tables(TTEmbeddingBagConfig)))
     traced = torchrec.fx.symbolic_trace(model)
@@ -537,9 +540,19 @@ def _kjt(keys: list[str], values: list[int], lengths: list[int], **kw: object) -
                                                **kw)
 
 
-def test_unknown_kjt_key_is_named(ebc: TTEmbeddingBagCollection) -> None:
-    with pytest.raises(ValueError, match=r"\['h'\] match no table"):
-        ebc(_kjt(["f1", "f2", "g", "h"], [1, 2, 3, 4], [1, 1, 1, 1]))
+def test_extra_kjt_keys_are_ignored(ebc: TTEmbeddingBagCollection) -> None:
+    # As in TorchRec's EmbeddingBagCollection: one KJT can feed several collections.
+    other = TTEmbeddingBagConfig(name="o", num_embeddings=5, embedding_dim=2,
+                                 feature_names=["h", "h2"], tt_ranks=[1])
+    mixed = _random_kjt([*_two_tables(), other], ["h", "g", "f1", "h2", "f2"], 3, seed=4)
+    by_key = mixed.to_dict()
+    own = KeyedJaggedTensor.from_jt_dict({k: by_key[k] for k in ["f1", "f2", "g"]})
+    want, got = ebc(own), ebc(mixed)
+    assert got.keys() == want.keys() == ["f1", "f2", "g"]
+    assert torch.equal(got.values(), want.values())
+    # A key of no table may even come twice.
+    twice = _kjt(["f1", "h", "f2", "g", "h"], [1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
+    assert ebc(twice).values().shape == (1, 8 + 8 + 6)
 
 
 def test_missing_feature_is_named_with_its_table(ebc: TTEmbeddingBagCollection) -> None:

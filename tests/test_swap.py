@@ -186,6 +186,27 @@ def test_hybrid_is_dlrm_sparse_arch() -> None:
     assert logits.shape == (4, 1) and torch.isfinite(logits).all()
 
 
+def test_hybrid_takes_extra_keys_and_traces_with_torchrec_fx() -> None:
+    import torchrec.fx
+
+    torch.manual_seed(0)
+    configs = swap_configs(_configs(), TTPolicy(largest=2, ranks=4))
+    hybrid = HybridEmbeddingBagCollection(configs)
+    model = DLRM(embedding_bag_collection=hybrid, dense_in_features=3,
+                 dense_arch_layer_sizes=[8, DIM], over_arch_layer_sizes=[8, 1])
+    traced = torchrec.fx.symbolic_trace(model)
+    assert not any(n.op == "call_module" and "select" in n.target.lower()
+                   for n in traced.graph.nodes)
+    extra = [*configs, EmbeddingBagConfig(name="x", num_embeddings=9, embedding_dim=DIM,
+                                          feature_names=["other"])]
+    dense = torch.randn(4, 3)
+    for order in ([0, 1, 2, 3, 4, 5], [5, 3, 1, 4, 2, 0], [6, 4, 0, 3, 5, 1, 2]):
+        kjt = _kjt(extra, batch=4, seed=len(order), order=order)
+        torch.testing.assert_close(traced(dense, kjt), model(dense, kjt), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"lacks the features 'f4' \(table 't4'\)"):
+        traced(dense, _kjt(configs, batch=4, seed=0, order=[0, 1, 2, 3, 5]))
+
+
 def test_hybrid_memory_stats() -> None:
     configs = swap_configs(_configs(), TTPolicy(largest=2, ranks=4))
     stats = HybridEmbeddingBagCollection(configs, device="meta").memory_stats()

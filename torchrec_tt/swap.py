@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
@@ -43,7 +43,6 @@ from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
 
 __all__ = [
     "HybridEmbeddingBagCollection",
-    "KJTSelect",
     "TTPolicy",
     "config_bytes",
     "convert_to_tt",
@@ -263,28 +262,6 @@ def swap_configs(
     return [_to_tt_config(c, policy) if c.name in chosen else c for c in configs]
 
 
-class KJTSelect(nn.Module):
-    """Selects some features of a ``KeyedJaggedTensor`` (in the given order).
-
-    A module without parameters, so ``TrainPipelineSparseDist(..., pipeline_postproc=True)`` runs
-    it in the sparse-data-dist stage and still pipelines the sharded collection it feeds.
-    """
-
-    def __init__(self, keys: Sequence[str]) -> None:
-        super().__init__()
-        self._keys = list(keys)
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        keys = features.keys()
-        if keys == self._keys:
-            return features
-        index = {k: i for i, k in enumerate(keys)}
-        missing = [k for k in self._keys if k not in index]
-        if missing:
-            raise ValueError(f"KeyedJaggedTensor lacks the features {missing}")
-        return features.permute([index[k] for k in self._keys])
-
-
 @torch.fx.wrap
 def _merge_pooled(
     first: KeyedTensor | None, second: KeyedTensor | None, keys: list[str]
@@ -310,8 +287,9 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         plan = torchrec_tt.sharding.plan(model, topology, batch_size, sharders=sharders)
         DistributedModelParallel(model, plan=plan, sharders=sharders)
 
-    With ``TrainPipelineSparseDist`` pass ``pipeline_postproc=True`` so the TT collection (fed
-    through the parameter-free ``tt_features`` selector) is pipelined too.
+    Both children take the whole KJT and use their own features (the others are ignored, as by
+    TorchRec's EBC), so the module traces with ``torchrec.fx.symbolic_trace`` and
+    ``TrainPipelineSparseDist`` pipelines both sharded children.
 
     Args:
         tables: the configs, e.g. from :func:`swap_configs`.
@@ -356,7 +334,6 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if tt_tables
             else None
         )
-        self.tt_features = KJTSelect([f for t in tt_tables for f in t.feature_names])
         self._feature_names = features
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
@@ -370,7 +347,7 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of every feature, keys in table order."""
         plain = self.ebc(features) if self.ebc is not None else None
-        tt = self.tt(self.tt_features(features)) if self.tt is not None else None
+        tt = self.tt(features) if self.tt is not None else None
         return _merge_pooled(plain, tt, self._feature_names)
 
     # --- accounting -------------------------------------------------------------------------

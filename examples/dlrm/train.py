@@ -500,9 +500,9 @@ def detach_pipeline(pipeline: TrainPipelineSparseDist | None,
     """Restores the plain forwards (the next ``progress`` re-attaches, keeping in-flight batches).
 
     ``TrainPipelineSparseDist.detach`` puts pipelined postproc modules back with
-    ``setattr(model, fqn, ...)``, which is wrong for a nested fqn such as
-    ``model.sparse_arch.embedding_bag_collection.tt_features`` (torchrec 1.6.1): the pipelined
-    wrapper stays in place. Put the original module back at its real parent.
+    ``setattr(model, fqn, ...)``, which is wrong for a nested fqn (torchrec 1.6.1): the pipelined
+    wrapper stays in place. Put the original module back at its real parent. (The hybrid
+    collection has no postproc module any more; this keeps models that do have one working.)
     """
     if pipeline is None:
         return

@@ -2,7 +2,9 @@
 
 Each spawned job (~5 s of process start-up) runs several plans: forward equals the unsharded
 module, three SGD steps equal the rank-averaged unsharded reference, and the bytes measured on
-the collectives equal ``plan_comms_bytes``; the TT-only job also shards a meta-device model.
+the collectives equal ``plan_comms_bytes`` (in the mixed plans the TT collection's KJT also
+carries the plain features, which its input dist drops); the TT-only job also shards a
+meta-device model.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def _check_plan(rank: int, world_size: int, specs: dict[str, Any], plain: bool,
     compared = 0
     for step in range(3):
         fixed = step == 2  # fixed bag lengths: the comms are then exactly predictable
-        batches = [cases.batch_for(r, step, plain, weighted, fixed) for r in range(world_size)]
+        # With the plain EBC, the TT collection's KJT holds the plain features too (ignored).
+        batches = [cases.batch_for(r, step, plain, weighted, fixed, extra_keys=plain)
+                   for r in range(world_size)]
         mine = batches[rank]
         with torch.no_grad():
             got = dmp.module.tt(mine[0]).wait()

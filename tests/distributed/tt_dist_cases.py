@@ -125,11 +125,16 @@ def random_kjt(
     return KeyedJaggedTensor.from_lengths_sync(list(keys), values, lengths, weights=weights)
 
 
-def batch_for(rank: int, step: int, plain: bool, weighted: bool = False, fixed: bool = False
-              ) -> tuple[KeyedJaggedTensor, ...]:
+def batch_for(rank: int, step: int, plain: bool, weighted: bool = False, fixed: bool = False,
+              extra_keys: bool = False) -> tuple[KeyedJaggedTensor, ...]:
+    """``extra_keys``: the TT collection's KJT also holds the plain features, which it ignores
+    (as when one KJT feeds several collections)."""
     seed = 1000 * step + 17 * rank
     # Keys in a different order from the module's, as a user's KJT may be.
-    tt = random_kjt(list(reversed(TT_FEATURES)), seed, weighted=weighted, fixed=fixed)
+    keys = list(reversed(TT_FEATURES))
+    if extra_keys:
+        keys = [PLAIN_FEATURES[0], *keys[:2], *PLAIN_FEATURES[1:], *keys[2:]]
+    tt = random_kjt(keys, seed, weighted=weighted, fixed=fixed)
     if not plain:
         return (tt,)
     return tt, random_kjt(PLAIN_FEATURES, seed + 1, fixed=fixed)

@@ -40,26 +40,27 @@ def _lookup_inputs(
     core: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Checks a KJT against the collection and returns its ``(indices, offsets, weights)`` with
-    the features in the collection's order (weights cast to the cores' dtype when weighted)."""
+    the collection's features in its order (weights cast to the cores' dtype when weighted).
+
+    Keys that match no table are ignored, as in TorchRec's ``EmbeddingBagCollection`` (one KJT
+    can feed several collections); a missing feature is an error."""
     if not isinstance(features, KeyedJaggedTensor):
         raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
     keys = features.keys()
     if keys != feature_names:
-        unknown = [k for k in keys if k not in feature_names]
-        if unknown:
-            raise ValueError(
-                f"KeyedJaggedTensor keys {unknown} match no table of this "
-                f"TTEmbeddingBagCollection (features: {feature_names})"
-            )
-        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        duplicated = sorted({k for k in keys if k in feature_names and keys.count(k) > 1})
         if duplicated:
             raise ValueError(f"KeyedJaggedTensor has the keys {duplicated} more than once")
+        index = {k: i for i, k in enumerate(keys)}
         missing = [
-            f"{f!r} (table {t!r})" for f, t in zip(feature_names, feature_tables) if f not in keys
+            f"{f!r} (table {t!r})" for f, t in zip(feature_names, feature_tables) if f not in index
         ]
         if missing:
-            raise ValueError(f"KeyedJaggedTensor lacks the features {', '.join(missing)}")
-        features = features.permute([keys.index(f) for f in feature_names])
+            raise ValueError(
+                f"KeyedJaggedTensor (keys {keys}) lacks the features {', '.join(missing)}"
+            )
+        # Selects (and orders) the collection's features; the other keys are dropped.
+        features = features.permute([index[f] for f in feature_names])
     if features.variable_stride_per_key():
         raise ValueError("variable batch size per feature (VBE) is not supported")
     values = features.values()
@@ -109,8 +110,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """EmbeddingBagCollection whose tables are Tensor Trains, looked up by one table-batched op.
 
     Takes the same arguments as ``torchrec.EmbeddingBagCollection`` and keeps its contract:
-    ``KeyedJaggedTensor`` (keys = the tables' feature names, any order; shape ``(F, B, L[f][i])``)
-    in, ``KeyedTensor`` (keys = feature names in table order, values ``[B, sum of D]``) out;
+    ``KeyedJaggedTensor`` (keys: the tables' feature names in any order, plus any others, which
+    are ignored as in TorchRec's EBC; shape ``(F, B, L[f][i])``) in, ``KeyedTensor`` (keys = feature names in table order, values ``[B, sum of D]``) out;
     per-sample weights are used when ``is_weighted``.
 
     NOTE: this module is unsharded; ``torchrec_tt.sharding`` distributes it.
