@@ -3,6 +3,10 @@
 The CPU kernels are always built. CUDA kernels (csrc/*.cu) are added when torch was built with
 CUDA and nvcc is found, unless TORCHREC_TT_CUDA=0; TORCHREC_TT_CUDA=1 makes a missing toolkit an
 error instead of a silent CPU-only build. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+
+torch must already be installed: build with ``pip wheel . --no-build-isolation`` (or
+``pip install . --no-build-isolation``), so the extension is built against the torch that will
+run it; under build isolation pip would fetch another torch (see pyproject.toml).
 """
 
 from __future__ import annotations
@@ -53,13 +57,9 @@ def _extension() -> cpp_extension.BuildExtension:
     )
 
 
+# The metadata (name, version from torchrec_tt/version.py, dependencies) and the packages are in
+# pyproject.toml; this file adds what it cannot express: the extension.
 setup(
-    name="torchrec_tt",
-    version="0.1.0",
-    description="Tensor-Train embedding tables and TT convolutions for TorchRec",
-    packages=["torchrec_tt", "torchrec_tt.modules", "torchrec_tt.sharding"],
-    package_dir={"torchrec_tt.sharding": "sharding"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    python_requires=">=3.10",
 )

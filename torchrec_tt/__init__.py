@@ -13,6 +13,7 @@ from torchrec_tt.modules import TTEmbeddingBagCollection
 from torchrec_tt.modules.conv import TTConv2d
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.shapes import TTShape, make_tt_shape
+from torchrec_tt.version import __version__
 
 __all__ = [
     "PoolingMode",
@@ -22,6 +23,7 @@ __all__ = [
     "TTEmbeddingBagConfig",
     "TTInit",
     "TTShape",
+    "__version__",
     "make_tt_shape",
     "tt_conv2d",
     "tt_embedding_bag",
