@@ -236,8 +236,10 @@ def test_convert_trained_ebc_by_tt_svd() -> None:
     source = TTEmbeddingBagCollection(swap_configs([configs[1]], TTPolicy(largest=1, ranks=4)))
     with torch.no_grad():
         t1.copy_(source.full_weight("t1"))
-    hybrid = convert_to_tt(ebc, TTPolicy(tables=["t1", "t4"], ranks=8))
+    with pytest.warns(UserWarning, match=r"loses much of these tables \(relative reconstruction error 't4'"):
+        hybrid = convert_to_tt(ebc, TTPolicy(tables=["t1", "t4"], ranks=8))
     assert hybrid.tt_table_names() == ["t1", "t4"]
+    assert hybrid.tt_conversion_errors["t1"] < 1e-4  # exactly a TT: recovered
     torch.testing.assert_close(hybrid.tt.full_weight("t1"), t1.detach(), rtol=1e-4, atol=1e-5)
     for name in ("t0", "t2", "t3", "t5"):
         torch.testing.assert_close(hybrid.ebc.embedding_bags[name].weight,
@@ -245,6 +247,7 @@ def test_convert_trained_ebc_by_tt_svd() -> None:
     w4 = ebc.embedding_bags["t4"].weight.detach()
     err = (hybrid.tt.full_weight("t4") - w4).norm() / w4.norm()
     assert err < 1.0  # a rank-8 TT of a random table keeps part of it, never more than all
+    assert abs(hybrid.tt_conversion_errors["t4"] - float(err)) < 1e-4  # the reported error
     kjt = _kjt(configs, batch=6, seed=3)
     out, ref = hybrid(kjt), ebc(kjt)
     torch.testing.assert_close(out["f1"], ref["f1"], rtol=1e-4, atol=1e-5)

@@ -25,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -307,6 +309,8 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tt_fused_params: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__()
+        #: Relative TT-SVD reconstruction error per table, set by ``convert_to_tt``.
+        self.tt_conversion_errors: dict[str, float] = {}
         tables = list(tables)
         if not tables:
             raise ValueError("HybridEmbeddingBagCollection needs at least one table")
@@ -373,23 +377,43 @@ def convert_to_tt(
     ebc: EmbeddingBagCollection,
     policy: TTPolicy,
     device: torch.device | str | None = None,
+    warn_above: float = 0.3,
 ) -> HybridEmbeddingBagCollection:
     """A hybrid collection from a trained ``EmbeddingBagCollection``.
 
     The tables ``policy`` selects become TT tables set to the TT-SVD of the trained weights at the
     policy's ranks (the best rank-limited TT up to the SVD truncation, see
     ``torchrec_tt.initializers.tt_svd``); the other tables keep their weights exactly.
+
+    The relative reconstruction error of every converted table is in the returned module's
+    ``tt_conversion_errors`` (table name -> ``||W - TT|| / ||W||``), and a warning names each
+    table above ``warn_above``. Trained embedding tables are rarely close to low TT rank (errors
+    of 0.95-0.998 were seen on a trained 200k x 16 table at ranks 4-32): such a conversion keeps
+    little of the table. Train the table in TT from the start (``swap_configs``), or use the
+    converted model only as an initialisation and fine-tune (distil) it.
     """
     if not isinstance(ebc, EmbeddingBagCollection):
         raise TypeError(f"expected a torchrec EmbeddingBagCollection, got {type(ebc).__name__}")
     configs = swap_configs(ebc.embedding_bag_configs(), policy)
     hybrid = HybridEmbeddingBagCollection(configs, is_weighted=ebc.is_weighted(), device=device)
+    errors: dict[str, float] = {}
     for cfg in configs:
         weight = ebc.embedding_bags[cfg.name].weight
         if isinstance(cfg, TTEmbeddingBagConfig):
             assert hybrid.tt is not None
-            hybrid.tt.load_dense_weight(cfg.name, weight.detach().float())
+            errors[cfg.name] = hybrid.tt.load_dense_weight(cfg.name, weight.detach().float())
         else:
             assert hybrid.ebc is not None
             hybrid.ebc.embedding_bags[cfg.name].weight.copy_(weight)
+    hybrid.tt_conversion_errors = errors
+    lossy = {n: e for n, e in errors.items() if e > warn_above}
+    if lossy:
+        listed = ", ".join(f"{n!r}: {e:.3f}" for n, e in lossy.items())
+        warnings.warn(
+            f"convert_to_tt: the TT-SVD at the policy's ranks loses much of these tables "
+            f"(relative reconstruction error {listed}; warn_above={warn_above}); trained tables "
+            "are rarely low TT rank: train them in TT from the start, or fine-tune the converted "
+            "model",
+            stacklevel=2,
+        )
     return hybrid

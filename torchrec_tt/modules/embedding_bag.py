@@ -315,8 +315,10 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._table(table_name).full_weight()
 
     @torch.no_grad()
-    def load_dense_weight(self, table_name: str, weight: Tensor) -> None:
-        """Sets a table's cores to the TT-SVD of a dense ``[N, D]`` weight at its ranks."""
+    def load_dense_weight(self, table_name: str, weight: Tensor) -> float:
+        """Sets a table's cores to the TT-SVD of a dense ``[N, D]`` weight at its ranks and
+        returns the relative reconstruction error ``||W - TT|| / ||W||`` (Frobenius; 0 for a
+        zero weight)."""
         table = self._table(table_name)
         s = table.shape
         if tuple(weight.shape) != (s.num_rows, s.embedding_dim):
@@ -324,8 +326,15 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 f"table {table_name!r}: dense weight has shape {tuple(weight.shape)}, expected "
                 f"({s.num_rows}, {s.embedding_dim})"
             )
-        for core, new in zip(table.cores(), tt_svd(weight.detach().cpu(), s)):
+        dense = weight.detach().cpu()
+        new_cores = tt_svd(dense, s)
+        for core, new in zip(table.cores(), new_cores):
             core.copy_(new)
+        norm = float(dense.double().norm())
+        if norm == 0.0:
+            return 0.0
+        approx = reconstruct_dense([c.double() for c in new_cores], s.p, s.q, s.ranks, s.num_rows)
+        return float((approx - dense.double()).norm()) / norm
 
     def compression_stats(self) -> dict[str, dict[str, float]]:
         """Per table and ``"total"``: TT parameters, TT and dense FP32 bytes, compression ratio."""
