@@ -626,3 +626,24 @@ def test_bad_table_name_in_tt_methods(ebc: TTEmbeddingBagCollection) -> None:
         ebc.full_weight("nope")
     with pytest.raises(ValueError, match=r"table 't2': dense weight has shape \(37, 5\)"):
         ebc.load_dense_weight("t2", torch.zeros(37, 5))
+
+
+def test_device_follows_torchrec_conventions() -> None:
+    # The default device context places the cores (as it does an EmbeddingBagCollection's
+    # weights), `device` reports where they are, and an init_fn (dense-only) is not silently lost.
+    import warnings
+
+    cfg = TTEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=8, feature_names=["f"],
+                               tt_ranks=[4])
+    with torch.device("meta"):
+        ebc = TTEmbeddingBagCollection([cfg])
+    assert ebc.device.type == "meta" and all(p.is_meta for p in ebc.parameters())
+    plain = TTEmbeddingBagCollection([cfg])
+    assert plain.device == torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TTEmbeddingBagCollection([cfg], device="meta")  # no warning without an init_fn
+    with_init = TTEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=8, feature_names=["f"],
+                                     tt_ranks=[4], init_fn=lambda w: w)
+    with pytest.warns(UserWarning, match=r"TT tables \['t'\] have an init_fn"):
+        TTEmbeddingBagCollection([with_init], device="meta")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -83,6 +84,17 @@ def _lookup_inputs(
 
 #: DistributedDataParallel objects -> ids of the TT modules already checked inside them.
 _DDP_CHECKED: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _default_init_fn(cfg: EmbeddingBagConfig) -> bool:
+    """Whether ``cfg.init_fn`` is None or TorchRec's default (uniform within the config's init
+    bounds), whose variance the TT initialisers match."""
+    fn = getattr(cfg, "init_fn", None)
+    return fn is None or (
+        isinstance(fn, functools.partial)
+        and fn.func is torch.nn.init.uniform_
+        and fn.keywords == {"a": cfg.get_weight_init_min(), "b": cfg.get_weight_init_max()}
+    )
 
 
 class TTEmbeddingTable(nn.Module):
@@ -168,7 +180,15 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     )
                 features.append(feature)
                 feature_table_map.append(t)
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        # As TorchRec's EBC: no device means the default one (``with torch.device("meta"):``).
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        ignored_init = [cfg.name for cfg in tables if not _default_init_fn(cfg)]
+        if ignored_init:
+            warnings.warn(
+                f"TT tables {ignored_init} have an init_fn, which TT cores cannot take (it is "
+                "written for a dense [N, D] weight); they use tt_init instead",
+                stacklevel=2,
+            )
         self._is_weighted = is_weighted
         self._embedding_bag_configs = list(tables)
         self._feature_names = features
@@ -204,6 +224,11 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
             self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), state_of)
         self.reset_parameters()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the cores are (follows ``.to()``), as TorchRec's ``EmbeddingBagCollection.device``."""
+        return next(iter(self.embedding_bags.values())).core_0.device
 
     @property
     def kernel_options(self) -> TTKernelOptions:
