@@ -647,3 +647,15 @@ def test_device_follows_torchrec_conventions() -> None:
                                      tt_ranks=[4], init_fn=lambda w: w)
     with pytest.warns(UserWarning, match=r"TT tables \['t'\] have an init_fn"):
         TTEmbeddingBagCollection([with_init], device="meta")
+
+
+def test_fused_optimizer_probe_without_fused_params() -> None:
+    # hasattr() is how TorchRec and TorchScript probe it: False, not an exception.
+    cfg = TTEmbeddingBagConfig(name="t", num_embeddings=100, embedding_dim=8, feature_names=["f"],
+                               tt_ranks=[4])
+    ebc = TTEmbeddingBagCollection([cfg], device="meta")
+    assert not hasattr(ebc, "fused_optimizer")
+    with pytest.raises(RuntimeError, match="built without fused_params"):
+        ebc.fused_optimizer  # noqa: B018
+    fused = TTEmbeddingBagCollection([cfg], device="meta", fused_params={"optimizer": "exact_sgd"})
+    assert hasattr(fused, "fused_optimizer")

@@ -86,6 +86,12 @@ def _lookup_inputs(
 _DDP_CHECKED: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
 
 
+class NoFusedOptimizerError(AttributeError, RuntimeError):
+    """``fused_optimizer`` of a collection built without ``fused_params``: an AttributeError so
+    that ``hasattr(ebc, "fused_optimizer")`` is False (TorchScript and TorchRec probe it that
+    way), a RuntimeError as before."""
+
+
 def _default_init_fn(cfg: EmbeddingBagConfig) -> bool:
     """Whether ``cfg.init_fn`` is None or TorchRec's default (uniform within the config's init
     bounds), whose variance the TT initialisers match."""
@@ -250,11 +256,18 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self._fused_optimizer.rebind(self._core_params())
         return out
 
+    def __getattr__(self, name: str) -> Any:
+        # A property that raises AttributeError falls through to here (nn.Module's lookup of
+        # parameters / buffers / submodules); keep fused_optimizer's own message.
+        if name == "fused_optimizer":
+            raise NoFusedOptimizerError("this TTEmbeddingBagCollection was built without fused_params")
+        return super().__getattr__(name)
+
     @property
     def fused_optimizer(self) -> TTFusedOptimizer:
         """The fused optimizer (a TorchRec KeyedOptimizer); only with ``fused_params``."""
         if self._fused_optimizer is None:
-            raise RuntimeError("this TTEmbeddingBagCollection was built without fused_params")
+            raise NoFusedOptimizerError("this TTEmbeddingBagCollection was built without fused_params")
         return self._fused_optimizer
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
