@@ -245,11 +245,9 @@ def zipf_ids(rows: int, n: int, gen: torch.Generator, exponent: float = 1.05) ->
     return (r * 2_654_435_761) % rows
 
 
-def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ...] = (65_536, 8_192),
-            rank: int = 32) -> None:
-    """The 7 largest Criteo Kaggle tables, one Zipf 1.05 lookup per table and sample, fwd + bwd +
-    SGD: TBE (EXACT_SGD, uncompressed) vs TT with the two-factor 2-core shape and with the
-    balanced 3-core default, eager and replayed from a CUDA graph, same index stream."""
+def _tbe_kaggle7_times(rows: list[int], dim: int, sets: list[torch.Tensor], offsets: torch.Tensor,
+                       dy: torch.Tensor, iters: int) -> dict[str, float | str]:
+    """TBE (EXACT_SGD) eager and graphed step times, or why there is no baseline here."""
     try:
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
@@ -257,10 +255,30 @@ def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ..
             ComputeDevice,
             SplitTableBatchedEmbeddingBagsCodegen,
         )
-    except Exception as e:  # noqa: BLE001 - TT columns still measured, TBE's say why not
-        SplitTableBatchedEmbeddingBagsCodegen = None
-        no_tbe = f"no fbgemm_gpu ({type(e).__name__})"
 
+        tbe = SplitTableBatchedEmbeddingBagsCodegen(
+            [(r, dim, EmbeddingLocation.DEVICE, ComputeDevice.CUDA) for r in rows],
+            optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01,
+        )
+    except Exception as e:  # noqa: BLE001 - missing, stubbed or broken fbgemm_gpu: TT still timed
+        why = f"no fbgemm_gpu ({type(e).__name__})"
+        return {"tbe": why, "tbe_graph": why}
+
+    def tbe_on(ind: torch.Tensor) -> None:
+        tbe(ind, offsets).backward(dy)
+
+    out: dict[str, float | str] = {"tbe": time_steps(eager(tbe_on, sets), iters),
+                                   "tbe_graph": time_steps(graphed(tbe_on, sets), iters)}
+    del tbe
+    torch.cuda.empty_cache()
+    return out
+
+
+def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ...] = (65_536, 8_192),
+            rank: int = 32) -> None:
+    """The 7 largest Criteo Kaggle tables, one Zipf 1.05 lookup per table and sample, fwd + bwd +
+    SGD: TBE (EXACT_SGD, uncompressed) vs TT with the two-factor 2-core shape and with the
+    balanced 3-core shape (the default before 2 cores), eager and replayed from a CUDA graph, same index stream."""
     dev = torch.device("cuda")
     rows = sorted(CRITEO_KAGGLE_ROWS, reverse=True)[:7]
     results = []
@@ -270,29 +288,10 @@ def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ..
             sets = [torch.cat([zipf_ids(r, batch, gen) for r in rows]) for _ in range(8)]
             offsets = torch.arange(0, 7 * batch + 1, device=dev)
             dy = torch.randn(batch, 7 * dim, device=dev)
-            res: dict[str, float | str] = {"tbe": no_tbe, "tbe_graph": no_tbe} if SplitTableBatchedEmbeddingBagsCodegen is None else {}
-            if SplitTableBatchedEmbeddingBagsCodegen is not None:
-                try:
-                    tbe = SplitTableBatchedEmbeddingBagsCodegen(
-                        [(r, dim, EmbeddingLocation.DEVICE, ComputeDevice.CUDA) for r in rows],
-                        optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01,
-                    )
-                except Exception as e:  # noqa: BLE001 - a stub or broken install: no baseline
-                    SplitTableBatchedEmbeddingBagsCodegen = None
-                    no_tbe = f"no fbgemm_gpu ({type(e).__name__})"
-                    res = {"tbe": no_tbe, "tbe_graph": no_tbe}
-            if SplitTableBatchedEmbeddingBagsCodegen is not None:
-
-                def tbe_on(ind: torch.Tensor) -> None:
-                    tbe(ind, offsets).backward(dy)
-
-                res["tbe"] = time_steps(eager(tbe_on, sets), iters)
-                res["tbe_graph"] = time_steps(graphed(tbe_on, sets), iters)
-                del tbe
-                torch.cuda.empty_cache()
+            res = _tbe_kaggle7_times(rows, dim, sets, offsets, dy, iters)
             variants = {
                 "two-factor 2-core": ([two_factor_shape(r, dim, rank) for r in rows], None),
-                "3-core default": ([make_tt_shape(r, dim, [rank, rank]) for r in rows], None),
+                "3-core balanced (old default)": ([make_tt_shape(r, dim, [rank, rank]) for r in rows], None),
                 "two-factor shape, old kernels": ([two_factor_shape(r, dim, rank) for r in rows], "0"),
             }
             for name, (shapes, env) in variants.items():

@@ -51,7 +51,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
-from torchrec_tt.kernel_shapes import kernel_cost
+from torchrec_tt.kernel_shapes import TWO_FACTOR_FLOPS, kernel_cost
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.optim import FusedOptimConfig
@@ -74,11 +74,12 @@ __all__ = [
 ]
 
 #: Effective FLOP/s of the TT lookup per compute device, used when none is given: rough values
-#: (the CPU one measured with ``measure_tt_flops`` on a 2-core CI machine; the CUDA one fitted to
-#: the two-factor kernels' Kaggle-7 fwd + bwd step on an H200, counting the kernels' own FLOPs,
-#: ``torchrec_tt.kernel_shapes.kernel_cost``: docs/benchmarks.md "v4" gives estimate / measured
-#: per case). Measure and pass ``device_flops`` for real planning.
-DEFAULT_TT_FLOPS: dict[str, float] = {"cpu": 5e9, "cuda": 3e12, "mtia": 3e12}
+#: (the CPU one measured with ``measure_tt_flops`` on a 2-core CI machine). On CUDA, when no rate
+#: is given, each shape is costed at the measured rate of the kernels that run it
+#: (``torchrec_tt.kernel_shapes.KernelCost.flops_per_second``, H200; docs/benchmarks.md "v4" gives
+#: estimate / measured per case); the "cuda" entry is the two-factor rate. Measure and pass
+#: ``device_flops`` for real planning.
+DEFAULT_TT_FLOPS: dict[str, float] = {"cpu": 5e9, "cuda": TWO_FACTOR_FLOPS, "mtia": TWO_FACTOR_FLOPS}
 
 #: Optimizer state per core element assumed for TT tables without a fused optimizer (Adam).
 DEFAULT_OPTIMIZER_MULTIPLIER = 2.0
@@ -163,7 +164,7 @@ def tt_shard_perf(
     batch_inputs: float,
     batch_outputs: float,
     world_size: int,
-    device_flops: float,
+    device_flops: float | None,
     all_to_all_bandwidth: float,
     all_reduce_bandwidth: float,
     replicated_bytes: int = 0,
@@ -175,15 +176,20 @@ def tt_shard_perf(
     """Per-step cost of one TT shard (``shard_shape`` is the shard's own TT: for a column shard,
     ``q_1`` reduced). ``replicated_bytes``: column_wise only, the shared cores whose gradients
     are all-reduced. On CUDA the FLOPs are those of the kernels that run the shape (the
-    two-factor kernels do ``2DR`` forward whatever the core count: ``kernel_cost``)."""
+    two-factor kernels do ``2DR`` forward whatever the core count: ``kernel_cost``), and a
+    ``device_flops`` of None means those kernels' measured rate."""
     model_parallel = _is_model_parallel(sharding_type)
     scale = world_size if model_parallel else 1
     lookups = batch_inputs * scale
     if compute_device == "cuda":
         cost = kernel_cost(shard_shape)
         fwd_flops, bwd_flops = cost.forward_flops, cost.backward_flops
+        if device_flops is None:
+            device_flops = cost.flops_per_second
     else:
         fwd_flops, bwd_flops = shard_shape.forward_flops_per_lookup(), shard_shape.backward_flops_per_lookup()
+    if device_flops is None:
+        raise ValueError(f"device_flops is needed on compute device {compute_device!r}")
     fwd_compute = tt_compute_ms(lookups, fwd_flops, device_flops)
     bwd_compute = tt_compute_ms(lookups, bwd_flops, device_flops)
     if not model_parallel:
@@ -242,6 +248,8 @@ class TTShardEstimator(ShardEstimator):
     ) -> None:
         self._topology = topology
         self._constraints = constraints
+        # On CUDA without a given rate, each shape gets its kernels' measured rate (see tt_shard_perf).
+        self._kernel_rates = device_flops is None and topology.compute_device == "cuda"
         if device_flops is None:
             device_flops = DEFAULT_TT_FLOPS.get(topology.compute_device, DEFAULT_TT_FLOPS["cuda"])
         if device_flops <= 0:
@@ -363,7 +371,7 @@ class TTShardEstimator(ShardEstimator):
                 batch_inputs,
                 batch_outputs,
                 world_size,
-                self._device_flops,
+                None if self._kernel_rates else self._device_flops,
                 a2a_bw,
                 ar_bw,
                 replicated_bytes=replicated,

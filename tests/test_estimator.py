@@ -245,3 +245,16 @@ def test_cuda_compute_counts_the_two_factor_kernels_flops() -> None:
     assert math.isclose(cuda.fwd_compute, lookups * 2 * 16 * 32 / flops * 1e3)
     assert math.isclose(cuda.bwd_compute, lookups * 4 * 16 * 32 / flops * 1e3)
     assert cuda.fwd_compute < cpu.fwd_compute
+
+
+def test_cuda_without_a_rate_costs_each_shape_at_its_kernels_measured_rate() -> None:
+    from torchrec_tt.kernel_shapes import OLDER_KERNEL_FLOPS, TWO_FACTOR_FLOPS
+
+    two = TTShape(10_000, 16, (100, 100), (4, 4), (32,))
+    older = TTShape(11_000_000, 64, (200, 220, 250), (4, 4, 4), (32, 32))  # prefix too large
+    for shape, rate, fwd in ((two, TWO_FACTOR_FLOPS, 2 * 16 * 32),
+                             (older, OLDER_KERNEL_FLOPS, older.forward_flops_per_lookup())):
+        perf = tt_shard_perf(shape, "data_parallel", 4096.0, 1, 1, None, 1e9, 1e9, compute_device="cuda")
+        assert math.isclose(perf.fwd_compute, 4096 * fwd / rate * 1e3)
+    with pytest.raises(ValueError, match="device_flops is needed"):
+        tt_shard_perf(two, "data_parallel", 4096.0, 1, 1, None, 1e9, 1e9)

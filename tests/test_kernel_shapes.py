@@ -58,3 +58,10 @@ def test_choose_tt_shape_prefers_two_factor_and_respects_the_budget() -> None:
     assert small.num_parameters() <= 600_000 and small.num_cores >= 3
     with pytest.raises(ValueError, match="at most 10 parameters"):
         choose_tt_shape(10_000_000, 16, 32, max_parameters=10)
+
+
+@pytest.mark.parametrize("dim,q,rank", [(64, (8, 8), 128), (64, (16, 4), 128), (128, (16, 8), 64),
+                                        (128, (16, 8), 128)])
+def test_shapes_beyond_the_kernels_registers_go_to_the_older_kernels(dim: int, q: tuple, rank: int) -> None:
+    # The backward keeps ranks-per-lane x Q accumulators per lane: at most 32.
+    assert not two_factor_fits(TTShape(1_000_003, dim, (1001, 1000), q, (rank,)))

@@ -460,9 +460,19 @@ def test_cuda_two_factor_kernels_match_reference(
     _check_two_factor(prob, monkeypatch, weighted, precision)
 
 
+# Every (D, q, R) the two-factor kernels take at these q splits; the ones they do not take
+# (registers: ranks per lane x Q > 32) are in tests/test_kernel_shapes.py.
+_KAGGLE_SIZED = [
+    (16, (4, 4), r) for r in (8, 32, 64, 128)
+] + [(64, q, r) for q in ((8, 8), (16, 4)) for r in (8, 32, 64)] + [
+    (128, (16, 8), r) for r in (8, 32)
+] + [(12, (3, 4), r) for r in (8, 32, 64, 128)]
+
+
 @requires_cuda
-@pytest.mark.parametrize("dim,q", [(16, (4, 4)), (64, (8, 8)), (64, (16, 4)), (128, (16, 8)), (12, (3, 4))])
-@pytest.mark.parametrize("rank", [8, 32, 64, 128])
+@pytest.mark.parametrize(
+    "dim,q,rank", _KAGGLE_SIZED, ids=[f"D{d}-q{q[0]}x{q[1]}-R{r}" for d, q, r in _KAGGLE_SIZED]
+)
 def test_cuda_two_factor_kaggle_sized_shapes(monkeypatch, dim: int, q: tuple, rank: int) -> None:
     # Large 2-core tables at the kernel limits (Q up to 32, q_last up to 8, R up to 128), Zipf-like
     # skew (hot prefixes spread over many warps), MEAN pooling and weights.
@@ -472,8 +482,7 @@ def test_cuda_two_factor_kaggle_sized_shapes(monkeypatch, dim: int, q: tuple, ra
     n = 1_000_003
     p = (1001, 1000)
     shape = TTShape(n, dim, p, q, (rank,))
-    if not two_factor_fits(shape):
-        pytest.skip(f"{shape} is outside the two-factor kernels (covered by the older path)")
+    assert two_factor_fits(shape)
     cores = [0.1 * torch.randn(p[0], q[0] * rank, generator=gen), 0.1 * torch.randn(p[1], rank * q[1], generator=gen)]
     layout = TTBatchLayout.from_shapes(["t"], [shape], [PoolingMode.MEAN], [0])
     lengths = torch.randint(0, 9, (4096,), generator=gen)

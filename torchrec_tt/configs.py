@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
-from torchrec_tt.kernel_shapes import two_factor_shape
+from torchrec_tt.kernel_shapes import two_factor_p, two_factor_q
 from torchrec_tt.shapes import TTShape, make_tt_shape
 
 __all__ = ["TTEmbeddingBagConfig", "TTInit"]
@@ -89,20 +89,18 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     def tt_shape(self) -> TTShape:
         """The table's validated TT shape (factors chosen here when not given: for 2 cores the
         shape the CUDA two-factor kernels run best, ``kernel_shapes.two_factor_shape``)."""
-        ranks = self.tt_ranks
-        if (isinstance(ranks, (list, tuple)) and len(ranks) == 1 and self.tt_p_shapes is None
-                and self.tt_q_shapes is None):
-            try:
-                s = two_factor_shape(self.num_embeddings, self.embedding_dim, self.tt_ranks[0])
-                return make_tt_shape(self.num_embeddings, self.embedding_dim, self.tt_ranks,
-                                     p=s.p, q=s.q, table_name=self.name)
-            except (ValueError, TypeError):
-                pass  # outside the kernels' limits (or invalid: make_tt_shape below says why)
+        p, q = self.tt_p_shapes, self.tt_q_shapes
+        dim = self.embedding_dim
+        if (p is None and q is None and isinstance(self.tt_ranks, (list, tuple)) and len(self.tt_ranks) == 1
+                and isinstance(dim, int) and dim >= 1):
+            q2 = two_factor_q(dim)  # None: D outside the kernels' limits, keep the general choice
+            if q2 is not None:
+                p, q = two_factor_p(self.num_embeddings, q2), q2
         return make_tt_shape(
             self.num_embeddings,
             self.embedding_dim,
             self.tt_ranks,
-            p=self.tt_p_shapes,
-            q=self.tt_q_shapes,
+            p=p,
+            q=q,
             table_name=self.name,
         )

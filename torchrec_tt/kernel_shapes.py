@@ -17,12 +17,26 @@ from dataclasses import dataclass
 
 from torchrec_tt.shapes import TTShape, factor_dim, factor_rows
 
-__all__ = ["KernelCost", "choose_tt_shape", "kernel_cost", "two_factor_fits", "two_factor_shape"]
+__all__ = [
+    "KernelCost",
+    "choose_tt_shape",
+    "kernel_cost",
+    "two_factor_fits",
+    "two_factor_p",
+    "two_factor_q",
+    "two_factor_shape",
+]
 
 #: Ranks the two-factor CUDA kernels take (lanes own 4-rank chunks / single ranks).
 TWO_FACTOR_RANKS = (4, 8, 16, 32, 64, 128)
 #: The CUDA kernels build P for 3- and 4-core tables up to this many floats (32 MB).
 MAX_PREFIX_FLOATS = 1 << 23
+#: Effective FLOP/s on an H200, fitted to the Kaggle-7 fwd + bwd + SGD steps (docs/benchmarks.md
+#: "v4", graphed): the two-factor kernels on their 6DR per lookup (1.41 GFLOP in 0.647 ms at D=16,
+#: 5.64 GFLOP in 1.514 ms at D=64, B=65,536), the older kernels on TTShape's per-row chain count
+#: (3-core D=64, B=65,536: 50.7 GFLOP in 2.924 ms).
+TWO_FACTOR_FLOPS = 3e12
+OLDER_KERNEL_FLOPS = 1.7e13
 
 
 def _pow2_at_least(x: int) -> int:
@@ -70,12 +84,17 @@ class KernelCost:
     prefix_flops: int      # building P and going back through it, per call
     two_factor: bool       # taken by the two-factor kernels
 
-    def step_seconds(self, lookups: int, flops_per_s: float = 20e12, bytes_per_s: float = 4e12,
-                     fixed_s: float = 20e-6) -> float:
-        """A rough step time: per-lookup work at sustained rates plus the per-call prefix work
-        (rates: FP32 CUDA-core FMA and L2 throughput sustained by the kernels, docs/benchmarks.md)."""
-        per_lookup = max(self.flops_per_lookup / flops_per_s, self.bytes_per_lookup / bytes_per_s)
-        return fixed_s + lookups * per_lookup + self.prefix_flops / flops_per_s
+    @property
+    def flops_per_second(self) -> float:
+        """Effective rate of the kernels that run the shape, on their own FLOP count."""
+        return TWO_FACTOR_FLOPS if self.two_factor else OLDER_KERNEL_FLOPS
+
+    def step_seconds(self, lookups: int) -> float:
+        """Modelled fwd + bwd GPU time of ``lookups`` lookups: the FLOPs of the kernels that run
+        the shape at their measured effective rate, plus the prefix build (3-4 cores) at the
+        two-factor rate. No per-call fixed cost: estimate / measured is 0.27-1.24 on the Kaggle-7
+        cases (docs/benchmarks.md "v4")."""
+        return lookups * self.flops_per_lookup / self.flops_per_second + self.prefix_flops / TWO_FACTOR_FLOPS
 
 
 def kernel_cost(shape: TTShape) -> KernelCost:
@@ -110,28 +129,32 @@ def kernel_cost(shape: TTShape) -> KernelCost:
     )
 
 
-def _q_split(d: int) -> tuple[int, int]:
-    """``(Q, q_last)`` with ``Q * q_last = d`` minimising the floats a lookup reads per rank
-    (``Q + q_last``) within the kernels' limits (q_last <= 8, Q <= 32); larger q_last on ties."""
+def two_factor_q(embedding_dim: int) -> tuple[int, int] | None:
+    """``(Q, q_last)`` with ``Q * q_last = D`` minimising the floats a lookup reads per rank
+    (``Q + q_last``) within the kernels' limits (q_last <= 8, Q <= 32), larger q_last on ties;
+    None when D has no such split."""
     best: tuple[int, int] | None = None
-    for ql in range(min(8, d), 0, -1):
-        if d % ql or d // ql > 32:
+    for ql in range(min(8, embedding_dim), 0, -1):
+        if embedding_dim % ql or embedding_dim // ql > 32:
             continue
-        if best is None or d // ql + ql < best[0] + best[1]:
-            best = (d // ql, ql)
-    if best is None:
-        raise ValueError(f"embedding_dim {d} has no split D = Q * q_last with q_last <= 8, Q <= 32")
+        if best is None or embedding_dim // ql + ql < best[0] + best[1]:
+            best = (embedding_dim // ql, ql)
     return best
 
 
+def two_factor_p(num_rows: int, q: tuple[int, int]) -> tuple[int, int]:
+    """Row factors minimising ``p_0 Q R + p_1 R q_last`` with ``p_0 p_1 >= N``:
+    ``p_0 = sqrt(N q_last / Q)``."""
+    p0 = max(1, min(num_rows, round(math.sqrt(num_rows * q[1] / q[0]))))
+    return p0, -(-num_rows // p0)
+
+
 def two_factor_shape(num_rows: int, embedding_dim: int, rank: int) -> TTShape:
-    """The 2-core shape the two-factor kernels run best: ``q = (Q, q_last)`` reading the fewest
-    floats per lookup and ``p`` minimising parameters (``p_0 q_0 = p_1 q_1`` balance)."""
-    q_rows, ql = _q_split(embedding_dim)
-    # params = p0 * Q * R + p1 * R * ql with p0 * p1 >= N: minimal at p0 = sqrt(N * ql / Q).
-    p0 = max(1, min(num_rows, round(math.sqrt(num_rows * ql / q_rows))))
-    p1 = -(-num_rows // p0)
-    return TTShape(num_rows, embedding_dim, (p0, p1), (q_rows, ql), (rank,))
+    """The 2-core shape the two-factor kernels run best (``two_factor_q``, ``two_factor_p``)."""
+    q = two_factor_q(embedding_dim)
+    if q is None:
+        raise ValueError(f"embedding_dim {embedding_dim} has no split D = Q * q_last with q_last <= 8, Q <= 32")
+    return TTShape(num_rows, embedding_dim, two_factor_p(num_rows, q), q, (rank,))
 
 
 def _balanced_shape(num_rows: int, embedding_dim: int, ranks: Sequence[int]) -> TTShape:
