@@ -94,8 +94,8 @@ class TTPolicy:
         ranks: TT ranks: an int ``R`` (every inner rank ``R``), a list of inner ranks, or a
             mapping table name -> int or list (tables not in it get ``default_ranks``).
         num_cores: number of cores (2-4) when ranks are given as an int; 2 by default (the
-            kernel-aware choice of ``torchrec_tt.kernel_shapes`` for large tables: 1.6-3× faster
-            CUDA steps than 3 cores at no AUC loss, docs/benchmarks.md "v4").
+            kernel-aware choice of ``torchrec_tt.kernel_shapes`` for large tables: 1.9-4.4× faster
+            graphed Kaggle-7 steps than 3 cores on an H200 at no AUC loss, docs/benchmarks.md "v4").
         default_ranks: ranks for tables missing from a ``ranks`` mapping.
         tt_init: core initialisation of the new TT tables.
     """
