@@ -1,7 +1,7 @@
 """One-GPU DLRM training step: the trainer's model (examples/dlrm/train.py ``build()``), TT vs
 uncompressed, with the batches already on the GPU and no host read inside the timed steps.
 
-    python bench/bench_dlrm_step.py [--batch-sizes 8192 65536] [--tt-cores 2 3] [--steps 50]
+    python bench/bench_dlrm_step.py [--batch-sizes 8192 65536] [--tt-cores 2 3] [--steps 50] [--profile]
 
 Per configuration: 8 device-made synthetic batches are drawn once, 10 warm-up steps run, then
 ``--steps`` steps (forward, backward, optimizer) are timed between two CUDA events (one
@@ -26,7 +26,7 @@ import train  # noqa: E402  (examples/dlrm/train.py)
 
 
 def time_model(args: argparse.Namespace, tt: bool, steps: int, device: torch.device,
-               pg: dist.ProcessGroup) -> dict[str, float]:
+               pg: dist.ProcessGroup, profile: bool = False) -> dict[str, float]:
     data = train.load_data(args, 0, device)
     dmp, optimizer, ebc = train.build(args, data, tt, device, pg)
     it = data.train_batches(args, 0, 1, 0)
@@ -49,6 +49,17 @@ def time_model(args: argparse.Namespace, tt: bool, steps: int, device: torch.dev
         step(i)
     end.record()
     end.synchronize()
+    if profile:  # where the step's time goes: GPU time per kernel and host time per op
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(5):
+                step(i)
+            torch.cuda.synchronize()
+        print(f"\n== profile: {'TT' if tt else 'uncompressed'}, batch {args.batch_size}, 5 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
     mem = ebc.memory_stats()
     out = {"ms": start.elapsed_time(end) / steps, "bytes": float(mem["bytes"]),
            "compression": float(mem["compression"]),
@@ -64,6 +75,7 @@ def main() -> None:
     ap.add_argument("--tt-cores", type=int, nargs="+", default=[2, 3])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--embedding-dim", type=int, default=16)
+    ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table per model")
     a = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
@@ -76,11 +88,11 @@ def main() -> None:
     for batch in a.batch_sizes:
         base = train.parse_args(["--device", "cuda", "--nproc", "1", "--batch_size", str(batch),
                                  "--embedding_dim", str(a.embedding_dim)])
-        plain = time_model(base, False, a.steps, device, pg)
+        plain = time_model(base, False, a.steps, device, pg, a.profile)
         for cores in a.tt_cores:
             args = train.parse_args(["--device", "cuda", "--nproc", "1", "--batch_size", str(batch),
                                      "--embedding_dim", str(a.embedding_dim), "--tt_cores", str(cores)])
-            rows.append((batch, cores, time_model(args, True, a.steps, device, pg), plain))
+            rows.append((batch, cores, time_model(args, True, a.steps, device, pg, a.profile), plain))
     print(f"\nDLRM (trainer's build(), D={a.embedding_dim}, 7 largest tables TT at R=32), one GPU, "
           f"GPU-resident batches, {a.steps} steps between CUDA events")
     print("| batch | TT cores | TT ms/step | uncompressed ms/step | TT / uncompressed | compression | "

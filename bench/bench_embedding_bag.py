@@ -289,14 +289,16 @@ def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ..
             offsets = torch.arange(0, 7 * batch + 1, device=dev)
             dy = torch.randn(batch, 7 * dim, device=dev)
             res = _tbe_kaggle7_times(rows, dim, sets, offsets, dy, iters)
-            variants = {
-                "two-factor 2-core": ([two_factor_shape(r, dim, rank) for r in rows], None),
-                "3-core balanced (old default)": ([make_tt_shape(r, dim, [rank, rank]) for r in rows], None),
-                "two-factor shape, old kernels": ([two_factor_shape(r, dim, rank) for r in rows], "0"),
+            two = [two_factor_shape(r, dim, rank) for r in rows]
+            variants: dict[str, tuple[list[TTShape], dict[str, str]]] = {
+                "two-factor 2-core": (two, {}),
+                "two-factor 2-core, one bag per warp": (two, {"TORCHREC_TT_FWD_LANES_PER_BAG": "32"}),
+                "two-factor 2-core, unit-layout forward": (two, {"TORCHREC_TT_RANK_LAYOUT": "0"}),
+                "3-core balanced (old default)": ([make_tt_shape(r, dim, [rank, rank]) for r in rows], {}),
+                "two-factor shape, old kernels": (two, {"TORCHREC_TT_TWO_FACTOR": "0"}),
             }
             for name, (shapes, env) in variants.items():
-                if env is not None:
-                    os.environ["TORCHREC_TT_TWO_FACTOR"] = env
+                os.environ.update(env)
                 layout = TTBatchLayout.from_shapes([f"t{i}" for i in range(7)], shapes, [PoolingMode.SUM] * 7,
                                                    list(range(7)))
                 cores = [
@@ -317,8 +319,9 @@ def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ..
                 res[name + " graph"] = time_steps(graphed(tt_on, sets), iters)
                 dense = sum(rows) * dim
                 res[name + " x"] = dense / sum(s.num_parameters() for s in shapes)
-                res[name + " fits"] = all(two_factor_fits(s) for s in shapes) and env is None
-                os.environ.pop("TORCHREC_TT_TWO_FACTOR", None)
+                res[name + " fits"] = all(two_factor_fits(s) for s in shapes) and "TORCHREC_TT_TWO_FACTOR" not in env
+                for key in env:
+                    os.environ.pop(key)
                 del cores, opt
                 torch.cuda.empty_cache()
             results.append((dim, batch, res, list(variants)))

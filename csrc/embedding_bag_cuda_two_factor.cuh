@@ -65,6 +65,12 @@ inline int mode_from_env() {
   return s == "0" ? 0 : (s == "force" ? 2 : 1);
 }
 
+// TORCHREC_TT_RANK_LAYOUT=0 keeps the unit-layout forward for every shape (for A/B runs).
+inline bool rank_layout_env() {
+  const char* v = std::getenv("TORCHREC_TT_RANK_LAYOUT");
+  return v == nullptr || std::string(v) != "0";
+}
+
 inline int64_t prefix_rows(const TableInfo& t) {
   int64_t n = 1;
   for (int64_t k = 0; k + 1 < t.K; ++k) n *= t.p[k];
@@ -260,6 +266,27 @@ __device__ __forceinline__ int64_t div_rows(int64_t v, int pl, bool small) {
   return small ? static_cast<int64_t>(static_cast<uint32_t>(v) / static_cast<uint32_t>(pl)) : v / pl;
 }
 
+// Lookup j of a bag (the first one's index already loaded): whether it is in range, its weight,
+// prefix a and last-core row s. Both forward kernels read their bags through this.
+struct Lookup {
+  float w;
+  int64_t a, s;
+};
+
+template <typename index_t>
+__device__ __forceinline__ bool decode_lookup(const Table& T, int t, int64_t f, int64_t j,
+                                              int64_t lo, int64_t v_first,
+                                              const index_t* __restrict__ idx,
+                                              const float* __restrict__ w, int bounds,
+                                              int32_t* warned, bool report, Lookup& out) {
+  const int64_t v = j == lo ? v_first : static_cast<int64_t>(idx[j]);
+  if (!check_index(v, T.N, t, f, j, bounds, warned, report)) return false;
+  out.w = w != nullptr ? w[j] : 1.f;
+  out.a = div_rows(v, T.pl, T.N <= INT32_MAX);
+  out.s = v - out.a * T.pl;
+  return true;
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 // UPL: units (m, 4-rank chunk) per lane; QLM: bound on q_last. Lane l owns rank chunk
@@ -291,18 +318,16 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
     const int RQ = T.R >> 2, ql = T.ql, Q = T.Q;
     const int rq = lane & (RQ - 1);
     const int m0 = lane / RQ, mstep = 32 / RQ;
-    const bool small = T.N <= INT32_MAX;
     float acc[UPL][QLM];
 #pragma unroll
     for (int k = 0; k < UPL; ++k)
 #pragma unroll
       for (int c = 0; c < QLM; ++c) acc[k][c] = 0.f;
     for (int64_t j = lo; j < hi; ++j) {
-      const int64_t v = j == lo ? v_first : static_cast<int64_t>(idx[j]);
-      if (!check_index(v, T.N, t, f, j, bounds, warned, lane == 0)) continue;
-      const float wj = w != nullptr ? w[j] : 1.f;
-      const int64_t a = div_rows(v, T.pl, small);
-      const int64_t s = v - a * T.pl;
+      Lookup lk;
+      if (!decode_lookup(T, t, f, j, lo, v_first, idx, w, bounds, warned, lane == 0, lk)) continue;
+      const float wj = lk.w;
+      const int64_t a = lk.a, s = lk.s;
       // G_last[s] rows 4rq .. 4rq+3: 4 * ql consecutive floats.
       float g[4][QLM];
       const float* gp = T.G + (s * T.R + 4 * rq) * ql;
@@ -361,6 +386,141 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
       }
     }
     // Columns c >= RQ of a row are written by lane rq = c % RQ (every c < ql is covered).
+    lo = next_lo;
+    hi = next_hi;
+    v_first = next_v;
+  }
+}
+
+// Rank-layout forward for tables with q_last in {4, 8} and 128 <= R * q_last <= 512 (every
+// Kaggle-sized 2-core shape). A group of GS lanes (8, 16 or 32) owns a bag, so a warp has 32 / GS
+// bags in flight: the kernel is bound by L2 latency, not bandwidth (ncu: L1 26%, L2 25% at
+// D=64), and more independent bags per warp is what hides it. The group reads G_last[s]
+// ([R, q_last], contiguous) as consecutive float4s, its lane l owning float4 f = l + GS k, i.e.
+// rank r = f / CPF and columns 4 (f % CPF) .. +3 (CPF = q_last / 4), and P[a][m][r] as scalars:
+// the minimum number of L1 wavefronts per lookup (the unit layout read each G_last line once
+// per rank chunk, ~3x the requests). Partial products acc[m][x] are summed over the bag in
+// registers; the once-per-bag reduction over the group's lanes of one column chunk is a
+// reduce-scatter (halves exchanged per step), so each lane ends with distinct output elements.
+template <int N>
+__device__ __forceinline__ void reduce_scatter_step(float* v, int mask, bool upper) {
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) {
+    const float send = upper ? v[i] : v[i + N / 2];
+    const float keep = upper ? v[i + N / 2] : v[i];
+    v[i] = keep + __shfl_xor_sync(0xffffffffu, send, mask);
+  }
+}
+
+inline bool rank_layout_fits(int64_t R, int64_t ql, int64_t Q) {
+  return (ql == 4 || ql == 8) && R * ql >= 128 && R * ql <= 512 && Q <= 16;
+}
+
+// Reduce-scatter steps for masks GS/2 .. 2 (lanes of one column chunk share bit 0 when CPF = 2).
+template <int N, int MASK>
+__device__ __forceinline__ void reduce_scatter_down(float* v, int lane, int& base) {
+  if constexpr (MASK >= 2) {
+    reduce_scatter_step<N>(v, MASK, lane & MASK);
+    base += (lane & MASK) ? N / 2 : 0;
+    reduce_scatter_down<N / 2, MASK / 2>(v, lane, base);
+  }
+}
+
+// GS: lanes per bag; KPL: float4s of G_last[s] per lane (R * q_last / (4 GS)); QM: bound on Q
+// (a power of two, 4..16).
+template <typename index_t, int GS, int KPL, int QM>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+forward_rank_kernel(const Params P, const index_t* __restrict__ idx,
+                    const int64_t* __restrict__ off, const float* __restrict__ w, int bounds,
+                    int32_t* __restrict__ warned, float* __restrict__ out) {
+  constexpr int NV = QM * 4;              // partial sums per lane: acc[m][x]
+  constexpr int GPW = 32 / GS;            // bags per warp
+  constexpr int REM = 2 * NV / GS;        // values per lane after the steps of masks GS/2..2
+  static_assert(REM >= 1, "reduce-scatter needs QM * 4 >= GS / 2");
+  const int lane = threadIdx.x & 31;
+  const int sl = lane & (GS - 1);
+  const int64_t num_bags = P.F * P.B;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int64_t stride = warps * GPW;
+  int64_t bag = ((blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5) * GPW + lane / GS;
+  int64_t lo = 0, hi = 0, v_first = 0;
+  auto load_meta = [&](int64_t b, int64_t& l, int64_t& h, int64_t& v) {
+    if (b < num_bags) {
+      l = off[b];
+      h = off[b + 1];
+      v = h > l ? static_cast<int64_t>(idx[l]) : 0;
+    } else {
+      l = h = v = 0;
+    }
+  };
+  load_meta(bag, lo, hi, v_first);
+  // The loop runs while any group of the warp has a bag (shuffles need the whole warp).
+  for (int64_t first = bag - lane / GS; first < num_bags; first += stride, bag += stride) {
+    int64_t next_lo = 0, next_hi = 0, next_v = 0;
+    load_meta(bag + stride, next_lo, next_hi, next_v);
+    const bool active = bag < num_bags;
+    const int64_t f = active ? bag / P.B : 0;
+    const int t = P.feature_table[f];
+    const Table& T = P.tables[t];
+    const int R = T.R, ql = T.ql, Q = T.Q;
+    const int cpf_shift = ql == 8 ? 1 : 0;  // CPF = 1 << cpf_shift float4s per rank row
+    const int kpl = (R * ql) / (4 * GS);
+    const int cc = sl & ((1 << cpf_shift) - 1);
+    float acc[NV];
+#pragma unroll
+    for (int i = 0; i < NV; ++i) acc[i] = 0.f;
+    for (int64_t j = lo; j < hi; ++j) {
+      Lookup lk;
+      if (!decode_lookup(T, t, f, j, lo, v_first, idx, w, bounds, warned, sl == 0, lk)) continue;
+      const float wj = lk.w;
+      const int64_t a = lk.a, s = lk.s;
+      const float4* g4 = reinterpret_cast<const float4*>(T.G + s * R * ql);
+      const float* pa = T.P + a * Q * R;
+#pragma unroll
+      for (int k = 0; k < KPL; ++k) {
+        if (k < kpl) {
+          const int fi = sl + GS * k;
+          float4 gv = __ldg(g4 + fi);
+          gv.x *= wj;
+          gv.y *= wj;
+          gv.z *= wj;
+          gv.w *= wj;
+          const int r = fi >> cpf_shift;
+#pragma unroll
+          for (int m = 0; m < QM; ++m) {
+            const float pv = m < Q ? __ldg(pa + m * R + r) : 0.f;
+            acc[m * 4 + 0] += pv * gv.x;
+            acc[m * 4 + 1] += pv * gv.y;
+            acc[m * 4 + 2] += pv * gv.z;
+            acc[m * 4 + 3] += pv * gv.w;
+          }
+        }
+      }
+    }
+    int base = 0;
+    reduce_scatter_down<NV, GS / 2>(acc, lane, base);
+    int count = REM;
+    bool writer = active;
+    if (cpf_shift == 0) {  // lanes l and l ^ 1 hold the same chunk: one more step
+      if constexpr (REM >= 2) {
+        reduce_scatter_step<REM>(acc, 1, lane & 1);
+        base += (lane & 1) ? REM / 2 : 0;
+        count = REM / 2;
+      } else {
+        acc[0] += __shfl_xor_sync(0xffffffffu, acc[0], 1);
+        writer = writer && (lane & 1) == 0;
+      }
+    }
+    const float scale = (T.pooling == static_cast<int>(PoolingMode::MEAN) && hi > lo)
+                            ? 1.f / static_cast<float>(hi - lo)
+                            : 1.f;
+    float* y = out + (bag - f * P.B) * P.total_D + P.feature_col[f];
+#pragma unroll
+    for (int i = 0; i < REM; ++i) {
+      const int e = base + i;  // e = m * 4 + x
+      const int m = e >> 2;
+      if (writer && i < count && m < Q) y[m * ql + cc * 4 + (e & 3)] = acc[i] * scale;
+    }
     lo = next_lo;
     hi = next_hi;
     v_first = next_v;
@@ -449,12 +609,25 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
 #pragma unroll
         for (int m = 0; m < QM; ++m) {
           if (m < Q) {
+            float gv[QLM];
+            if (ql == QLM) {  // broadcast 16-byte reads of the row sum
+#pragma unroll
+              for (int c = 0; c < QLM; c += 4) {
+                const float4 g4 = *reinterpret_cast<const float4*>(gs + m * QLM + c);
+                gv[c] = g4.x;
+                gv[c + 1] = g4.y;
+                gv[c + 2] = g4.z;
+                gv[c + 3] = g4.w;
+              }
+            } else {
+#pragma unroll
+              for (int c = 0; c < QLM; ++c) gv[c] = c < ql ? gs[m * ql + c] : 0.f;
+            }
             float dp = 0.f;
 #pragma unroll
             for (int c = 0; c < QLM; ++c) {
-              const float gv = c < ql ? gs[m * ql + c] : 0.f;
-              dp += gv * gl[i][c];
-              h[c] += Preg[i][m] * gv;
+              dp += gv[c] * gl[i][c];
+              h[c] += Preg[i][m] * gv[c];
             }
             dPacc[i][m] += dp;
           }
@@ -542,8 +715,19 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         for (int ii = 0; ii < RPL; ++ii) {
           const int r = lane + 32 * ii;
           const float* gp = T->G + (cur_s * T->R + r) * T->ql;
+          if (T->ql == QLM && r < T->R) {  // 16-byte loads: a quarter of the L1 requests
 #pragma unroll
-          for (int c = 0; c < QLM; ++c) gl[ii][c] = (r < T->R && c < T->ql) ? __ldg(gp + c) : 0.f;
+            for (int c = 0; c < QLM; c += 4) {
+              const float4 g4 = __ldg(reinterpret_cast<const float4*>(gp + c));
+              gl[ii][c] = g4.x;
+              gl[ii][c + 1] = g4.y;
+              gl[ii][c + 2] = g4.z;
+              gl[ii][c + 3] = g4.w;
+            }
+          } else {
+#pragma unroll
+            for (int c = 0; c < QLM; ++c) gl[ii][c] = (r < T->R && c < T->ql) ? __ldg(gp + c) : 0.f;
+          }
         }
       }
 #pragma unroll
@@ -587,10 +771,51 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
 template <typename index_t>
 void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, const int64_t* off,
                     const float* w, int bounds, int32_t* warned, float* out, cudaStream_t stream) {
-  const KernelConfig kc = kernel_config(info);
-  const int upl = kc.upl, qlm = kc.qlm;
   const int64_t bags = info.F * info.B;
   const int grid = grid_for(bags * 32, kWarpsPerBlock * 32);
+  if (rank_layout_env()) {
+    bool rank_layout = true;
+    int nf = 32, qm = 4;  // float4s of a G_last slice, Q bound (maxima over the tables)
+    for (const auto& t : info.tables) {
+      const int64_t ql = t.q[t.K - 1], Q = t.D / ql;
+      rank_layout = rank_layout && rank_layout_fits(t.R, ql, Q);
+      nf = std::max(nf, pow2_at_least(t.R * ql / 4));
+      qm = std::max(qm, pow2_at_least(Q));
+    }
+    if (rank_layout) {
+      // Lanes per bag: up to 4 float4s per lane (8 lanes at D=16, 16 at D=64), 2 when Q is 16
+      // (registers); TORCHREC_TT_FWD_LANES_PER_BAG overrides it for A/B runs.
+      int gs = std::max(8, nf / (qm >= 16 ? 2 : 4));
+      if (const char* e = std::getenv("TORCHREC_TT_FWD_LANES_PER_BAG")) gs = std::atoi(e);
+      auto launch = [&](auto kernel, int g) {
+        kernel<<<grid_for(bags * g, kWarpsPerBlock * 32), kWarpsPerBlock * 32, 0, stream>>>(
+            P, idx, off, w, bounds, warned, out);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      auto try_lanes = [&](int g) -> bool {
+#define TT_TWO_FACTOR_RANK_FWD(G, K, QMAX)                                                     \
+  if (g == G && nf == G * K && qm == QMAX) {                                                   \
+    launch(forward_rank_kernel<index_t, G, K, QMAX>, G);                                       \
+    return true;                                                                               \
+  }
+        TT_TWO_FACTOR_RANK_FWD(8, 4, 4)
+        TT_TWO_FACTOR_RANK_FWD(16, 2, 4) TT_TWO_FACTOR_RANK_FWD(16, 2, 8)
+        TT_TWO_FACTOR_RANK_FWD(16, 2, 16) TT_TWO_FACTOR_RANK_FWD(16, 4, 4)
+        TT_TWO_FACTOR_RANK_FWD(16, 4, 8) TT_TWO_FACTOR_RANK_FWD(16, 4, 16)
+        TT_TWO_FACTOR_RANK_FWD(32, 1, 4) TT_TWO_FACTOR_RANK_FWD(32, 1, 8)
+        TT_TWO_FACTOR_RANK_FWD(32, 1, 16) TT_TWO_FACTOR_RANK_FWD(32, 2, 4)
+        TT_TWO_FACTOR_RANK_FWD(32, 2, 8) TT_TWO_FACTOR_RANK_FWD(32, 2, 16)
+        TT_TWO_FACTOR_RANK_FWD(32, 4, 4) TT_TWO_FACTOR_RANK_FWD(32, 4, 8)
+        TT_TWO_FACTOR_RANK_FWD(32, 4, 16)
+#undef TT_TWO_FACTOR_RANK_FWD
+        return false;
+      };
+      // One bag per warp covers every shape that fits (nf in {32, 64, 128}, qm in {4, 8, 16}).
+      if (try_lanes(gs) || try_lanes(32)) return;
+    }
+  }
+  const KernelConfig kc = kernel_config(info);
+  const int upl = kc.upl, qlm = kc.qlm;
 #define TT_TWO_FACTOR_FWD(U, QL)                                                               \
   if (upl == U && qlm == QL) {                                                                 \
     forward_kernel<index_t, U, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(P, idx, off, w,   \
