@@ -6,7 +6,7 @@ FBGEMM TBE (SplitTableBatchedEmbeddingBagsCodegen, EXACT_SGD) runs when fbgemm_g
 otherwise its column says so. Prints a markdown table (ns per lookup, ratios, TFLOP/s of the
 TT op counted without dedup, peak extra memory).
 
-    python bench/bench_embedding_bag.py [--iters 20] [--cases all|quick] [--variants] [--graph] [--criteo]
+    python bench/bench_embedding_bag.py [--iters 20] [--cases all|quick] [--variants] [--graph] [--criteo] [--kaggle7] [--offload]
     python bench/bench_embedding_bag.py --kaggle7 [--iters 20]   # the decisive case set only
 """
 
@@ -246,8 +246,13 @@ def zipf_ids(rows: int, n: int, gen: torch.Generator, exponent: float = 1.05) ->
 
 
 def _tbe_kaggle7_times(rows: list[int], dim: int, sets: list[torch.Tensor], offsets: torch.Tensor,
-                       dy: torch.Tensor, iters: int) -> dict[str, float | str]:
-    """TBE (EXACT_SGD) eager and graphed step times, or why there is no baseline here."""
+                       dy: torch.Tensor, iters: int, cache_load_factor: float | None = None
+                       ) -> dict[str, float | str]:
+    """TBE (EXACT_SGD) eager and graphed step times and peak extra GPU memory, or why there is
+    no baseline here. ``cache_load_factor``: the tables in host memory (UVM,
+    ``EmbeddingLocation.MANAGED_CACHING``) behind a GPU cache of that fraction of the rows."""
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     try:
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
@@ -256,22 +261,75 @@ def _tbe_kaggle7_times(rows: list[int], dim: int, sets: list[torch.Tensor], offs
             SplitTableBatchedEmbeddingBagsCodegen,
         )
 
+        location = EmbeddingLocation.DEVICE if cache_load_factor is None else EmbeddingLocation.MANAGED_CACHING
+        extra = {} if cache_load_factor is None else {"cache_load_factor": cache_load_factor}
         tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(r, dim, EmbeddingLocation.DEVICE, ComputeDevice.CUDA) for r in rows],
-            optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01,
+            [(r, dim, location, ComputeDevice.CUDA) for r in rows],
+            optimizer=EmbOptimType.EXACT_SGD, learning_rate=0.01, **extra,
         )
     except Exception as e:  # noqa: BLE001 - missing, stubbed or broken fbgemm_gpu: TT still timed
         why = f"no fbgemm_gpu ({type(e).__name__})"
-        return {"tbe": why, "tbe_graph": why}
+        return {"tbe": why, "tbe_graph": why, "tbe_mem": why}
 
     def tbe_on(ind: torch.Tensor) -> None:
         tbe(ind, offsets).backward(dy)
 
-    out: dict[str, float | str] = {"tbe": time_steps(eager(tbe_on, sets), iters),
-                                   "tbe_graph": time_steps(graphed(tbe_on, sets), iters)}
+    out: dict[str, float | str] = {"tbe": time_steps(eager(tbe_on, sets), iters)}
+    out["tbe_mem"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        out["tbe_graph"] = time_steps(graphed(tbe_on, sets), iters)
+    except Exception as e:  # noqa: BLE001 - the UVM cache may not capture: report, keep going
+        out["tbe_graph"] = f"not capturable ({type(e).__name__})"
     del tbe
     torch.cuda.empty_cache()
     return out
+
+
+def offload(iters: int, dim: int = 64, batch: int = 65_536, rank: int = 32) -> None:
+    """Issue 11 item 5, the case where the tables do not fit on the GPU: TBE with its 7 Kaggle
+    tables in host memory behind a GPU cache of 10% of the rows (MANAGED_CACHING, LRU) vs the TT
+    tables (two-factor 2-core) entirely on the GPU vs TBE on the GPU, same Zipf index stream;
+    then TT's peak extra memory at ~1M lookups (B=150,000) against 2x cores + B*D."""
+    dev = torch.device("cuda")
+    rows = sorted(CRITEO_KAGGLE_ROWS, reverse=True)[:7]
+    shapes = [two_factor_shape(r, dim, rank) for r in rows]
+    results: list[tuple[str, float | str, float | str, float | str]] = []
+    for b in (batch, 150_000):
+        gen = torch.Generator(device=dev).manual_seed(b + dim)
+        sets = [torch.cat([zipf_ids(r, b, gen) for r in rows]) for _ in range(8)]
+        offsets = torch.arange(0, 7 * b + 1, device=dev)
+        dy = torch.randn(b, 7 * dim, device=dev)
+        if b == batch:
+            for name, clf in (("TBE on the GPU", None), ("TBE in host memory, 10% GPU cache", 0.1)):
+                r = _tbe_kaggle7_times(rows, dim, sets, offsets, dy, iters, clf)
+                results.append((f"{name}, B={b}", r["tbe"], r["tbe_graph"], r["tbe_mem"]))
+        layout = TTBatchLayout.from_shapes([f"t{i}" for i in range(7)], shapes, [PoolingMode.SUM] * 7,
+                                           list(range(7)))
+        cores = [(0.3 * torch.randn(s.p[k], s.full_ranks[k] * s.q[k] * s.full_ranks[k + 1], device=dev)).requires_grad_()
+                 for s in shapes for k in range(s.num_cores)]
+        opt = torch.optim.SGD(cores, lr=0.01)
+
+        def tt_on(ind: torch.Tensor) -> None:
+            tt_embedding_bag(cores, layout, ind, offsets).backward(dy)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t_eager = time_steps(eager(tt_on, sets), iters)
+        mem = (torch.cuda.max_memory_allocated() - base) / 2**20
+        core_mib = sum(c.numel() for c in cores) * 4 / 2**20
+        bound = 2 * core_mib + b * 7 * dim * 4 / 2**20
+        results.append((f"TT on the GPU (cores {core_mib:.0f} MiB), B={b}, {7 * b:,} lookups; "
+                        f"2x cores + B*D = {bound:.0f} MiB", t_eager, time_steps(graphed(tt_on, sets), iters), mem))
+        del cores, opt, sets
+        torch.cuda.empty_cache()
+    print(f"\nKaggle's 7 largest tables, D={dim}, R={rank}, Zipf 1.05, fwd + bwd + SGD, median of {iters} steps")
+    print("| variant | eager ms | graphed ms | peak extra GPU MiB (weights or cache included) |")
+    print("|---|---|---|---|")
+    for name, te, tg, m in results:
+        fmt = lambda x: f"{x * 1e3:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+        print(f"| {name} | {fmt(te)} | {fmt(tg)} | {m if isinstance(m, str) else f'{m:.0f}'} |")
 
 
 def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ...] = (65_536, 8_192),
@@ -368,11 +426,16 @@ def main() -> None:
                     help="also run the Criteo-Kaggle-shaped 26-table case")
     ap.add_argument("--kaggle7", action="store_true",
                     help="run only the 7-largest-Kaggle-tables case set (TT shapes vs TBE)")
+    ap.add_argument("--offload", action="store_true",
+                    help="run only TT on the GPU vs TBE with the tables in host memory (10%% GPU cache)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     if args.kaggle7:
         kaggle7(args.iters)
+        return
+    if args.offload:
+        offload(args.iters)
         return
     rows = []
     for case in cases(args.cases):
