@@ -23,13 +23,13 @@ Example::
     model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, ...)
 """
 
-from __future__ import annotations
-
-import warnings
-
+# No ``from __future__ import annotations``: torch.fx copies forward's annotations into traced
+# code, which TorchScript must resolve.
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
     EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
@@ -266,13 +267,30 @@ def swap_configs(
 
 @torch.fx.wrap
 def _merge_pooled(
-    first: KeyedTensor | None, second: KeyedTensor | None, keys: list[str]
+    first: Optional[KeyedTensor],
+    second: Optional[KeyedTensor],
+    first_keys: List[str],
+    second_keys: List[str],
+    keys: List[str],
 ) -> KeyedTensor:
-    tensors: dict[str, Tensor] = {}
-    for kt in (first, second):
-        if kt is not None:
-            tensors.update(kt.to_dict())
+    """One KeyedTensor with ``keys`` from the children's outputs; ``first_keys[i]`` /
+    ``second_keys[i]`` is the name in ``keys`` of the child's i-th key (they differ for a feature
+    shared by tables of both children: ``f@t`` outside, ``f`` in the child). Scriptable."""
+    tensors: Dict[str, Tensor] = {}
+    if first is not None:
+        for name, value in zip(first_keys, first.values().split(first.length_per_key(), dim=1)):
+            tensors[name] = value
+    if second is not None:
+        for name, value in zip(second_keys, second.values().split(second.length_per_key(), dim=1)):
+            tensors[name] = value
     return KeyedTensor.from_tensor_list(keys, [tensors[k] for k in keys])
+
+
+def _child_keys(
+    tables: Sequence[EmbeddingBagConfig], global_names: Mapping[str, list[str]]
+) -> list[str]:
+    """The parent's output names of a child's keys, in the child's key order."""
+    return [n for t in tables for n in global_names[t.name]]
 
 
 class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -317,28 +335,32 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         names = [t.name for t in tables]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate table names in {names}")
-        features = [f for t in tables for f in (t.feature_names or [t.name])]
-        if len(set(features)) != len(features):
-            dup = sorted({f for f in features if features.count(f) > 1})
-            raise ValueError(f"features {dup} are used by more than one table")
+        for t in tables:
+            if not t.feature_names:
+                t.feature_names = [t.name]  # as TorchRec's EBC does
         self._configs = tables
         self._is_weighted = is_weighted
         tt_tables = [t for t in tables if isinstance(t, TTEmbeddingBagConfig)]
         plain_tables = [t for t in tables if not isinstance(t, TTEmbeddingBagConfig)]
         dev = torch.device(device) if device is not None else None
-        self.ebc: EmbeddingBagCollection | None = (
+        self.ebc: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(plain_tables, is_weighted=is_weighted, device=dev)
             if plain_tables
             else None
         )
-        self.tt: TTEmbeddingBagCollection | None = (
+        self.tt: Optional[TTEmbeddingBagCollection] = (
             TTEmbeddingBagCollection(
                 tt_tables, is_weighted=is_weighted, device=dev, fused_params=tt_fused_params
             )
             if tt_tables
             else None
         )
-        self._feature_names = features
+        # Output keys as TorchRec's EBC names them over all tables (a feature of several tables
+        # is "feature@table"); each child names its keys over its own tables only.
+        global_names = dict(zip(names, get_embedding_names_by_table(tables)))
+        self._embedding_names = [n for t in tables for n in global_names[t.name]]
+        self._plain_keys = _child_keys(plain_tables, global_names)
+        self._tt_keys = _child_keys(tt_tables, global_names)
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
 
@@ -350,9 +372,13 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of every feature, keys in table order."""
-        plain = self.ebc(features) if self.ebc is not None else None
-        tt = self.tt(features) if self.tt is not None else None
-        return _merge_pooled(plain, tt, self._feature_names)
+        plain: Optional[KeyedTensor] = None
+        tt: Optional[KeyedTensor] = None
+        if self.ebc is not None:
+            plain = self.ebc(features)
+        if self.tt is not None:
+            tt = self.tt(features)
+        return _merge_pooled(plain, tt, self._plain_keys, self._tt_keys, self._embedding_names)
 
     # --- accounting -------------------------------------------------------------------------
 
