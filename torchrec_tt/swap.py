@@ -39,6 +39,7 @@ from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
@@ -360,6 +361,7 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         global_names = dict(zip(names, get_embedding_names_by_table(tables)))
         self._embedding_names = [n for t in tables for n in global_names[t.name]]
         self._plain_keys = _child_keys(plain_tables, global_names)
+        self._warned_float_tt = False
         self._tt_keys = _child_keys(tt_tables, global_names)
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
@@ -372,6 +374,8 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of every feature, keys in table order."""
+        if not torch.jit.is_scripting():
+            self._warn_float_tt_beside_quantized()
         plain: Optional[KeyedTensor] = None
         tt: Optional[KeyedTensor] = None
         if self.ebc is not None:
@@ -379,6 +383,23 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if self.tt is not None:
             tt = self.tt(features)
         return _merge_pooled(plain, tt, self._plain_keys, self._tt_keys, self._embedding_names)
+
+    def _warn_float_tt_beside_quantized(self) -> None:
+        # TorchRec's quantize_embeddings swaps the plain child and does not know TT tables.
+        if (
+            not self._warned_float_tt
+            and isinstance(self.ebc, QuantEmbeddingBagCollection)
+            and isinstance(self.tt, TTEmbeddingBagCollection)
+        ):
+            self._warned_float_tt = True
+            warnings.warn(
+                f"HybridEmbeddingBagCollection: the plain tables are quantized but the TT tables "
+                f"{self.tt_table_names()} are still float32 (torchrec's quantize_embeddings does "
+                "not know TT tables); use torchrec_tt.inference.quantize_embeddings, or pass "
+                "additional_qconfig_spec_keys=[TTEmbeddingBagCollection] and additional_mapping="
+                "{TTEmbeddingBagCollection: torchrec_tt.inference.QuantTTEmbeddingBagCollection}",
+                stacklevel=3,
+            )
 
     # --- accounting -------------------------------------------------------------------------
 

@@ -173,7 +173,64 @@ class TTEmbeddingTable(nn.Module):
         return reconstruct_dense(self.cores(), s.p, s.q, s.ranks, s.num_rows)
 
 
-class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class _TTLookupMixin:
+    """The TT op call of a collection from plain attributes TorchScript can read (the frozen
+    dataclasses cannot be scripted); shared by the float and the quantized collections."""
+
+    _feature_names: List[str]
+    _feature_tables: List[str]
+    _embedding_names: List[str]
+    _lengths_per_key: List[int]
+    _is_weighted: bool
+
+    def _set_op_args(self, layout: TTBatchLayout, bounds_check_mode: int) -> None:
+        args = layout.op_args()
+        self._op_num_cores: List[int] = args[0]
+        self._op_p_shapes: List[int] = args[1]
+        self._op_q_shapes: List[int] = args[2]
+        self._op_ranks: List[int] = args[3]
+        self._op_num_rows: List[int] = args[4]
+        self._op_feature_table_map: List[int] = args[5]
+        self._op_table_names: List[str] = args[6]
+        self._op_pooling_modes: List[int] = args[7]
+        self._op_bounds_check_mode = int(bounds_check_mode)
+
+    def _pooled(
+        self,
+        features: KeyedJaggedTensor,
+        cores: List[Tensor],
+        compute_precision: int,
+        deterministic: bool,
+    ) -> Tuple[List[str], List[int], Tensor]:
+        """``(keys, length_per_key, values)`` of the pooled lookups of ``features``."""
+        # The checks and the reordering depend on the KJT's keys, which torch.fx cannot see, so
+        # they live in an fx-wrapped helper (a leaf for TorchRec's tracer, as in TorchRec's own
+        # EBC); the op itself stays visible in the traced graph.
+        inputs = _lookup_inputs(
+            features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
+        )
+        weights = inputs[2] if self._is_weighted else None
+        values = torch.ops.torchrec_tt.tt_embedding_bag(
+            cores,
+            self._op_num_cores,
+            self._op_p_shapes,
+            self._op_q_shapes,
+            self._op_ranks,
+            self._op_num_rows,
+            self._op_feature_table_map,
+            self._op_table_names,
+            self._op_pooling_modes,
+            inputs[0],
+            inputs[1],
+            weights,
+            self._op_bounds_check_mode,
+            compute_precision,
+            deterministic,
+        )
+        return self._embedding_names, self._lengths_per_key, values
+
+
+class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     """EmbeddingBagCollection whose tables are Tensor Trains, looked up by one table-batched op.
 
     Takes the same arguments as ``torchrec.EmbeddingBagCollection`` and keeps its contract:
@@ -272,18 +329,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         )
         self._fused_optimizer: Optional[TTFusedOptimizer] = None
         self._kernel_options = TTKernelOptions.from_fused_params(fused_params)
-        # The op's metadata arguments as plain attributes, which TorchScript can read (the
-        # frozen dataclasses cannot be scripted).
-        layout_args = self._layout.op_args()
-        self._op_num_cores: List[int] = layout_args[0]
-        self._op_p_shapes: List[int] = layout_args[1]
-        self._op_q_shapes: List[int] = layout_args[2]
-        self._op_ranks: List[int] = layout_args[3]
-        self._op_num_rows: List[int] = layout_args[4]
-        self._op_feature_table_map: List[int] = layout_args[5]
-        self._op_table_names: List[str] = layout_args[6]
-        self._op_pooling_modes: List[int] = layout_args[7]
-        self._op_bounds_check_mode = int(self._kernel_options.bounds_check_mode)
+        self._set_op_args(self._layout, self._kernel_options.bounds_check_mode)
         self._op_compute_precision = int(self._kernel_options.compute_precision)
         self._op_deterministic = bool(self._kernel_options.deterministic)
         # A fused optimizer unless fused_params holds kernel keys only (an empty dict still asks
@@ -296,13 +342,10 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     for key, shape in cfg.state_shapes(core.shape).items():
                         table.register_buffer(f"core_{k}_{key}", torch.zeros(shape, device=device))
 
-            def state_of(name: str) -> dict[str, Tensor]:
-                _, table, core = name.split(".")
-                owner = self.embedding_bags[table]
-                shape = getattr(owner, core).shape
-                return {key: getattr(owner, f"{core}_{key}") for key in cfg.state_shapes(shape)}
-
-            self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), state_of)
+            self._fused_cfg = cfg
+            # A bound method (not a closure): copy.deepcopy and pickle then give the copy's
+            # optimizer the copy's buffers.
+            self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), self._fused_state)
         self.reset_parameters()
 
     # TorchScript compiles a module's properties; these are Python-side only.
@@ -317,6 +360,13 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def kernel_options(self) -> TTKernelOptions:
         """Bounds checking, compute precision and determinism of this collection's op calls."""
         return self._kernel_options
+
+    def _fused_state(self, name: str) -> Dict[str, Tensor]:
+        """The fused optimizer's state buffers of core ``embedding_bags.<table>.core_<k>``."""
+        _, table, core = name.split(".")
+        owner = self.embedding_bags[table]
+        shape = getattr(owner, core).shape
+        return {key: getattr(owner, f"{core}_{key}") for key in self._fused_cfg.state_shapes(shape)}
 
     def _core_params(self) -> dict[str, nn.Parameter]:
         return {
@@ -366,35 +416,10 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         cores: List[Tensor] = []
         for table in self.embedding_bags.values():
             cores.extend(table.cores())
-        # The checks and the reordering depend on the KJT's keys, which torch.fx cannot see, so
-        # they live in an fx-wrapped helper (a leaf for TorchRec's tracer, as in TorchRec's own
-        # EBC); the op itself stays visible in the traced graph.
-        inputs = _lookup_inputs(
-            features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
+        keys, lengths, values = self._pooled(
+            features, cores, self._op_compute_precision, deterministic
         )
-        weights = inputs[2] if self._is_weighted else None
-        values = torch.ops.torchrec_tt.tt_embedding_bag(
-            cores,
-            self._op_num_cores,
-            self._op_p_shapes,
-            self._op_q_shapes,
-            self._op_ranks,
-            self._op_num_rows,
-            self._op_feature_table_map,
-            self._op_table_names,
-            self._op_pooling_modes,
-            inputs[0],
-            inputs[1],
-            weights,
-            self._op_bounds_check_mode,
-            self._op_compute_precision,
-            deterministic,
-        )
-        return KeyedTensor(
-            keys=self._embedding_names,
-            length_per_key=self._lengths_per_key,
-            values=values,
-        )
+        return KeyedTensor(keys=keys, length_per_key=lengths, values=values)
 
     def _check_outer_ddp(self) -> None:
         """Refuses a fused optimizer, and warns otherwise, when this (unsharded) module's cores are
