@@ -271,14 +271,14 @@ class QuantTTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 core_tables.append(cfg)
                 core_dtypes[cfg.name] = cdtype
                 self._table_modes[cfg.name] = {"mode": "cores", "dtype": cdtype, "bytes": 0}
-        self.dense: Optional[QuantEmbeddingBagCollection] = None
-        self.tt: Optional[_QuantTTCores] = None
-        if dense_tables:
-            self.dense = _materialise(
-                module, dense_tables, weight_dtype, output_dtype, per_table_weight_dtype
-            )
-        if core_tables:
-            self.tt = _QuantTTCores(module, core_tables, core_dtypes, output_dtype)
+        # (No annotated None attributes in __init__: TorchScript warns on them.)
+        self.dense = (
+            _materialise(module, dense_tables, weight_dtype, output_dtype, per_table_weight_dtype)
+            if dense_tables
+            else None
+        )
+        self.tt = _QuantTTCores(module, core_tables, core_dtypes, output_dtype) if core_tables else None
+        if self.tt is not None:
             for name, table in self.tt.tables.items():
                 self._table_modes[name]["bytes"] = sum(
                     b.numel() * b.element_size() for b in table.buffers()

@@ -22,7 +22,6 @@ A loaded model needs ``import torchrec_tt`` first (it registers the ``torchrec_t
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import sys
 import time
@@ -176,6 +175,9 @@ def _export_roundtrip(model: torch.nn.Module, example: Any, path: str) -> Callab
     shapes = ({0: torch.export.Dim.AUTO}, kjt_dynamic_shapes(kjt))  # any batch, any ids
     program = torch.export.export(model, (example.dense_features, kjt), dynamic_shapes=shapes,
                                   strict=False)
+    # The example inputs (a KJT) are not saved: torch.export.load reads them with torch.load's
+    # weights_only mode, which refuses a KJT (and falls back with a broken log message).
+    program.example_inputs = None
     torch.export.save(program, path)
     return torch.export.load(path).module()
 
@@ -256,8 +258,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # TorchRec's non-strict export notes and TorchScript's annotation notes.
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
-        # torch.export.load notes that the saved example inputs (a KJT) need weights_only=False.
-        logging.getLogger("torch._export.serde.serialize").setLevel(logging.ERROR)
         summary = run(args, targs)
     print(report(summary))
     return summary

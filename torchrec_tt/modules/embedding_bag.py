@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
@@ -16,7 +17,6 @@ from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
-from tensordict import TensorDict
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
@@ -327,7 +327,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         self.embedding_bags = nn.ModuleDict(
             {cfg.name: TTEmbeddingTable(shape, device) for cfg, shape in zip(tables, self._shapes)}
         )
-        self._fused_optimizer: Optional[TTFusedOptimizer] = None
+        # (A type comment: TorchScript warns on annotated None attributes in __init__.)
+        self._fused_optimizer = None  # type: Optional[TTFusedOptimizer]
         self._kernel_options = TTKernelOptions.from_fused_params(fused_params)
         self._set_op_args(self._layout, self._kernel_options.bounds_check_mode)
         self._op_compute_precision = int(self._kernel_options.compute_precision)
