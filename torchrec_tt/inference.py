@@ -31,7 +31,8 @@ TorchRec's own ``quantize_embeddings`` takes the TT module too, with the default
 
 Called without them it leaves TT tables in fp32; ``HybridEmbeddingBagCollection`` then warns
 (naming the tables) when it runs or is traced with a quantized plain child and float TT tables.
-The quantized modules script and export like the float ones.
+The quantized modules script after ``torchrec.fx.symbolic_trace`` (as TorchRec's quantized EBC
+needs) and export.
 """
 
 import copy

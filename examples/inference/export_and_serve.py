@@ -3,7 +3,7 @@ quantize -> serve, checking each step against the trained model.
 
 The model is the DLRM trainer's (``examples/dlrm/train.py``: its flags build the tables, the TT
 policy and the layers), trained here in one process, unsharded, on the trainer's synthetic
-Criteo data. Then:
+Criteo data (or, with the trainer's ``--data``, on real Criteo rows). Then:
 
 1. ``torchrec.fx.symbolic_trace`` + ``torch.jit.script`` (saved with ``torch.jit.save`` and loaded
    back) and ``torch.export`` (saved with ``torch.export.save`` and loaded back), outputs compared
@@ -16,17 +16,20 @@ Criteo data. Then:
 A loaded model needs ``import torchrec_tt`` first (it registers the ``torchrec_tt`` operators).
 
     python examples/inference/export_and_serve.py --scale 0.05 --steps 400
+    python examples/inference/export_and_serve.py --steps 60 --batch_size 256 -- \\
+        --data ../shared/data/criteo_kaggle_sample.tsv.gz     # the real Kaggle sample
     python examples/inference/export_and_serve.py --help
 """
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torchrec.fx
@@ -104,7 +107,7 @@ class _Logits(torch.nn.Module):
 
 
 def build_and_train(args: argparse.Namespace, targs: argparse.Namespace,
-                    data: DeviceSyntheticCriteo) -> _Logits:
+                    train_batches: Iterator[Any]) -> _Logits:
     """The trainer's model, trained unsharded with its optimizers' kinds and learning rates
     (Adagrad: dense layers at --learning_rate, TT cores at --tt_learning_rate, plain tables at
     --embedding_learning_rate)."""
@@ -125,7 +128,7 @@ def build_and_train(args: argparse.Namespace, targs: argparse.Namespace,
     optimizer = torch.optim.Adagrad([g for g in groups if g["params"]])
     train_model.train()
     for step in range(args.steps):
-        batch = data.batch(args.batch_size, 0, step)
+        batch = next(train_batches)
         loss, _ = train_model(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -135,10 +138,28 @@ def build_and_train(args: argparse.Namespace, targs: argparse.Namespace,
     return model
 
 
-def test_batches(args: argparse.Namespace, data: DeviceSyntheticCriteo) -> list[Any]:
-    size = min(4096, args.eval_samples)
-    return [data.batch(min(size, args.eval_samples - i), 1, i // size)
-            for i in range(0, args.eval_samples, size)]
+def load_batches(args: argparse.Namespace, targs: argparse.Namespace
+                 ) -> tuple[Iterator[Any], list[Any], str]:
+    """Train batches (endless) and test batches: the trainer's synthetic data, or with the
+    trainer's ``--data`` a Criteo TSV / ``.npy`` folder split by ``--split_seed``."""
+    if targs.data is None:
+        syn = criteo.SyntheticCriteo(scale=targs.scale, seed=targs.seed,
+                                     num_embeddings=targs.cardinalities)
+        data = DeviceSyntheticCriteo(syn, None, "pareto", device=torch.device("cpu"))
+        size = min(4096, args.eval_samples)
+        test = [data.batch(min(size, args.eval_samples - i), 1, i // size)
+                for i in range(0, args.eval_samples, size)]
+        train = (data.batch(args.batch_size, 0, step) for step in itertools.count())
+        return train, test, f"synthetic Criteo, scale {targs.scale}"
+    folder = targs.data
+    if not os.path.isdir(folder):
+        folder = criteo.preprocess_criteo_tsv(targs.data, targs.cache_dir)
+    rows = criteo.load_criteo_npys(folder, targs.cardinalities)
+    train_rows, test_rows = rows.split(targs.test_fraction, targs.split_seed)
+    test = list(test_rows.eval_batches(4096))
+    train = train_rows.batches(args.batch_size, 0, 1, 0, targs.seed)
+    return train, test, (f"{targs.data}: {len(train_rows)} train / {len(test_rows)} test rows "
+                         f"(split seed {targs.split_seed})")
 
 
 @torch.no_grad()
@@ -184,13 +205,10 @@ def _export_roundtrip(model: torch.nn.Module, example: Any, path: str) -> Callab
 
 def run(args: argparse.Namespace, targs: argparse.Namespace) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
-    syn = criteo.SyntheticCriteo(scale=targs.scale, seed=targs.seed,
-                                 num_embeddings=targs.cardinalities)
-    data = DeviceSyntheticCriteo(syn, None, "pareto", device=torch.device("cpu"))
+    train_batches, batches, data_description = load_batches(args, targs)
     t0 = time.perf_counter()
-    model = build_and_train(args, targs, data)
+    model = build_and_train(args, targs, train_batches)
     train_s = time.perf_counter() - t0
-    batches = test_batches(args, data)
     ref_logits, ref_auc = evaluate(model, batches)
     rows: list[dict[str, Any]] = []
 
@@ -227,7 +245,7 @@ def run(args: argparse.Namespace, targs: argparse.Namespace) -> dict[str, Any]:
             cores = quantize_embeddings(model, dtype=dtype, inplace=False, materialize_max_bytes=0)
             record(f"{label} embeddings, all TT tables as cores (eager)", cores,
                    embedding_bytes(cores), tt_bytes(cores))
-    summary = {"train_steps": args.steps, "train_seconds": train_s,
+    summary = {"data": data_description, "train_steps": args.steps, "train_seconds": train_s,
                "test_rows": int(ref_logits.numel()), "scale": targs.scale,
                "tt_tables": [c.name for c in targs.table_configs
                              if type(c).__name__ == "TTEmbeddingBagConfig"],
@@ -238,7 +256,7 @@ def run(args: argparse.Namespace, targs: argparse.Namespace) -> dict[str, Any]:
 
 
 def report(summary: dict[str, Any]) -> str:
-    lines = [f"{'model':<52} {'emb MiB':>9} {'TT MiB':>8} {'max |dlogit|':>13} {'AUC':>7} "
+    lines = [summary["data"], f"{'model':<52} {'emb MiB':>9} {'TT MiB':>8} {'max |dlogit|':>13} {'AUC':>7} "
              f"{'dAUC':>8}"]
     for r in summary["rows"]:
         lines.append(f"{r['model']:<52} {r['embedding_bytes'] / 2**20:>9.3f} "
