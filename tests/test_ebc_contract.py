@@ -199,14 +199,26 @@ def test_extra_keys_are_ignored_and_missing_ones_named() -> None:
         TTEmbeddingBagCollection(tables=_weighted_tables())(_unweighted_features())
 
 
-def test_vbe_is_refused() -> None:
-    # Difference: variable batch per feature (VBE) is refused with a message.
-    ebc = TTEmbeddingBagCollection(tables=[_tt("t1", 3, ["f1"]), _tt("t2", 4, ["f2"])])
-    vbe = KeyedJaggedTensor(keys=["f1", "f2"], values=torch.tensor([0, 1, 2, 3]),
-                            lengths=torch.tensor([1, 1, 2]),
-                            stride_per_key_per_rank=[[2], [1]])
-    with pytest.raises(ValueError, match=r"variable batch size per feature \(VBE\)"):
-        ebc(vbe)
+def test_variable_batch_per_feature() -> None:
+    # VBE as TorchRec 1.6's EBC takes it: f1 has 2 distinct samples, f2 one; the inverse indices
+    # give each of the 3 samples its row.
+    ebc = TTEmbeddingBagCollection(tables=[_tt("t1", 3, ["f1"]), _tt("t2", 4, ["f2", "f3"])])
+    inverse = torch.tensor([[0, 1, 0], [0, 0, 0], [2, 1, 0]])
+    vbe = KeyedJaggedTensor(keys=["f1", "f2", "f3"], values=torch.tensor([0, 1, 2, 3, 4, 5, 9]),
+                            lengths=torch.tensor([1, 2, 1, 1, 0, 2]),
+                            stride_per_key_per_rank=[[2], [1], [3]],
+                            inverse_indices=(["f1", "f2", "f3"], inverse))
+    pooled = ebc(vbe)
+    assert pooled.values().shape == (3, 11)
+    _same(pooled, _dense_twin(ebc)(vbe))
+    _same(torch.jit.script(ebc)(vbe), pooled)
+    _same(symbolic_trace(ebc)(vbe), pooled)
+    # Without inverse indices the samples cannot be lined up (TorchRec's EBC fails too).
+    bare = KeyedJaggedTensor(keys=["f1", "f2", "f3"], values=torch.tensor([0, 1, 2, 3, 4, 5, 9]),
+                             lengths=torch.tensor([1, 2, 1, 1, 0, 2]),
+                             stride_per_key_per_rank=[[2], [1], [3]])
+    with pytest.raises(ValueError, match=r"\(VBE\) needs the KeyedJaggedTensor's inverse_indices"):
+        ebc(bare)
 
 
 def test_sharder_refuses_shared_features() -> None:

@@ -309,8 +309,13 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         DistributedModelParallel(model, plan=plan, sharders=sharders)
 
     Both children take the whole KJT and use their own features (the others are ignored, as by
-    TorchRec's EBC), so the module traces with ``torchrec.fx.symbolic_trace`` and
-    ``TrainPipelineSparseDist`` pipelines both sharded children.
+    TorchRec's EBC), so the module traces with ``torchrec.fx.symbolic_trace``,
+    ``TrainPipelineSparseDist`` pipelines both sharded children, and the unsharded module scripts
+    (``torch.jit.script``, also after the trace) and exports. A feature may feed several tables,
+    in either child (output keys ``feature@table``, TorchRec's naming). After
+    ``torchrec_tt.inference.quantize_embeddings`` the children are quantized; after TorchRec's own
+    ``quantize_embeddings`` only the plain one is, and ``forward`` warns naming the float TT
+    tables.
 
     Args:
         tables: the configs, e.g. from :func:`swap_configs`.

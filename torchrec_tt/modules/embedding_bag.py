@@ -97,8 +97,22 @@ def _lookup_inputs(
             )
         # Selects (and orders) the collection's features; the other keys are dropped.
         features = features.permute([index[f] for f in feature_names])
+    offsets = features.offsets()
     if features.variable_stride_per_key():
-        raise ValueError("variable batch size per feature (VBE) is not supported")
+        # VBE: feature f has its own batch size B_f. Its bags are padded with empty ones to the
+        # largest B_f, so the op sees one batch size; _expand_inverse_indices then picks each
+        # sample's row through the KJT's inverse indices, as TorchRec's EBC does.
+        if features.inverse_indices_or_none() is None:
+            raise ValueError(
+                "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
+                "inverse_indices (as TorchRec's EmbeddingBagCollection)"
+            )
+        strides = features.stride_per_key()
+        widest = max(strides)
+        padded: List[Tensor] = []
+        for seg, stride in zip(torch.split(features.lengths(), strides), strides):
+            padded.append(torch.nn.functional.pad(seg, [0, widest - stride]))
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(padded))
     values = features.values()
     if values.device != core.device:
         raise ValueError(
@@ -114,7 +128,29 @@ def _lookup_inputs(
                 "weights (tables " + _quoted(sorted(_unique(feature_tables))) + ")"
             )
         weights = weights.to(core.dtype)
-    return values, features.offsets(), weights
+    return values, offsets, weights
+
+
+@torch.fx.wrap
+def _expand_inverse_indices(
+    pooled: Tensor, features: KeyedJaggedTensor, feature_names: List[str], dims: List[int]
+) -> Tensor:
+    """With the KJT's inverse indices (VBE, deduplicated batches), row ``b`` of feature ``f``
+    becomes ``pooled[inverse[f][b]]``, as in TorchRec's ``EmbeddingBagCollection``; without
+    them ``pooled`` is returned as it is."""
+    if not torch.jit.is_scripting():
+        if not isinstance(features, KeyedJaggedTensor):
+            return pooled  # a TensorDict carries no inverse indices
+    inverse = features.inverse_indices_or_none()
+    if inverse is None:
+        return pooled
+    row_of = {name: i for i, name in enumerate(inverse[0])}
+    parts: List[Tensor] = []
+    for f, block in zip(feature_names, pooled.split(dims, dim=1)):
+        if f not in row_of:
+            raise ValueError("KeyedJaggedTensor inverse_indices lack the feature '" + f + "'")
+        parts.append(block.index_select(0, inverse[1][row_of[f]]))
+    return torch.cat(parts, dim=1)
 
 
 def _unique(names: List[str]) -> List[str]:
@@ -227,6 +263,7 @@ class _TTLookupMixin:
             compute_precision,
             deterministic,
         )
+        values = _expand_inverse_indices(values, features, self._feature_names, self._lengths_per_key)
         return self._embedding_names, self._lengths_per_key, values
 
 
@@ -239,7 +276,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     is converted as TorchRec's EBC does) in, ``KeyedTensor`` (keys: the feature names in table
     order, ``feature@table`` for a feature shared by several tables, as TorchRec names them;
     values ``[B, sum of D]``) out; per-sample weights are used when ``is_weighted``.
-    Variable batch per feature (VBE) is refused.
+    Variable batch per feature (VBE) works as in TorchRec's EBC: the KJT's inverse indices give
+    each sample's row (unsharded; the sharded collection refuses VBE).
 
     Inference: the module scripts (``torch.jit.script``, also after ``torchrec.fx.symbolic_trace``)
     and exports (``torch.export``); ``torchrec_tt.inference`` quantizes it.
