@@ -271,3 +271,17 @@ def test_convert_trained_ebc_by_tt_svd() -> None:
 def test_convert_rejects_other_modules() -> None:
     with pytest.raises(TypeError, match="expected a torchrec EmbeddingBagCollection"):
         convert_to_tt(torch.nn.Linear(2, 2), TTPolicy(largest=1))  # type: ignore[arg-type]
+
+
+def test_merge_goes_by_key_not_position() -> None:
+    # A sharded child's KeyedTensor lists its keys in plan order, not table order.
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from torchrec_tt.swap import _merge_pooled
+
+    a, b, c = torch.full((2, 1), 1.0), torch.full((2, 2), 2.0), torch.full((2, 3), 3.0)
+    plain = KeyedTensor.from_tensor_list(["y", "x"], [b, a])
+    tt = KeyedTensor.from_tensor_list(["x"], [c])
+    out = _merge_pooled(plain, tt, ["x", "y"], ["x@p", "y"], ["x"], ["x@t"], ["x@p", "y", "x@t"])
+    assert out.keys() == ["x@p", "y", "x@t"]
+    assert torch.equal(out.values(), torch.cat([a, b, c], dim=1))

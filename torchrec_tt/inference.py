@@ -61,7 +61,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection, _TTLookupMixin
 from torchrec_tt.ops import TTBatchLayout
-from torchrec_tt.swap import _child_keys, _merge_pooled
+from torchrec_tt.swap import _child_names, _merge_pooled
 
 # A leaf of torchrec.fx traces here too (torch.fx.wrap patches one module's globals).
 torch.fx.wrap("_merge_pooled")
@@ -286,8 +286,8 @@ class QuantTTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 )
         global_names = dict(zip(names, get_embedding_names_by_table(list(configs))))
         self._embedding_names: List[str] = [n for c in configs for n in global_names[c.name]]
-        self._dense_keys = _child_keys(dense_tables, global_names)
-        self._tt_keys = _child_keys(core_tables, global_names)
+        self._dense_keys, self._dense_names = _child_names(dense_tables, global_names)
+        self._tt_keys, self._tt_names = _child_names(core_tables, global_names)
 
     @classmethod
     def from_float(
@@ -339,7 +339,10 @@ class QuantTTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             dense = self.dense(features)
         if self.tt is not None:
             tt = self.tt(features)
-        return _merge_pooled(dense, tt, self._dense_keys, self._tt_keys, self._embedding_names)
+        return _merge_pooled(
+            dense, tt, self._dense_keys, self._dense_names, self._tt_keys, self._tt_names,
+            self._embedding_names,
+        )
 
 
 @torch.no_grad()

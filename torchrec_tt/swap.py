@@ -271,27 +271,37 @@ def _merge_pooled(
     first: Optional[KeyedTensor],
     second: Optional[KeyedTensor],
     first_keys: List[str],
+    first_names: List[str],
     second_keys: List[str],
+    second_names: List[str],
     keys: List[str],
 ) -> KeyedTensor:
-    """One KeyedTensor with ``keys`` from the children's outputs; ``first_keys[i]`` /
-    ``second_keys[i]`` is the name in ``keys`` of the child's i-th key (they differ for a feature
-    shared by tables of both children: ``f@t`` outside, ``f`` in the child). Scriptable."""
+    """One KeyedTensor with ``keys`` from the children's outputs, looked up by key (a sharded
+    child's key order follows its plan): a child's key ``*_keys[i]`` is ``*_names[i]`` in
+    ``keys`` (they differ for a feature shared by tables of both children: ``f@t`` outside, ``f``
+    in the child). Scriptable (flat lists: TorchScript types an empty list argument from the
+    signature, but not an empty dict or nested list literal in traced code)."""
     tensors: Dict[str, Tensor] = {}
     if first is not None:
-        for name, value in zip(first_keys, first.values().split(first.length_per_key(), dim=1)):
-            tensors[name] = value
+        parts = first.to_dict()
+        for key, name in zip(first_keys, first_names):
+            tensors[name] = parts[key]
     if second is not None:
-        for name, value in zip(second_keys, second.values().split(second.length_per_key(), dim=1)):
-            tensors[name] = value
+        parts = second.to_dict()
+        for key, name in zip(second_keys, second_names):
+            tensors[name] = parts[key]
     return KeyedTensor.from_tensor_list(keys, [tensors[k] for k in keys])
 
 
-def _child_keys(
+def _child_names(
     tables: Sequence[EmbeddingBagConfig], global_names: Mapping[str, list[str]]
-) -> list[str]:
-    """The parent's output names of a child's keys, in the child's key order."""
-    return [n for t in tables for n in global_names[t.name]]
+) -> tuple[list[str], list[str]]:
+    """A child's output keys (named over its own tables) and the parent's names for them."""
+    own = get_embedding_names_by_table(list(tables)) if tables else []
+    return (
+        [child for names in own for child in names],
+        [parent for t in tables for parent in global_names[t.name]],
+    )
 
 
 class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -365,9 +375,9 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         # is "feature@table"); each child names its keys over its own tables only.
         global_names = dict(zip(names, get_embedding_names_by_table(tables)))
         self._embedding_names = [n for t in tables for n in global_names[t.name]]
-        self._plain_keys = _child_keys(plain_tables, global_names)
+        self._plain_keys, self._plain_names = _child_names(plain_tables, global_names)
         self._warned_float_tt = False
-        self._tt_keys = _child_keys(tt_tables, global_names)
+        self._tt_keys, self._tt_names = _child_names(tt_tables, global_names)
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
 
@@ -387,7 +397,10 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             plain = self.ebc(features)
         if self.tt is not None:
             tt = self.tt(features)
-        return _merge_pooled(plain, tt, self._plain_keys, self._tt_keys, self._embedding_names)
+        return _merge_pooled(
+            plain, tt, self._plain_keys, self._plain_names, self._tt_keys, self._tt_names,
+            self._embedding_names,
+        )
 
     def _warn_float_tt_beside_quantized(self) -> None:
         # TorchRec's quantize_embeddings swaps the plain child and does not know TT tables.
