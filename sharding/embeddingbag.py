@@ -154,6 +154,16 @@ def _validate_plan(
     world_size: int,
 ) -> None:
     tables = [cfg.name for cfg in module.embedding_bag_configs()]
+    features = [f for cfg in module.embedding_bag_configs() for f in cfg.feature_names]
+    shared = sorted({f for f in features if features.count(f) > 1})
+    if shared:
+        # The unsharded module looks a shared feature up in each of its tables; the sharded
+        # input dist routes each feature to one table's shard.
+        raise ValueError(
+            f"features {shared} feed more than one TT table; the sharded TTEmbeddingBagCollection "
+            "does not support shared features (give each table its own feature name, or keep "
+            "the collection unsharded)"
+        )
     unknown = [t for t in plan if t not in tables]
     if unknown:
         raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchrec.fx
 from torchrec import EmbeddingBagCollection
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
@@ -216,12 +217,25 @@ def test_hybrid_memory_stats() -> None:
     assert stats["tt_tables"] == 2
 
 
-def test_hybrid_rejects_shared_features() -> None:
+def test_hybrid_shared_features_across_children() -> None:
+    # "x" feeds a plain and a TT table: keys "x@a" / "x@b" as TorchRec's EBC names them.
     configs = [EmbeddingBagConfig(name="a", num_embeddings=5, embedding_dim=4, feature_names=["x"]),
                TTEmbeddingBagConfig(name="b", num_embeddings=50, embedding_dim=4,
-                                    feature_names=["x"], tt_ranks=[2, 2])]
-    with pytest.raises(ValueError, match=r"features \['x'\] are used by more than one table"):
-        HybridEmbeddingBagCollection(configs)
+                                    feature_names=["x", "y"], tt_ranks=[2, 2])]
+    hybrid = HybridEmbeddingBagCollection(configs)
+    plain = EmbeddingBagCollection([EmbeddingBagConfig(name=c.name, num_embeddings=c.num_embeddings,
+                                                       embedding_dim=4, feature_names=c.feature_names)
+                                    for c in configs])
+    kjt = KeyedJaggedTensor.from_lengths_sync(["y", "x"], torch.tensor([7, 1, 4, 2]),
+                                              torch.tensor([1, 0, 2, 1]))
+    out = hybrid(kjt)
+    assert out.keys() == plain(kjt).keys() == ["x@a", "x@b", "y"]
+    assert hybrid.ebc is not None and hybrid.tt is not None
+    assert torch.equal(out["x@a"], hybrid.ebc(kjt)["x"])
+    assert torch.equal(out["x@b"], hybrid.tt(kjt)["x"])
+    assert torch.equal(out["y"], hybrid.tt(kjt)["y"])
+    traced = torchrec.fx.symbolic_trace(hybrid)
+    assert torch.equal(traced(kjt).values(), out.values())
 
 
 # ------------------------------------------------------------------ TT-SVD conversion
@@ -257,3 +271,17 @@ def test_convert_trained_ebc_by_tt_svd() -> None:
 def test_convert_rejects_other_modules() -> None:
     with pytest.raises(TypeError, match="expected a torchrec EmbeddingBagCollection"):
         convert_to_tt(torch.nn.Linear(2, 2), TTPolicy(largest=1))  # type: ignore[arg-type]
+
+
+def test_merge_goes_by_key_not_position() -> None:
+    # A sharded child's KeyedTensor lists its keys in plan order, not table order.
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    from torchrec_tt.swap import _merge_pooled
+
+    a, b, c = torch.full((2, 1), 1.0), torch.full((2, 2), 2.0), torch.full((2, 3), 3.0)
+    plain = KeyedTensor.from_tensor_list(["y", "x"], [b, a])
+    tt = KeyedTensor.from_tensor_list(["x"], [c])
+    out = _merge_pooled(plain, tt, ["x", "y"], ["x@p", "y"], ["x"], ["x@t"], ["x@p", "y", "x@t"])
+    assert out.keys() == ["x@p", "y", "x@t"]
+    assert torch.equal(out.values(), torch.cat([a, b, c], dim=1))

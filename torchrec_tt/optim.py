@@ -331,6 +331,19 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
         self._pending.clear()
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params.values()]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Hook handles point at the original parameters' hook dicts; copies get their own.
+        state = dict(super().__getstate__())
+        state["_handles"] = []
+        state["_pending"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # copy.deepcopy / pickle: the parameters are the copy's (hooks are never copied), so
+        # the copy's updates are registered on them here.
+        super().__setstate__(state)
+        self.rebind(self.params)
+
     @property  # type: ignore[override]
     def state(self) -> dict[Tensor, dict[str, Tensor]]:
         return {p: self._state_of(name) for name, p in self.params.items()}

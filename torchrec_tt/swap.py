@@ -23,13 +23,13 @@ Example::
     model = DLRM(embedding_bag_collection=ebc, dense_in_features=13, ...)
 """
 
-from __future__ import annotations
-
-import warnings
-
+# No ``from __future__ import annotations``: torch.fx copies forward's annotations into traced
+# code, which TorchScript must resolve.
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -37,7 +37,9 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 from torchrec.modules.embedding_modules import (
     EmbeddingBagCollection,
     EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
 )
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
@@ -266,13 +268,40 @@ def swap_configs(
 
 @torch.fx.wrap
 def _merge_pooled(
-    first: KeyedTensor | None, second: KeyedTensor | None, keys: list[str]
+    first: Optional[KeyedTensor],
+    second: Optional[KeyedTensor],
+    first_keys: List[str],
+    first_names: List[str],
+    second_keys: List[str],
+    second_names: List[str],
+    keys: List[str],
 ) -> KeyedTensor:
-    tensors: dict[str, Tensor] = {}
-    for kt in (first, second):
-        if kt is not None:
-            tensors.update(kt.to_dict())
+    """One KeyedTensor with ``keys`` from the children's outputs, looked up by key (a sharded
+    child's key order follows its plan): a child's key ``*_keys[i]`` is ``*_names[i]`` in
+    ``keys`` (they differ for a feature shared by tables of both children: ``f@t`` outside, ``f``
+    in the child). Scriptable (flat lists: TorchScript types an empty list argument from the
+    signature, but not an empty dict or nested list literal in traced code)."""
+    tensors: Dict[str, Tensor] = {}
+    if first is not None:
+        parts = first.to_dict()
+        for key, name in zip(first_keys, first_names):
+            tensors[name] = parts[key]
+    if second is not None:
+        parts = second.to_dict()
+        for key, name in zip(second_keys, second_names):
+            tensors[name] = parts[key]
     return KeyedTensor.from_tensor_list(keys, [tensors[k] for k in keys])
+
+
+def _child_names(
+    tables: Sequence[EmbeddingBagConfig], global_names: Mapping[str, list[str]]
+) -> tuple[list[str], list[str]]:
+    """A child's output keys (named over its own tables) and the parent's names for them."""
+    own = get_embedding_names_by_table(list(tables)) if tables else []
+    return (
+        [child for names in own for child in names],
+        [parent for t in tables for parent in global_names[t.name]],
+    )
 
 
 class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
@@ -290,8 +319,13 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         DistributedModelParallel(model, plan=plan, sharders=sharders)
 
     Both children take the whole KJT and use their own features (the others are ignored, as by
-    TorchRec's EBC), so the module traces with ``torchrec.fx.symbolic_trace`` and
-    ``TrainPipelineSparseDist`` pipelines both sharded children.
+    TorchRec's EBC), so the module traces with ``torchrec.fx.symbolic_trace``,
+    ``TrainPipelineSparseDist`` pipelines both sharded children, and the unsharded module scripts
+    (``torch.jit.script``, also after the trace) and exports. A feature may feed several tables,
+    in either child (output keys ``feature@table``, TorchRec's naming). After
+    ``torchrec_tt.inference.quantize_embeddings`` the children are quantized; after TorchRec's own
+    ``quantize_embeddings`` only the plain one is, and ``forward`` warns naming the float TT
+    tables.
 
     Args:
         tables: the configs, e.g. from :func:`swap_configs`.
@@ -317,28 +351,33 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         names = [t.name for t in tables]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate table names in {names}")
-        features = [f for t in tables for f in (t.feature_names or [t.name])]
-        if len(set(features)) != len(features):
-            dup = sorted({f for f in features if features.count(f) > 1})
-            raise ValueError(f"features {dup} are used by more than one table")
+        for t in tables:
+            if not t.feature_names:
+                t.feature_names = [t.name]  # as TorchRec's EBC does
         self._configs = tables
         self._is_weighted = is_weighted
         tt_tables = [t for t in tables if isinstance(t, TTEmbeddingBagConfig)]
         plain_tables = [t for t in tables if not isinstance(t, TTEmbeddingBagConfig)]
         dev = torch.device(device) if device is not None else None
-        self.ebc: EmbeddingBagCollection | None = (
+        self.ebc: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(plain_tables, is_weighted=is_weighted, device=dev)
             if plain_tables
             else None
         )
-        self.tt: TTEmbeddingBagCollection | None = (
+        self.tt: Optional[TTEmbeddingBagCollection] = (
             TTEmbeddingBagCollection(
                 tt_tables, is_weighted=is_weighted, device=dev, fused_params=tt_fused_params
             )
             if tt_tables
             else None
         )
-        self._feature_names = features
+        # Output keys as TorchRec's EBC names them over all tables (a feature of several tables
+        # is "feature@table"); each child names its keys over its own tables only.
+        global_names = dict(zip(names, get_embedding_names_by_table(tables)))
+        self._embedding_names = [n for t in tables for n in global_names[t.name]]
+        self._plain_keys, self._plain_names = _child_names(plain_tables, global_names)
+        self._warned_float_tt = False
+        self._tt_keys, self._tt_names = _child_names(tt_tables, global_names)
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
 
@@ -350,9 +389,35 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of every feature, keys in table order."""
-        plain = self.ebc(features) if self.ebc is not None else None
-        tt = self.tt(features) if self.tt is not None else None
-        return _merge_pooled(plain, tt, self._feature_names)
+        if not torch.jit.is_scripting():
+            self._warn_float_tt_beside_quantized()
+        plain: Optional[KeyedTensor] = None
+        tt: Optional[KeyedTensor] = None
+        if self.ebc is not None:
+            plain = self.ebc(features)
+        if self.tt is not None:
+            tt = self.tt(features)
+        return _merge_pooled(
+            plain, tt, self._plain_keys, self._plain_names, self._tt_keys, self._tt_names,
+            self._embedding_names,
+        )
+
+    def _warn_float_tt_beside_quantized(self) -> None:
+        # TorchRec's quantize_embeddings swaps the plain child and does not know TT tables.
+        if (
+            not self._warned_float_tt
+            and isinstance(self.ebc, QuantEmbeddingBagCollection)
+            and isinstance(self.tt, TTEmbeddingBagCollection)
+        ):
+            self._warned_float_tt = True
+            warnings.warn(
+                f"HybridEmbeddingBagCollection: the plain tables are quantized but the TT tables "
+                f"{self.tt_table_names()} are still float32 (torchrec's quantize_embeddings does "
+                "not know TT tables); use torchrec_tt.inference.quantize_embeddings, or pass "
+                "additional_qconfig_spec_keys=[TTEmbeddingBagCollection] and additional_mapping="
+                "{TTEmbeddingBagCollection: torchrec_tt.inference.QuantTTEmbeddingBagCollection}",
+                stacklevel=3,
+            )
 
     # --- accounting -------------------------------------------------------------------------
 

@@ -1,19 +1,24 @@
 """TTEmbeddingBagCollection: TorchRec's EmbeddingBagCollection contract over TT tables."""
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.fx copies forward's annotations into traced
+# code and TorchScript must resolve them, so they have to be real types, not strings.
 import functools
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from tensordict import TensorDict
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+)
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
 from torchrec_tt.initializers import (
@@ -32,54 +37,128 @@ __all__ = ["TTEmbeddingBagCollection", "TTEmbeddingTable"]
 _POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
 
 
+def _quoted(names: List[str]) -> str:
+    """``['a', 'b']`` (Python's list repr, also under TorchScript, whose f-strings drop quotes)."""
+    return "[" + ", ".join(["'" + n + "'" for n in names]) + "]"
+
+
+def _as_kjt(features: Any) -> KeyedJaggedTensor:
+    """A KeyedJaggedTensor from a KJT or a TensorDict of jagged features (as TorchRec 1.6's EBC
+    takes, converted the same way by ``torchrec.sparse.tensor_dict.maybe_td_to_kjt``)."""
+    if isinstance(features, KeyedJaggedTensor):
+        return features
+    if isinstance(features, TensorDict):
+        return maybe_td_to_kjt(features, None)
+    raise TypeError(
+        f"expected a KeyedJaggedTensor (or a TensorDict of jagged features), got "
+        f"{type(features).__name__}"
+    )
+
+
 @torch.fx.wrap
 def _lookup_inputs(
     features: KeyedJaggedTensor,
-    feature_names: list[str],
-    feature_tables: list[str],
+    feature_names: List[str],
+    feature_tables: List[str],
     is_weighted: bool,
     core: Tensor,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Checks a KJT against the collection and returns its ``(indices, offsets, weights)`` with
     the collection's features in its order (weights cast to the cores' dtype when weighted).
 
     Keys that match no table are ignored, as in TorchRec's ``EmbeddingBagCollection`` (one KJT
-    can feed several collections); a missing feature is an error."""
-    if not isinstance(features, KeyedJaggedTensor):
-        raise TypeError(f"expected a KeyedJaggedTensor, got {type(features).__name__}")
+    can feed several collections); a missing feature is an error. A feature of several tables
+    (TorchRec's shared features) appears once per table in ``feature_names``: its ids are looked
+    up in each. Written in the TorchScript subset (scripted models call it)."""
+    if not torch.jit.is_scripting():
+        features = _as_kjt(features)
     keys = features.keys()
     if keys != feature_names:
-        duplicated = sorted({k for k in keys if k in feature_names and keys.count(k) > 1})
-        if duplicated:
-            raise ValueError(f"KeyedJaggedTensor has the keys {duplicated} more than once")
-        index = {k: i for i, k in enumerate(keys)}
-        missing = [
-            f"{f!r} (table {t!r})" for f, t in zip(feature_names, feature_tables) if f not in index
-        ]
-        if missing:
+        index: Dict[str, int] = {}
+        duplicated: List[str] = []
+        for i, k in enumerate(keys):
+            if k in index:
+                if k in feature_names and k not in duplicated:
+                    duplicated.append(k)
+            else:
+                index[k] = i
+        if len(duplicated) > 0:
             raise ValueError(
-                f"KeyedJaggedTensor (keys {keys}) lacks the features {', '.join(missing)}"
+                "KeyedJaggedTensor has the keys " + _quoted(sorted(duplicated)) + " more than once"
+            )
+        missing: List[str] = []
+        for f, t in zip(feature_names, feature_tables):
+            if f not in index:
+                missing.append("'" + f + "' (table '" + t + "')")
+        if len(missing) > 0:
+            raise ValueError(
+                "KeyedJaggedTensor (keys " + _quoted(keys) + ") lacks the features "
+                + ", ".join(missing)
             )
         # Selects (and orders) the collection's features; the other keys are dropped.
         features = features.permute([index[f] for f in feature_names])
+    offsets = features.offsets()
     if features.variable_stride_per_key():
-        raise ValueError("variable batch size per feature (VBE) is not supported")
+        # VBE: feature f has its own batch size B_f. Its bags are padded with empty ones to the
+        # largest B_f, so the op sees one batch size; _expand_inverse_indices then picks each
+        # sample's row through the KJT's inverse indices, as TorchRec's EBC does.
+        if features.inverse_indices_or_none() is None:
+            raise ValueError(
+                "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
+                "inverse_indices (as TorchRec's EmbeddingBagCollection)"
+            )
+        strides = features.stride_per_key()
+        widest = max(strides)
+        padded: List[Tensor] = []
+        for seg, stride in zip(torch.split(features.lengths(), strides), strides):
+            padded.append(torch.nn.functional.pad(seg, [0, widest - stride]))
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(padded))
     values = features.values()
     if values.device != core.device:
         raise ValueError(
-            f"KeyedJaggedTensor is on {values.device} but the cores of TT tables "
-            f"{sorted(set(feature_tables))} are on {core.device}"
+            "KeyedJaggedTensor is on " + str(values.device) + " but the cores of TT tables "
+            + _quoted(sorted(_unique(feature_tables))) + " are on " + str(core.device)
         )
-    weights = None
+    weights: Optional[Tensor] = None
     if is_weighted:
         weights = features.weights_or_none()
         if weights is None:
             raise ValueError(
                 "TTEmbeddingBagCollection(is_weighted=True) got a KeyedJaggedTensor without "
-                f"weights (tables {sorted(set(feature_tables))})"
+                "weights (tables " + _quoted(sorted(_unique(feature_tables))) + ")"
             )
         weights = weights.to(core.dtype)
-    return values, features.offsets(), weights
+    return values, offsets, weights
+
+
+@torch.fx.wrap
+def _expand_inverse_indices(
+    pooled: Tensor, features: KeyedJaggedTensor, feature_names: List[str], dims: List[int]
+) -> Tensor:
+    """With the KJT's inverse indices (VBE, deduplicated batches), row ``b`` of feature ``f``
+    becomes ``pooled[inverse[f][b]]``, as in TorchRec's ``EmbeddingBagCollection``; without
+    them ``pooled`` is returned as it is."""
+    if not torch.jit.is_scripting():
+        if not isinstance(features, KeyedJaggedTensor):
+            return pooled  # a TensorDict carries no inverse indices
+    inverse = features.inverse_indices_or_none()
+    if inverse is None:
+        return pooled
+    row_of = {name: i for i, name in enumerate(inverse[0])}
+    parts: List[Tensor] = []
+    for f, block in zip(feature_names, pooled.split(dims, dim=1)):
+        if f not in row_of:
+            raise ValueError("KeyedJaggedTensor inverse_indices lack the feature '" + f + "'")
+        parts.append(block.index_select(0, inverse[1][row_of[f]]))
+    return torch.cat(parts, dim=1)
+
+
+def _unique(names: List[str]) -> List[str]:
+    out: List[str] = []
+    for n in names:
+        if n not in out:
+            out.append(n)
+    return out
 
 
 #: DistributedDataParallel objects -> ids of the TT modules already checked inside them.
@@ -115,8 +194,14 @@ class TTEmbeddingTable(nn.Module):
                 f"core_{k}", nn.Parameter(torch.empty(rows, cols, device=device))
             )
 
-    def cores(self) -> list[Tensor]:
-        return [getattr(self, f"core_{k}") for k in range(self.shape.num_cores)]
+    def cores(self) -> List[Tensor]:
+        # hasattr on a module is resolved when TorchScript compiles: 2-4 cores, no getattr loop.
+        out = [self.core_0, self.core_1]
+        if hasattr(self, "core_2"):
+            out.append(self.core_2)
+        if hasattr(self, "core_3"):
+            out.append(self.core_3)
+        return out
 
     def full_weight(self) -> Tensor:
         """Dense ``[N, D]`` reconstruction (differentiable; memory ``N * D``)."""
@@ -124,13 +209,78 @@ class TTEmbeddingTable(nn.Module):
         return reconstruct_dense(self.cores(), s.p, s.q, s.ranks, s.num_rows)
 
 
-class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+class _TTLookupMixin:
+    """The TT op call of a collection from plain attributes TorchScript can read (the frozen
+    dataclasses cannot be scripted); shared by the float and the quantized collections."""
+
+    _feature_names: List[str]
+    _feature_tables: List[str]
+    _embedding_names: List[str]
+    _lengths_per_key: List[int]
+    _is_weighted: bool
+
+    def _set_op_args(self, layout: TTBatchLayout, bounds_check_mode: int) -> None:
+        args = layout.op_args()
+        self._op_num_cores: List[int] = args[0]
+        self._op_p_shapes: List[int] = args[1]
+        self._op_q_shapes: List[int] = args[2]
+        self._op_ranks: List[int] = args[3]
+        self._op_num_rows: List[int] = args[4]
+        self._op_feature_table_map: List[int] = args[5]
+        self._op_table_names: List[str] = args[6]
+        self._op_pooling_modes: List[int] = args[7]
+        self._op_bounds_check_mode = int(bounds_check_mode)
+
+    def _pooled(
+        self,
+        features: KeyedJaggedTensor,
+        cores: List[Tensor],
+        compute_precision: int,
+        deterministic: bool,
+    ) -> Tuple[List[str], List[int], Tensor]:
+        """``(keys, length_per_key, values)`` of the pooled lookups of ``features``."""
+        # The checks and the reordering depend on the KJT's keys, which torch.fx cannot see, so
+        # they live in an fx-wrapped helper (a leaf for TorchRec's tracer, as in TorchRec's own
+        # EBC); the op itself stays visible in the traced graph.
+        inputs = _lookup_inputs(
+            features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
+        )
+        weights = inputs[2] if self._is_weighted else None
+        values = torch.ops.torchrec_tt.tt_embedding_bag(
+            cores,
+            self._op_num_cores,
+            self._op_p_shapes,
+            self._op_q_shapes,
+            self._op_ranks,
+            self._op_num_rows,
+            self._op_feature_table_map,
+            self._op_table_names,
+            self._op_pooling_modes,
+            inputs[0],
+            inputs[1],
+            weights,
+            self._op_bounds_check_mode,
+            compute_precision,
+            deterministic,
+        )
+        values = _expand_inverse_indices(values, features, self._feature_names, self._lengths_per_key)
+        return self._embedding_names, self._lengths_per_key, values
+
+
+class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     """EmbeddingBagCollection whose tables are Tensor Trains, looked up by one table-batched op.
 
     Takes the same arguments as ``torchrec.EmbeddingBagCollection`` and keeps its contract:
     ``KeyedJaggedTensor`` (keys: the tables' feature names in any order, plus any others, which
-    are ignored as in TorchRec's EBC; shape ``(F, B, L[f][i])``) in, ``KeyedTensor`` (keys = feature names in table order, values ``[B, sum of D]``) out;
-    per-sample weights are used when ``is_weighted``.
+    are ignored as in TorchRec's EBC; shape ``(F, B, L[f][i])``; a TensorDict of jagged features
+    is converted as TorchRec's EBC does) in, ``KeyedTensor`` (keys: the feature names in table
+    order, ``feature@table`` for a feature shared by several tables, as TorchRec names them;
+    values ``[B, sum of D]``) out; per-sample weights are used when ``is_weighted``.
+    Variable batch per feature (VBE) works as in TorchRec's EBC: the KJT's inverse indices give
+    each sample's row (unsharded; the sharded collection refuses VBE).
+
+    Inference: the module scripts (``torch.jit.script``, also after ``torchrec.fx.symbolic_trace``)
+    and exports (``torch.export``); ``torchrec_tt.inference`` quantizes it.
 
     NOTE: this module is unsharded; ``torchrec_tt.sharding`` distributes it.
 
@@ -178,14 +328,14 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if cfg.name in names:
                 raise ValueError(f"Duplicate table name {cfg.name!r}")
             names.add(cfg.name)
-            for feature in cfg.feature_names:
-                if feature in features:
-                    raise ValueError(
-                        f"feature {feature!r} of table {cfg.name!r} is already used by table "
-                        f"{tables[feature_table_map[features.index(feature)]].name!r}"
-                    )
-                features.append(feature)
-                feature_table_map.append(t)
+            if len(set(cfg.feature_names)) != len(cfg.feature_names):
+                raise ValueError(
+                    f"table {cfg.name!r} lists a feature more than once: {cfg.feature_names}"
+                )
+            # A feature of several tables is looked up in each (TorchRec's shared features; the
+            # outputs are keyed "feature@table").
+            features.extend(cfg.feature_names)
+            feature_table_map.extend([t] * len(cfg.feature_names))
         # As TorchRec's EBC: no device means the default one (``with torch.device("meta"):``).
         device = torch.device(device) if device is not None else torch.get_default_device()
         ignored_init = [cfg.name for cfg in tables if not _default_init_fn(cfg)]
@@ -197,7 +347,12 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             )
         self._is_weighted = is_weighted
         self._embedding_bag_configs = list(tables)
+        #: Feature looked up at each output position (a shared feature once per table).
         self._feature_names = features
+        #: Output keys, as TorchRec's EBC names them (``feature@table`` for shared features).
+        self._embedding_names: List[str] = [
+            n for names in get_embedding_names_by_table(list(tables)) for n in names
+        ]
         self._feature_tables = [tables[t].name for t in feature_table_map]
         self._shapes = [cfg.tt_shape() for cfg in tables]
         self._layout = TTBatchLayout.from_shapes(
@@ -210,8 +365,12 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.embedding_bags = nn.ModuleDict(
             {cfg.name: TTEmbeddingTable(shape, device) for cfg, shape in zip(tables, self._shapes)}
         )
-        self._fused_optimizer: TTFusedOptimizer | None = None
+        # (A type comment: TorchScript warns on annotated None attributes in __init__.)
+        self._fused_optimizer = None  # type: Optional[TTFusedOptimizer]
         self._kernel_options = TTKernelOptions.from_fused_params(fused_params)
+        self._set_op_args(self._layout, self._kernel_options.bounds_check_mode)
+        self._op_compute_precision = int(self._kernel_options.compute_precision)
+        self._op_deterministic = bool(self._kernel_options.deterministic)
         # A fused optimizer unless fused_params holds kernel keys only (an empty dict still asks
         # for one, and gets FusedOptimConfig's "needs an 'optimizer'" error).
         kernel_only = bool(fused_params) and set(fused_params) <= set(TTKernelOptions.KEYS)
@@ -222,14 +381,14 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                     for key, shape in cfg.state_shapes(core.shape).items():
                         table.register_buffer(f"core_{k}_{key}", torch.zeros(shape, device=device))
 
-            def state_of(name: str) -> dict[str, Tensor]:
-                _, table, core = name.split(".")
-                owner = self.embedding_bags[table]
-                shape = getattr(owner, core).shape
-                return {key: getattr(owner, f"{core}_{key}") for key in cfg.state_shapes(shape)}
-
-            self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), state_of)
+            self._fused_cfg = cfg
+            # A bound method (not a closure): copy.deepcopy and pickle then give the copy's
+            # optimizer the copy's buffers.
+            self._fused_optimizer = TTFusedOptimizer(cfg, self._core_params(), self._fused_state)
         self.reset_parameters()
+
+    # TorchScript compiles a module's properties; these are Python-side only.
+    __jit_unused_properties__ = ["device", "kernel_options", "fused_optimizer"]
 
     @property
     def device(self) -> torch.device:
@@ -241,6 +400,13 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Bounds checking, compute precision and determinism of this collection's op calls."""
         return self._kernel_options
 
+    def _fused_state(self, name: str) -> Dict[str, Tensor]:
+        """The fused optimizer's state buffers of core ``embedding_bags.<table>.core_<k>``."""
+        _, table, core = name.split(".")
+        owner = self.embedding_bags[table]
+        shape = getattr(owner, core).shape
+        return {key: getattr(owner, f"{core}_{key}") for key in self._fused_cfg.state_shapes(shape)}
+
     def _core_params(self) -> dict[str, nn.Parameter]:
         return {
             f"embedding_bags.{name}.core_{k}": core
@@ -248,7 +414,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for k, core in enumerate(table.cores())
         }
 
-    def _apply(self, fn: Any, recurse: bool = True) -> TTEmbeddingBagCollection:
+    def _apply(self, fn: Any, recurse: bool = True) -> "TTEmbeddingBagCollection":
         # Moving the module (to_empty from meta, .to(device), .double()) can replace the core
         # Parameter objects; the fused optimizer's hooks must follow them.
         out = super()._apply(fn, recurse)
@@ -279,25 +445,20 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self._is_weighted
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        """Pooled embeddings of every feature; see the class docstring for the contract."""
-        if not torch.compiler.is_compiling():
-            self._check_outer_ddp()
-        cores = self.cores()
-        # The checks and the reordering depend on the KJT's keys, which torch.fx cannot see, so
-        # they live in an fx-wrapped helper (a leaf for TorchRec's tracer, as in TorchRec's own
-        # EBC); the op itself stays visible in the traced graph.
-        inputs = _lookup_inputs(
-            features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
+        """Pooled embeddings of every feature; see the class docstring for the contract (a
+        TensorDict of jagged features is taken too, as by TorchRec's EBC)."""
+        deterministic = self._op_deterministic
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling():
+                self._check_outer_ddp()
+            deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+        cores: List[Tensor] = []
+        for table in self.embedding_bags.values():
+            cores.extend(table.cores())
+        keys, lengths, values = self._pooled(
+            features, cores, self._op_compute_precision, deterministic
         )
-        weights = inputs[2] if self._is_weighted else None
-        values = tt_embedding_bag(
-            cores, self._layout, inputs[0], inputs[1], weights, self._kernel_options
-        )
-        return KeyedTensor(
-            keys=list(self._feature_names),
-            length_per_key=list(self._lengths_per_key),
-            values=values,
-        )
+        return KeyedTensor(keys=keys, length_per_key=lengths, values=values)
 
     def _check_outer_ddp(self) -> None:
         """Refuses a fused optimizer, and warns otherwise, when this (unsharded) module's cores are
