@@ -139,33 +139,33 @@ def report(a: argparse.Namespace) -> None:
             continue
         series[data] = rows
         print(f"\n### {data}\n")
-        print("| tables | d | k | seeds | trained bytes | inference bytes | AUC (trained) | "
-              "AUC (collapsed) | log-loss (collapsed) | TT-SVD error | step ms |")
+        print("| tables | d | k | seeds | trained bytes | inference bytes | AUC served | "
+              "log-loss served | AUC uncollapsed | TT-SVD error | step ms |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             kind = "TT (7 largest)" if r["model"] == "tt" else "plain"
-            k = r["factor"] * r["d"] or "-"
-            print(f"| {kind} | {r['d']} | {k} | {len(r['seed'])} | {r['train_bytes'] / 2**20:.2f} MiB "
-                  f"| {r['inference_bytes'] / 2**20:.2f} MiB | {_ms(r['auc'])} | "
-                  f"{_ms(r.get('auc_collapsed', []))} | {_ms(r.get('logloss_collapsed', []))} | "
-                  f"{_ms(r.get('tt_svd_error', [])) if r['model'] == 'tt' and r['factor'] else '-'} "
-                  f"| {statistics.mean(r['step_ms']):.1f} |")
-        # Paired by seed: MLET at d against plain training at 4d / 8d.
+            auc, logloss = _inference_metric(r)
+            mlet = bool(r["factor"])
+            print(f"| {kind} | {r['d']} | {r['factor'] * r['d'] if mlet else '-'} | "
+                  f"{len(r['seed'])} | {r['train_bytes'] / 2**20:.2f} MiB | "
+                  f"{r['inference_bytes'] / 2**20:.2f} MiB | {_ms(auc)} | {_ms(logloss)} | "
+                  f"{_ms(r['auc']) if mlet else '-'} | "
+                  f"{_ms(r['tt_svd_error']) if mlet and r['model'] == 'tt' else '-'} | "
+                  f"{statistics.mean(r['step_ms']):.1f} |")
+        # Paired by seed: what is served with MLET at d against plain training at d, 4d, 8d.
         by = {(r["model"], r["d"], r["factor"]): r for r in rows}
         print()
         for (model, d, f), r in sorted(by.items()):
             if not f:
                 continue
-            auc_m, _ = _inference_metric(r)
-            for wider in (d, 2 * d, 4 * d, 8 * d):
+            served = dict(zip(r["seed"], _inference_metric(r)[0]))
+            for wider in (d, 4 * d, 8 * d):
                 base = by.get((model, wider, 0))
                 if base is None:
                     continue
-                pairs = {s: x for s, x in zip(r["seed"], auc_m)}
-                diff = [pairs[s] - x for s, x in zip(base["seed"], base["auc"]) if s in pairs]
-                if len(diff) >= 1:
-                    print(f"- {model}, MLET d={d} k={f * d} (collapsed) − plain d={wider}: AUC "
-                          f"{_ms(diff)} over {len(diff)} seed(s)")
+                diff = [served[s] - x for s, x in zip(base["seed"], base["auc"]) if s in served]
+                print(f"- {model}, MLET d={d} k={f * d} (served) − plain d={wider}: AUC "
+                      f"{_ms(diff)} over {len(diff)} seed(s)")
     if a.png and series:
         _plot(series, Path(a.png))
 
@@ -175,6 +175,7 @@ def _plot(series: dict[str, list[dict]], png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(series), figsize=(6.2 * len(series), 4.6), squeeze=False)
     styles = {("uncompressed", 0): ("C0", "o", "plain"),
@@ -189,7 +190,9 @@ def _plot(series: dict[str, list[dict]], png: Path) -> None:
                          if r["model"] == model and r["factor"] == f)
             if not pts:
                 continue
-            xs = [b for b, _ in pts]
+            # Small horizontal offsets keep the error bars of equal-byte points apart.
+            shift = {0: 1.0, 4: 1.04, 8: 1.08}[f] if f in (0, 4, 8) else 1.0
+            xs = [b / 2**20 * shift for b, _ in pts]
             aucs = [_inference_metric(r)[0] for _, r in pts]
             ys = [statistics.mean(v) for v in aucs]
             es = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in aucs]
@@ -198,11 +201,14 @@ def _plot(series: dict[str, list[dict]], png: Path) -> None:
                         label=label)
             for (b, r), y in zip(pts, ys):
                 if f == 0:
-                    ax.annotate(f"d={r['d']}", (b, y), textcoords="offset points", xytext=(4, -10),
+                    ax.annotate(f"d={r['d']}", (b / 2**20, y), textcoords="offset points", xytext=(4, -10),
                                 fontsize=7, color=color)
         seeds = max(len(r["seed"]) for r in rows)
         ax.set_xscale("log")
-        ax.set(xlabel="inference embedding bytes (collapsed model)", ylabel="test AUC",
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set(xlabel="inference embedding MiB (collapsed model, log scale)", ylabel="test AUC",
                title=f"{data} (mean ± sd over up to {seeds} seeds)")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)

@@ -200,8 +200,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           help="MLET (arXiv 2006.05623): train every table (plain and TT) at this width, "
           "followed by a linear map to --embedding_dim, then collapse it and evaluate the "
           "collapsed model too (0: off)")
+    _flag(g, "mlet_skip_collapse", action="store_true",
+          help="MLET: do not collapse and evaluate the collapsed model at the end (timing runs)")
     _flag(g, "mlet_init_scale", type=float, default=1.0,
           help="MLET: init std of table x projection relative to the plain table's")
+    _flag(g, "mlet_learning_rate", type=float, default=None,
+          help="MLET: learning rate of the projections (same optimizer as the dense layers; "
+          "default --learning_rate)")
     _flag(g, "mlet_embedding_lr_scale", type=float, default=None,
           help="MLET: factor on --embedding_learning_rate for the wide plain tables "
           "(default sqrt(embedding_dim / mlet_inner_dim): the collapsed table's first row-wise "
@@ -265,7 +270,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if 0 < args.mlet_inner_dim < args.embedding_dim:
         raise ValueError(f"--mlet_inner_dim {args.mlet_inner_dim} must be >= --embedding_dim "
                          f"{args.embedding_dim} (MLET trains wider tables), or 0 for off")
-    for flag in ("mlet_init_scale", "mlet_embedding_lr_scale"):
+    for flag in ("mlet_init_scale", "mlet_embedding_lr_scale", "mlet_learning_rate"):
         value = getattr(args, flag)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{flag} must be a finite number > 0, got {value}")
@@ -486,12 +491,18 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     tt_params = {k: v for k, v in params.items()
                  if ".embedding_bag_collection.tt." in k
                  or ".embedding_bag_collection.mlet.tt." in k}  # MLET's projections: dense
-    dense_params = {k: v for k, v in params.items() if k not in tt_params}
+    projections = {k: v for k, v in params.items()
+                   if ".embedding_bag_collection.mlet.projections." in k}
+    dense_params = {k: v for k, v in params.items() if k not in tt_params and k not in projections}
     dense_optim = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.Adagrad
     optims: list[Any] = [
         dmp.fused_optimizer,
         KeyedOptimizerWrapper(dense_params, lambda p: dense_optim(p, lr=args.learning_rate)),
     ]
+    if projections:
+        mlet_lr = args.mlet_learning_rate or args.learning_rate
+        optims.append(KeyedOptimizerWrapper(projections,
+                                            lambda p: dense_optim(p, lr=mlet_lr)))
     if tt_params:
         optims.append(KeyedOptimizerWrapper(
             tt_params, lambda p: torch.optim.Adagrad(p, lr=args.tt_learning_rate)))
@@ -826,7 +837,7 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     if history["eval"]:
         for key in ("auc", "ne", "logloss", "calibration"):
             setattr(result, key, history["eval"][-1][key])
-    if ebc.mlet is not None and not result.stopped:
+    if ebc.mlet is not None and not result.stopped and not args.mlet_skip_collapse:
         detach_pipeline(pipeline, dmp)
         result.collapsed = evaluate_collapsed(args, name, dmp, ebc, data, rank, world, device,
                                               pg)

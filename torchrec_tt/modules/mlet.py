@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -205,7 +205,7 @@ class MLETEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tables: Sequence[EmbeddingBagConfig],
         is_weighted: bool = False,
         device: torch.device | str | None = None,
-        tt_fused_params: dict[str, object] | None = None,
+        tt_fused_params: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__()
         tables = list(tables)
@@ -351,7 +351,7 @@ class MLETEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 f"them (relative reconstruction error {listed}; warn_above={warn_above}); keep "
                 "the wide TT table and its projection for inference, or fine-tune the collapsed "
                 "model",
-                stacklevel=2,
+                stacklevel=3,  # past torch.no_grad's wrapper: the caller of collapse()
             )
         return out
 
