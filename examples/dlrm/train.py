@@ -490,8 +490,8 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     tt_params = {k: v for k, v in params.items()
                  if ".embedding_bag_collection.tt." in k
-                 or ".embedding_bag_collection.mlet.tt." in k}  # MLET's projections: dense
-    projections = {k: v for k, v in params.items()
+                 or ".embedding_bag_collection.mlet.tt." in k}  # MLET's TT tables too
+    projections = {k: v for k, v in params.items()  # MLET's (dense), with their own lr
                    if ".embedding_bag_collection.mlet.projections." in k}
     dense_params = {k: v for k, v in params.items() if k not in tt_params and k not in projections}
     dense_optim = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.Adagrad
