@@ -209,7 +209,7 @@ def _plot(series: dict[str, list[dict]], png: Path) -> None:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set(xlabel="inference embedding MiB (collapsed model, log scale)", ylabel="test AUC",
-               title=f"{data} (mean ± sd over up to {seeds} seeds)")
+               title=f"{data} (mean ± sd over up to {seeds} seed{'s' if seeds > 1 else ''})")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
