@@ -282,6 +282,7 @@ def test_merge_goes_by_key_not_position() -> None:
     a, b, c = torch.full((2, 1), 1.0), torch.full((2, 2), 2.0), torch.full((2, 3), 3.0)
     plain = KeyedTensor.from_tensor_list(["y", "x"], [b, a])
     tt = KeyedTensor.from_tensor_list(["x"], [c])
-    out = _merge_pooled(plain, tt, ["x", "y"], ["x@p", "y"], ["x"], ["x@t"], ["x@p", "y", "x@t"])
+    out = _merge_pooled(plain, tt, None, ["x", "y"], ["x@p", "y"], ["x"], ["x@t"], [], [],
+                        ["x@p", "y", "x@t"])
     assert out.keys() == ["x@p", "y", "x@t"]
     assert torch.equal(out.values(), torch.cat([a, b, c], dim=1))

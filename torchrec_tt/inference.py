@@ -340,8 +340,8 @@ class QuantTTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if self.tt is not None:
             tt = self.tt(features)
         return _merge_pooled(
-            dense, tt, self._dense_keys, self._dense_names, self._tt_keys, self._tt_names,
-            self._embedding_names,
+            dense, tt, None, self._dense_keys, self._dense_names, self._tt_keys, self._tt_names,
+            [], [], self._embedding_names,
         )
 
 

@@ -44,6 +44,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.modules.mlet import (
+    MLETEmbeddingBagCollection,
+    collapsed_config,
+    inner_config,
+    is_mlet,
+)
 
 __all__ = [
     "HybridEmbeddingBagCollection",
@@ -51,6 +57,7 @@ __all__ = [
     "config_bytes",
     "convert_to_tt",
     "embedding_bytes",
+    "inference_bytes",
     "select_tt_tables",
     "swap_configs",
 ]
@@ -67,7 +74,10 @@ _DTYPE_BYTES = {
 
 
 def config_bytes(config: EmbeddingBagConfig) -> float:
-    """Bytes of one table's weights: its TT cores for a TT config, ``N * D * element size`` else."""
+    """Bytes of one table's weights as trained: its TT cores for a TT config, ``N * D * element
+    size`` else; an MLET table counts its wide table and its ``k x d`` FP32 projection."""
+    if is_mlet(config):
+        return config_bytes(inner_config(config)) + 4 * config.mlet_inner_dim * config.embedding_dim
     if isinstance(config, TTEmbeddingBagConfig):
         return config.tt_shape().num_bytes(4)
     return config.num_embeddings * config.embedding_dim * _DTYPE_BYTES.get(config.data_type, 4)
@@ -76,6 +86,12 @@ def config_bytes(config: EmbeddingBagConfig) -> float:
 def embedding_bytes(configs: Sequence[EmbeddingBagConfig]) -> float:
     """Total weight bytes of a list of table configs (TT tables counted at their core size)."""
     return float(sum(config_bytes(c) for c in configs))
+
+
+def inference_bytes(configs: Sequence[EmbeddingBagConfig]) -> float:
+    """Total weight bytes after collapsing the MLET tables (``collapsed_config``): what an
+    inference model stores."""
+    return embedding_bytes([collapsed_config(c) for c in configs])
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,9 @@ def _to_tt_config(config: EmbeddingBagConfig, policy: TTPolicy) -> TTEmbeddingBa
         for f in dataclasses.fields(EmbeddingBagConfig)
         if f.init
     }
+    if is_mlet(config):  # an MLET table stays MLET: a TT table of width k and its projection
+        base["mlet_inner_dim"] = config.mlet_inner_dim
+        base["mlet_init_scale"] = config.mlet_init_scale
     return TTEmbeddingBagConfig(
         **base, tt_ranks=policy.ranks_for(config.name), tt_init=policy.tt_init
     )
@@ -270,15 +289,18 @@ def swap_configs(
 def _merge_pooled(
     first: Optional[KeyedTensor],
     second: Optional[KeyedTensor],
+    third: Optional[KeyedTensor],
     first_keys: List[str],
     first_names: List[str],
     second_keys: List[str],
     second_names: List[str],
+    third_keys: List[str],
+    third_names: List[str],
     keys: List[str],
 ) -> KeyedTensor:
     """One KeyedTensor with ``keys`` from the children's outputs, looked up by key (a sharded
     child's key order follows its plan): a child's key ``*_keys[i]`` is ``*_names[i]`` in
-    ``keys`` (they differ for a feature shared by tables of both children: ``f@t`` outside, ``f``
+    ``keys`` (they differ for a feature shared by tables of two children: ``f@t`` outside, ``f``
     in the child). Scriptable (flat lists: TorchScript types an empty list argument from the
     signature, but not an empty dict or nested list literal in traced code)."""
     tensors: Dict[str, Tensor] = {}
@@ -289,6 +311,10 @@ def _merge_pooled(
     if second is not None:
         parts = second.to_dict()
         for key, name in zip(second_keys, second_names):
+            tensors[name] = parts[key]
+    if third is not None:
+        parts = third.to_dict()
+        for key, name in zip(third_keys, third_names):
             tensors[name] = parts[key]
     return KeyedTensor.from_tensor_list(keys, [tensors[k] for k in keys])
 
@@ -307,9 +333,10 @@ def _child_names(
 class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """Plain and TT tables behind one ``EmbeddingBagCollection`` contract.
 
-    ``TTEmbeddingBagConfig`` tables go to a ``TTEmbeddingBagCollection`` (child ``tt``), the others
-    to a TorchRec ``EmbeddingBagCollection`` (child ``ebc``); either child is ``None`` when it
-    would hold no table. ``forward`` takes one ``KeyedJaggedTensor`` with every feature and returns
+    ``TTEmbeddingBagConfig`` tables go to a ``TTEmbeddingBagCollection`` (child ``tt``), MLET
+    tables (``MLETEmbeddingBagConfig``, ``TTEmbeddingBagConfig(mlet_inner_dim=k)``) to a
+    ``MLETEmbeddingBagCollection`` (child ``mlet``), the others to a TorchRec
+    ``EmbeddingBagCollection`` (child ``ebc``); a child is ``None`` when it would hold no table. ``forward`` takes one ``KeyedJaggedTensor`` with every feature and returns
     one ``KeyedTensor`` whose keys are the feature names in the original table order.
 
     Under ``DistributedModelParallel`` each child is sharded by its own sharder, so pass both::
@@ -356,8 +383,11 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 t.feature_names = [t.name]  # as TorchRec's EBC does
         self._configs = tables
         self._is_weighted = is_weighted
-        tt_tables = [t for t in tables if isinstance(t, TTEmbeddingBagConfig)]
-        plain_tables = [t for t in tables if not isinstance(t, TTEmbeddingBagConfig)]
+        mlet_tables = [t for t in tables if is_mlet(t)]
+        tt_tables = [t for t in tables if isinstance(t, TTEmbeddingBagConfig) and not is_mlet(t)]
+        plain_tables = [
+            t for t in tables if not isinstance(t, TTEmbeddingBagConfig) and not is_mlet(t)
+        ]
         dev = torch.device(device) if device is not None else None
         self.ebc: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(plain_tables, is_weighted=is_weighted, device=dev)
@@ -371,6 +401,12 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if tt_tables
             else None
         )
+        self.mlet: Optional[MLETEmbeddingBagCollection] = (
+            MLETEmbeddingBagCollection(mlet_tables, is_weighted=is_weighted, device=dev,
+                                       tt_fused_params=tt_fused_params)
+            if mlet_tables
+            else None
+        )
         # Output keys as TorchRec's EBC names them over all tables (a feature of several tables
         # is "feature@table"); each child names its keys over its own tables only.
         global_names = dict(zip(names, get_embedding_names_by_table(tables)))
@@ -378,6 +414,7 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._plain_keys, self._plain_names = _child_names(plain_tables, global_names)
         self._warned_float_tt = False
         self._tt_keys, self._tt_names = _child_names(tt_tables, global_names)
+        self._mlet_keys, self._mlet_names = _child_names(mlet_tables, global_names)
 
     # --- EmbeddingBagCollectionInterface ----------------------------------------------------
 
@@ -393,13 +430,16 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self._warn_float_tt_beside_quantized()
         plain: Optional[KeyedTensor] = None
         tt: Optional[KeyedTensor] = None
+        mlet: Optional[KeyedTensor] = None
         if self.ebc is not None:
             plain = self.ebc(features)
         if self.tt is not None:
             tt = self.tt(features)
+        if self.mlet is not None:
+            mlet = self.mlet(features)
         return _merge_pooled(
-            plain, tt, self._plain_keys, self._plain_names, self._tt_keys, self._tt_names,
-            self._embedding_names,
+            plain, tt, mlet, self._plain_keys, self._plain_names, self._tt_keys, self._tt_names,
+            self._mlet_keys, self._mlet_names, self._embedding_names,
         )
 
     def _warn_float_tt_beside_quantized(self) -> None:
@@ -425,16 +465,49 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return [t.name for t in self._configs if isinstance(t, TTEmbeddingBagConfig)]
 
     def memory_stats(self) -> dict[str, float]:
-        """Embedding weight bytes: ``bytes`` (as built), ``dense_bytes`` (every table plain,
-        FP32), ``compression`` (their ratio), ``tt_tables`` (how many are TT)."""
+        """Embedding weight bytes: ``bytes`` (as built and trained: MLET tables at width ``k``
+        with their projections), ``inference_bytes`` (MLET tables collapsed to width ``d``),
+        ``dense_bytes`` (every table plain, FP32, width ``d``), ``compression`` (dense over
+        inference bytes), ``tt_tables`` and ``mlet_tables`` (how many)."""
         dense = sum(c.num_embeddings * c.embedding_dim * 4 for c in self._configs)
-        actual = embedding_bytes(self._configs)
+        inference = inference_bytes(self._configs)
         return {
-            "bytes": actual,
+            "bytes": embedding_bytes(self._configs),
+            "inference_bytes": inference,
             "dense_bytes": float(dense),
-            "compression": dense / actual,
+            "compression": dense / inference,
             "tt_tables": float(len(self.tt_table_names())),
+            "mlet_tables": float(sum(is_mlet(c) for c in self._configs)),
         }
+
+    @torch.no_grad()
+    def collapse(
+        self, device: torch.device | str | None = None, warn_above: float = 0.3
+    ) -> "HybridEmbeddingBagCollection":
+        """The same collection with every MLET table collapsed to one ``d``-wide table (see
+        ``MLETEmbeddingBagCollection.collapse``; TT-SVD for TT tables, errors in
+        ``tt_conversion_errors``); plain and TT tables are copied. Unsharded modules only."""
+        if self.mlet is None:
+            raise ValueError("this HybridEmbeddingBagCollection has no MLET table to collapse")
+        dev = torch.device(device) if device is not None else self.mlet.device
+        out = HybridEmbeddingBagCollection(
+            [collapsed_config(c) for c in self._configs], is_weighted=self._is_weighted,
+            device=dev,
+        )
+        collapsed = self.mlet.collapse(device=dev, warn_above=warn_above)
+        state: dict[str, Tensor] = {}
+        for prefix, child in (("ebc.", self.ebc), ("tt.", self.tt)):
+            if child is not None:
+                state.update({prefix + k: v for k, v in child.state_dict().items()})
+        # The collapsed child's keys as children of the new hybrid (its ebc / tt, or both).
+        prefix = {EmbeddingBagCollection: "ebc.", TTEmbeddingBagCollection: "tt."}.get(
+            type(collapsed), ""
+        )
+        state.update({prefix + k: v for k, v in collapsed.state_dict().items()})
+        wanted = out.state_dict()
+        out.load_state_dict({k: v for k, v in state.items() if k in wanted}, strict=True)
+        out.tt_conversion_errors = dict(collapsed.tt_conversion_errors)
+        return out
 
 
 @torch.no_grad()

@@ -75,6 +75,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from torchrec_tt import criteo
+from torchrec_tt.mlet import collapse_checkpoint, collapsed_config, mlet_rowwise_lr_scale, swap_to_mlet
 from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
 from torchrec_tt.sharding import plan as tt_plan
 from torchrec_tt.swap import HybridEmbeddingBagCollection, TTPolicy, swap_configs
@@ -195,6 +196,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(g, "tt_rank", type=int, default=32, help="TT rank (all inner ranks)")
     _flag(g, "tt_cores", type=int, default=2,
           help="TT cores per table (2: the CUDA two-factor kernels' best shape)")
+    _flag(g, "mlet_inner_dim", type=int, default=0,
+          help="MLET (arXiv 2006.05623): train every table (plain and TT) at this width, "
+          "followed by a linear map to --embedding_dim, then collapse it and evaluate the "
+          "collapsed model too (0: off)")
+    _flag(g, "mlet_skip_collapse", action="store_true",
+          help="MLET: do not collapse and evaluate the collapsed model at the end (timing runs)")
+    _flag(g, "mlet_init_scale", type=float, default=1.0,
+          help="MLET: init std of table x projection relative to the plain table's")
+    _flag(g, "mlet_learning_rate", type=float, default=None,
+          help="MLET: learning rate of the projections (same optimizer as the dense layers; "
+          "default --learning_rate)")
+    _flag(g, "mlet_embedding_lr_scale", type=float, default=None,
+          help="MLET: factor on --embedding_learning_rate for the wide plain tables "
+          "(default sqrt(embedding_dim / mlet_inner_dim): the collapsed table's first row-wise "
+          "Adagrad step matches a plain table's)")
     g = ap.add_argument_group("optimisation")
     _flag(g, "learning_rate", "--lr", type=float, default=0.02,
           help="learning rate of the dense layers")
@@ -249,6 +265,15 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.tt_cores < 2:
         raise ValueError(f"--tt_cores must be >= 2, got {args.tt_cores}")
+    if args.mlet_inner_dim < 0:
+        raise ValueError(f"--mlet_inner_dim must be >= 0 (0: off), got {args.mlet_inner_dim}")
+    if 0 < args.mlet_inner_dim < args.embedding_dim:
+        raise ValueError(f"--mlet_inner_dim {args.mlet_inner_dim} must be >= --embedding_dim "
+                         f"{args.embedding_dim} (MLET trains wider tables), or 0 for off")
+    for flag in ("mlet_init_scale", "mlet_embedding_lr_scale", "mlet_learning_rate"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"--{flag} must be a finite number > 0, got {value}")
     for flag in ("learning_rate", "embedding_learning_rate", "tt_learning_rate", "scale"):
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
@@ -406,8 +431,16 @@ def table_configs(args: argparse.Namespace, cardinalities: list[int],
                            feature_names=[f])
         for f, n in zip(criteo.DEFAULT_CAT_NAMES, cardinalities)
     ]
-    if not tt:
-        return configs
+    if tt:
+        configs = tt_configs(args, configs)
+    if args.mlet_inner_dim:
+        configs = swap_to_mlet(configs, inner_dim=args.mlet_inner_dim,
+                               init_scale=args.mlet_init_scale)
+    return configs
+
+
+def tt_configs(args: argparse.Namespace,
+               configs: list[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
     if args.tt_budget_bytes is not None:
         policy = TTPolicy(memory_budget_bytes=int(args.tt_budget_bytes), ranks=args.tt_rank,
                           num_cores=args.tt_cores)
@@ -419,10 +452,13 @@ def table_configs(args: argparse.Namespace, cardinalities: list[int],
 
 
 def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
-          pg: dist.ProcessGroup) -> tuple[DistributedModelParallel, CombinedOptimizer,
-                                          HybridEmbeddingBagCollection]:
+          pg: dist.ProcessGroup, configs: list[EmbeddingBagConfig] | None = None,
+          ) -> tuple[DistributedModelParallel, CombinedOptimizer, HybridEmbeddingBagCollection]:
+    """The sharded model and its optimizers; ``configs`` overrides the tables (the collapsed
+    model of an MLET run)."""
     torch.manual_seed(args.seed)
-    configs = table_configs(args, data.cardinalities, tt)
+    if configs is None:
+        configs = table_configs(args, data.cardinalities, tt)
     ebc = HybridEmbeddingBagCollection(configs, device=torch.device("meta"))
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc,
                            dense_in_features=criteo.INT_FEATURE_COUNT,
@@ -432,6 +468,12 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     if ebc.ebc is not None:  # plain tables: TorchRec's fused row-wise Adagrad in the backward
         apply_optimizer_in_backward(RowWiseAdagrad, ebc.ebc.parameters(),
                                     {"lr": args.embedding_learning_rate})
+    if ebc.mlet is not None and ebc.mlet.ebc is not None:  # MLET's wide plain tables: the same
+        scale = args.mlet_embedding_lr_scale
+        if scale is None:
+            scale = mlet_rowwise_lr_scale(ebc.mlet.embedding_bag_configs()[0])
+        apply_optimizer_in_backward(RowWiseAdagrad, ebc.mlet.ebc.parameters(),
+                                    {"lr": args.embedding_learning_rate * scale})
     sharders: list[Any] = [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
     world = dist.get_world_size(pg)
     topology = Topology(world_size=world, compute_device=device.type,
@@ -446,13 +488,21 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device,
                                    plan=sharding_plan, sharders=sharders)
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    tt_params = {k: v for k, v in params.items() if ".embedding_bag_collection.tt." in k}
-    dense_params = {k: v for k, v in params.items() if k not in tt_params}
+    tt_params = {k: v for k, v in params.items()
+                 if ".embedding_bag_collection.tt." in k
+                 or ".embedding_bag_collection.mlet.tt." in k}  # MLET's TT tables too
+    projections = {k: v for k, v in params.items()  # MLET's (dense), with their own lr
+                   if ".embedding_bag_collection.mlet.projections." in k}
+    dense_params = {k: v for k, v in params.items() if k not in tt_params and k not in projections}
     dense_optim = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.Adagrad
     optims: list[Any] = [
         dmp.fused_optimizer,
         KeyedOptimizerWrapper(dense_params, lambda p: dense_optim(p, lr=args.learning_rate)),
     ]
+    if projections:
+        mlet_lr = args.mlet_learning_rate or args.learning_rate
+        optims.append(KeyedOptimizerWrapper(projections,
+                                            lambda p: dense_optim(p, lr=mlet_lr)))
     if tt_params:
         optims.append(KeyedOptimizerWrapper(
             tt_params, lambda p: torch.optim.Adagrad(p, lr=args.tt_learning_rate)))
@@ -626,6 +676,9 @@ class RunResult:
     dense_bytes: float
     compression: float
     tt_tables: int
+    inference_bytes: float = float("nan")
+    mlet_inner_dim: int = 0
+    collapsed: dict[str, float] = field(default_factory=dict)
     auc: float = float("nan")
     ne: float = float("nan")
     logloss: float = float("nan")
@@ -691,7 +744,8 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     dmp, optimizer, ebc = build(args, data, name == "tt", device, pg)
     mem = ebc.memory_stats()
     result = RunResult(name, mem["bytes"], mem["dense_bytes"], mem["compression"],
-                       int(mem["tt_tables"]), plan=plan_summary(dmp))
+                       int(mem["tt_tables"]), inference_bytes=mem["inference_bytes"],
+                       mlet_inner_dim=args.mlet_inner_dim, plan=plan_summary(dmp))
     history: dict[str, Any] = {"loss": [], "eval": [], "samples_per_s": []}
     start = 0
     if args.resume:
@@ -783,6 +837,15 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     if history["eval"]:
         for key in ("auc", "ne", "logloss", "calibration"):
             setattr(result, key, history["eval"][-1][key])
+    if ebc.mlet is not None and not result.stopped and not args.mlet_skip_collapse:
+        detach_pipeline(pipeline, dmp)
+        result.collapsed = evaluate_collapsed(args, name, dmp, ebc, data, rank, world, device,
+                                              pg)
+        if rank == 0:
+            c = result.collapsed
+            print(f"[{name}] collapsed to width {args.embedding_dim}: test auc {c['auc']:.4f} "
+                  f"logloss {c['logloss']:.4f} (MLET {result.auc:.4f} / {result.logloss:.4f}); "
+                  f"max TT-SVD error {c['max_tt_svd_error']:.4f}", flush=True)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, f"history_{name}.json"), "w") as f:
@@ -793,6 +856,30 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     result.peak_mib = float(peak)
     del pipeline, dmp, optimizer
     return result
+
+
+def evaluate_collapsed(args: argparse.Namespace, name: str, dmp: DistributedModelParallel,
+                       ebc: HybridEmbeddingBagCollection, data: Data, rank: int, world: int,
+                       device: torch.device, pg: dist.ProcessGroup) -> dict[str, float]:
+    """The DCP path from the trained MLET model to the collapsed one: saves the sharded MLET
+    model, writes the collapsed checkpoint (``torchrec_tt.mlet.collapse_checkpoint``), builds
+    the collapsed model (``d``-wide tables; TT ones at their ranks) on its own plan, loads it and
+    evaluates it."""
+    src = os.path.join(_ckpt_dir(args, name), "mlet_final")
+    dst = os.path.join(_ckpt_dir(args, name), "collapsed")
+    dcp.save({"model": dmp.state_dict()}, checkpoint_id=src)
+    errors = collapse_checkpoint(src, dst, ebc,
+                                 prefix="model.model.sparse_arch.embedding_bag_collection.")
+    configs = [collapsed_config(c) for c in ebc.embedding_bag_configs()]
+    collapsed, _, _ = build(args, data, False, device, pg, configs=configs)
+    state = {"model": collapsed.state_dict()}
+    dcp.load(state, checkpoint_id=dst)
+    collapsed.load_state_dict(state["model"])
+    metrics = evaluate(collapsed, data, args, rank, world, device, pg)
+    metrics["max_tt_svd_error"] = max(errors.values(), default=0.0)
+    metrics["mean_tt_svd_error"] = sum(errors.values()) / len(errors) if errors else 0.0
+    del collapsed
+    return metrics
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -890,6 +977,11 @@ def report(args: argparse.Namespace, results: list[RunResult], data: Data, world
                    "environment": environment(device),
                    "results": [r.__dict__ for r in results]}, f, indent=1)
     main = by.get("tt", results[0])
+    if main.mlet_inner_dim:
+        print(f"MLET k={main.mlet_inner_dim}: " + "; ".join(
+            f"{r.name}: trained {_fmt_bytes(r.embedding_bytes)}, inference "
+            f"{_fmt_bytes(r.inference_bytes)}, collapsed auc {r.collapsed['auc']:.4f}"
+            for r in results if r.collapsed))
     line = (f"summary: model={main.name} steps={main.steps} auc={main.auc:.4f} "
             f"ne={main.ne:.4f} logloss={main.logloss:.4f} compression={main.compression:.1f}x "
             f"emb_bytes={main.embedding_bytes:.0f} step_ms={main.step_ms:.1f} "
@@ -898,6 +990,9 @@ def report(args: argparse.Namespace, results: list[RunResult], data: Data, world
         base = by["uncompressed"]
         line += (f" auc_uncompressed={base.auc:.4f} auc_delta={main.auc - base.auc:+.4f} "
                  f"ne_uncompressed={base.ne:.4f} step_ms_uncompressed={base.step_ms:.1f}")
+    if main.collapsed:
+        line += (f" inference_bytes={main.inference_bytes:.0f}"
+                 f" auc_collapsed={main.collapsed['auc']:.4f}")
     print(line, flush=True)
 
 
@@ -911,6 +1006,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*is_fx_tracing will return true.*")
     warnings.filterwarnings("ignore", message=".*_get_pg_default_device.*")
     warnings.filterwarnings("ignore", message=".*Multiple backends are registered.*")
+    # DMP's own state dicts are ShardedTensors (torchrec 1.6.1); DCP warns on each.
+    warnings.filterwarnings("ignore", message=".*Please use DTensor instead.*",
+                            category=FutureWarning)
     logging.getLogger("torchrec.distributed.utils").setLevel(logging.ERROR)
     logging.getLogger("torchrec.distributed.train_pipeline.postproc").setLevel(logging.ERROR)
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

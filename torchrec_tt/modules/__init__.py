@@ -2,5 +2,12 @@
 
 from torchrec_tt.modules.conv import TTConv2d
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection, TTEmbeddingTable
+from torchrec_tt.modules.mlet import MLETEmbeddingBagCollection, MLETProjection
 
-__all__ = ["TTConv2d", "TTEmbeddingBagCollection", "TTEmbeddingTable"]
+__all__ = [
+    "MLETEmbeddingBagCollection",
+    "MLETProjection",
+    "TTConv2d",
+    "TTEmbeddingBagCollection",
+    "TTEmbeddingTable",
+]

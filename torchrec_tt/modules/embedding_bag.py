@@ -325,6 +325,12 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
                     "TTEmbeddingBagCollection takes TTEmbeddingBagConfig (plain tables belong in "
                     "an EmbeddingBagCollection)"
                 )
+            if cfg.mlet_inner_dim is not None:
+                raise TypeError(
+                    f"TT table {cfg.name!r} has mlet_inner_dim={cfg.mlet_inner_dim} (an MLET "
+                    "table: a TT table of that width and a projection); build it with "
+                    "MLETEmbeddingBagCollection or HybridEmbeddingBagCollection"
+                )
             if cfg.name in names:
                 raise ValueError(f"Duplicate table name {cfg.name!r}")
             names.add(cfg.name)
