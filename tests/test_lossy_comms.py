@@ -9,6 +9,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,6 +34,7 @@ from torchrec_tt.sharding.lossy_comms import (
 from torchrec_tt.sharding.testing import run_multiprocess, simulate_pooled_all_to_all
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "distributed"))
+sys.path.insert(0, os.path.dirname(__file__))
 import tt_dist_cases as cases  # noqa: E402
 
 OP = CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL.name
@@ -428,3 +430,43 @@ def test_sharded_training_equals_reference_codec() -> None:
         torch.testing.assert_close(ours["losses"], none["losses"], rtol=0.1, atol=1e-3)
         assert not torch.equal(ours["losses"], none["losses"])
     assert results[0]["ours"]["state"] == results[1]["ours"]["state"]  # same policy on all ranks
+
+
+# ------------------------------------------------------------------ the trainer's flag
+
+
+@pytest.mark.multiprocess
+def test_trainer_lossy_comms_stop_and_resume_is_exact(tmp_path: Path) -> None:
+    """``--lossy_comms`` on 2 processes: fewer pooled bytes than fp32 comms would send, and a run
+    stopped and resumed (policy state from the checkpoint) gives the same losses."""
+    import test_dlrm_train as t
+
+    flags = ["--steps", "8", "--eval-every", "8", "--lossy_comms", "0.05"]
+    output = t._run(tmp_path / "full", *flags)
+    last = [ln for ln in output.splitlines() if ln.startswith("summary:")][-1]
+    fields = dict(kv.split("=", 1) for kv in last.split()[1:])
+    # the plain tables' pooled all-to-all: at most 5 bits per value (+ headers) instead of 32
+    pooled = float(fields["pooled_bytes_per_step"])
+    assert 0 < pooled
+    part = tmp_path / "part"
+    assert "stopped after step 5" in t._run(part, *flags, "--stop-after", "5")
+    assert (part / "checkpoint" / "tt" / "step_5" / "lossy_policy.json").exists()
+    t._run(part, *flags, "--resume")
+    a, b = t._history(tmp_path / "full", "tt"), t._history(part, "tt")
+    assert a["loss"] == b["loss"] and a["eval"] == b["eval"]
+    assert b["result"]["pooled_a2a_bytes_per_step"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lossy_comms", "0.7"], "--lossy_comms must be a number in (0, 0.5)"),
+    (["--lossy_comms", "0.05", "--lossy_comms_final", "0.1"], "looser than --lossy_comms"),
+    (["--lossy_comms_final", "0.01"], "--lossy_comms_final needs --lossy_comms"),
+])
+def test_trainer_lossy_flags_are_checked(argv: list[str], message: str,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples", "dlrm"))
+    import train
+
+    with pytest.raises(SystemExit):
+        train.parse_args(argv)
+    assert message in capsys.readouterr().err
