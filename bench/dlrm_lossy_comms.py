@@ -44,7 +44,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--bounds", default="0.05,0.02,0.01", help="--lossy_comms bounds")
-    ap.add_argument("--no_qcomms", action="store_true", help="skip TorchRec's FP16/INT8")
+    ap.add_argument("--qcomms", default="fp16,int8",
+                    help="TorchRec qcomms precisions to run ('' for none)")
     ap.add_argument("--out", default="runs/lossy_matrix")
     ap.add_argument("--summarise", action="store_true",
                     help="only print the table of an earlier --out/results.json")
@@ -60,9 +61,8 @@ def main() -> None:
         return
     extra = a.trainer_args[1:] if a.trainer_args[:1] == ["--"] else a.trainer_args
     configs: list[tuple[str, list[str]]] = [("fp32 (uncompressed comms)", [])]
-    if not a.no_qcomms:
-        configs += [("TorchRec FP16 qcomms", ["--qcomms", "fp16"]),
-                    ("TorchRec INT8 qcomms", ["--qcomms", "int8"])]
+    configs += [(f"TorchRec {p.upper()} qcomms", ["--qcomms", p])
+                for p in a.qcomms.split(",") if p]
     configs += [(f"lossy {b} -> {float(b) / 2:g}", ["--lossy_comms", b])
                 for b in a.bounds.split(",") if b]
     seeds = [int(s) for s in a.seeds.split(",")]

@@ -164,7 +164,8 @@ class ErrorBoundPolicy:
         for name, value in (("update_every", update_every), ("stats_every", stats_every)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        bits_for_bound(final * backward_scale * min_table_scale)  # the tightest must be codable
+        # the tightest bound the policy can reach must be codable
+        bits_for_bound(final * backward_scale * (min_table_scale if table_wise else 1.0))
         self.rel_error_bound = float(rel_error_bound)
         self.final_rel_error_bound = float(final)
         self.decay_steps = decay_steps
