@@ -460,10 +460,10 @@ class ErrorBoundedCommCodec:
             offset += size
         out = torch.cat(parts) if parts else data.new_empty(0, dtype=torch.float32)
         total = out.numel()
+        # the backward of this all-to-all encodes a gradient of the same length and layout
         seen = self._layouts.get(total, "missing")  # type: ignore[arg-type]
-        backward_layout = _Layout(layout.dims, layout.rank, layout.batch, layout.block)
-        if seen == "missing" or seen == backward_layout:
-            self._layouts[total] = backward_layout
+        if seen == "missing" or seen == layout:
+            self._layouts[total] = layout
         else:
             self._layouts[total] = None  # ambiguous: the backward encode says so
         return out
