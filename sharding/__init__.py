@@ -21,6 +21,9 @@ Fused optimizers (``fused_params`` of the module or of ``TTEmbeddingBagCollectio
 and their comms) and TorchRec's estimators for plain ones; TorchRec's default planner cannot cost
 TT tables, so ``DistributedModelParallel(plan=None)`` fails and says to call ``plan``.
 ``plan_comms_bytes`` and ``CommsMeter`` compute and measure the bytes a plan moves per step.
+``error_bounded_qcomm_codecs`` is a qcomms registry (any sharder's ``qcomm_codecs_registry=``)
+that sends the pooled all-to-all error-bounded quantised, under an adaptive
+``ErrorBoundPolicy`` (``torchrec_tt.sharding.lossy_comms``).
 """
 
 from torchrec_tt.sharding.comms import CommsMeter, StepComms, plan_comms_bytes
@@ -29,15 +32,23 @@ from torchrec_tt.sharding.embeddingbag import (
     TTEmbeddingBagCollectionSharder,
 )
 from torchrec_tt.sharding.estimator import TTShardEstimator, measure_tt_flops
+from torchrec_tt.sharding.lossy_comms import (
+    ErrorBoundPolicy,
+    error_bounded_qcomm_codecs,
+    lossy_policy,
+)
 from torchrec_tt.sharding.planner import TTEmbeddingEnumerator, plan
 
 __all__ = [
     "CommsMeter",
+    "ErrorBoundPolicy",
     "ShardedTTEmbeddingBagCollection",
     "StepComms",
     "TTEmbeddingBagCollectionSharder",
     "TTEmbeddingEnumerator",
     "TTShardEstimator",
+    "error_bounded_qcomm_codecs",
+    "lossy_policy",
     "measure_tt_flops",
     "plan",
     "plan_comms_bytes",

@@ -181,11 +181,15 @@ class CommsMeter:
     def __init__(self) -> None:
         self.all_to_all_bytes = 0
         self.all_reduce_bytes = 0
+        #: all-to-all bytes by wire dtype: the KJT all-to-all sends int64 (lengths, ids, splits),
+        #: the pooled one float32 or a qcomms codec's dtype (float16, uint8 ...).
+        self.all_to_all_bytes_by_dtype: dict[torch.dtype, int] = {}
         self._saved: dict[str, Any] = {}
 
     def reset(self) -> None:
         self.all_to_all_bytes = 0
         self.all_reduce_bytes = 0
+        self.all_to_all_bytes_by_dtype = {}
 
     def attach(self, model: nn.Module) -> None:
         for ddp in _ddp_modules(model):
@@ -204,7 +208,10 @@ class CommsMeter:
         def all_to_all_single(output: Tensor, input: Tensor, output_split_sizes: Any = None,
                               input_split_sizes: Any = None, group: Any = None,
                               async_op: bool = False) -> Any:
-            self.all_to_all_bytes += _sent_to_others(input, input_split_sizes, group)
+            sent = _sent_to_others(input, input_split_sizes, group)
+            self.all_to_all_bytes += sent
+            by = self.all_to_all_bytes_by_dtype
+            by[input.dtype] = by.get(input.dtype, 0) + sent
             return original_a2a(output, input, output_split_sizes, input_split_sizes, group, async_op)
 
         def all_reduce(tensor: Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None,

@@ -58,11 +58,16 @@ import torch.multiprocessing as mp
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.fbgemm_qcomm_codec import (
+    CommType,
+    QCommsConfig,
+    get_qcomm_codecs_registry,
+)
 from torchrec.distributed.planner import Topology
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.train_pipeline.utils import PipelinedPostproc
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.distributed.types import CommOp, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.metrics.auc import AUCMetric
 from torchrec.metrics.calibration import CalibrationMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
@@ -76,7 +81,12 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from torchrec_tt import criteo
 from torchrec_tt.mlet import collapse_checkpoint, collapsed_config, mlet_rowwise_lr_scale, swap_to_mlet
-from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
+from torchrec_tt.sharding import (
+    CommsMeter,
+    ErrorBoundPolicy,
+    TTEmbeddingBagCollectionSharder,
+    error_bounded_qcomm_codecs,
+)
 from torchrec_tt.sharding import plan as tt_plan
 from torchrec_tt.swap import HybridEmbeddingBagCollection, TTPolicy, swap_configs
 from torchrec_tt.synthetic import DeviceSyntheticCriteo
@@ -223,6 +233,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           help="row-wise Adagrad on the plain tables (fused into the backward)")
     _flag(g, "tt_learning_rate", "--tt-lr", type=float, default=0.05,
           help="Adagrad on the TT cores")
+    g = ap.add_argument_group("communication")
+    comms = g.add_mutually_exclusive_group()
+    _flag(comms, "lossy_comms", type=float, default=None, metavar="BOUND",
+          help="error-bounded lossy compression of the pooled all-to-all (forward embeddings "
+          "and backward gradients): every value within BOUND x its table's value range "
+          "(torchrec_tt.sharding.error_bounded_qcomm_codecs), e.g. 0.05")
+    _flag(comms, "qcomms", choices=("fp16", "bf16", "int8"), default=None,
+          help="TorchRec's fixed-rate qcomms for the pooled all-to-all, both directions")
+    _flag(g, "lossy_comms_final", type=float, default=None, metavar="BOUND",
+          help="--lossy_comms: the bound the schedule tightens to by the last step "
+          "(default: half of --lossy_comms)")
     g = ap.add_argument_group("evaluation and checkpoints")
     _flag(g, "validation_freq_within_epoch", "--eval-every", type=int, default=0,
           help="evaluate every N steps (0: 10 evaluations per run)")
@@ -278,6 +299,17 @@ def validate_args(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"--{flag} must be a finite number > 0, got {value}")
+    if args.lossy_comms is not None:
+        final = args.lossy_comms / 2 if args.lossy_comms_final is None else args.lossy_comms_final
+        for flag, value in (("--lossy_comms", args.lossy_comms), ("--lossy_comms_final", final)):
+            if not (math.isfinite(value) and 0 < value < 0.5):
+                raise ValueError(f"{flag} must be a number in (0, 0.5), got {value}")
+        if final > args.lossy_comms:
+            raise ValueError(f"--lossy_comms_final {final} is looser than --lossy_comms "
+                             f"{args.lossy_comms}; the schedule only tightens")
+        args.lossy_comms_final = final
+    elif args.lossy_comms_final is not None:
+        raise ValueError("--lossy_comms_final needs --lossy_comms")
     if not 0 < args.test_fraction < 1:
         raise ValueError(f"--test_fraction must be in (0, 1), got {args.test_fraction}")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # we spawn the processes
@@ -474,7 +506,9 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
             scale = mlet_rowwise_lr_scale(ebc.mlet.embedding_bag_configs()[0])
         apply_optimizer_in_backward(RowWiseAdagrad, ebc.mlet.ebc.parameters(),
                                     {"lr": args.embedding_learning_rate * scale})
-    sharders: list[Any] = [TTEmbeddingBagCollectionSharder(), EmbeddingBagCollectionSharder()]
+    registries, policy = comms_registries(args, device, pg)
+    sharders: list[Any] = [TTEmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[0]),
+                           EmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[1])]
     world = dist.get_world_size(pg)
     topology = Topology(world_size=world, compute_device=device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -487,6 +521,7 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
         optimizer_multiplier=1.0, pg=pg)
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device,
                                    plan=sharding_plan, sharders=sharders)
+    dmp.lossy_policy = policy  # stepped by train_one, saved with the checkpoints
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     tt_params = {k: v for k, v in params.items()
                  if ".embedding_bag_collection.tt." in k
@@ -507,6 +542,28 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
         optims.append(KeyedOptimizerWrapper(
             tt_params, lambda p: torch.optim.Adagrad(p, lr=args.tt_learning_rate)))
     return dmp, CombinedOptimizer(optims), ebc
+
+
+def comms_registries(args: argparse.Namespace, device: torch.device, pg: dist.ProcessGroup
+                     ) -> tuple[tuple[Any, Any], ErrorBoundPolicy | None]:
+    """qcomms registries for the TT and the plain sharder (--lossy_comms / --qcomms), and the
+    lossy policy (None without --lossy_comms).
+
+    Lossy comms: one policy (bound BOUND tightening to --lossy_comms_final over the run, per
+    table from statistics all-reduced over ``pg``), one registry per sharder (each keeps the
+    layouts of its own all-to-alls), groups of one feature (``block_dim`` = embedding dim)."""
+    if args.lossy_comms is not None:
+        policy = ErrorBoundPolicy(args.lossy_comms, args.lossy_comms_final,
+                                  decay_steps=int(args.steps or 0), process_group=pg)
+        return tuple(error_bounded_qcomm_codecs(policy=policy, block_dim=args.embedding_dim)
+                     for _ in range(2)), policy  # type: ignore[return-value]
+    if args.qcomms is not None:
+        precision = CommType(args.qcomms)
+        registry = get_qcomm_codecs_registry(
+            QCommsConfig(forward_precision=precision, backward_precision=precision),
+            comm_ops=[CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL], device=device)
+        return (registry, registry), None
+    return (None, None), None
 
 
 class _MissingSpecOfDataParallel(logging.Filter):
@@ -642,6 +699,10 @@ def save_checkpoint(args: argparse.Namespace, name: str, dmp: DistributedModelPa
     if rank == 0:
         with open(os.path.join(path, "history.json"), "w") as f:
             json.dump(history, f)
+        policy = getattr(dmp, "lossy_policy", None)
+        if policy is not None:  # the same on every rank: rank 0 writes it
+            with open(os.path.join(path, "lossy_policy.json"), "w") as f:
+                json.dump(policy.state_dict(), f)
         tmp = os.path.join(_ckpt_dir(args, name), "latest.tmp")
         with open(tmp, "w") as f:
             f.write(f"step_{step}\n")
@@ -663,6 +724,14 @@ def load_checkpoint(args: argparse.Namespace, name: str, dmp: DistributedModelPa
     optimizer.load_state_dict(state["optim"])
     with open(os.path.join(path, "history.json")) as f:
         history = json.load(f)
+    policy = getattr(dmp, "lossy_policy", None)
+    if policy is not None:
+        policy_file = os.path.join(path, "lossy_policy.json")
+        if not os.path.exists(policy_file):
+            raise ValueError(f"--lossy_comms: the checkpoint {path} has no lossy_policy.json "
+                             "(it was saved without --lossy_comms)")
+        with open(policy_file) as f:
+            policy.load_state_dict(json.load(f))
     return int(state["trainer"]["step"]), history
 
 
@@ -688,6 +757,8 @@ class RunResult:
     peak_mib: float = float("nan")
     steps: int = 0
     stopped: bool = False
+    a2a_bytes_per_step: float = float("nan")
+    pooled_a2a_bytes_per_step: float = float("nan")
     plan: dict[str, str] = field(default_factory=dict)
     pipelined: list[str] = field(default_factory=list)
 
@@ -768,6 +839,8 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
                    mininterval=2.0, file=sys.stdout)
     log = LossLog(device, pg, world)
     samples_per_step = args.batch_size * world
+    meter = CommsMeter()  # all-to-all bytes this rank sends, training steps only
+    policy = getattr(dmp, "lossy_policy", None)
 
     def read_losses(step: int) -> None:
         losses = log.read()
@@ -789,15 +862,20 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     checkpointing = args.checkpoint_every > 0 or args.stop_after > 0
     dmp.train()
     step = start
+    steps_metered = 0
     while step < stop_at:
-        if pipeline is not None:
-            loss, _, _ = pipeline.progress(batches)
-        else:
-            batch = next(batches).to(device, non_blocking=True)
-            optimizer.zero_grad()
-            loss, _ = dmp(batch)
-            loss.backward()
-            optimizer.step()
+        with meter:
+            if pipeline is not None:
+                loss, _, _ = pipeline.progress(batches)
+            else:
+                batch = next(batches).to(device, non_blocking=True)
+                optimizer.zero_grad()
+                loss, _ = dmp(batch)
+                loss.backward()
+                optimizer.step()
+        steps_metered += 1
+        if policy is not None:
+            policy.step()  # every rank, same step (may all-reduce the table statistics)
         log.add(loss)
         step += 1
         if pipeline is not None and not result.pipelined:
@@ -834,6 +912,13 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     result.step_ms = 1e3 * log.step_seconds()
     result.samples_per_s = samples_per_step / log.step_seconds()
     result.peak_mib = peak_memory_mib(device)
+    # Pooled all-to-all bytes: what is not the KJT all-to-all's integer tensors.
+    pooled = sum(n for dtype, n in meter.all_to_all_bytes_by_dtype.items()
+                 if dtype not in (torch.int64, torch.int32))
+    sent = torch.tensor([meter.all_to_all_bytes, pooled], dtype=torch.float64, device=device)
+    dist.all_reduce(sent, group=pg)
+    per_step = (sent / (world * max(steps_metered, 1))).tolist()
+    result.a2a_bytes_per_step, result.pooled_a2a_bytes_per_step = per_step
     if history["eval"]:
         for key in ("auc", "ne", "logloss", "calibration"):
             setattr(result, key, history["eval"][-1][key])
@@ -985,7 +1070,9 @@ def report(args: argparse.Namespace, results: list[RunResult], data: Data, world
     line = (f"summary: model={main.name} steps={main.steps} auc={main.auc:.4f} "
             f"ne={main.ne:.4f} logloss={main.logloss:.4f} compression={main.compression:.1f}x "
             f"emb_bytes={main.embedding_bytes:.0f} step_ms={main.step_ms:.1f} "
-            f"samples_per_s={main.samples_per_s:.0f}")
+            f"samples_per_s={main.samples_per_s:.0f} "
+            f"a2a_bytes_per_step={main.a2a_bytes_per_step:.0f} "
+            f"pooled_bytes_per_step={main.pooled_a2a_bytes_per_step:.0f}")
     if "tt" in by and "uncompressed" in by:
         base = by["uncompressed"]
         line += (f" auc_uncompressed={base.auc:.4f} auc_delta={main.auc - base.auc:+.4f} "

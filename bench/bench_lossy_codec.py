@@ -1,0 +1,155 @@
+"""Throughput and compression ratio of the error-bounded lossy comms codec.
+
+Throughput (GB/s of float32 input) of encode, decode and both, on the device given, for an
+all-to-all-sized tensor (``--batch`` rows x ``--tables`` tables x ``--dim`` columns, per
+``--ranks`` destination chunks), at each bound; the core (``encode_groups`` /
+``decode_groups``) and the TorchRec codec path (layout, per-rank chunks, padding: one forward
+and one backward pooled all-to-all of ``--ranks`` simulated ranks, ``simulate_pooled_all_to_all``)::
+
+    python bench/bench_lossy_codec.py --device cuda              # the lead's H200 run
+    python bench/bench_lossy_codec.py --device cpu --batch 1024  # small, on the CPU
+
+``--captured FILE.pt`` (from ``bench/capture_pooled.py``) instead reports the compression
+ratio on captured pooled embeddings and gradients, per capture step, against fp32 and
+TorchRec's INT8 qcomms (FBGEMM row-wise, rows of 32 values: 40 bytes per 32 values), and the
+entropy of the codes (what an ideal entropy stage would add).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from torchrec_tt.sharding.lossy_codec import (  # noqa: E402
+    bits_for_bound,
+    decode_groups,
+    encode_groups,
+)
+from torchrec_tt.sharding.lossy_comms import error_bounded_qcomm_codecs  # noqa: E402
+from torchrec_tt.sharding.testing import simulate_pooled_all_to_all  # noqa: E402
+
+INT8_BYTES_PER_VALUE = 40 / 32  # FBGEMM fused 8-bit row-wise, row_dim 32 (TorchRec's default)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of ``fn()`` (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def throughput(a: argparse.Namespace) -> None:
+    device = torch.device(a.device)
+    g = torch.Generator(device=device).manual_seed(0)
+    ranks, b, t, d = a.ranks, a.batch, a.tables, a.dim
+    # pooled-embedding-like values: per-table scales spread over two decades
+    scales = torch.logspace(-1, 1, t, device=device).repeat_interleave(d)
+    x = torch.randn(ranks * b, t * d, generator=g, device=device) * scales
+    grouped = x.view(ranks, b, t, d).permute(0, 2, 1, 3).reshape(ranks, t, b * d).contiguous()
+    in_bytes = x.numel() * 4
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"device {name}; input {ranks} chunks x {b} rows x {t} tables x {d} = "
+          f"{in_bytes / 2**20:.1f} MiB float32; median of {a.repeats}")
+    print(f"{'path':<10} {'bound':>6} {'bits':>4} {'ratio':>6} {'enc ms':>8} {'dec ms':>8} "
+          f"{'enc GB/s':>9} {'dec GB/s':>9} {'enc+dec GB/s':>12}")
+    for bound in [float(s) for s in a.bounds.split(",")]:
+        bits = [bits_for_bound(bound)] * t
+        enc = encode_groups(grouped, bits, a.check_finite)
+        ratio = in_bytes / enc.numel()
+        te = _time(lambda: encode_groups(grouped, bits, a.check_finite), device, a.repeats)
+        td = _time(lambda: decode_groups(enc, t, b * d, bits), device, a.repeats)
+        print(f"{'core':<10} {bound:>6g} {bits[0]:>4} {ratio:>5.2f}x {te * 1e3:>8.3f} "
+              f"{td * 1e3:>8.3f} {in_bytes / te / 1e9:>9.2f} {in_bytes / td / 1e9:>9.2f} "
+              f"{in_bytes / (te + td) / 1e9:>12.2f}")
+        # TorchRec codec path: forward and backward all-to-all of `ranks` simulated ranks,
+        # each rank sending its [ranks * b/ranks ...]: every rank owns t/ranks tables
+        per = max(1, t // ranks)
+        emb = [x[:, r * per * d:(r + 1) * per * d].contiguous() for r in range(ranks)]
+        grads = [x[: b, : per * ranks * d].contiguous() * 1e-3 for _ in range(ranks)]
+        codecs = [error_bounded_qcomm_codecs(bound, block_dim=d, table_wise=False,
+                                             check_finite=a.check_finite)
+                  ["POOLED_EMBEDDINGS_ALL_TO_ALL"] for _ in range(ranks)]
+        tc = _time(lambda: simulate_pooled_all_to_all(codecs, emb, grads), device, a.repeats)
+        moved = 4 * (sum(e.numel() for e in emb) + sum(gr.numel() for gr in grads))
+        print(f"{'codec a2a':<10} {bound:>6g} {bits[0]:>4} {'':>6} {'':>8} {'':>8} {'':>9} "
+              f"{'':>9} {moved / tc / 1e9:>12.2f}   (fwd+bwd, {ranks} ranks, "
+              f"{moved / 2**20:.1f} MiB)")
+
+
+def _entropy_bits(codes: torch.Tensor) -> float:
+    counts = torch.bincount(codes.reshape(-1)).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+def captured(a: argparse.Namespace) -> None:
+    d = torch.load(a.captured)
+    src = d["args"].get("data") or "synthetic"
+    print(f"{a.captured}: {src}; steps {d['steps']}; [B, F, D] = {tuple(d['emb'].shape[1:])}")
+    print(f"{'tensor':<6} {'step':>5} {'bound':>6} {'bits':>4} {'vs fp32':>8} {'vs INT8':>8} "
+          f"{'code entropy b/v':>16} {'entropy-coded vs fp32':>21} {'max err / (bound x R)':>21}")
+    for kind in ("emb", "grad"):
+        for ti, step in enumerate(d["steps"]):
+            x = d[kind][ti].float()  # [B, F, D]
+            bsz, f, dim = x.shape
+            grouped = x.permute(1, 0, 2).reshape(1, f, bsz * dim)  # one group per table
+            for bound in [float(s) for s in a.bounds.split(",")]:
+                bits = [bits_for_bound(bound)] * f
+                enc = encode_groups(grouped, bits)
+                dec = decode_groups(enc, f, bsz * dim, bits)
+                rng = grouped.amax(-1) - grouped.amin(-1)
+                err = ((dec - grouped).abs().amax(-1) / (bound * rng).clamp_min(1e-38)).max()
+                ratio = grouped.numel() * 4 / enc.numel()
+                lo = grouped.amin(-1, keepdim=True)
+                levels = (1 << bits[0]) - 1
+                unit = torch.where(rng.unsqueeze(-1) > 0, (grouped - lo) / rng.unsqueeze(-1),
+                                   torch.zeros_like(grouped))
+                codes = torch.round(unit * levels).long()
+                ent = statistics.mean(_entropy_bits(codes[0, t]) for t in range(f))
+                ent_ratio = 32 / (ent + 64 / (bsz * dim))
+                print(f"{kind:<6} {step:>5} {bound:>6g} {bits[0]:>4} {ratio:>7.2f}x "
+                      f"{ratio * INT8_BYTES_PER_VALUE / 4:>7.2f}x {ent:>16.2f} "
+                      f"{ent_ratio:>20.2f}x {float(err):>21.3f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--bounds", default="0.05,0.02,0.01")
+    ap.add_argument("--batch", type=int, default=8192, help="rows per destination rank")
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--tables", type=int, default=26)
+    ap.add_argument("--dim", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no_check_finite", dest="check_finite", action="store_false",
+                    help="skip the NaN/inf check (a host sync per call on CUDA)")
+    ap.add_argument("--captured", default=None, help="capture file: compression ratio mode")
+    a = ap.parse_args()
+    if a.captured:
+        captured(a)
+    else:
+        throughput(a)
+
+
+if __name__ == "__main__":
+    main()
