@@ -8,6 +8,7 @@ process per run so each peak is its own.
     # CPU check that it works (small)
     nice .venv/bin/python bench/bench_gnn.py --sizes 100000 --epochs 2 --steps_per_epoch 10
 
+TT rank: the largest with --min_compression (default 1,000x), unless --tt_rank.
 Epoch = one pass over the training nodes (1% of the nodes, mini-batches of 1,024 with fanouts
 10,5) unless --steps_per_epoch caps it; the table reports the median epoch after the first.
 Peak memory is torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on CPU. Extra
@@ -39,7 +40,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps_per_epoch", type=int, default=0)
-    ap.add_argument("--tt_rank", type=int, default=32)
+    ap.add_argument("--tt_rank", type=int, default=None, help="default: the largest with --min_compression")
+    ap.add_argument("--min_compression", type=float, default=1000.0)
     ap.add_argument("--embedding_dim", type=int, default=64)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "gnn_bench.jsonl"))
@@ -57,7 +59,10 @@ def main() -> None:
                 cmd = [sys.executable, str(ROOT / "examples/gnn/train.py"), "--dataset", "synthetic",
                        "--num_nodes", str(n), "--device", a.device, "--epochs", str(a.epochs),
                        "--steps_per_epoch", str(a.steps_per_epoch), "--eval_every", str(a.epochs),
-                       "--tt_rank", str(a.tt_rank), "--embedding_dim", str(a.embedding_dim),
+                       "--embedding_dim", str(a.embedding_dim), "--min_compression", str(a.min_compression),
+                       # Gaussian for both: an orthogonal init of a 100M-row table needs a QR of it.
+                       "--init", "sampled_gaussian",
+                       *(["--tt_rank", str(a.tt_rank)] if a.tt_rank else []),
                        "--json", str(js), *VARIANTS[variant], *extra]
                 print("$", " ".join(cmd[1:]), flush=True)
                 try:
