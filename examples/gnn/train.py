@@ -104,9 +104,10 @@ def build_embedding(args: argparse.Namespace, graph: Graph, device: torch.device
 
         fused = {"optimizer": EmbOptimType.ADAM, "learning_rate": args.lr}
     init = "orthogonal" if args.init == "uniform" else args.init
-    # The graph-side preparation (METIS, spectral embedding) runs on the CPU copy of the graph.
+    # METIS runs on the host (partition_order copies the edges there); the graph embedding runs
+    # where the edges are.
     return TTNodeEmbedding.from_graph(
-        graph.edge_index.cpu(), graph.num_nodes, args.embedding_dim, [rank] * (args.tt_cores - 1),
+        graph.edge_index, graph.num_nodes, args.embedding_dim, [rank] * (args.tt_cores - 1),
         reorder=args.reorder, init=init, seed=args.seed, fused_params=fused, device=device,
     )
 

@@ -149,7 +149,8 @@ class TTNodeEmbedding(nn.Module):
         when ``reorder`` (nodes of one part share TT row prefixes), cores initialised by
         ``init`` (one of ``NODE_INITS``: ``"orthogonal"``, ``"sampled_gaussian"``, or
         ``"spectral"`` / ``"randomwalk"``: TT-SVD of that graph embedding, scaled to the
-        init std). Other keyword arguments go to the constructor."""
+        init std). ``seed`` seeds METIS, the graph embedding and (through ``torch.manual_seed``)
+        the random inits. Other keyword arguments go to the constructor."""
         if init not in NODE_INITS:
             raise ValueError(f"init {init!r} is not one of {list(NODE_INITS)}")
         graph_init = init in {m.value for m in GraphEmbeddingMethod}
