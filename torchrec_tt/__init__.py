@@ -13,6 +13,7 @@ from torchrec_tt.configs import MLETEmbeddingBagConfig, TTEmbeddingBagConfig, TT
 from torchrec_tt.conv_ops import tt_conv2d  # also registers the TT conv fake kernels/autograd
 from torchrec_tt.modules import MLETEmbeddingBagCollection, TTEmbeddingBagCollection
 from torchrec_tt.modules.conv import TTConv2d
+from torchrec_tt.modules.tt_node_embedding import TTNodeEmbedding
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.shapes import TTShape, make_tt_shape
 from torchrec_tt.version import __version__
@@ -26,6 +27,7 @@ __all__ = [
     "TTEmbeddingBagCollection",
     "TTEmbeddingBagConfig",
     "TTInit",
+    "TTNodeEmbedding",
     "TTShape",
     "__version__",
     "make_tt_shape",

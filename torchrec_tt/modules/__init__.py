@@ -3,6 +3,7 @@
 from torchrec_tt.modules.conv import TTConv2d
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection, TTEmbeddingTable
 from torchrec_tt.modules.mlet import MLETEmbeddingBagCollection, MLETProjection
+from torchrec_tt.modules.tt_node_embedding import TTNodeEmbedding
 
 __all__ = [
     "MLETEmbeddingBagCollection",
@@ -10,4 +11,5 @@ __all__ = [
     "TTConv2d",
     "TTEmbeddingBagCollection",
     "TTEmbeddingTable",
+    "TTNodeEmbedding",
 ]
