@@ -57,7 +57,8 @@ def main() -> None:
                        "--mlet_inner_dim", str(f * d), "--mlet_skip_collapse"]
                 print("$", " ".join(cmd[1:]), flush=True)
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                          filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
                 if proc.returncode != 0:
                     sys.exit(proc.stdout[-3000:] + proc.stderr[-5000:])
                 r = json.loads((out / "summary.json").read_text())["results"][0]
