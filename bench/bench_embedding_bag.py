@@ -285,6 +285,22 @@ def _tbe_kaggle7_times(rows: list[int], dim: int, sets: list[torch.Tensor], offs
     return out
 
 
+def _tt_kaggle7_step(shapes: list[TTShape], offsets: torch.Tensor, dy: torch.Tensor):  # type: ignore[no-untyped-def]
+    """A fwd + bwd + SGD step of random TT tables of ``shapes`` (one feature each), and the cores."""
+    layout = TTBatchLayout.from_shapes([f"t{i}" for i in range(len(shapes))], shapes,
+                                       [PoolingMode.SUM] * len(shapes), list(range(len(shapes))))
+    cores = [(0.3 * torch.randn(s.p[k], s.full_ranks[k] * s.q[k] * s.full_ranks[k + 1], device=dy.device)).requires_grad_()
+             for s in shapes for k in range(s.num_cores)]
+    opt = torch.optim.SGD(cores, lr=0.01)
+
+    def tt_on(ind: torch.Tensor) -> None:
+        tt_embedding_bag(cores, layout, ind, offsets).backward(dy)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return tt_on, cores
+
+
 def offload(iters: int, dim: int = 64, batch: int = 65_536, rank: int = 32) -> None:
     """Issue 11 item 5, the case where the tables do not fit on the GPU: TBE with its 7 Kaggle
     tables in host memory behind a GPU cache of 10% of the rows (MANAGED_CACHING, LRU) vs the TT
@@ -303,17 +319,7 @@ def offload(iters: int, dim: int = 64, batch: int = 65_536, rank: int = 32) -> N
             for name, clf in (("TBE on the GPU", None), ("TBE in host memory, 10% GPU cache", 0.1)):
                 r = _tbe_kaggle7_times(rows, dim, sets, offsets, dy, iters, clf)
                 results.append((f"{name}, B={b}", r["tbe"], r["tbe_graph"], r["tbe_mem"]))
-        layout = TTBatchLayout.from_shapes([f"t{i}" for i in range(7)], shapes, [PoolingMode.SUM] * 7,
-                                           list(range(7)))
-        cores = [(0.3 * torch.randn(s.p[k], s.full_ranks[k] * s.q[k] * s.full_ranks[k + 1], device=dev)).requires_grad_()
-                 for s in shapes for k in range(s.num_cores)]
-        opt = torch.optim.SGD(cores, lr=0.01)
-
-        def tt_on(ind: torch.Tensor) -> None:
-            tt_embedding_bag(cores, layout, ind, offsets).backward(dy)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
+        tt_on, cores = _tt_kaggle7_step(shapes, offsets, dy)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         t_eager = time_steps(eager(tt_on, sets), iters)
@@ -322,7 +328,7 @@ def offload(iters: int, dim: int = 64, batch: int = 65_536, rank: int = 32) -> N
         bound = 2 * core_mib + b * 7 * dim * 4 / 2**20
         results.append((f"TT on the GPU (cores {core_mib:.0f} MiB), B={b}, {7 * b:,} lookups; "
                         f"2x cores + B*D = {bound:.0f} MiB", t_eager, time_steps(graphed(tt_on, sets), iters), mem))
-        del cores, opt, sets
+        del tt_on, cores, sets
         torch.cuda.empty_cache()
     print(f"\nKaggle's 7 largest tables, D={dim}, R={rank}, Zipf 1.05, fwd + bwd + SGD, median of {iters} steps")
     print("| variant | eager ms | graphed ms | peak extra GPU MiB (weights or cache included) |")
@@ -358,19 +364,7 @@ def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ..
             }
             for name, (shapes, env) in variants.items():
                 os.environ.update(env)
-                layout = TTBatchLayout.from_shapes([f"t{i}" for i in range(7)], shapes, [PoolingMode.SUM] * 7,
-                                                   list(range(7)))
-                cores = [
-                    (0.3 * torch.randn(s.p[k], s.full_ranks[k] * s.q[k] * s.full_ranks[k + 1], device=dev)).requires_grad_()
-                    for s in shapes for k in range(s.num_cores)
-                ]
-                opt = torch.optim.SGD(cores, lr=0.01)
-
-                def tt_on(ind: torch.Tensor) -> None:
-                    tt_embedding_bag(cores, layout, ind, offsets).backward(dy)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
+                tt_on, cores = _tt_kaggle7_step(shapes, offsets, dy)
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 res[name] = time_steps(eager(tt_on, sets), iters)
@@ -381,7 +375,7 @@ def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ..
                 res[name + " fits"] = all(two_factor_fits(s) for s in shapes) and "TORCHREC_TT_TWO_FACTOR" not in env
                 for key in env:
                     os.environ.pop(key)
-                del cores, opt
+                del tt_on, cores
                 torch.cuda.empty_cache()
             results.append((dim, batch, res, list(variants)))
     print(f"\nKaggle's 7 largest tables, R={rank}, one Zipf 1.05 lookup per table and sample, fwd + bwd + SGD, "
