@@ -71,13 +71,6 @@ inline bool rank_layout_env() {
   return v == nullptr || std::string(v) != "0";
 }
 
-// TORCHREC_TT_BWD_PREFETCH=1 loads each row's factors one row ahead in the backward (where a
-// prefetching kernel is instantiated); default off.
-inline bool bwd_prefetch_env() {
-  const char* v = std::getenv("TORCHREC_TT_BWD_PREFETCH");
-  return v != nullptr && std::string(v) == "1";
-}
-
 inline int64_t prefix_rows(const TableInfo& t) {
   int64_t n = 1;
   for (int64_t k = 0; k + 1 < t.K; ++k) n *= t.p[k];
@@ -575,7 +568,7 @@ __device__ __forceinline__ void atomic_add_n(float* dst, const float* v, int n) 
 // 2^31 rows or more) and the rows of a prefix next to each other. A row's weighted dY is summed
 // over its lookups first (registers, lane <-> columns), then contracted once:
 //   dP[a] += gsum G_last[s]^T (registers until the prefix changes), dG_last[s] += P[a]^T gsum.
-template <typename index_t, int RPL, int QM, int QLM, bool PREFETCH>
+template <typename index_t, int RPL, int QM, int QLM>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __restrict__ svals,
             const int32_t* __restrict__ bag_of, const index_t* __restrict__ idx,
@@ -672,10 +665,9 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         }
       }
     }
-    // Row and prefix starts of the chunk (bit i: lookup i starts one). With PREFETCH each row's
-    // G_last slice and each prefix's P rows are loaded one row / prefix ahead, so two gathers
-    // are in flight per warp (the kernel waits on their latency, one row at a time) at the
-    // price of registers (occupancy): TORCHREC_TT_BWD_PREFETCH picks it.
+    // Row and prefix starts of the chunk (bit i: lookup i starts one). Loading each row's
+    // factors one row ahead was measured not faster (more registers, and the kernel is bound
+    // by L2 atomics and gathers): docs/benchmarks.md "v5".
     int64_t my_a = 0;
     if (my_key < P.num_keys) {
       const Table& MT = P.tables[my_t];
@@ -728,11 +720,6 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         }
       }
     };
-    float Pnext[RPL][QM], Gnext[RPL][QLM];
-    if (PREFETCH && (row_mask & 1u)) {
-      load_P(0, Pnext);
-      load_G(0, Gnext);
-    }
     // dY / len of lookup i, lane <-> columns d = lane + 32 k (issued one lookup ahead).
     auto load_dy = [&](int i, float* out) {
       const int64_t bag = __shfl_sync(0xffffffffu, my_bag, i);
@@ -757,7 +744,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
       const int t = __shfl_sync(0xffffffffu, my_t, i);
       const int64_t v = __shfl_sync(0xffffffffu, my_v, i);
       const float wj = __shfl_sync(0xffffffffu, my_w, i);
-      if ((row_mask >> i) & 1u) {  // a new row: its factors were loaded one row ahead
+      if ((row_mask >> i) & 1u) {  // a new row
         if (cur_t >= 0) finish_row();
         if ((prefix_mask >> i) & 1u) {  // a new prefix
           if (cur_t >= 0) flush_prefix();
@@ -765,32 +752,14 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
           for (int ii = 0; ii < RPL; ++ii)
 #pragma unroll
             for (int m = 0; m < QM; ++m) dPacc[ii][m] = 0.f;
-          if constexpr (PREFETCH) {
-#pragma unroll
-            for (int ii = 0; ii < RPL; ++ii)
-#pragma unroll
-              for (int m = 0; m < QM; ++m) Preg[ii][m] = Pnext[ii][m];
-            const unsigned later = prefix_mask & ~((2u << i) - 1u);
-            if (later != 0u) load_P(__ffs(later) - 1, Pnext);
-          } else {
-            load_P(i, Preg);
-          }
+          load_P(i, Preg);
           cur_a = __shfl_sync(0xffffffffu, my_a, i);
         }
         T = &P.tables[t];
         cur_t = t;
         cur_v = v;
         cur_s = v - cur_a * T->pl;
-        if constexpr (PREFETCH) {
-#pragma unroll
-          for (int ii = 0; ii < RPL; ++ii)
-#pragma unroll
-            for (int c = 0; c < QLM; ++c) gl[ii][c] = Gnext[ii][c];
-          const unsigned later = row_mask & ~((2u << i) - 1u);
-          if (later != 0u) load_G(__ffs(later) - 1, Gnext);
-        } else {
-          load_G(i, gl);
-        }
+        load_G(i, gl);
       }
 #pragma unroll
       for (int k = 0; k < kDPL; ++k) gsum[k] += wj * dyl[k];
@@ -898,24 +867,17 @@ void launch_grad(const Params& P, const BatchInfo& info, const int32_t* skeys, c
   const KernelConfig kc = kernel_config(info);
   const int rpl = kc.rpl, qm = kc.qm, qlm = kc.qlm;
   const int grid = grid_for((n + kChunk - 1) / kChunk * 32, kWarpsPerBlock * 32);
-  bool prefetch = bwd_prefetch_env();
-#define TT_TWO_FACTOR_GRAD_K(RP, QMAX, QL, PF)                                                 \
-  if (rpl == RP && qm == QMAX && qlm == QL && prefetch == PF) {                                \
-    grad_kernel<index_t, RP, QMAX, QL, PF><<<grid, kWarpsPerBlock * 32, 0, stream>>>(          \
+#define TT_TWO_FACTOR_GRAD(RP, QMAX, QL)                                                       \
+  if (rpl == RP && qm == QMAX && qlm == QL) {                                                  \
+    grad_kernel<index_t, RP, QMAX, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(              \
         P, skeys, svals, bag_of, idx, off, w, dy, n, wgrad);                                   \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                            \
     return;                                                                                    \
   }
-#define TT_TWO_FACTOR_GRAD(RP, QMAX, QL) TT_TWO_FACTOR_GRAD_K(RP, QMAX, QL, false)
-  // Prefetching variants for one rank per lane and Q <= 16 (the Kaggle-sized shapes).
-  TT_TWO_FACTOR_GRAD_K(1, 8, 4, true) TT_TWO_FACTOR_GRAD_K(1, 16, 4, true)
-  TT_TWO_FACTOR_GRAD_K(1, 8, 8, true) TT_TWO_FACTOR_GRAD_K(1, 16, 8, true)
-  prefetch = false;
   TT_TWO_FACTOR_GRAD(1, 8, 4) TT_TWO_FACTOR_GRAD(1, 16, 4) TT_TWO_FACTOR_GRAD(1, 32, 4)
   TT_TWO_FACTOR_GRAD(2, 8, 4) TT_TWO_FACTOR_GRAD(2, 16, 4) TT_TWO_FACTOR_GRAD(4, 8, 4)
   TT_TWO_FACTOR_GRAD(1, 8, 8) TT_TWO_FACTOR_GRAD(1, 16, 8) TT_TWO_FACTOR_GRAD(1, 32, 8)
   TT_TWO_FACTOR_GRAD(2, 8, 8) TT_TWO_FACTOR_GRAD(2, 16, 8) TT_TWO_FACTOR_GRAD(4, 8, 8)
-#undef TT_TWO_FACTOR_GRAD_K
 #undef TT_TWO_FACTOR_GRAD
   TORCH_INTERNAL_ASSERT(false, "two-factor backward: no kernel for ranks/lane ", rpl, " Q ", qm);
 }
