@@ -61,6 +61,7 @@ from torchrec_tt.optim import (
     all_finite,
     effective_grad,
     fused_update,
+    fused_update_many,
     read_lr,
 )
 from torchrec_tt.shapes import TTShape
@@ -328,21 +329,26 @@ class TTFusedUpdate:
                 else:
                     for core in table.whole_cores():
                         parts.append((id(core), grad_of[id(core)]))
-            if parts:
+            world = self._world_size()
+            if parts and world > 1:
                 flat = torch.cat([t.reshape(-1) for _, t in parts])
-                world = self._world_size()
-                if world > 1:
-                    dist.all_reduce(flat, group=self._group)
-                if self._reduce == "mean" and world > 1:
+                dist.all_reduce(flat, group=self._group)
+                if self._reduce == "mean":
                     flat.div_(world)
+                reduced = []
                 pos = 0
                 for key, t in parts:
-                    value = flat[pos : pos + t.numel()].view(t.shape)
+                    reduced.append((key, flat[pos : pos + t.numel()].view(t.shape)))
                     pos += t.numel()
-                    if isinstance(key, tuple):
-                        (row_stats if key[0] == "rows" else bad_shards)[key[1]] = value
-                    else:
-                        grad_of[key] = value
+            else:  # one rank: the sums and means are the tensors themselves (no copy)
+                reduced = parts
+            for key, value in reduced:
+                if isinstance(key, tuple):
+                    (row_stats if key[0] == "rows" else bad_shards)[key[1]] = value
+                else:
+                    grad_of[key] = value
+        # Whole-core updates of tables with the same config and learning rate run together.
+        batches: dict[tuple[FusedOptimConfig, float], tuple[list[Tensor], list[Tensor], list[Any]]] = {}
         for table in self._tables:
             fused = self._fused[table.name]
             lr = lrs[table.name]
@@ -354,8 +360,13 @@ class TTFusedUpdate:
                     fused_update(core, grad_of[id(core)], table.optimizer_state(k), fused.cfg, lr)
                 self._update_core0_shards(table, fused.cfg, lr, grad_of, row_stats.get(table.name))
             else:
+                cores, grads, states = batches.setdefault((fused.cfg, lr), ([], [], []))
                 for k, core in enumerate(table.whole_cores()):
-                    fused_update(core, grad_of[id(core)], table.optimizer_state(k), fused.cfg, lr)
+                    cores.append(core)
+                    grads.append(grad_of[id(core)])
+                    states.append(table.optimizer_state(k))
+        for (cfg, lr), (cores, grads, states) in batches.items():
+            fused_update_many(cores, grads, states, cfg, lr)
 
     def _non_finite(
         self,
