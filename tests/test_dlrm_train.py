@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from torchrec_tt.criteo import CriteoFormatError, SyntheticCriteo
 
@@ -304,3 +305,25 @@ def test_multi_hot_trains_through_tt_sharding_and_evaluation(tmp_path: Path) -> 
     assert len(h["loss"]) == 6 and len(h["eval"]) == 2
     assert 0.5 < h["eval"][-1]["auc"] <= 1
     assert "ShardedTTEmbeddingBagCollection" in h["result"]["pipelined"]
+
+
+def test_flat_interaction_matches_torchrec() -> None:
+    """The trainer's interaction (index_select on the flattened matrix) gives TorchRec's
+    InteractionArch output and input gradients exactly, and keeps its (empty) state_dict."""
+    _import_train()  # puts examples/dlrm's modules in sys.modules
+    from dlrm_interaction import FlatInteractionArch  # type: ignore[import-not-found]
+    from torchrec.models.dlrm import InteractionArch
+
+    torch.manual_seed(0)
+    for features in (1, 5, 26):
+        dense = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+        sparse = torch.randn(7, features, 8, dtype=torch.float64, requires_grad=True)
+        ref, flat = InteractionArch(features), FlatInteractionArch(features)
+        want, got = ref(dense, sparse), flat(dense, sparse)
+        assert torch.equal(want, got)
+        up = torch.randn_like(want)
+        grads_want = torch.autograd.grad(want, (dense, sparse), up)
+        grads_got = torch.autograd.grad(got, (dense, sparse), up)
+        for a, b in zip(grads_want, grads_got):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert flat.state_dict().keys() == ref.state_dict().keys()

@@ -91,6 +91,8 @@ from torchrec_tt.sharding import plan as tt_plan
 from torchrec_tt.swap import HybridEmbeddingBagCollection, TTPolicy, swap_configs
 from torchrec_tt.synthetic import DeviceSyntheticCriteo
 
+from dlrm_interaction import use_flat_interaction  # noqa: E402  (examples/dlrm/dlrm_interaction.py)
+
 try:
     from tqdm import tqdm
 except ImportError:  # pragma: no cover - tqdm is in requirements/base.txt
@@ -492,11 +494,10 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     if configs is None:
         configs = table_configs(args, data.cardinalities, tt)
     ebc = HybridEmbeddingBagCollection(configs, device=torch.device("meta"))
-    model = DLRMTrain(DLRM(embedding_bag_collection=ebc,
-                           dense_in_features=criteo.INT_FEATURE_COUNT,
-                           dense_arch_layer_sizes=args.dense_arch_layer_sizes,
-                           over_arch_layer_sizes=args.over_arch_layer_sizes,
-                           dense_device=device))
+    model = DLRMTrain(use_flat_interaction(DLRM(
+        embedding_bag_collection=ebc, dense_in_features=criteo.INT_FEATURE_COUNT,
+        dense_arch_layer_sizes=args.dense_arch_layer_sizes,
+        over_arch_layer_sizes=args.over_arch_layer_sizes, dense_device=device)))
     if ebc.ebc is not None:  # plain tables: TorchRec's fused row-wise Adagrad in the backward
         apply_optimizer_in_backward(RowWiseAdagrad, ebc.ebc.parameters(),
                                     {"lr": args.embedding_learning_rate})
@@ -506,6 +507,14 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
             scale = mlet_rowwise_lr_scale(ebc.mlet.embedding_bag_configs()[0])
         apply_optimizer_in_backward(RowWiseAdagrad, ebc.mlet.ebc.parameters(),
                                     {"lr": args.embedding_learning_rate * scale})
+    # TT cores: Adagrad fused into the lookup's backward (torch.optim.Adagrad's arithmetic and
+    # eps), as the plain tables' row-wise Adagrad is. One batched update of all cores, no DDP of
+    # the data-parallel TT tables and no optimizer step of their own: on a GPU the step is bound
+    # by host launch time (docs/benchmarks.md, "One-GPU step time").
+    for tt_child in (ebc.tt, ebc.mlet.tt if ebc.mlet is not None else None):
+        if tt_child is not None:
+            apply_optimizer_in_backward(torch.optim.Adagrad, tt_child.parameters(),
+                                        {"lr": args.tt_learning_rate, "eps": 1e-10})
     registries, policy = comms_registries(args, device, pg)
     sharders: list[Any] = [TTEmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[0]),
                            EmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[1])]
@@ -523,12 +532,9 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
                                    plan=sharding_plan, sharders=sharders)
     dmp.lossy_policy = policy  # stepped by train_one, saved with the checkpoints
     params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    tt_params = {k: v for k, v in params.items()
-                 if ".embedding_bag_collection.tt." in k
-                 or ".embedding_bag_collection.mlet.tt." in k}  # MLET's TT tables too
     projections = {k: v for k, v in params.items()  # MLET's (dense), with their own lr
                    if ".embedding_bag_collection.mlet.projections." in k}
-    dense_params = {k: v for k, v in params.items() if k not in tt_params and k not in projections}
+    dense_params = {k: v for k, v in params.items() if k not in projections}
     dense_optim = torch.optim.SGD if args.optimizer == "sgd" else torch.optim.Adagrad
     optims: list[Any] = [
         dmp.fused_optimizer,
@@ -538,9 +544,6 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
         mlet_lr = args.mlet_learning_rate or args.learning_rate
         optims.append(KeyedOptimizerWrapper(projections,
                                             lambda p: dense_optim(p, lr=mlet_lr)))
-    if tt_params:
-        optims.append(KeyedOptimizerWrapper(
-            tt_params, lambda p: torch.optim.Adagrad(p, lr=args.tt_learning_rate)))
     return dmp, CombinedOptimizer(optims), ebc
 
 
