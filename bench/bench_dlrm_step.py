@@ -58,7 +58,7 @@ def time_model(args: argparse.Namespace, tt: bool, steps: int, device: torch.dev
                 step(i)
             torch.cuda.synchronize()
         print(f"\n== profile: {'TT' if tt else 'uncompressed'}, batch {args.batch_size}, 5 steps")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
     mem = ebc.memory_stats()
     out = {"ms": start.elapsed_time(end) / steps, "bytes": float(mem["bytes"]),

@@ -3,8 +3,9 @@
 # p3): install the stack, build, the two-factor tests, the Kaggle-7 benchmark, the one-GPU DLRM
 # step, the older CUDA tests, a memcheck pass and the profile, most important first.
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_round.sh
-# Switches: SKIP_OLDER_TESTS, SKIP_DLRM, SKIP_PROFILE (any value), EXTRA=script run before the
-# profiles, ITERS (default 20).
+# Switches: SKIP_KERNEL (no two-factor tests, Kaggle-7, offload or memcheck), SKIP_OFFLOAD, SKIP_OLDER_TESTS,
+# SKIP_DLRM, SKIP_PROFILE (any value), DLRM_PROFILE_BATCHES (default 8192), EXTRA="scripts" run
+# before the profiles, ITERS (default 20).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,18 +21,24 @@ TORCH_CUDA_ARCH_LIST=9.0 TORCHREC_TT_CUDA=1 MAX_JOBS=16 \
   || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
 export PYTHONPATH=$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}
 echo "build: $(( $(date +%s) - t0 )) s"
-timeout 240 python3 -m pytest tests/test_ops.py -q -x -k "two_factor" -p no:cacheprovider -rfE \
-  > "$OUT/tests_two_factor.txt" 2>&1
-grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/tests_two_factor.txt" | head -12
-echo "two-factor tests: $(( $(date +%s) - t0 )) s"
-python3 bench/bench_embedding_bag.py --kaggle7 --iters ${ITERS:-20} > "$OUT/kaggle7.txt" 2>&1
-echo "kaggle7: $(( $(date +%s) - t0 )) s"
-timeout 120 python3 bench/bench_embedding_bag.py --offload --iters ${ITERS:-20} > "$OUT/offload.txt" 2>&1
-echo "offload: $(( $(date +%s) - t0 )) s"
+if [ -z "${SKIP_KERNEL:-}" ]; then
+  timeout 240 python3 -m pytest tests/test_ops.py -q -x -k "two_factor" -p no:cacheprovider -rfE \
+    > "$OUT/tests_two_factor.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed|^E " "$OUT/tests_two_factor.txt" | head -12
+  echo "two-factor tests: $(( $(date +%s) - t0 )) s"
+  python3 bench/bench_embedding_bag.py --kaggle7 --iters ${ITERS:-20} > "$OUT/kaggle7.txt" 2>&1
+  echo "kaggle7: $(( $(date +%s) - t0 )) s"
+  if [ -z "${SKIP_OFFLOAD:-}" ]; then
+    timeout 120 python3 bench/bench_embedding_bag.py --offload --iters ${ITERS:-20} > "$OUT/offload.txt" 2>&1
+    echo "offload: $(( $(date +%s) - t0 )) s"
+  fi
+fi
 if [ -z "${SKIP_DLRM:-}" ]; then
   timeout 240 python3 bench/bench_dlrm_step.py > "$OUT/dlrm_step.txt" 2>&1
-  timeout 120 python3 bench/bench_dlrm_step.py --batch-sizes 8192 --tt-cores 2 --steps 20 --profile \
-    > "$OUT/dlrm_profile.txt" 2>&1
+  for b in ${DLRM_PROFILE_BATCHES:-8192}; do
+    timeout 120 python3 bench/bench_dlrm_step.py --batch-sizes $b --tt-cores 2 --steps 20 --profile \
+      > "$OUT/dlrm_profile_$b.txt" 2>&1
+  done
 fi
 echo "dlrm: $(( $(date +%s) - t0 )) s"
 if [ -z "${SKIP_OLDER_TESTS:-}" ]; then
@@ -39,21 +46,23 @@ if [ -z "${SKIP_OLDER_TESTS:-}" ]; then
     -p no:cacheprovider -rfE > "$OUT/tests_cuda.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_cuda.txt" | tail -6
 fi
-timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest tests/test_ops.py -q -x -p no:cacheprovider \
-  -k "two_factor_kaggle_sized_shapes and D16 or two_factor_out_of_range" 2>&1 | tail -2 | tee "$OUT/memcheck.txt"
-# Further benchmarks of the round (one script, e.g. bench/gpu_extra.sh), before the profiles.
-if [ -n "${EXTRA:-}" ]; then bash "$EXTRA"; fi
+if [ -z "${SKIP_KERNEL:-}" ]; then
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest tests/test_ops.py -q -x -p no:cacheprovider \
+    -k "two_factor_kaggle_sized_shapes and D16 or two_factor_out_of_range" 2>&1 | tail -2 | tee "$OUT/memcheck.txt"
+fi
+# Further benchmarks of the round (e.g. bench/gpu_extra.sh), before the profiles.
+for script in ${EXTRA:-}; do bash "$script"; done
 if [ -z "${SKIP_PROFILE:-}" ]; then
   timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 16 > "$OUT/profile_d16.txt" 2>&1
   timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 64 > "$OUT/profile_d64.txt" 2>&1
   for d in 64 16; do
-    timeout 100 ncu --clock-control none -k regex:"forward_rank_kernel|forward_kernel|grad_kernel" -c 2 \
+    timeout 100 ncu --clock-control none -k regex:"forward_rank_kernel|forward_kernel|grad_kernel" -c 3 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
       python3 bench/profile_embedding_bag.py --kaggle7 --dim $d > "$OUT/ncu_d$d.txt" 2>&1
   done
 fi
 echo "total: $(( $(date +%s) - t0 )) s"
-grep -E "^\|" "$OUT/kaggle7.txt" | cut -d'|' -f2-3,6,9-12
-grep -E "^\|" "$OUT/offload.txt"
+[ -f "$OUT/kaggle7.txt" ] && grep -E "^\|" "$OUT/kaggle7.txt" | cut -d'|' -f2-3,6,9-12
+[ -f "$OUT/offload.txt" ] && grep -E "^\|" "$OUT/offload.txt"
 [ -f "$OUT/dlrm_step.txt" ] && grep -E "^\|" "$OUT/dlrm_step.txt" | head -8
