@@ -16,8 +16,11 @@
 // the prefixes need; a warp walks a chunk of sorted lookups with lane <-> rank r, so
 //   dP[a][m][r]      += sum_c g[m][c] G_last[s][r][c]   (kept in registers while the prefix
 //                                                         repeats, flushed with one atomic each)
-//   dG_last[s][r][c] += sum_m P[a][m][r] g[m][c]         (one vector atomic per lane)
-// need no cross-lane reduction. Not taken under `deterministic` (atomics) or for float64.
+//   dG_last[s][r][c] += sum_m P[a][m][r] g[m][c]
+// need no cross-lane reduction. dG_last is summed by a second pass over the rows re-sorted by
+// last-core slice s (embedding_bag_cuda_two_factor_last_core.cuh): one flush per slice instead of
+// R * q_last atomics per row, when the call has many lookups per slice (segmented_backward). Not taken under
+// `deterministic` (atomics) or for float64.
 
 #pragma once
 
@@ -550,30 +553,51 @@ __global__ void keys_kernel(const Params P, const index_t* __restrict__ idx,
   }
 }
 
-// Float atomics of n consecutive floats (16-byte aligned when n % 4 == 0: vector atomics on sm_90).
-__device__ __forceinline__ void atomic_add_n(float* dst, const float* v, int n) {
+// Float atomics of the first n of an N-float register array into n consecutive floats (n % 4
+// == 0: 16-byte vector atomics on sm_90, dst then 16-byte aligned). A reference to a fixed-size
+// array, unrolled, keeps it in registers (a pointer sent it to the stack frame).
+template <int N>
+__device__ __forceinline__ void atomic_add_regs(float* dst, const float (&v)[N], int n) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if ((n & 3) == 0) {
-    for (int c = 0; c < n; c += 4) {
-      atomicAdd(reinterpret_cast<float4*>(dst + c), make_float4(v[c], v[c + 1], v[c + 2], v[c + 3]));
+  if ((N & 3) == 0 && (n & 3) == 0) {
+#pragma unroll
+    for (int c = 0; c < N; c += 4) {
+      if (c < n) {
+        atomicAdd(reinterpret_cast<float4*>(dst + c), make_float4(v[c], v[c + 1], v[c + 2], v[c + 3]));
+      }
     }
     return;
   }
 #endif
-  for (int c = 0; c < n; ++c) atomicAdd(dst + c, v[c]);
+#pragma unroll
+  for (int c = 0; c < N; ++c) {
+    if (c < n) atomicAdd(dst + c, v[c]);
+  }
 }
+
+// Where the prefix pass leaves the rows for the last-core pass (segmented backward, see
+// embedding_bag_cuda_two_factor_last_core.cuh); rowbuf == nullptr: dG_last by atomics here.
+struct RowHandoff {
+  float* rowbuf;   // [n, stride]: summed row gradient at the sorted position of the row's start
+  int stride;      // max D of the call
+  int32_t* key2;   // (table << sbits | s) at row starts, `sentinel` elsewhere
+  int32_t* pos2;   // sorted position (the second sort's values)
+  int sbits, sentinel;
+};
 
 // One warp per chunk of kChunk sorted lookups; lane <-> ranks r = lane + 32 i (i < RPL). Sorted
 // order puts the lookups of a row next to each other (row keys; prefix keys when the tables have
 // 2^31 rows or more) and the rows of a prefix next to each other. A row's weighted dY is summed
 // over its lookups first (registers, lane <-> columns), then contracted once:
-//   dP[a] += gsum G_last[s]^T (registers until the prefix changes), dG_last[s] += P[a]^T gsum.
+//   dP[a] += gsum G_last[s]^T (registers until the prefix changes), dG_last[s] += P[a]^T gsum
+// (the latter here by atomics, or, with a RowHandoff, by the last-core pass over rows sorted by s).
 template <typename index_t, int RPL, int QM, int QLM>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __restrict__ svals,
             const int32_t* __restrict__ bag_of, const index_t* __restrict__ idx,
             const int64_t* __restrict__ off, const float* __restrict__ w,
-            const float* __restrict__ dy, int64_t n, float* __restrict__ wgrad) {
+            const float* __restrict__ dy, int64_t n, float* __restrict__ wgrad,
+            const RowHandoff H) {
   constexpr int kDPL = (QM * QLM + 31) / 32;  // columns of the row sum per lane (D <= QM * QLM)
   __shared__ __align__(16) float gbuf[kWarpsPerBlock][kMaxD];
   const int lane = threadIdx.x & 31;
@@ -584,7 +608,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
     const int64_t begin = chunk * kChunk;
     const int64_t end = min(begin + kChunk, n);
     int cur_t = -1;
-    int64_t cur_a = -1, cur_v = -1, cur_s = 0;
+    int64_t cur_a = -1, cur_v = -1, cur_s = 0, cur_pos = 0;
     const Table* T = nullptr;
     float dPacc[RPL][QM], Preg[RPL][QM], gl[RPL][QLM], gsum[kDPL];
 #pragma unroll
@@ -594,7 +618,10 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
       __syncwarp();
 #pragma unroll
       for (int k = 0; k < kDPL; ++k) {
-        if (lane + 32 * k < T->D) gs[lane + 32 * k] = gsum[k];
+        if (lane + 32 * k < T->D) {
+          gs[lane + 32 * k] = gsum[k];
+          if (H.rowbuf != nullptr) H.rowbuf[cur_pos * H.stride + lane + 32 * k] = gsum[k];
+        }
         gsum[k] = 0.f;
       }
       __syncwarp();
@@ -632,7 +659,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
             dPacc[i][m] += dp;
           }
         }
-        atomic_add_n(T->dG + (cur_s * R + r) * ql, h, ql);
+        if (H.rowbuf == nullptr) atomic_add_regs<QLM>(T->dG + (cur_s * R + r) * ql, h, ql);
       }
     };
     auto flush_prefix = [&]() {
@@ -681,6 +708,12 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
     const bool new_prefix = valid && (lane == 0 || my_t != prev_t || my_a != prev_a);
     const unsigned row_mask = __ballot_sync(0xffffffffu, new_row);
     const unsigned prefix_mask = __ballot_sync(0xffffffffu, new_prefix);
+    if (H.rowbuf != nullptr && lane < cnt) {  // the last-core pass's sort input, every position
+      H.key2[begin + lane] =
+          new_row ? (my_t << H.sbits) | static_cast<int32_t>(my_v - my_a * P.tables[my_t].pl)
+                  : H.sentinel;
+      H.pos2[begin + lane] = static_cast<int32_t>(begin + lane);
+    }
     auto load_P = [&](int src_lane, float (&dst)[RPL][QM]) {
       const int st = __shfl_sync(0xffffffffu, my_t, src_lane);
       const int64_t sa = __shfl_sync(0xffffffffu, my_a, src_lane);
@@ -759,6 +792,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         cur_t = t;
         cur_v = v;
         cur_s = v - cur_a * T->pl;
+        cur_pos = begin + i;
         load_G(i, gl);
       }
 #pragma unroll
@@ -797,7 +831,24 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
   }
 }
 
+#include "embedding_bag_cuda_two_factor_last_core.cuh"
+
 // ---- dispatch --------------------------------------------------------------------------------
+
+// Whether dG_last goes through the last-core pass. It pays a second sort and a second read of the
+// rows to replace R * q_last atomics per distinct row by a flush per slice, so it is taken when
+// the call has many lookups per last-core slice (Kaggle-7 at B=65,536: ~11 distinct rows per
+// slice; at B=8,192: ~2.5). TORCHREC_TT_BWD_SEGMENTED: "0" never (atomics, the v5 backward),
+// "1" always, unset: when lookups >= kSegmentedLookupsPerSlice x the call's last-core slices.
+constexpr int64_t kSegmentedLookupsPerSlice = 8;
+inline bool segmented_backward(const BatchInfo& info, int64_t n) {
+  const char* e = std::getenv("TORCHREC_TT_BWD_SEGMENTED");
+  if (e != nullptr && std::string(e) == "0") return false;
+  if (e != nullptr && std::string(e) == "1") return true;
+  int64_t slices = 0;
+  for (const auto& t : info.tables) slices += t.p[t.K - 1];
+  return n >= kSegmentedLookupsPerSlice * slices;
+}
 
 template <typename index_t>
 void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, const int64_t* off,
@@ -860,17 +911,25 @@ void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, 
   TORCH_INTERNAL_ASSERT(false, "two-factor forward: no kernel for units ", upl, " q_last ", qlm);
 }
 
+// Pass 1 (grad_kernel) when last_core is false, pass 2 (last_core_grad_kernel over the rows
+// sorted by (table, s): skey2 / spos2) when it is true; the same template arguments.
 template <typename index_t>
 void launch_grad(const Params& P, const BatchInfo& info, const int32_t* skeys, const int32_t* svals,
                  const int32_t* bag_of, const index_t* idx, const int64_t* off, const float* w,
-                 const float* dy, int64_t n, float* wgrad, cudaStream_t stream) {
+                 const float* dy, int64_t n, float* wgrad, const RowHandoff& H, bool last_core,
+                 const int32_t* skey2, const int32_t* spos2, cudaStream_t stream) {
   const KernelConfig kc = kernel_config(info);
   const int rpl = kc.rpl, qm = kc.qm, qlm = kc.qlm;
   const int grid = grid_for((n + kChunk - 1) / kChunk * 32, kWarpsPerBlock * 32);
 #define TT_TWO_FACTOR_GRAD(RP, QMAX, QL)                                                       \
   if (rpl == RP && qm == QMAX && qlm == QL) {                                                  \
-    grad_kernel<index_t, RP, QMAX, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(              \
-        P, skeys, svals, bag_of, idx, off, w, dy, n, wgrad);                                   \
+    if (last_core) {                                                                           \
+      last_core_grad_kernel<index_t, RP, QMAX, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(  \
+          P, skey2, spos2, svals, idx, H.rowbuf, H.stride, H.sbits, H.sentinel, n);            \
+    } else {                                                                                   \
+      grad_kernel<index_t, RP, QMAX, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(            \
+          P, skeys, svals, bag_of, idx, off, w, dy, n, wgrad, H);                              \
+    }                                                                                          \
     C10_CUDA_KERNEL_LAUNCH_CHECK();                                                            \
     return;                                                                                    \
   }
@@ -978,11 +1037,51 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor> backward(
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
         temp.data_ptr(), temp_bytes, keys.data_ptr<int32_t>(), skeys.data_ptr<int32_t>(),
         vals.data_ptr<int32_t>(), svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
+    // Segmented backward: grad_kernel hands each row's summed gradient over, keyed by
+    // (table, s); sorted by that key, last_core_grad_kernel sums the rows of a slice first.
+    int max_pl = 1, max_d = 1;
+    for (const auto& t : info.tables) {
+      max_pl = std::max(max_pl, static_cast<int>(t.p[t.K - 1]));
+      max_d = std::max(max_d, static_cast<int>(t.D));
+    }
+    const int sbits = key_bits(max_pl - 1);
+    const int tables = static_cast<int>(info.tables.size());
+    const bool segmented = n > 0 && sbits + key_bits(tables) <= 30 && segmented_backward(info, n);
+    RowHandoff H{nullptr, max_d, nullptr, nullptr, sbits, tables << sbits};
+    at::Tensor rowbuf, key2, pos2, skey2, spos2;
+    if (segmented) {
+      rowbuf = at::empty({n, max_d}, grad_output.options());
+      key2 = at::empty({n}, iopts), pos2 = at::empty({n}, iopts);
+      skey2 = at::empty({n}, iopts), spos2 = at::empty({n}, iopts);
+      H.rowbuf = rowbuf.data_ptr<float>();
+      H.key2 = key2.data_ptr<int32_t>();
+      H.pos2 = pos2.data_ptr<int32_t>();
+    }
+    const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+    float* wg = per_sample_weights_grad ? wgrad.data_ptr<float>() : nullptr;
     launch_grad<index_t>(P, info, skeys.data_ptr<int32_t>(), svals.data_ptr<int32_t>(),
                          bag_of.data_ptr<int32_t>(), idx.data_ptr<index_t>(),
-                         off.data_ptr<int64_t>(), w.defined() ? w.data_ptr<float>() : nullptr,
-                         dy.data_ptr<float>(), n,
-                         per_sample_weights_grad ? wgrad.data_ptr<float>() : nullptr, stream);
+                         off.data_ptr<int64_t>(), wp, dy.data_ptr<float>(), n, wg, H, false,
+                         nullptr, nullptr, stream);
+    if (segmented) {
+      const int bits2 = key_bits(H.sentinel);
+      size_t temp2 = 0;
+      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+          nullptr, temp2, key2.data_ptr<int32_t>(), skey2.data_ptr<int32_t>(),
+          pos2.data_ptr<int32_t>(), spos2.data_ptr<int32_t>(), static_cast<int>(n), 0, bits2,
+          stream));
+      if (temp2 > temp_bytes) {
+        temp = at::empty({static_cast<int64_t>(temp2)}, indices.options().dtype(at::kByte));
+      }
+      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+          temp.data_ptr(), temp2, key2.data_ptr<int32_t>(), skey2.data_ptr<int32_t>(),
+          pos2.data_ptr<int32_t>(), spos2.data_ptr<int32_t>(), static_cast<int>(n), 0, bits2,
+          stream));
+      launch_grad<index_t>(P, info, skeys.data_ptr<int32_t>(), svals.data_ptr<int32_t>(),
+                           bag_of.data_ptr<int32_t>(), idx.data_ptr<index_t>(),
+                           off.data_ptr<int64_t>(), wp, dy.data_ptr<float>(), n, wg, H, true,
+                           skey2.data_ptr<int32_t>(), spos2.data_ptr<int32_t>(), stream);
+    }
   });
   for (size_t ti = 0; ti < info.tables.size(); ++ti) {
     const TableInfo& t = info.tables[ti];

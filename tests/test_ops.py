@@ -397,15 +397,18 @@ def _layout_shapes(layout: TTBatchLayout) -> list[TTShape]:
 def _check_two_factor(prob, monkeypatch, weighted: bool,  # type: ignore[no-untyped-def]
                       precision: ComputePrecision = ComputePrecision.TF32) -> None:
     """The two-factor kernels (the rank-layout forward where the shapes fit it, with the default
-    lanes per bag and with one bag per warp; the unit layout, TORCHREC_TT_RANK_LAYOUT=0) and the older kernels (TORCHREC_TT_TWO_FACTOR=0)
-    on the same call against float64: output, core gradients and (``weighted``) weight gradients."""
+    lanes per bag and with one bag per warp; the unit layout, TORCHREC_TT_RANK_LAYOUT=0; the
+    backward's default choice, and dG_last through the last-core pass, TORCHREC_TT_BWD_SEGMENTED=1)
+    and the older kernels (TORCHREC_TT_TWO_FACTOR=0) on the same call against float64: output,
+    core gradients and (``weighted``) weight gradients."""
     opts = TTKernelOptions(compute_precision=precision)
     gpu = _to(prob, "cuda")
     results = []
-    # The default choice, one bag per warp, the unit layout, the older kernels.
-    switches = ("TORCHREC_TT_TWO_FACTOR", "TORCHREC_TT_RANK_LAYOUT", "TORCHREC_TT_FWD_LANES_PER_BAG")
+    # The default choice, one bag per warp, the unit layout, the segmented backward, the older kernels.
+    switches = ("TORCHREC_TT_TWO_FACTOR", "TORCHREC_TT_RANK_LAYOUT", "TORCHREC_TT_FWD_LANES_PER_BAG",
+                "TORCHREC_TT_BWD_SEGMENTED")
     modes = ({}, {"TORCHREC_TT_FWD_LANES_PER_BAG": "32"}, {"TORCHREC_TT_RANK_LAYOUT": "0"},
-             {"TORCHREC_TT_TWO_FACTOR": "0"})
+             {"TORCHREC_TT_BWD_SEGMENTED": "1"}, {"TORCHREC_TT_TWO_FACTOR": "0"})
     for mode in modes:
         for key in switches:
             if key in mode:
@@ -432,7 +435,7 @@ def _check_two_factor(prob, monkeypatch, weighted: bool,  # type: ignore[no-unty
     fp32 = precision == ComputePrecision.FP32
     deep = max(prob.layout.num_cores) > 2
     two_factor_tol = 3e-3 if deep and not fp32 else 1e-4
-    tols = (two_factor_tol,) * 3 + (1e-4 if fp32 else 3e-3,)
+    tols = (two_factor_tol,) * 4 + (1e-4 if fp32 else 3e-3,)
     for (out, grads), tol in zip(results, tols):
         if ref.norm() > 0:
             _assert_rel_close(out, ref, tol=tol)
