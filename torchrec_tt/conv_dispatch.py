@@ -1,0 +1,296 @@
+"""Which implementation runs a :class:`~torchrec_tt.TTConv2d` call: the fused op or the composition.
+
+A TT convolution can run two ways that compute the same thing (up to rounding):
+
+* ``"fused"``: the op ``torchrec_tt::tt_conv2d`` (:func:`torchrec_tt.tt_conv2d`): one fused
+  kernel per call on CUDA; its backward is ``torchrec_tt::tt_conv2d_backward``, which saves only
+  the input and recomputes the rank intermediates.
+* ``"composed"``: three ``F.conv2d`` calls (1×1 C→r1, KH×KW r1→r2, 1×1 r2→K) through autograd
+  (:func:`torchrec_tt.conv_ops.tt_conv2d_composed`), so cuDNN (or oneDNN on CPU) runs forward and
+  backward, with bf16/fp16 tensor cores in the backward; autograd saves the input and the two
+  rank intermediates ``t1 [N, r1, H, W]`` and ``t2 [N, r2, Ho, Wo]`` (``r1/C`` and ``r2/K`` of
+  the activation sizes) instead of recomputing them.
+
+The choice, per call, in this order:
+
+1. ``TTConv2d(..., path="fused"|"composed")``: the module's own setting;
+2. :data:`settings` ``.path`` (``"fused"``/``"composed"``; initially from the environment
+   variable ``TORCHREC_TT_CONV_PATH=auto|fused|composed``, ``auto`` when unset);
+3. with ``settings.benchmark`` on (initially ``TORCHREC_TT_CONV_BENCHMARK=1``; off by default,
+   like ``torch.backends.cudnn.benchmark``): a **measured plan** per key, i.e. the first call with
+   a new (device, dtype, TF32 setting, forward-only or training, layer geometry, input shape and
+   memory format) times both paths (forward, or forward + backward when autograd records the
+   call) on copies of the call's tensors and caches the faster one in :func:`plans`;
+4. otherwise the **default**: ``"composed"`` on CUDA for training and inference (measured faster
+   than the fused op at rank 32 on every WRN-28-10 stage, docs/benchmarks.md "TT convolution",
+   issue 19), ``"composed"`` on CPU (measured in docs/benchmarks.md "Dispatch (issue 19)"), and
+   ``"composed"`` on every other device (the fused op has CPU and CUDA kernels only).
+
+Measuring never happens while a CUDA graph is being captured, under ``torch.compile`` /
+``torch.export`` tracing or ``torch.jit.trace``; there a cached plan is used when one exists (under
+tracing, one that agrees for every input shape measured for the layer), else the default. Under
+``torch.compile`` the choice is a Python constant of the traced graph, so the dispatch adds no
+graph break and no guard on the plan cache. Timing uses CUDA events on CUDA and
+``time.perf_counter`` elsewhere.
+
+Example::
+
+    import torchrec_tt.conv_dispatch as conv_dispatch
+    conv_dispatch.settings.benchmark = True          # measure each new shape once
+    with conv_dispatch.flags(path="fused"):          # force a path for a region
+        y = conv(x)
+    conv_dispatch.plans()                            # {ConvPlanKey: ConvPlan(path, fused_ms, composed_ms)}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "PATHS",
+    "ConvPlan",
+    "ConvPlanKey",
+    "check_conv_path",
+    "clear_plans",
+    "default_path",
+    "flags",
+    "plans",
+    "settings",
+]
+
+PATHS: tuple[str, ...] = ("auto", "fused", "composed")
+ENV_PATH = "TORCHREC_TT_CONV_PATH"
+ENV_BENCHMARK = "TORCHREC_TT_CONV_BENCHMARK"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def check_conv_path(path: object, name: str = "path", where: str = "") -> str:
+    """``path`` if it is one of :data:`PATHS`; else ``TypeError`` (not a string) or ``ValueError``
+    naming ``name`` (prefixed by ``where``), the value and the allowed values."""
+    pre = f"{where}: " if where else ""
+    if not isinstance(path, str):
+        raise TypeError(
+            f"{pre}{name} must be one of {', '.join(map(repr, PATHS))}, got {path!r} "
+            f"({type(path).__name__})"
+        )
+    if path not in PATHS:
+        raise ValueError(f"{pre}{name} must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
+    return path
+
+
+class ConvDispatchSettings:
+    """Process-wide settings of the dispatch (the module-level :data:`settings`).
+
+    ``path``: ``"auto"`` (measured plan or default), ``"fused"`` or ``"composed"``; a module's own
+    ``path`` other than ``"auto"`` wins. ``benchmark``: measure each new key once (``auto`` only).
+    Assigning ``None`` returns a setting to its environment variable's value.
+    """
+
+    def __init__(self) -> None:
+        self._path: str | None = None
+        self._benchmark: bool | None = None
+
+    @property
+    def path(self) -> str:
+        if self._path is not None:
+            return self._path
+        env = os.environ.get(ENV_PATH, "").strip()
+        return check_conv_path(env, name=f"${ENV_PATH}") if env else "auto"
+
+    @path.setter
+    def path(self, value: str | None) -> None:
+        self._path = None if value is None else check_conv_path(
+            value, name="torchrec_tt.conv_dispatch.settings.path"
+        )
+
+    @property
+    def benchmark(self) -> bool:
+        if self._benchmark is not None:
+            return self._benchmark
+        env = os.environ.get(ENV_BENCHMARK, "").strip().lower()
+        if env in _TRUE:
+            return True
+        if env in _FALSE:
+            return False
+        raise ValueError(
+            f"${ENV_BENCHMARK} must be one of 1/true/yes/on or 0/false/no/off (or unset), "
+            f"got {os.environ[ENV_BENCHMARK]!r}"
+        )
+
+    @benchmark.setter
+    def benchmark(self, value: bool | None) -> None:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(
+                "torchrec_tt.conv_dispatch.settings.benchmark must be a bool or None, got "
+                f"{value!r} ({type(value).__name__})"
+            )
+        self._benchmark = value
+
+    def __repr__(self) -> str:
+        return f"ConvDispatchSettings(path={self.path!r}, benchmark={self.benchmark})"
+
+
+settings = ConvDispatchSettings()
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def flags(*, path: object = _UNSET, benchmark: object = _UNSET) -> Iterator[ConvDispatchSettings]:
+    """Sets :data:`settings` ``path`` and/or ``benchmark`` for a ``with`` block (validated before
+    anything changes) and restores the previous values on exit."""
+    old = (settings._path, settings._benchmark)
+    new_path, new_bench = old
+    if path is not _UNSET:
+        new_path = None if path is None else check_conv_path(path, name="path", where="conv_dispatch.flags")
+    if benchmark is not _UNSET:
+        if benchmark is not None and not isinstance(benchmark, bool):
+            raise TypeError(
+                f"conv_dispatch.flags: benchmark must be a bool or None, got {benchmark!r} "
+                f"({type(benchmark).__name__})"
+            )
+        new_bench = benchmark  # type: ignore[assignment]
+    settings._path, settings._benchmark = new_path, new_bench
+    try:
+        yield settings
+    finally:
+        settings._path, settings._benchmark = old
+
+
+class ConvPlanKey(NamedTuple):
+    """What a measured plan is cached under."""
+
+    device: str          # "cuda:0", "cpu", ...
+    dtype: str           # the dtype the layer runs in (the autocast dtype under autocast)
+    tf32: bool           # torch.backends.cudnn.allow_tf32 (decides the fused fp32 CUDA kernel)
+    train: bool          # autograd records the call (forward + backward timed)
+    geometry: tuple      # (C, K, r1, r2, KH, KW, stride, padding, dilation, bias)
+    shape: tuple         # (N, H, W, channels_last)
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """A measured choice: the faster path and both median times in milliseconds."""
+
+    path: str
+    fused_ms: float
+    composed_ms: float
+
+
+_PLANS: dict[ConvPlanKey, ConvPlan] = {}
+
+
+def plans() -> dict[ConvPlanKey, ConvPlan]:
+    """A copy of the measured plans (empty until a call measures one)."""
+    return dict(_PLANS)
+
+
+def clear_plans() -> None:
+    """Forgets every measured plan (the next call of each key measures again)."""
+    _PLANS.clear()
+
+
+def default_path(device_type: str, train: bool) -> str:
+    """The path taken without a measured plan (the rule in this module's docstring).
+
+    CUDA: the composition, for training (cuDNN's bf16 tensor-core backward, saved rank
+    intermediates) and for inference (three cuDNN convolutions were 1.1–1.6× faster than the
+    fused kernel at rank 32 on all three WRN-28-10 stages, tf32 and bf16, on an H200). CPU: the
+    composition too (the fused op is itself a composition of ATen convolutions on CPU, and its
+    backward recomputes the rank intermediates). Other devices have no fused kernel.
+    """
+    # Kept a function of (device, train): the measurements give one answer today, a faster fused
+    # kernel (issue 19, item 2) would change it per case.
+    return "composed"
+
+
+def _static_settings_path(module_path: str) -> str:
+    return module_path if module_path != "auto" else settings.path
+
+
+def tf32_enabled() -> bool:
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def choose(
+    module_path: str,
+    key: ConvPlanKey,
+    measure: Callable[[], ConvPlan] | None,
+) -> str:
+    """The path of an eager call (``measure`` is None where timing is not allowed, e.g. during
+    CUDA-graph capture); measures and caches a plan when benchmarking is on and none exists."""
+    requested = _static_settings_path(module_path)
+    if requested != "auto":
+        return requested
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan.path
+    if measure is not None and settings.benchmark:
+        plan = measure()
+        _PLANS[key] = plan
+        return plan.path
+    return default_path(key.device.split(":")[0], key.train)
+
+
+@torch.compiler.assume_constant_result
+def choose_traced(
+    module_path: str, device: str, dtype: str, train: bool, geometry: tuple
+) -> str:
+    """The path under ``torch.compile`` / ``torch.export`` tracing, evaluated once at trace time
+    and kept as a constant of the graph. The input's batch and spatial sizes may be symbolic
+    there, so a measured plan is used only if the plans measured for this layer agree for every
+    input shape; otherwise the default."""
+    requested = _static_settings_path(module_path)
+    if requested != "auto":
+        return requested
+    tf32 = tf32_enabled()
+    found = {
+        p.path for k, p in _PLANS.items()
+        if (k.device, k.dtype, k.tf32, k.train, k.geometry) == (device, dtype, tf32, train, geometry)
+    }
+    if len(found) == 1:
+        return found.pop()
+    return default_path(device.split(":")[0], train)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
+    """Median milliseconds of ``fn()``: CUDA events on the current stream on CUDA (which include
+    any GPU idle time from host launch cost, as a real eager call does), else wall clock."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+            for s, e in zip(starts, ends):
+                s.record()
+                fn()
+                e.record()
+            ends[-1].synchronize()
+            return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_plan(
+    run: Callable[[str], Callable[[], object]], device: torch.device
+) -> ConvPlan:
+    """Times ``run("fused")()`` and ``run("composed")()`` (CUDA: 3 warm-up and 10 timed calls
+    each; elsewhere 1 and 3) and returns the faster as a :class:`ConvPlan`."""
+    warmup, iters = (3, 10) if device.type == "cuda" else (1, 3)
+    ms = {p: time_ms(run(p), device, warmup, iters) for p in ("fused", "composed")}
+    best = "fused" if ms["fused"] < ms["composed"] else "composed"
+    return ConvPlan(best, ms["fused"], ms["composed"])
