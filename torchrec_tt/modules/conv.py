@@ -347,6 +347,13 @@ class TTConv2d(nn.Module):
         return (self.in_channels, self.out_channels, *self.ranks, *self.kernel_size, self.stride,
                 padding, self.dilation, self.bias is not None)
 
+    def plans(self) -> dict[conv_dispatch.ConvPlanKey, conv_dispatch.ConvPlan]:
+        """The measured plans (:func:`torchrec_tt.conv_dispatch.plans`) that apply to this layer:
+        those of its geometry, for every device, dtype and input shape measured so far."""
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)
+        geometry = self._geometry(padding)
+        return {k: v for k, v in conv_dispatch.plans().items() if k.geometry == geometry}
+
     def _choose_path(
         self, x: Tensor, cores: tuple[Tensor, Tensor, Tensor], bias: Tensor | None,
         padding: tuple[int, int],
