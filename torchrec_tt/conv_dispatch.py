@@ -21,17 +21,19 @@ The choice, per call, in this order:
    a new (device, dtype, TF32 setting, forward-only or training, layer geometry, input shape and
    memory format) times both paths (forward, or forward + backward when autograd records the
    call) on copies of the call's tensors and caches the faster one in :func:`plans`;
-4. otherwise the **default**: ``"composed"`` on CUDA for training and inference (measured faster
-   than the fused op at rank 32 on every WRN-28-10 stage, docs/benchmarks.md "TT convolution",
-   issue 19), ``"composed"`` on CPU (measured in docs/benchmarks.md "Dispatch (issue 19)"), and
-   ``"composed"`` on every other device (the fused op has CPU and CUDA kernels only).
+4. otherwise the **default**: ``"composed"`` on CUDA for training and inference (faster than the
+   fused op at rank 32 on the WRN-28-10 stages, issue 19's H200 table; within 4% the other way
+   for the bf16 training step at 160@32²), on CPU (the fused op is a composition of ATen
+   convolutions there whose backward recomputes t1/t2: forward level, training step 1.17–1.38×
+   slower, docs/benchmarks.md "Dispatch (issue 19)"), and on every other device (the fused op
+   has CPU and CUDA kernels only).
 
 Measuring never happens while a CUDA graph is being captured, under ``torch.compile`` /
 ``torch.export`` tracing or ``torch.jit.trace``; there a cached plan is used when one exists (under
 tracing, one that agrees for every input shape measured for the layer), else the default. Under
 ``torch.compile`` the choice is a Python constant of the traced graph, so the dispatch adds no
-graph break and no guard on the plan cache. Timing uses CUDA events on CUDA and
-``time.perf_counter`` elsewhere.
+graph break and no guard on the plan cache. Timing uses CUDA events on CUDA (median of 10) and
+``time.perf_counter`` elsewhere (minimum of 3), the two paths interleaved.
 
 Example::
 
@@ -206,7 +208,8 @@ def default_path(device_type: str, train: bool) -> str:
     intermediates) and for inference (three cuDNN convolutions were 1.1–1.6× faster than the
     fused kernel at rank 32 on all three WRN-28-10 stages, tf32 and bf16, on an H200). CPU: the
     composition too (the fused op is itself a composition of ATen convolutions on CPU, and its
-    backward recomputes the rank intermediates). Other devices have no fused kernel.
+    backward recomputes the rank intermediates). Other devices have no fused kernel. With
+    benchmarking off this is what runs, so it must never be the clearly slower path.
     """
     # Kept a function of (device, train): the measurements give one answer today, a faster fused
     # kernel (issue 19, item 2) would change it per case.
@@ -263,34 +266,49 @@ def choose_traced(
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on the current stream on CUDA (which include
-    any GPU idle time from host launch cost, as a real eager call does), else wall clock."""
-    for _ in range(warmup):
-        fn()
+    """Median milliseconds of ``fn()`` (see :func:`time_calls`)."""
+    return statistics.median(time_calls({"fn": fn}, device, warmup, iters)["fn"])
+
+
+def time_calls(
+    fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, iters: int
+) -> dict[str, list[float]]:
+    """Milliseconds of ``iters`` calls of each function, interleaved (one call of each in turn,
+    so a change in the machine's load hits all alike), after ``warmup`` calls each. CUDA: events
+    on the current stream around each call and one synchronisation at the end (the times include
+    GPU idle time from host launch cost, as a real eager call does); elsewhere wall clock."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     if device.type == "cuda":
         with torch.cuda.device(device):
-            starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-            ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-            for s, e in zip(starts, ends):
-                s.record()
-                fn()
-                e.record()
-            ends[-1].synchronize()
-            return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-    times = []
+            events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {k: [] for k in fns}
+            for _ in range(iters):
+                for k, fn in fns.items():
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    fn()
+                    e.record()
+                    events[k].append((s, e))
+            torch.cuda.synchronize(device)
+            return {k: [s.elapsed_time(e) for s, e in v] for k, v in events.items()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def measure_plan(
     run: Callable[[str], Callable[[], object]], device: torch.device
 ) -> ConvPlan:
-    """Times ``run("fused")()`` and ``run("composed")()`` (CUDA: 3 warm-up and 10 timed calls
-    each; elsewhere 1 and 3) and returns the faster as a :class:`ConvPlan`."""
-    warmup, iters = (3, 10) if device.type == "cuda" else (1, 3)
-    ms = {p: time_ms(run(p), device, warmup, iters) for p in ("fused", "composed")}
-    best = "fused" if ms["fused"] < ms["composed"] else "composed"
-    return ConvPlan(best, ms["fused"], ms["composed"])
+    """Times ``run("fused")()`` against ``run("composed")()`` and returns the faster as a
+    :class:`ConvPlan`. CUDA: 3 warm-up and 10 timed calls each, the median; elsewhere 1 and 3,
+    the minimum (the least disturbed by other processes on a shared CPU)."""
+    cuda = device.type == "cuda"
+    ms = time_calls({p: run(p) for p in ("fused", "composed")}, device, *((3, 10) if cuda else (1, 3)))
+    reduce = statistics.median if cuda else min
+    fused, composed = reduce(ms["fused"]), reduce(ms["composed"])
+    return ConvPlan("fused" if fused < composed else "composed", fused, composed)
