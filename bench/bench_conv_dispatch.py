@@ -23,21 +23,6 @@ import torchrec_tt  # noqa: F401  (registers the ops)
 from torchrec_tt import TTConv2d, conv_dispatch
 
 
-def cpu_times(fns, warmup: int, iters: int) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
-    """As conv_dispatch.time_calls, with this process's CPU time (time.process_time) instead of
-    wall clock: insensitive to other processes on a shared machine (use with --threads 1)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {p: [] for p in fns}
-    for _ in range(iters):
-        for p, fn in fns.items():
-            t0 = time.process_time()
-            fn()
-            times[p].append((time.process_time() - t0) * 1e3)
-    return times
-
-
 def bench_one(c: int, hw: int, rank: int, dtype: torch.dtype, batch: int, device: torch.device,
               warmup: int, iters: int, clock: str) -> dict:
     g = torch.Generator().manual_seed(c + rank)
@@ -70,10 +55,10 @@ def bench_one(c: int, hw: int, rank: int, dtype: torch.dtype, batch: int, device
 
         for kind, make in (("fwd", fwd), ("step", step)):
             fns = {p: make(m) for p, m in mods.items()}
-            if clock == "cpu" and device.type == "cpu":
-                times = cpu_times(fns, warmup, iters)
-            else:
-                times = conv_dispatch.time_calls(fns, device, warmup, iters)
+            # --clock cpu: this process's CPU time, insensitive to other processes on a shared
+            # machine (meaningful with --threads 1).
+            times = conv_dispatch.time_calls(
+                fns, device, warmup, iters, time.process_time if clock == "cpu" else time.perf_counter)
             for p, ts in times.items():
                 row[f"{p}_{kind}"] = statistics.median(ts)
                 row[f"{p}_{kind}_min"] = min(ts)
