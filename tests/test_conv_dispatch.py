@@ -203,11 +203,17 @@ def test_precedence_module_then_settings_then_plan(monkeypatch):
     with conv_dispatch.flags(path="composed"):
         auto(x)
     monkeypatch.setenv(conv_dispatch.ENV_PATH, "composed")
+    conv_dispatch.settings.path = None        # (re-)read the environment
     auto(x)
     monkeypatch.setenv(conv_dispatch.ENV_PATH, "fused")
+    conv_dispatch.settings.path = None
     forced(x)
     assert spy.calls[2:] == ["composed", "composed", "composed"]
+    assert conv_dispatch.settings.path == "fused"
     monkeypatch.delenv(conv_dispatch.ENV_PATH)
+    assert conv_dispatch.settings.path == "fused"  # read once, not on every call
+    conv_dispatch.settings.path = None
+    assert conv_dispatch.settings.path == "auto"
     auto.path = "composed"
     auto(x)
     assert spy.calls[-1] == "composed" and "path='composed'" in repr(auto)
@@ -237,10 +243,13 @@ def test_bad_path_values_are_rejected_with_names(monkeypatch):
     assert conv_dispatch.settings.path == "auto" and conv_dispatch.settings.benchmark is False
     x = torch.randn(1, 4, 5, 5)
     monkeypatch.setenv(conv_dispatch.ENV_PATH, "fast")
+    conv_dispatch.settings.path = None
     with pytest.raises(ValueError, match=r"\$TORCHREC_TT_CONV_PATH must be one of .*got 'fast'"):
         TTConv2d(4, 4, 3, ranks=2)(x)
     monkeypatch.delenv(conv_dispatch.ENV_PATH)
+    conv_dispatch.settings.path = None
     monkeypatch.setenv(conv_dispatch.ENV_BENCHMARK, "maybe")
+    conv_dispatch.settings.benchmark = None
     with pytest.raises(ValueError, match=r"\$TORCHREC_TT_CONV_BENCHMARK must be one of .*got 'maybe'"):
         TTConv2d(4, 4, 3, ranks=2)(x)
     with pytest.raises(ValueError, match=r"TTConv2d: path must be one of"):

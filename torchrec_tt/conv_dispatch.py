@@ -93,39 +93,47 @@ class ConvDispatchSettings:
 
     ``path``: ``"auto"`` (measured plan or default), ``"fused"`` or ``"composed"``; a module's own
     ``path`` other than ``"auto"`` wins. ``benchmark``: measure each new key once (``auto`` only).
-    Assigning ``None`` returns a setting to its environment variable's value.
+    Assigning ``None`` returns a setting to its environment variable's value (the variables are
+    read when first needed and again after such an assignment, not on every call).
     """
 
     def __init__(self) -> None:
         self._path: str | None = None
         self._benchmark: bool | None = None
+        # The environment variables, parsed when first needed (not on every call) and again
+        # after a setting is assigned None.
+        self._env_path: str | None = None
+        self._env_benchmark: bool | None = None
 
     @property
     def path(self) -> str:
         if self._path is not None:
             return self._path
-        env = os.environ.get(ENV_PATH, "").strip()
-        return check_conv_path(env, name=f"${ENV_PATH}") if env else "auto"
+        if self._env_path is None:
+            env = os.environ.get(ENV_PATH, "").strip()
+            self._env_path = check_conv_path(env, name=f"${ENV_PATH}") if env else "auto"
+        return self._env_path
 
     @path.setter
     def path(self, value: str | None) -> None:
         self._path = None if value is None else check_conv_path(
             value, name="torchrec_tt.conv_dispatch.settings.path"
         )
+        self._env_path = None
 
     @property
     def benchmark(self) -> bool:
         if self._benchmark is not None:
             return self._benchmark
-        env = os.environ.get(ENV_BENCHMARK, "").strip().lower()
-        if env in _TRUE:
-            return True
-        if env in _FALSE:
-            return False
-        raise ValueError(
-            f"${ENV_BENCHMARK} must be one of 1/true/yes/on or 0/false/no/off (or unset), "
-            f"got {os.environ[ENV_BENCHMARK]!r}"
-        )
+        if self._env_benchmark is None:
+            env = os.environ.get(ENV_BENCHMARK, "").strip().lower()
+            if env not in _TRUE and env not in _FALSE:
+                raise ValueError(
+                    f"${ENV_BENCHMARK} must be one of 1/true/yes/on or 0/false/no/off (or unset), "
+                    f"got {os.environ[ENV_BENCHMARK]!r}"
+                )
+            self._env_benchmark = env in _TRUE
+        return self._env_benchmark
 
     @benchmark.setter
     def benchmark(self, value: bool | None) -> None:
@@ -135,6 +143,7 @@ class ConvDispatchSettings:
                 f"{value!r} ({type(value).__name__})"
             )
         self._benchmark = value
+        self._env_benchmark = None
 
     def __repr__(self) -> str:
         return f"ConvDispatchSettings(path={self.path!r}, benchmark={self.benchmark})"
@@ -162,10 +171,12 @@ def flags(*, path: object = _UNSET, benchmark: object = _UNSET) -> Iterator[Conv
             )
         new_bench = benchmark  # type: ignore[assignment]
     settings._path, settings._benchmark = new_path, new_bench
+    settings._env_path = settings._env_benchmark = None
     try:
         yield settings
     finally:
         settings._path, settings._benchmark = old
+        settings._env_path = settings._env_benchmark = None
 
 
 class ConvPlanKey(NamedTuple):
@@ -216,7 +227,8 @@ def default_path(device_type: str, train: bool) -> str:
     return "composed"
 
 
-def _static_settings_path(module_path: str) -> str:
+def requested_path(module_path: str) -> str:
+    """The module's path unless it is ``"auto"``, else :data:`settings` ``.path``."""
     return module_path if module_path != "auto" else settings.path
 
 
@@ -224,16 +236,16 @@ def tf32_enabled() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def choose(
-    module_path: str,
-    key: ConvPlanKey,
+def choose_auto(
+    device: torch.device, train: bool, make_key: Callable[[], ConvPlanKey],
     measure: Callable[[], ConvPlan] | None,
 ) -> str:
-    """The path of an eager call (``measure`` is None where timing is not allowed, e.g. during
-    CUDA-graph capture); measures and caches a plan when benchmarking is on and none exists."""
-    requested = _static_settings_path(module_path)
-    if requested != "auto":
-        return requested
+    """The path of an eager ``"auto"`` call: its measured plan, measured now when benchmarking is
+    on and there is none (``measure`` is None where timing is not allowed, e.g. during CUDA-graph
+    capture), else the default. ``make_key`` is called only when a plan could apply."""
+    if not _PLANS and not settings.benchmark:
+        return default_path(device.type, train)  # the common case, without building a key
+    key = make_key()
     plan = _PLANS.get(key)
     if plan is not None:
         return plan.path
@@ -241,7 +253,7 @@ def choose(
         plan = measure()
         _PLANS[key] = plan
         return plan.path
-    return default_path(key.device.split(":")[0], key.train)
+    return default_path(device.type, train)
 
 
 @torch.compiler.assume_constant_result
@@ -252,7 +264,7 @@ def choose_traced(
     and kept as a constant of the graph. The input's batch and spatial sizes may be symbolic
     there, so a measured plan is used only if the plans measured for this layer agree for every
     input shape; otherwise the default."""
-    requested = _static_settings_path(module_path)
+    requested = requested_path(module_path)
     if requested != "auto":
         return requested
     tf32 = tf32_enabled()

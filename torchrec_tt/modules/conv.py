@@ -318,21 +318,25 @@ class TTConv2d(nn.Module):
         cores, bias = (self.core0, self.core1, self.core2), self.bias
         # The op checks these itself; the composition would fail inside F.conv2d with a message
         # that names neither the layer nor the tensor.
-        check_same_device(
-            "TTConv2d",
-            [("input", x), ("core0", cores[0]), ("core1", cores[1]), ("core2", cores[2]), ("bias", bias)],
-        )
+        dev = x.device
+        if not (cores[0].device == dev and cores[1].device == dev and cores[2].device == dev
+                and (bias is None or bias.device == dev)):
+            check_same_device(
+                "TTConv2d",
+                [("input", x), ("core0", cores[0]), ("core1", cores[1]), ("core2", cores[2]),
+                 ("bias", bias)],
+            )
         padding = self.padding
         if self.padding_mode != "zeros" and padding != (0, 0):
             # Exact: the 1×1 first core commutes with any spatial padding of its input.
             ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = (0, 0)
-        dev = x.device.type
-        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        kind = dev.type
+        if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
             # Custom ops are not autocast-aware; run in the autocast dtype, as nn.Conv2d does
             # (both paths alike, so they agree).
-            dt = torch.get_autocast_dtype(dev)
+            dt = torch.get_autocast_dtype(kind)
             x = x.to(dt)
             cores = tuple(c.to(dt) for c in cores)  # type: ignore[assignment]
             bias = bias.to(dt) if bias is not None else None
@@ -359,19 +363,25 @@ class TTConv2d(nn.Module):
         padding: tuple[int, int],
     ) -> str:
         train = torch.is_grad_enabled() and (
-            x.requires_grad or any(t.requires_grad for t in cores)
-            or (bias is not None and bias.requires_grad)
+            x.requires_grad or cores[0].requires_grad or cores[1].requires_grad
+            or cores[2].requires_grad or (bias is not None and bias.requires_grad)
         )
         if torch.compiler.is_compiling():
             # A trace-time constant (no graph break, no guard on the plan cache).
             return conv_dispatch.choose_traced(
                 self._path, str(x.device), str(x.dtype), train, self._geometry(padding)
             )
-        key = conv_dispatch.ConvPlanKey(
-            str(x.device), str(x.dtype), conv_dispatch.tf32_enabled(), train,
-            self._geometry(padding),
-            (x.shape[0], x.shape[2], x.shape[3], _is_channels_last(x)),
-        )
+        requested = conv_dispatch.requested_path(self._path)
+        if requested != "auto":
+            return requested
+
+        def make_key() -> conv_dispatch.ConvPlanKey:
+            return conv_dispatch.ConvPlanKey(
+                str(x.device), str(x.dtype), conv_dispatch.tf32_enabled(), train,
+                self._geometry(padding),
+                (x.shape[0], x.shape[2], x.shape[3], _is_channels_last(x)),
+            )
+
         # No timing (and no synchronisation) while a CUDA graph is captured or a TorchScript
         # trace records: the cached plan or the default is used there.
         can_measure = not torch.jit.is_tracing() and not (
@@ -380,7 +390,7 @@ class TTConv2d(nn.Module):
         measure = (
             (lambda: self._measure(x, cores, bias, padding, train)) if can_measure else None
         )
-        return conv_dispatch.choose(self._path, key, measure)
+        return conv_dispatch.choose_auto(x.device, train, make_key, measure)
 
     def _measure(
         self, x: Tensor, cores: tuple[Tensor, Tensor, Tensor], bias: Tensor | None,
