@@ -389,3 +389,19 @@ def test_cuda_measured_plan_uses_events_and_graph_capture_measures_nothing():
         torch.cuda.synchronize()
         m.path = conv_dispatch.default_path("cuda", False)
         torch.testing.assert_close(yc, m(xc))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_measures_nothing_and_matches_eager(strict, monkeypatch):
+    conv_dispatch.settings.benchmark = True
+    monkeypatch.setattr(conv_dispatch, "measure_plan", lambda *a: pytest.fail("measured while exporting"))
+    model = _model().eval()
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), strict=strict,
+                                 dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
+        assert conv_dispatch.plans() == {}
+        with conv_dispatch.flags(benchmark=False):
+            for n in (2, 5):
+                xn = torch.randn(n, 8, 9, 9)
+                torch.testing.assert_close(ep.module()(xn), model(xn))
