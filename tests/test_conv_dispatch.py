@@ -261,6 +261,10 @@ def test_composed_path_names_the_tensor_on_the_wrong_device_or_dtype():
     with pytest.raises(RuntimeError, match="input is on cpu and core0 is on meta"):
         m(torch.randn(1, 4, 5, 5))
     assert m(torch.randn(1, 4, 5, 5, device="meta")).shape == (1, 4, 3, 3)
+    m.path = "auto"
+    with conv_dispatch.flags(benchmark=True):  # nothing to time on meta: the default, no plan
+        assert m(torch.randn(1, 4, 5, 5, device="meta")).shape == (1, 4, 3, 3)
+    assert conv_dispatch.plans() == {}
     m = TTConv2d(4, 4, 3, ranks=(2, 2), path="composed")
     with pytest.raises(RuntimeError, match=r"input is torch.float64 but the layer's parameters are torch.float32"):
         m(torch.randn(1, 4, 5, 5, dtype=torch.float64))

@@ -383,8 +383,9 @@ class TTConv2d(nn.Module):
             )
 
         # No timing (and no synchronisation) while a CUDA graph is captured or a TorchScript
-        # trace records: the cached plan or the default is used there.
-        can_measure = not torch.jit.is_tracing() and not (
+        # trace records: the cached plan or the default is used there. Only CPU and CUDA have
+        # both paths (and real timings: not meta).
+        can_measure = x.device.type in ("cpu", "cuda") and not torch.jit.is_tracing() and not (
             x.is_cuda and torch.cuda.is_current_stream_capturing()
         )
         measure = (
