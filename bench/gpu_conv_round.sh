@@ -11,7 +11,9 @@
 # from bench/gpu_round.sh's build step on this machine, or PREBUILT_SO=path) has the CUDA conv
 # kernels; otherwise built with gpu_round.sh's build line (minutes; not in the estimate above).
 # Switches: SKIP_TESTS, SKIP_BENCH, SKIP_CNN (any value); CNN_STEPS (default 300), CNN_FUSED=1 adds
-# a third model, TT with --conv-path fused; TESTS_TIMEOUT / BENCH_TIMEOUT / CNN_TIMEOUT (seconds).
+# a third model, TT with --conv-path fused; CNN_COMPILE=inductor (or aot_eager) adds the dense/TT
+# pair compiled (untried: compile time on top, minutes); TESTS_TIMEOUT / BENCH_TIMEOUT /
+# CNN_TIMEOUT (seconds).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -86,6 +88,11 @@ if [ -z "${SKIP_CNN:-}" ]; then
       --conv-path fused --out "$OUT/cnn_fused" > "$OUT/cnn_fused.txt" 2>&1
     echo "cnn (TT fused): $(( $(date +%s) - t0 )) s"
   fi
+  if [ -n "${CNN_COMPILE:-}" ]; then
+    timeout "${CNN_TIMEOUT:-240}" python3 examples/cnn/train.py "${common[@]}" --models dense,tt \
+      --conv-path auto --compile "$CNN_COMPILE" --out "$OUT/cnn_compiled" > "$OUT/cnn_compiled.txt" 2>&1
+    echo "cnn (dense, TT auto; compiled, $CNN_COMPILE): $(( $(date +%s) - t0 )) s (exit $?)"
+  fi
 fi
 
 echo "total: $(( $(date +%s) - T0 )) s"
@@ -95,6 +102,6 @@ if [ -f "$OUT/bench_conv.txt" ]; then
   # The dispatch table: forward and train step, dense / 3x cuDNN / TT op / TTConv2d auto.
   sed -n '/^### TTConv2d auto/,/^### checks/p' "$OUT/bench_conv.txt" | grep -E '^\|'
 fi
-for f in "$OUT/cnn.txt" "$OUT/cnn_fused.txt"; do
+for f in "$OUT/cnn.txt" "$OUT/cnn_fused.txt" "$OUT/cnn_compiled.txt"; do
   [ -f "$f" ] && grep -E '^\| ' "$f" | cut -d'|' -f2,3,8-11
 done

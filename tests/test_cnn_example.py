@@ -87,8 +87,8 @@ def test_cnn_example_spectral_frobenius_smoke(tmp_path):
     assert "| TT s3 r8 spectral frobenius |" in out.stdout
 
 
-@pytest.mark.parametrize("conv_path", ["auto", "fused"])
-def test_cnn_example_reports_images_per_second_per_model(conv_path, capsys, tmp_path):
+@pytest.mark.parametrize("conv_path, compile_backend", [("auto", "none"), ("fused", "eager")])
+def test_cnn_example_reports_images_per_second_per_model(conv_path, compile_backend, capsys, tmp_path):
     """Synthetic images (no data needed): dense and TT throughput in one run, the TT path shown."""
     from torchrec_tt import conv_dispatch
 
@@ -97,7 +97,8 @@ def test_cnn_example_reports_images_per_second_per_model(conv_path, capsys, tmp_
         results = ex.main(["--synthetic", "64", "--test-limit", "32", "--depth", "10", "--width", "1",
                            "--epochs", "1", "--limit-batches", "3", "--warmup-steps", "1",
                            "--batch-size", "8", "--tt", "3:4", "--device", "cpu", "--no-progress",
-                           "--conv_path", conv_path, "--out", str(tmp_path)])
+                           "--conv_path", conv_path, "--compile", compile_backend,
+                           "--out", str(tmp_path)])
     finally:
         conv_dispatch.settings.benchmark = None
         conv_dispatch.clear_plans()

@@ -395,14 +395,15 @@ def test_cuda_measured_plan_uses_events_and_graph_capture_measures_nothing():
         torch.testing.assert_close(yc, m(xc))
 
 
-@pytest.mark.parametrize("strict", [False, True])
-def test_export_measures_nothing_and_matches_eager(strict, monkeypatch):
+def test_export_measures_nothing_and_matches_eager(monkeypatch):
+    # Non-strict export (the default) runs forward in Python on fake tensors, outside dynamo:
+    # torch.compiler.is_compiling() is true there too, so no timing on fake tensors.
     conv_dispatch.settings.benchmark = True
     monkeypatch.setattr(conv_dispatch, "measure_plan", lambda *a: pytest.fail("measured while exporting"))
     model = _model().eval()
     x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
-        ep = torch.export.export(model, (x,), strict=strict,
+        ep = torch.export.export(model, (x,), strict=False,
                                  dynamic_shapes={"input": {0: torch.export.Dim("batch")}})
         assert conv_dispatch.plans() == {}
         with conv_dispatch.flags(benchmark=False):

@@ -32,8 +32,12 @@ Measuring never happens while a CUDA graph is being captured, under ``torch.comp
 ``torch.export`` tracing or ``torch.jit.trace``; there a cached plan is used when one exists (under
 tracing, one that agrees for every input shape measured for the layer), else the default. Under
 ``torch.compile`` the choice is a Python constant of the traced graph, so the dispatch adds no
-graph break and no guard on the plan cache. Timing uses CUDA events on CUDA (median of 10) and
-``time.perf_counter`` elsewhere (minimum of 3), the two paths interleaved.
+graph break and no guard on the plan cache (so changing the settings or the plans afterwards
+needs a recompile, ``torch._dynamo.reset()``). Only CPU and CUDA tensors are timed (other
+devices take the default): CUDA events on CUDA (median of 10 after 3 warm-up calls),
+``time.perf_counter`` on CPU (minimum of 3; noisy on a shared machine, docs/benchmarks.md), the
+two paths interleaved. Plans live in this process only: each process (each DDP rank) measures
+for itself, and ranks may pick different paths, which compute the same thing.
 
 Example::
 

@@ -269,6 +269,9 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else torch.autocast(
             device.type, enabled=False)
 
+    # --compile: the first step runs eagerly, so that --conv-path auto measures its plans there;
+    # the compiled graphs then hold the measured choice as a constant (torchrec_tt.conv_dispatch).
+    compiled = torch.compile(model, backend=args.compile) if args.compile != "none" else model
     gen = torch.Generator().manual_seed(args.seed)  # same data order and augmentation per model
     curves = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": [], "epoch_s": []}
     timed_s, timed_images = 0.0, 0  # throughput window: all steps but the first warmup ones
@@ -294,7 +297,7 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
             xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_tr[idx.to(y_tr.device)]
             with amp():
-                out = model(xb)
+                out = (model if epoch == 1 and step == 0 else compiled)(xb)
                 loss = F.cross_entropy(out, yb)
             if frob:  # outside autocast: a sum of squares in fp32, not bf16
                 loss = loss + 0.5 * args.wd * frobenius_decay(model)
@@ -316,7 +319,7 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
             warm_left = 0
         else:
             warm_left -= steps_per_epoch
-        acc = evaluate(model, x_te, y_te, args, amp)
+        acc = evaluate(compiled, x_te, y_te, args, amp)
         curves["epoch"].append(epoch)
         curves["train_loss"].append(loss_sum / max(seen, 1))
         curves["train_acc"].append(100 * correct / max(seen, 1))
@@ -439,6 +442,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "(three cuDNN convolutions through autograd)")
     ap.add_argument("--no-conv-benchmark", action="store_true",
                     help="with --conv-path auto: no measuring, the dispatch's default path")
+    ap.add_argument("--compile", choices=["none", "inductor", "aot_eager", "eager"], default="none",
+                    help="torch.compile the model with this backend (the first step runs eagerly)")
     ap.add_argument("--warmup-steps", type=int, default=20,
                     help="first steps left out of the images/s measurement")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
