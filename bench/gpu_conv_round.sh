@@ -91,7 +91,8 @@ if [ -z "${SKIP_CNN:-}" ]; then
   if [ -n "${CNN_COMPILE:-}" ]; then
     timeout "${CNN_TIMEOUT:-240}" python3 examples/cnn/train.py "${common[@]}" --models dense,tt \
       --conv-path auto --compile "$CNN_COMPILE" --out "$OUT/cnn_compiled" > "$OUT/cnn_compiled.txt" 2>&1
-    echo "cnn (dense, TT auto; compiled, $CNN_COMPILE): $(( $(date +%s) - t0 )) s (exit $?)"
+    rc=$?
+    echo "cnn (dense, TT auto; compiled, $CNN_COMPILE): $(( $(date +%s) - t0 )) s (exit $rc)"
   fi
 fi
 
