@@ -168,10 +168,11 @@ def test_measured_plan_is_cached_per_key(monkeypatch):
     assert {k.train for k in keys} == {True, False}
     assert {k.shape for k in keys} == {(2, 6, 6, False), (3, 6, 6, False), (2, 6, 6, True)}
     # A second layer of the same geometry shares the plans; another geometry gets its own.
-    TTConv2d(4, 6, 3, padding=1, ranks=(2, 3))(x)
-    assert len(measured) == 4
-    TTConv2d(4, 6, 3, padding=1, ranks=(3, 3))(x)
-    assert len(measured) == 5
+    twin, other = TTConv2d(4, 6, 3, padding=1, ranks=(2, 3)), TTConv2d(4, 6, 3, padding=1, ranks=(3, 3))
+    twin(x)
+    assert len(measured) == 4 and twin.plans() == m.plans() == conv_dispatch.plans()
+    other(x)
+    assert len(measured) == 5 and list(other.plans()) == [k for k in conv_dispatch.plans() if k not in m.plans()]
     conv_dispatch.clear_plans()
     m(x)
     assert len(measured) == 6
