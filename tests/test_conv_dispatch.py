@@ -393,7 +393,8 @@ def test_cuda_measured_plan_uses_events_and_graph_capture_measures_nothing():
         graph.replay()
         torch.cuda.synchronize()
         m.path = conv_dispatch.default_path("cuda", False)
-        torch.testing.assert_close(yc, m(xc))
+        # The same path eagerly; cuDNN may pick another TF32 algorithm outside the capture.
+        torch.testing.assert_close(yc, m(xc), rtol=1e-2, atol=1e-2)
 
 
 def test_export_measures_nothing_and_matches_eager(monkeypatch):
