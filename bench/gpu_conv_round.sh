@@ -8,8 +8,9 @@
 # Environment: the staged stack of bench/gpu_round.sh when present (/root/gw/env.sh, or
 # .gpu-wheels/p3 after p0..p2 were copied), else the stand-ins of tools/torchrec_stub (the conv
 # path needs neither torchrec nor fbgemm_gpu). Extension: reused when torchrec_tt/_C*.so (e.g.
-# from bench/gpu_round.sh's build step on this machine, or PREBUILT_SO=path) has the CUDA conv
-# kernels; otherwise built with gpu_round.sh's build line (minutes; not in the estimate above).
+# from bench/gpu_round.sh's build step on this machine, or PREBUILT_SO=path, a copy carried in)
+# has the CUDA conv kernels; otherwise built with gpu_round.sh's build line (minutes; not in the
+# estimate above) and copied to $OUT.
 # Switches: SKIP_TESTS, SKIP_BENCH, SKIP_CNN (any value); CNN_STEPS (default 300), CNN_FUSED=1 adds
 # a third model, TT with --conv-path fused; CNN_COMPILE=inductor (or aot_eager) adds the dense/TT
 # pair compiled (untried: compile time on top, minutes); TESTS_TIMEOUT / BENCH_TIMEOUT /
@@ -50,6 +51,7 @@ else
     python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
     || { grep -E "error" "$OUT/build.log" | head -30; exit 1; }
   import_ok && has_cuda_conv || { echo "the built extension has no CUDA conv kernels"; exit 1; }
+  cp torchrec_tt/_C*.so "$OUT/"  # carry it back in with PREBUILT_SO=... on a fresh machine
   echo "build: $(( $(date +%s) - t0 )) s"
 fi
 
