@@ -14,6 +14,11 @@ CUDA-event timings after warm-up, with the L2 cache flushed (a 64 MB write) and 
   backward       dense dgrad+wgrad | autograd of the three convs | tt_conv2d_backward [1,1,1,1]
   train step     forward + backward through autograd of each layer (wall clock incl. launches)
 
+plus "TTConv2d auto": a TTConv2d module with the same cores and path="auto", measured plans on
+(torchrec_tt.conv_dispatch.settings.benchmark), forward (no grad; CUDA events as above) and train
+step (wall clock), with the path it picked for each (issue 19: never slower than the faster of
+the fused op and the three cuDNN convolutions).
+
 Ratios are baseline time / TT time (> 1: TT faster). Every TT result is checked against the
 unfused computation first. Also sweeps the fused kernel's output tile and pipeline depth at
 R=32 (env TORCHREC_TT_CONV_TILE / TORCHREC_TT_CONV_STAGES / TORCHREC_TT_CONV_WARPS_N). Prints markdown tables; --json writes every number.
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import torchrec_tt  # noqa: F401  (registers the ops)
-from torchrec_tt import tt_conv2d
+from torchrec_tt import TTConv2d, conv_dispatch, tt_conv2d
 
 SHAPES = {"160@32x32": (160, 32), "320@16x16": (320, 16), "640@8x8": (640, 8)}
 # (tile, pipeline stages, warps across columns) variants of the fused kernel; "" = the planner's.
@@ -185,6 +190,35 @@ def bench_layer(name: str, c: int, hw: int, rank: int, dtype: torch.dtype, batch
 
     t["step"] = wall_ms(tt_step, wall_iters, 5)
 
+    # --- TTConv2d, path="auto" with measured plans: what the module runs
+    mod = TTConv2d(c, c, 3, padding=1, bias=False, ranks=(rank, rank), device=dev, dtype=dtype)
+    with torch.no_grad():
+        for p, v in zip(mod.cores(), (c0, c1, c2)):
+            p.copy_(v)
+    a = {}
+    with conv_dispatch.flags(path="auto", benchmark=True):
+        with torch.no_grad():
+            row["auto_fwd_path"] = mod.path_for(x)
+            row["err_auto_fwd"] = rel_err(mod(x), y_unf)
+
+        def auto_fwd() -> None:
+            with torch.no_grad():
+                mod(x)
+
+        a["fwd"] = timer(auto_fwd)
+        row["auto_step_path"] = mod.path_for(xr)
+
+        def auto_step() -> None:
+            mod(xr).backward(go)
+
+        a["step"] = wall_ms(auto_step, wall_iters, 5)
+    row["auto_plans"] = {("train" if k.train else "fwd"): [v.fused_ms, v.composed_ms]
+                         for k, v in mod.plans().items() if k.dtype == str(dtype)}
+    for k in ("fwd", "step"):
+        row[f"auto_{k}"] = a[k]
+        row[f"x_auto_dense_{k}"] = d[k] / a[k]
+        row[f"x_auto_best_{k}"] = min(u[k], t[k]) / a[k]
+
     for k in ("fwd", "igrad", "cgrad", "bwd", "step"):
         row[f"dense_{k}"], row[f"unf_{k}"], row[f"tt_{k}"] = d[k], u[k], t[k]
         row[f"x_dense_{k}"] = d[k] / t[k]
@@ -266,12 +300,22 @@ def main() -> None:
             print(f"| {r['dtype']} | {r['layer']} | {r['rank']} | {f(r[f'dense_{part}'])} | "
                   f"{f(r[f'unf_{part}'])} | {f(r[f'tt_{part}'])} | {r[f'x_dense_{part}']:.2f} | "
                   f"{r[f'x_unf_{part}']:.2f} |")
+    print("\n### TTConv2d auto (issue 19): what the module picks, forward (GPU ms) and train step "
+          "(wall ms); ×best = min(3× cuDNN, TT op) / auto (≈1: never slower than the faster)\n")
+    print("| dtype | layer | R | fwd dense | fwd 3× cuDNN | fwd TT op | fwd auto (path) | × dense | × best "
+          "| step dense | step 3× cuDNN | step TT op | step auto (path) | × dense | × best |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['layer']} | {r['rank']} | " + " | ".join(
+            f"{f(r[f'dense_{k}'])} | {f(r[f'unf_{k}'])} | {f(r[f'tt_{k}'])} | "
+            f"{f(r[f'auto_{k}'])} ({r[f'auto_{k}_path']}) | {r[f'x_auto_dense_{k}']:.2f} | "
+            f"{r[f'x_auto_best_{k}']:.2f}" for k in ("fwd", "step")) + " |")
     print("\n### checks: fused paths taken, error vs unfused, TT forward bandwidth\n")
-    print("| dtype | layer | R | fused fwd | fused igrad | err fwd | err igrad | TT fwd GB/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| dtype | layer | R | fused fwd | fused igrad | err fwd | err igrad | err auto fwd | TT fwd GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['dtype']} | {r['layer']} | {r['rank']} | {r['fused_fwd']} | {r['fused_igrad']} | "
-              f"{r['err_fwd']:.1e} | {r['err_igrad']:.1e} | {r['tt_fwd_GBps']:.0f} |")
+              f"{r['err_fwd']:.1e} | {r['err_igrad']:.1e} | {r['err_auto_fwd']:.1e} | {r['tt_fwd_GBps']:.0f} |")
     if sweeps:
         print("\n### fused kernel tile sweep at R=32 (forward / input-grad ms)\n")
         names = [tile_name(t) for t in TILES]

@@ -14,9 +14,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 date -u +"date %Y-%m-%dT%H:%M:%SZ"
 # The GPU machine has torch but no torchrec/fbgemm_gpu; the conv path needs neither (stand-ins,
 # see tools/torchrec_stub/_stubpkg.py; any other missing package the tree imports is stubbed too).
-STUB=$PWD/tools/torchrec_stub
-python3 -c "import torchrec" 2>/dev/null || export PYTHONPATH=$STUB
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+. bench/gpu_stub_env.sh
 
 build() {
   local t0; t0=$(date +%s)
@@ -28,23 +26,6 @@ build() {
   grep -E "building" /tmp/build.log | head -3
   cp torchrec_tt/_C*.so "$OUT/" 2>/dev/null
   echo "build: $(( $(date +%s) - t0 )) s"
-}
-
-import_ok() {  # imports torchrec_tt, stubbing missing packages when stubbing is on
-  local err mod
-  for _ in 1 2 3 4 5 6; do
-    err=$(python3 -c "import torchrec_tt, torch; torch.ops.torchrec_tt.tt_conv2d" 2>&1) && return 0
-    mod=$(printf '%s' "$err" | grep -oP "No module named '\K[^'.]+" | head -1)
-    if [ -n "$mod" ] && [ "${PYTHONPATH#*torchrec_stub}" != "$PYTHONPATH" ] && [ "$mod" != torchrec_tt ]; then
-      mkdir -p "$STUB/$mod"
-      printf 'from _stubpkg import install\n\ninstall(__name__, globals())\n' > "$STUB/$mod/__init__.py"
-      echo "stubbed missing package: $mod"
-    else
-      printf '%s\n' "$err" | tail -4
-      return 1
-    fi
-  done
-  return 1
 }
 
 if [ -n "${PREBUILT_SO:-}" ] && [ -f "$PREBUILT_SO" ]; then

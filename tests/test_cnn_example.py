@@ -85,3 +85,32 @@ def test_cnn_example_spectral_frobenius_smoke(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| TT s3 r8 spectral frobenius |" in out.stdout
+
+
+@pytest.mark.parametrize("conv_path, compile_backend", [("auto", "none"), ("fused", "eager")])
+def test_cnn_example_reports_images_per_second_per_model(conv_path, compile_backend, capsys, tmp_path):
+    """Synthetic images (no data needed): dense and TT throughput in one run, the TT path shown."""
+    from torchrec_tt import conv_dispatch
+
+    ex = _load_example()
+    try:
+        results = ex.main(["--synthetic", "64", "--test-limit", "32", "--depth", "10", "--width", "1",
+                           "--epochs", "1", "--limit-batches", "3", "--warmup-steps", "1",
+                           "--batch-size", "8", "--tt", "3:4", "--device", "cpu", "--no-progress",
+                           "--conv_path", conv_path, "--compile", compile_backend,
+                           "--out", str(tmp_path)])
+    finally:
+        conv_dispatch.settings.benchmark = None
+        conv_dispatch.clear_plans()
+    out = capsys.readouterr().out
+    assert "| images/s | × dense | TT conv path |" in out
+    dense, tt = results
+    assert dense["timed_steps"] == tt["timed_steps"] == 2  # 3 steps, the first left out
+    assert dense["images_per_s"] > 0 and tt["images_per_s"] > 0
+    assert dense["conv_paths"] == {}
+    # WRN-10-1 has two 3x3 layers in stage 3 (32->64 stride 2, 64->64); auto measured each.
+    assert sum(tt["conv_paths"].values()) == 2
+    if conv_path == "fused":
+        assert tt["conv_paths"] == {"fused": 2}
+    else:
+        assert set(tt["conv_paths"]) <= {"fused", "composed"}

@@ -495,9 +495,10 @@ def test_cuda_opcheck():
 
 
 @requires_cuda
-def test_cuda_module_matches_cpu():
+@pytest.mark.parametrize("path", ["fused", "composed"])  # the module's two paths (issue 19)
+def test_cuda_module_matches_cpu(path):
     torch.manual_seed(0)
-    m = TTConv2d(32, 32, 3, padding=1, ranks=(16, 16))
+    m = TTConv2d(32, 32, 3, padding=1, ranks=(16, 16), path=path)
     x = torch.randn(2, 32, 12, 12)
     want = m(x)
     got = m.cuda()(x.cuda().contiguous(memory_format=torch.channels_last))

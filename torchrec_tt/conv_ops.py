@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchrec_tt import _C  # noqa: F401  (registers the torchrec_tt ops)
 from torchrec_tt.validation import check_same_device
 
-__all__ = ["pair", "tt_conv2d", "tt_conv2d_output_size"]
+__all__ = ["pair", "tt_conv2d", "tt_conv2d_composed", "tt_conv2d_output_size"]
 
 
 def pair(v: int | tuple[int, ...] | list[int], name: str = "value") -> tuple[int, int]:
@@ -69,6 +70,30 @@ def tt_conv2d(
         list(pair(stride, "stride")), list(pair(padding, "padding")),
         list(pair(dilation, "dilation")),
     )
+
+
+def tt_conv2d_composed(
+    input: Tensor,
+    core0: Tensor,
+    core1: Tensor,
+    core2: Tensor,
+    bias: Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+) -> Tensor:
+    """The same TT convolution as :func:`tt_conv2d`, run as three ``F.conv2d`` calls through
+    autograd (cuDNN / oneDNN forward and backward). Autograd saves ``input``, ``t1 = conv(input,
+    core0)`` ``[N, r1, H, W]`` and ``t2 = conv(t1, core1)`` ``[N, r2, Ho, Wo]`` for the backward
+    (the fused op's backward saves only ``input`` and recomputes ``t1``/``t2``). The output has
+    the input's memory format, as :func:`tt_conv2d`'s."""
+    t1 = F.conv2d(input, core0)
+    t2 = F.conv2d(t1, core1, None, pair(stride, "stride"), pair(padding, "padding"),
+                  pair(dilation, "dilation"))
+    y = F.conv2d(t2, core2, bias)
+    # cuDNN picks channels-last when any operand is (e.g. cores converted by
+    # model.to(memory_format=torch.channels_last)); keep the op's rule so both paths agree.
+    return y.contiguous(memory_format=_output_memory_format(input))
 
 
 def _check_conv_args(

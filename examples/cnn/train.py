@@ -5,8 +5,15 @@ Wide-ResNet-28-k (pre-activation basic blocks, widths 16k/32k/64k, dropout optio
 torchrec_tt's fused op on CUDA). The stem convolution, the 1×1 shortcuts, BN and the classifier
 stay dense. Both models see the same data order, augmentation (4-pixel pad + random crop,
 horizontal flip), SGD (Nesterov, momentum 0.9, weight decay 5e-4), cosine learning-rate schedule
-and batch size. Prints a progress bar per epoch, then an accuracy and compression summary; writes
-the curves (JSON) and a plot (PNG) to --out.
+and batch size. Prints a progress bar per epoch, then an accuracy, compression and throughput
+summary (training images/s of every model, measured in the same run, the first --warmup-steps
+steps left out: cuDNN autotuning and the TT dispatch's measurements happen there); writes the
+curves (JSON) and a plot (PNG) to --out.
+
+The TT layers run the path chosen by --conv-path (torchrec_tt.conv_dispatch): ``auto`` (default)
+measures the fused op against the cuDNN composition once per layer shape, as
+cudnn.benchmark does (--no-conv-benchmark: the documented default, the composition);
+``fused`` / ``composed`` force one.
 
 Data: the offline CIFAR-10 copy in shared/data/cifar10 (JPEG-re-encoded, see its README), read in
 place: --data, else $TORCHREC_TT_CIFAR10, else ../shared/data/cifar10 beside the repository,
@@ -18,6 +25,8 @@ copied to).
     # the TT model of docs/benchmarks.md that is within 0.5 points of dense at 3.23x (25 epochs):
     # cores from the TT-SVD of a kaiming draw, weight decay on the reconstructed weights
     python examples/cnn/train.py --tt 3:128 --epochs 25 --tt-init spectral --tt-decay frobenius
+    # training throughput only (random images, no data needed): dense vs TT, images/s
+    python examples/cnn/train.py --synthetic 38400 --epochs 1 --limit-batches 300 --tt 2,3:32
     # CPU smoke run (< 1 minute)
     .venv/bin/python examples/cnn/train.py --depth 10 --width 1 --epochs 1 --limit-batches 4 \\
         --train-files 0 --test-limit 512 --batch-size 32
@@ -41,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from torchrec_tt import TTConv2d
+from torchrec_tt import TTConv2d, conv_dispatch
 from torchrec_tt.modules.conv import tt_svd_conv_weight
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +84,17 @@ def load_cifar10(root: Path, train_files: list[int], test_limit: int | None):
     return to(x_tr), torch.from_numpy(y_tr.astype(np.int64)), to(x_te), torch.from_numpy(y_te.astype(np.int64))
 
 
+def synthetic_cifar10(n_train: int, n_test: int, seed: int):
+    """Random uint8 images and labels with CIFAR-10's shapes, for throughput runs only (nothing to
+    learn; the accuracy is chance)."""
+    g = torch.Generator().manual_seed(seed)
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    def labels(n: int) -> torch.Tensor:
+        return torch.randint(0, 10, (n,), generator=g, dtype=torch.int64)
+    return images(n_train), labels(n_train), images(n_test), labels(n_test)
+
+
 def normalize(x_u8: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=x_u8.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x_u8.device).view(1, 3, 1, 1)
@@ -102,13 +122,14 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 class ConvFactory:
     """3×3 convolutions: TTConv2d in the TT stages (ranks per stage), nn.Conv2d elsewhere."""
 
-    def __init__(self, tt_stages: set[int], ranks: dict[int, int]) -> None:
-        self.tt_stages, self.ranks = tt_stages, ranks
+    def __init__(self, tt_stages: set[int], ranks: dict[int, int], path: str = "auto") -> None:
+        self.tt_stages, self.ranks, self.path = tt_stages, ranks, path
 
     def __call__(self, cin: int, cout: int, stride: int, stage: int) -> nn.Module:
         if stage in self.tt_stages:
             r = self.ranks[stage]
-            return TTConv2d(cin, cout, 3, stride=stride, padding=1, bias=False, ranks=(r, r))
+            return TTConv2d(cin, cout, 3, stride=stride, padding=1, bias=False, ranks=(r, r),
+                            path=self.path)
         return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
 
 
@@ -248,21 +269,35 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
         return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else torch.autocast(
             device.type, enabled=False)
 
+    # --compile: the first step runs eagerly, so that --conv-path auto measures its plans there;
+    # the compiled graphs then hold the measured choice as a constant (torchrec_tt.conv_dispatch).
+    compiled = torch.compile(model, backend=args.compile) if args.compile != "none" else model
     gen = torch.Generator().manual_seed(args.seed)  # same data order and augmentation per model
     curves = {"epoch": [], "train_loss": [], "train_acc": [], "test_acc": [], "epoch_s": []}
+    timed_s, timed_images = 0.0, 0  # throughput window: all steps but the first warmup ones
+    warm_left = args.warmup_steps
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     for epoch in range(1, args.epochs + 1):
         perm = torch.randperm(x_tr.shape[0], generator=gen)
         t0 = time.perf_counter()
+        t_timed, timed_from = (t0, 0) if warm_left == 0 else (None, 0)
         loss_sum, correct, seen = 0.0, 0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"{name} epoch {epoch}/{args.epochs}", leave=False,
                    dynamic_ncols=True, mininterval=1.0, disable=args.no_progress)
         for step in bar:
+            if t_timed is None and step == warm_left:
+                sync()
+                t_timed, timed_from = time.perf_counter(), step
             idx = perm[step * args.batch_size:(step + 1) * args.batch_size]
             xb = augment(normalize(x_tr[idx.to(x_tr.device)]), gen)
             xb = xb.contiguous(memory_format=torch.channels_last)
             yb = y_tr[idx.to(y_tr.device)]
             with amp():
-                out = model(xb)
+                out = (model if epoch == 1 and step == 0 else compiled)(xb)
                 loss = F.cross_entropy(out, yb)
             if frob:  # outside autocast: a sum of squares in fp32, not bf16
                 loss = loss + 0.5 * args.wd * frobenius_decay(model)
@@ -275,10 +310,16 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
                 correct += (out.argmax(1) == yb).sum().item()
                 seen += yb.shape[0]
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        acc = evaluate(model, x_te, y_te, args, amp)
+        sync()
+        t1 = time.perf_counter()
+        dt = t1 - t0
+        if t_timed is not None:
+            timed_s += t1 - t_timed
+            timed_images += (steps_per_epoch - timed_from) * args.batch_size
+            warm_left = 0
+        else:
+            warm_left -= steps_per_epoch
+        acc = evaluate(compiled, x_te, y_te, args, amp)
         curves["epoch"].append(epoch)
         curves["train_loss"].append(loss_sum / max(seen, 1))
         curves["train_acc"].append(100 * correct / max(seen, 1))
@@ -287,8 +328,27 @@ def train_one(name: str, model: nn.Module, data, args, device: torch.device) -> 
         print(f"{name}: epoch {epoch}/{args.epochs} train loss {loss_sum / max(seen, 1):.3f} "
               f"test acc {acc:.2f}% ({dt:.1f}s)", flush=True)
     counts = param_counts(model)
+    tt_layers = [m for m in model.modules() if isinstance(m, TTConv2d)]
     return {"name": name, "curves": curves, "params": counts, "final_acc": curves["test_acc"][-1],
-            "best_acc": max(curves["test_acc"]), "epoch_s": float(np.median(curves["epoch_s"]))}
+            "best_acc": max(curves["test_acc"]), "epoch_s": float(np.median(curves["epoch_s"])),
+            "images_per_s": timed_images / timed_s if timed_s > 0 else float("nan"),
+            "timed_steps": timed_images // args.batch_size,
+            "conv_paths": conv_paths(tt_layers) if tt_layers else {}}
+
+
+def conv_paths(tt_layers: list[TTConv2d]) -> dict[str, int]:
+    """How many TT layers' training calls ran each path (from the measured plans, else the
+    module's or the default path): what --conv-path auto picked."""
+    counts: dict[str, int] = {}
+    for m in tt_layers:
+        if m.path != "auto" or conv_dispatch.settings.path != "auto":
+            p = m.path if m.path != "auto" else conv_dispatch.settings.path
+        else:
+            found = {v.path for k, v in m.plans().items() if k.train}
+            p = found.pop() if len(found) == 1 else (
+                "mixed" if found else conv_dispatch.default_path(m.core0.device.type, True))
+        counts[p] = counts.get(p, 0) + 1
+    return counts
 
 
 # --- plot -------------------------------------------------------------------------------------
@@ -377,7 +437,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(REPO / "runs/cnn"))
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    ap.add_argument("--conv-path", "--conv_path", choices=list(conv_dispatch.PATHS), default="auto",
+                    help="TT layers: auto (measured plan, or the default), fused (our op), composed "
+                    "(three cuDNN convolutions through autograd)")
+    ap.add_argument("--no-conv-benchmark", action="store_true",
+                    help="with --conv-path auto: no measuring, the dispatch's default path")
+    ap.add_argument("--compile", choices=["none", "inductor", "aot_eager", "eager"], default="none",
+                    help="torch.compile the model with this backend (the first step runs eagerly)")
+    ap.add_argument("--warmup-steps", type=int, default=20,
+                    help="first steps left out of the images/s measurement")
+    ap.add_argument("--synthetic", type=int, default=0, metavar="N",
+                    help="N random training images (and 1,000 test images) instead of CIFAR-10: "
+                    "for throughput only")
+    args = ap.parse_args(argv)
+    if args.warmup_steps < 0:
+        ap.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.synthetic < 0:
+        ap.error(f"--synthetic must be >= 0, got {args.synthetic}")
+    return args
 
 
 def parse_tt_config(stages_s: str, ranks_s: str) -> tuple[list[int], dict[int, int]]:
@@ -392,14 +469,18 @@ def parse_tt_config(stages_s: str, ranks_s: str) -> tuple[list[int], dict[int, i
 
 def summary(results: list[dict]) -> str:
     dense = next((r for r in results if r["name"] == "dense"), None)
-    lines = ["| model | params | compression vs dense | final test acc | best | Δ final vs dense | s/epoch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | compression vs dense | final test acc | best | Δ final vs dense | s/epoch "
+             "| images/s | × dense | TT conv path |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = r["params"]
         comp = p["dense_equivalent"] / p["total"]
         delta = f"{r['final_acc'] - dense['final_acc']:+.2f}" if dense else "n/a"
+        speed = f"{r['images_per_s'] / dense['images_per_s']:.2f}×" if dense else "n/a"
+        paths = ", ".join(f"{k} {v}" for k, v in r.get("conv_paths", {}).items()) or "-"
         lines.append(f"| {r['name']} | {p['total']:,} | {comp:.2f}× | {r['final_acc']:.2f}% | "
-                     f"{r['best_acc']:.2f}% | {delta} | {r['epoch_s']:.1f} |")
+                     f"{r['best_acc']:.2f}% | {delta} | {r['epoch_s']:.1f} | "
+                     f"{r['images_per_s']:,.0f} | {speed} | {paths} |")
     return "\n".join(lines)
 
 
@@ -407,14 +488,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
+    # --conv-path auto measures like cudnn.benchmark above; fused / composed are per module.
+    conv_dispatch.settings.benchmark = args.conv_path == "auto" and not args.no_conv_benchmark
     specs = args.tt or [f"{args.tt_stages}:{args.tt_ranks}"]
     tt_configs = [parse_tt_config(*spec.split(":")) for spec in specs]
-    root = find_data(args.data)
-    data = load_cifar10(root, [int(k) for k in args.train_files.split(",")], args.test_limit or None)
+    if args.synthetic:
+        root = f"random images (--synthetic {args.synthetic}, seed {args.seed})"
+        data = synthetic_cifar10(args.synthetic, args.test_limit or 1000, args.seed)
+    else:
+        root = find_data(args.data)
+        data = load_cifar10(root, [int(k) for k in args.train_files.split(",")], args.test_limit or None)
     data = tuple(t.to(device) for t in data)
     print(f"CIFAR-10 from {root}: {data[0].shape[0]} train / {data[2].shape[0]} test images; "
-          f"WRN-{args.depth}-{args.width}, TT configs {specs}, {args.epochs} epochs, device {device}",
-          flush=True)
+          f"WRN-{args.depth}-{args.width}, TT configs {specs}, {args.epochs} epochs, device {device}, "
+          f"TT conv path {args.conv_path}"
+          + (" (measured)" if conv_dispatch.settings.benchmark else ""), flush=True)
     runs: list[tuple[str, set[int], dict[int, int]]] = []
     for which in args.models.split(","):
         if which == "dense":
@@ -433,7 +521,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for label, stages, ranks in runs:
         torch.manual_seed(args.seed)
-        model = WideResNet(args.depth, args.width, ConvFactory(stages, ranks), args.dropout,
+        model = WideResNet(args.depth, args.width, ConvFactory(stages, ranks, args.conv_path), args.dropout,
                            tt_init=args.tt_init)
         results.append(train_one(label, model, data, args, device))
         # Written after every model, so an interrupted run keeps what finished.

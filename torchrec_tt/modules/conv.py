@@ -8,6 +8,10 @@ A D×D convolution C→K in TT form with ranks (r1, r2) is three small convoluti
 
 so ``W[k, c, i, j] = sum_{a, b} core2[k, b] core1[b, a, i, j] core0[a, c]``.
 
+Each call runs either the fused op or the same three convolutions as ``F.conv2d`` calls through
+autograd (cuDNN's forward and backward), whichever :mod:`torchrec_tt.conv_dispatch` picks for the
+call: the module's ``path``, the process-wide setting, a measured plan or the default.
+
 Ranks larger than the shapes allow (r1 > min(C, K·KH·KW), r2 > min(K, r1·KH·KW)) add nothing
 that a smaller rank cannot represent: they are clamped to those maxima with a ``UserWarning``
 (in the constructor and in :meth:`TTConv2d.from_conv` alike). Ranks < 1, ``groups != 1`` and
@@ -24,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchrec_tt.conv_ops import pair, tt_conv2d, tt_conv2d_output_size
-from torchrec_tt.validation import check_number
+from torchrec_tt import conv_dispatch
+from torchrec_tt.conv_ops import pair, tt_conv2d, tt_conv2d_composed, tt_conv2d_output_size
+from torchrec_tt.validation import check_number, check_same_device
 
 __all__ = ["TTConv2d", "max_tt_conv_ranks", "tt_svd_conv_weight"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_PATH_FNS = {"fused": tt_conv2d, "composed": tt_conv2d_composed}
 
 
 def max_tt_conv_ranks(
@@ -96,7 +102,8 @@ def tt_svd_conv_weight(
 
 
 class TTConv2d(nn.Module):
-    """``nn.Conv2d`` with its weight in TT form (three cores), run by one compiled op.
+    """``nn.Conv2d`` with its weight in TT form (three cores), run by the fused op or by three
+    cuDNN convolutions, whichever is faster.
 
     Args:
         in_channels (int): C.
@@ -112,6 +119,11 @@ class TTConv2d(nn.Module):
         padding_mode (str): ``"zeros"`` (fused in the op) or ``"reflect"``, ``"replicate"``,
             ``"circular"`` (applied to the input before the op, which is exact because the first
             core is a 1×1 convolution).
+        path (str): ``"auto"`` (default: :mod:`torchrec_tt.conv_dispatch` decides: its
+            ``settings.path``, else a measured plan when ``settings.benchmark`` is on, else the
+            default, the composition), ``"fused"`` (always the op ``torchrec_tt::tt_conv2d``) or
+            ``"composed"`` (always three ``F.conv2d`` through autograd). Both give the same
+            result up to rounding; settable later (``conv.path = "fused"``).
         device, dtype: of the parameters.
 
     Parameters are ``core0 [r1, C, 1, 1]``, ``core1 [r2, r1, KH, KW]``, ``core2 [K, r2, 1, 1]``
@@ -140,6 +152,7 @@ class TTConv2d(nn.Module):
         *,
         groups: int = 1,
         padding_mode: str = "zeros",
+        path: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -155,6 +168,7 @@ class TTConv2d(nn.Module):
             raise ValueError(
                 f"TTConv2d: padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}"
             )
+        self._path = conv_dispatch.check_conv_path(path, where="TTConv2d")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -180,6 +194,15 @@ class TTConv2d(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+
+    @property
+    def path(self) -> str:
+        """``"auto"``, ``"fused"`` or ``"composed"`` (see the class docstring)."""
+        return self._path
+
+    @path.setter
+    def path(self, value: str) -> None:
+        self._path = conv_dispatch.check_conv_path(value, where="TTConv2d.path")
 
     def _resolve_padding(self, padding: int | tuple[int, int] | str) -> tuple[int, int]:
         if isinstance(padding, str):
@@ -218,8 +241,11 @@ class TTConv2d(nn.Module):
                 nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, ranks: int | tuple[int, int]) -> TTConv2d:
-        """A TTConv2d initialised by TT-SVD of a (trained) ``nn.Conv2d``, with its options.
+    def from_conv(
+        cls, conv: nn.Conv2d, ranks: int | tuple[int, int], *, path: str = "auto"
+    ) -> TTConv2d:
+        """A TTConv2d initialised by TT-SVD of a (trained) ``nn.Conv2d``, with its options
+        (``path`` as in the constructor).
 
         Ranks are clamped with a warning to what the shapes allow (where the result is exact).
         ``groups != 1`` raises ``ValueError``; transposed convolutions raise ``TypeError``.
@@ -239,7 +265,8 @@ class TTConv2d(nn.Module):
             tt = cls(
                 c, k, (kh, kw), stride=tuple(conv.stride), padding=padding,
                 dilation=tuple(conv.dilation), bias=conv.bias is not None, ranks=r,
-                padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype,
+                padding_mode=conv.padding_mode, path=path, device=weight.device,
+                dtype=weight.dtype,
             )
             cores = tt_svd_conv_weight(weight, r)
         with torch.no_grad():
@@ -261,7 +288,23 @@ class TTConv2d(nn.Module):
         )
 
     def forward(self, input: Tensor) -> Tensor:
-        unbatched = input.dim() == 3
+        x, cores, bias, padding = self._prepare(input)
+        path = self._choose_path(x, cores, bias, padding)
+        y = _PATH_FNS[path](x, *cores, bias, self.stride, padding, self.dilation)
+        return y.squeeze(0) if input.dim() == 3 else y
+
+    def path_for(self, input: Tensor) -> str:
+        """``"fused"`` or ``"composed"``: what :meth:`forward` runs for ``input`` in the current
+        grad mode and autocast state (measuring a plan first if benchmarking is on and the call's
+        key has none)."""
+        x, cores, bias, padding = self._prepare(input)
+        return self._choose_path(x, cores, bias, padding)
+
+    def _prepare(
+        self, input: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], Tensor | None, tuple[int, int]]:
+        """The checked 4-D input, the cores and bias in the compute dtype, and the padding left
+        for the convolution (non-zero padding modes are applied to the input here)."""
         if input.dim() not in (3, 4):
             raise ValueError(
                 f"TTConv2d: expected a 3-D [C, H, W] or 4-D [N, C, H, W] input, got shape {tuple(input.shape)}"
@@ -271,23 +314,112 @@ class TTConv2d(nn.Module):
                 f"TTConv2d: expected {self.in_channels} input channels, got {input.shape[-3]} "
                 f"(input shape {tuple(input.shape)})"
             )
-        x = input.unsqueeze(0) if unbatched else input
+        x = input.unsqueeze(0) if input.dim() == 3 else input
+        cores, bias = (self.core0, self.core1, self.core2), self.bias
+        # The op checks these itself; the composition would fail inside F.conv2d with a message
+        # that names neither the layer nor the tensor.
+        dev = x.device
+        if not (cores[0].device == dev and cores[1].device == dev and cores[2].device == dev
+                and (bias is None or bias.device == dev)):
+            check_same_device(
+                "TTConv2d",
+                [("input", x), ("core0", cores[0]), ("core1", cores[1]), ("core2", cores[2]),
+                 ("bias", bias)],
+            )
         padding = self.padding
         if self.padding_mode != "zeros" and padding != (0, 0):
             # Exact: the 1×1 first core commutes with any spatial padding of its input.
             ph, pw = padding
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = (0, 0)
-        cores, bias = (self.core0, self.core1, self.core2), self.bias
-        dev = x.device.type
-        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-            # Custom ops are not autocast-aware; run in the autocast dtype, as nn.Conv2d does.
-            dt = torch.get_autocast_dtype(dev)
+        kind = dev.type
+        if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+            # Custom ops are not autocast-aware; run in the autocast dtype, as nn.Conv2d does
+            # (both paths alike, so they agree).
+            dt = torch.get_autocast_dtype(kind)
             x = x.to(dt)
-            cores = tuple(c.to(dt) for c in cores)
+            cores = tuple(c.to(dt) for c in cores)  # type: ignore[assignment]
             bias = bias.to(dt) if bias is not None else None
-        y = tt_conv2d(x, *cores, bias, self.stride, padding, self.dilation)
-        return y.squeeze(0) if unbatched else y
+        if x.dtype != cores[0].dtype or (bias is not None and bias.dtype != x.dtype):
+            raise RuntimeError(
+                f"TTConv2d: input is {x.dtype} but the layer's parameters are {cores[0].dtype}"
+                + (f" (bias {bias.dtype})" if bias is not None else "")
+            )
+        return x, cores, bias, padding
+
+    def _geometry(self, padding: tuple[int, int]) -> tuple:
+        return (self.in_channels, self.out_channels, *self.ranks, *self.kernel_size, self.stride,
+                padding, self.dilation, self.bias is not None)
+
+    def plans(self) -> dict[conv_dispatch.ConvPlanKey, conv_dispatch.ConvPlan]:
+        """The measured plans (:func:`torchrec_tt.conv_dispatch.plans`) that apply to this layer:
+        those of its geometry, for every device, dtype and input shape measured so far."""
+        padding = self.padding if self.padding_mode == "zeros" else (0, 0)
+        geometry = self._geometry(padding)
+        return {k: v for k, v in conv_dispatch.plans().items() if k.geometry == geometry}
+
+    def _choose_path(
+        self, x: Tensor, cores: tuple[Tensor, Tensor, Tensor], bias: Tensor | None,
+        padding: tuple[int, int],
+    ) -> str:
+        train = torch.is_grad_enabled() and (
+            x.requires_grad or cores[0].requires_grad or cores[1].requires_grad
+            or cores[2].requires_grad or (bias is not None and bias.requires_grad)
+        )
+        if torch.compiler.is_compiling():
+            # A trace-time constant (no graph break, no guard on the plan cache).
+            return conv_dispatch.choose_traced(
+                self._path, str(x.device), str(x.dtype), train, self._geometry(padding)
+            )
+        requested = conv_dispatch.requested_path(self._path)
+        if requested != "auto":
+            return requested
+
+        def make_key() -> conv_dispatch.ConvPlanKey:
+            return conv_dispatch.ConvPlanKey(
+                str(x.device), str(x.dtype), conv_dispatch.tf32_enabled(), train,
+                self._geometry(padding),
+                (x.shape[0], x.shape[2], x.shape[3], _is_channels_last(x)),
+            )
+
+        # No timing (and no synchronisation) while a CUDA graph is captured or a TorchScript
+        # trace records: the cached plan or the default is used there. Only CPU and CUDA have
+        # both paths (and real timings: not meta).
+        can_measure = x.device.type in ("cpu", "cuda") and not torch.jit.is_tracing() and not (
+            x.is_cuda and torch.cuda.is_current_stream_capturing()
+        )
+        measure = (
+            (lambda: self._measure(x, cores, bias, padding, train)) if can_measure else None
+        )
+        return conv_dispatch.choose_auto(x.device, train, make_key, measure)
+
+    def _measure(
+        self, x: Tensor, cores: tuple[Tensor, Tensor, Tensor], bias: Tensor | None,
+        padding: tuple[int, int], train: bool,
+    ) -> conv_dispatch.ConvPlan:
+        """Times both paths on detached copies of this call's tensors (the parameters' .grad
+        and autograd state are untouched; no random numbers are drawn)."""
+        def leaf(t: Tensor) -> Tensor:
+            return t.detach().requires_grad_(train and t.requires_grad)
+
+        xl, cl, bl = leaf(x), tuple(leaf(c) for c in cores), (leaf(bias) if bias is not None else None)
+        wrt = [t for t in (xl, *cl, bl) if t is not None and t.requires_grad]
+        grad_out: list[Tensor] = []
+
+        def run(path: str):  # type: ignore[no-untyped-def]
+            fn = _PATH_FNS[path]
+
+            def call() -> None:
+                with torch.enable_grad() if train else torch.no_grad():
+                    y = fn(xl, *cl, bl, self.stride, padding, self.dilation)
+                    if train:
+                        if not grad_out:
+                            grad_out.append(torch.ones_like(y))
+                        torch.autograd.grad(y, wrt, grad_out[0])
+
+            return call
+
+        return conv_dispatch.measure_plan(run, x.device)
 
     # Accounting ---------------------------------------------------------------------------
 
@@ -331,4 +463,10 @@ class TTConv2d(nn.Module):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
+        if self._path != "auto":
+            s += f", path={self._path!r}"
         return s
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
