@@ -4,7 +4,8 @@
 # step, the older CUDA tests, a memcheck pass and the profile, most important first.
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_round.sh
 # Switches: SKIP_KERNEL (no two-factor tests, Kaggle-7, offload or memcheck), SKIP_OFFLOAD, SKIP_OLDER_TESTS,
-# SKIP_DLRM, SKIP_PROFILE (any value), DLRM_PROFILE_BATCHES (default 8192), EXTRA="scripts" run
+# SKIP_DLRM, SKIP_PROFILE (any value), DLRM_PROFILE_BATCHES (default 8192), NCU_DIMS (default
+# "64 16"), EXTRA="scripts" run
 # before the profiles, ITERS (default 20).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -56,7 +57,7 @@ for script in ${EXTRA:-}; do bash "$script"; done
 if [ -z "${SKIP_PROFILE:-}" ]; then
   timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 16 > "$OUT/profile_d16.txt" 2>&1
   timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 64 > "$OUT/profile_d64.txt" 2>&1
-  for d in 64 16; do
+  for d in ${NCU_DIMS:-64 16}; do
     timeout 100 ncu --clock-control none -k regex:"forward_rank_kernel|forward_kernel|grad_kernel" -c 3 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
       python3 bench/profile_embedding_bag.py --kaggle7 --dim $d > "$OUT/ncu_d$d.txt" 2>&1
