@@ -357,7 +357,6 @@ def kaggle7(iters: int, dims: tuple[int, ...] = (16, 64), batches: tuple[int, ..
             variants: dict[str, tuple[list[TTShape], dict[str, str]]] = {
                 "two-factor 2-core": (two, {}),
                 "two-factor 2-core, dG_last by last-core pass": (two, {"TORCHREC_TT_BWD_SEGMENTED": "1"}),
-                "two-factor 2-core, dG_last by atomics (v5)": (two, {"TORCHREC_TT_BWD_SEGMENTED": "0"}),
                 "3-core balanced (old default)": ([make_tt_shape(r, dim, [rank, rank]) for r in rows], {}),
                 "two-factor shape, old kernels": (two, {"TORCHREC_TT_TWO_FACTOR": "0"}),
             }

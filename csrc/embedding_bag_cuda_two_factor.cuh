@@ -17,10 +17,10 @@
 //   dP[a][m][r]      += sum_c g[m][c] G_last[s][r][c]   (kept in registers while the prefix
 //                                                         repeats, flushed with one atomic each)
 //   dG_last[s][r][c] += sum_m P[a][m][r] g[m][c]
-// need no cross-lane reduction. dG_last is summed by a second pass over the rows re-sorted by
-// last-core slice s (embedding_bag_cuda_two_factor_last_core.cuh): one flush per slice instead of
-// R * q_last atomics per row, when the call has many lookups per slice (segmented_backward). Not taken under
-// `deterministic` (atomics) or for float64.
+// need no cross-lane reduction; dG_last by one vector atomic per lane and row (with
+// TORCHREC_TT_BWD_SEGMENTED=1, by a second pass over the rows re-sorted by last-core slice,
+// embedding_bag_cuda_two_factor_last_core.cuh: measured slower). Not taken under `deterministic`
+// (atomics) or for float64.
 
 #pragma once
 
@@ -835,19 +835,15 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
 
 // ---- dispatch --------------------------------------------------------------------------------
 
-// Whether dG_last goes through the last-core pass. It pays a second sort and a second read of the
-// rows to replace R * q_last atomics per distinct row by a flush per slice, so it is taken when
-// the call has many lookups per last-core slice (Kaggle-7 at B=65,536: ~11 distinct rows per
-// slice; at B=8,192: ~2.5). TORCHREC_TT_BWD_SEGMENTED: "0" never (atomics, the v5 backward),
-// "1" always, unset: when lookups >= kSegmentedLookupsPerSlice x the call's last-core slices.
-constexpr int64_t kSegmentedLookupsPerSlice = 8;
-inline bool segmented_backward(const BatchInfo& info, int64_t n) {
+// Whether dG_last goes through the last-core pass: only with TORCHREC_TT_BWD_SEGMENTED=1. It
+// replaces R * q_last atomics per distinct row by a flush per slice, at the price of a second
+// sort, a row hand-off buffer and a second read of the rows; on the H200 it was slower in every
+// Kaggle-7 case (graphed D=16 B=65,536: 0.602 vs 0.509 ms; D=64: 0.953 vs 0.824): the prefix
+// pass without the atomics took as long as with them, so they were not what bounds it
+// (docs/benchmarks.md, "v6").
+inline bool segmented_backward() {
   const char* e = std::getenv("TORCHREC_TT_BWD_SEGMENTED");
-  if (e != nullptr && std::string(e) == "0") return false;
-  if (e != nullptr && std::string(e) == "1") return true;
-  int64_t slices = 0;
-  for (const auto& t : info.tables) slices += t.p[t.K - 1];
-  return n >= kSegmentedLookupsPerSlice * slices;
+  return e != nullptr && std::string(e) == "1";
 }
 
 template <typename index_t>
@@ -1046,7 +1042,7 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor> backward(
     }
     const int sbits = key_bits(max_pl - 1);
     const int tables = static_cast<int>(info.tables.size());
-    const bool segmented = n > 0 && sbits + key_bits(tables) <= 30 && segmented_backward(info, n);
+    const bool segmented = n > 0 && sbits + key_bits(tables) <= 30 && segmented_backward();
     RowHandoff H{nullptr, max_d, nullptr, nullptr, sbits, tables << sbits};
     at::Tensor rowbuf, key2, pos2, skey2, spos2;
     if (segmented) {

@@ -8,6 +8,8 @@
 // slice in registers and flushes once per slice and chunk:
 //   dG_last[s][r][c] += sum over rows (a, s) of sum_m P[a][m][r] gsum[m][c]
 // with gsum the row's summed gradient that grad_kernel left in RowHandoff::rowbuf.
+// Measured on the H200 (docs/benchmarks.md, "v6"): slower than the atomics in every Kaggle-7 case,
+// so it runs only with TORCHREC_TT_BWD_SEGMENTED=1.
 
 #pragma once
 
