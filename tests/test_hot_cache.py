@@ -286,6 +286,12 @@ def test_no_cache_collection_still_scripts() -> None:
     torch.testing.assert_close(scripted(kjt).values(), ebc(kjt).values())
 
 
+def test_scripted_cached_collection_says_it_runs_eagerly() -> None:
+    scripted = torch.jit.script(TTEmbeddingBagCollection(_tables()))
+    with pytest.raises(torch.jit.Error, match="eager mode only"):
+        scripted(_kjt(0))
+
+
 def test_compression_counts_the_slab() -> None:
     ebc = TTEmbeddingBagCollection(_tables())
     stats = ebc.compression_stats()

@@ -497,6 +497,11 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
                 self._check_outer_ddp()
             deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
         if self._has_cache:
+            if torch.jit.is_scripting():
+                raise RuntimeError(
+                    "TT tables with a hot-row cache (tt_cache_rows > 0) run in eager mode only; "
+                    "script a collection without a cache"
+                )
             return self._cached_forward(features, deterministic)
         cores: List[Tensor] = []
         for table in self.embedding_bags.values():
