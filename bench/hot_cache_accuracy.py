@@ -11,7 +11,7 @@ tables and rank), parsed by its own parser, so the data, split, batches, configs
 the trainer's. What differs from the trainer: no DistributedModelParallel (one process, no
 pipeline); plain tables train with TorchRec's ``RowWiseAdagrad`` as an ordinary optimizer (the
 trainer fuses it into the backward: the same update); TT tables with the collection's fused
-``EXACT_ADAGRAD`` at ``--tt_learning_rate`` (eps 1e-10, as the trainer's ``torch.optim.Adagrad``),
+``EXACT_ADAGRAD`` (``--tt_optimizer``) at ``--tt_learning_rate`` (eps 1e-10, as the trainer's ``torch.optim.Adagrad``),
 which also trains the slab and resets a slot's state when its row changes. The cache refreshes
 every ``--refresh_steps`` steps. Prints one line per run and mean ± sd per variant; writes JSON.
 """
@@ -49,7 +49,7 @@ def _trainer() -> object:
 
 
 def run(tr: object, args: argparse.Namespace, data: object, tt: bool, fraction: float,
-        refresh: int) -> dict[str, float]:
+        refresh: int, tt_optimizer: str) -> dict[str, float]:
     torch.manual_seed(args.seed)
     configs = tr.table_configs(args, data.cardinalities, tt)  # type: ignore[attr-defined]
     configs = [
@@ -58,7 +58,7 @@ def run(tr: object, args: argparse.Namespace, data: object, tt: bool, fraction: 
         if isinstance(c, TTEmbeddingBagConfig) else c
         for c in configs
     ]
-    fused = {"optimizer": "exact_adagrad", "learning_rate": args.tt_learning_rate, "eps": 1e-10}
+    fused = {"optimizer": tt_optimizer, "learning_rate": args.tt_learning_rate, "eps": 1e-10}
     ebc = HybridEmbeddingBagCollection(configs, tt_fused_params=fused if tt else None)
     model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=criteo.INT_FEATURE_COUNT,
                            dense_arch_layer_sizes=args.dense_arch_layer_sizes,
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--cache_fractions", type=float, nargs="+", default=[0.0, 0.05])
     ap.add_argument("--refresh_steps", type=int, default=10)
     ap.add_argument("--no_baseline", action="store_true", help="skip the uncompressed model")
+    ap.add_argument("--tt_optimizer", default="exact_adagrad",
+                    help="fused optimizer of the TT cores and slab (an EmbOptimType value)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "hot_cache.json"))
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -116,7 +118,7 @@ def main() -> None:
             args = tr.parse_args([*argv[cut + 1:], "--seed", str(seed)])  # type: ignore[attr-defined]
             data = tr.load_data(args, 0, torch.device("cpu"))  # type: ignore[attr-defined]
             for name, tt, fraction in variants:
-                r = run(tr, args, data, tt, fraction, a.refresh_steps)
+                r = run(tr, args, data, tt, fraction, a.refresh_steps, a.tt_optimizer)
                 results.setdefault(name, []).append(r)
                 print(f"seed {seed} {name}: auc {r['auc']:.4f} logloss {r['logloss']:.4f} "
                       f"compression {r['compression']:.1f}x ({r['seconds']:.1f} s)", flush=True)

@@ -229,6 +229,23 @@ def test_state_dict_round_trip_and_exact_resume(kind: str) -> None:
         assert torch.equal(v, resumed.state_dict()[k]), k
 
 
+def test_dcp_checkpoint_holds_the_cache(tmp_path: object) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    ebc = _fused(refresh=2)
+    _train(ebc, 5)
+    dcp.save(ebc.state_dict(), checkpoint_id=str(tmp_path))
+    other = _fused(refresh=2)
+    torch.manual_seed(7)
+    other.reset_parameters()  # other cores, an empty cache: all must come from the checkpoint
+    state = other.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path))
+    other.load_state_dict(state)
+    for k, v in ebc.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    assert _train(other, 3, start=5) == _train(ebc, 3, start=5)
+
+
 def test_mean_pooling_divides_by_the_full_bag_length() -> None:
     torch.manual_seed(0)
     ebc = TTEmbeddingBagCollection(_tables(cache=4, refresh=1000))

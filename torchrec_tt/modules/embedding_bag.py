@@ -21,13 +21,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
-from torchrec_tt.modules import hot_cache
 from torchrec_tt.initializers import (
     default_target_std,
     orthogonal_cores,
     sampled_gaussian_cores,
     tt_svd,
 )
+from torchrec_tt.modules import hot_cache
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.optim import FusedOptimConfig, TTFusedOptimizer
 from torchrec_tt.reference import reconstruct_dense

@@ -18,6 +18,12 @@ all buffers of the table (so in its state_dict and DCP checkpoints):
   are multiplied by ``tt_cache_decay`` at every refresh (LFU with exponential decay).
 * ``cache_step`` (int64 scalar): training forwards seen, which schedules the refreshes.
 
+The slab's gradient is dense (``[K, D]``, from ``embedding_bag``), and the fused optimizer
+updates it as it does a core (its state buffers ``cache_weight_<state>`` have the slab's
+leading dimension): rows without a lookup get a zero gradient, which SGD and Adagrad turn into
+no change; Adam's moments still move them, as dense Adam does. A torch optimizer over
+``parameters()`` trains the slab too, but its state does not follow a slot to its next row.
+
 Schedule: a forward in training mode counts its ids (every occurrence counts 1, weights play no
 part). At the start of every ``tt_cache_refresh_steps``-th training forward (when the previous
 step's backward and fused update are done) the cache is refreshed: the ``K`` ids with the largest
