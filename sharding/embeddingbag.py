@@ -91,6 +91,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.jagged_tensor_validator import validate_keyed_jagged_tensor
 
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.modules.hot_cache import refuse_hot_cache
 from torchrec_tt.ops import TTKernelOptions
 from torchrec_tt.optim import FusedOptimConfig
 from torchrec_tt.shapes import TTShape
@@ -146,6 +147,14 @@ def tt_planning() -> Iterator[None]:
         yield
     finally:
         _TT_PLANNING.reset(token)
+
+
+def _refuse_hot_cache(module: TTEmbeddingBagCollection) -> None:
+    refuse_hot_cache(
+        module.embedding_bag_configs(), "the sharded TTEmbeddingBagCollection",
+        "its lookups run the TT op on each rank's shard of the cores, and the slab, id map and "
+        "counters (per-rank, data-dependent) are neither routed, replicated nor all-reduced yet",
+    )
 
 
 def _validate_plan(
@@ -268,6 +277,7 @@ class ShardedTTEmbeddingBagCollection(
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
         if isinstance(env, ShardingEnv2D):
             raise ValueError("TT tables do not support 2D parallelism (ShardingEnv2D)")
+        _refuse_hot_cache(module)
         _validate_plan(module, table_name_to_parameter_sharding, env.world_size)
         fused_configs = resolve_fused_configs(module, fused_params)
         # The module's kernel options, with the sharder's fused_params keys taking precedence.
@@ -845,6 +855,7 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
         )
 
     def shardable_parameters(self, module: TTEmbeddingBagCollection) -> dict[str, nn.Parameter]:
+        _refuse_hot_cache(module)  # the planner asks first: fail before a plan is made
         return {
             cfg.name: nn.Parameter(
                 _logical_table(cfg.num_embeddings, cfg.embedding_dim), requires_grad=False

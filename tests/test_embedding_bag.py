@@ -392,12 +392,12 @@ def test_compression_stats_against_hand_counts() -> None:
     ebc = TTEmbeddingBagCollection(tables)
     stats = ebc.compression_stats()
     # a: [10, 1*2*4] + [10, 4*2*4] + [10, 4*4*1] = 80 + 320 + 160 = 560 parameters.
-    assert stats["a"] == {"tt_parameters": 560, "tt_bytes": 2240, "dense_bytes": 64000,
+    assert stats["a"] == {"tt_parameters": 560, "tt_bytes": 2240, "cache_bytes": 0, "dense_bytes": 64000,
                           "compression": pytest.approx(64000 / 2240)}
     # b: [5, 1*2*3] + [10, 3*3*1] = 30 + 90 = 120; dense 50*6 (unpadded rows).
-    assert stats["b"] == {"tt_parameters": 120, "tt_bytes": 480, "dense_bytes": 1200,
+    assert stats["b"] == {"tt_parameters": 120, "tt_bytes": 480, "cache_bytes": 0, "dense_bytes": 1200,
                           "compression": pytest.approx(2.5)}
-    assert stats["total"] == {"tt_parameters": 680, "tt_bytes": 2720, "dense_bytes": 65200,
+    assert stats["total"] == {"tt_parameters": 680, "tt_bytes": 2720, "cache_bytes": 0, "dense_bytes": 65200,
                               "compression": pytest.approx(65200 / 2720)}
     assert sum(p.numel() for p in ebc.parameters()) == 680
 

@@ -15,6 +15,7 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, Poo
 
 from torchrec_tt.kernel_shapes import two_factor_p, two_factor_q
 from torchrec_tt.shapes import TTShape, make_tt_shape
+from torchrec_tt.validation import check_number
 
 __all__ = ["MLETEmbeddingBagConfig", "TTEmbeddingBagConfig", "TTInit", "check_mlet_fields"]
 
@@ -84,6 +85,14 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
             with ``MLETEmbeddingBagCollection`` or ``HybridEmbeddingBagCollection``.
         mlet_init_scale (float): MLET: init std of the product (table x projection) relative to
             the plain table's (see ``MLETEmbeddingBagConfig``).
+        tt_cache_rows (int): hot-row cache (TT-Rec): the ``K`` most frequently looked-up ids are
+            served from a dense ``K x D`` slab trained like an uncompressed table, the rest from
+            TT; 0 (the default) turns it off. ``0 <= K <= num_embeddings``. See
+            ``torchrec_tt.modules.hot_cache`` for counting, admission and write-back.
+        tt_cache_refresh_steps (int): the cache is refreshed (admission / eviction from the
+            decayed counts) at the start of every ``N``-th training forward; ``N >= 1``.
+        tt_cache_decay (float): at every refresh the counts are multiplied by this factor
+            (LFU with exponential decay), ``0 <= decay <= 1`` (1: plain LFU).
 
     Example::
 
@@ -97,6 +106,9 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
     tt_init: TTInit = TTInit.SAMPLED_GAUSSIAN
     mlet_inner_dim: int | None = None
     mlet_init_scale: float = 1.0
+    tt_cache_rows: int = 0
+    tt_cache_refresh_steps: int = 100
+    tt_cache_decay: float = 0.5
 
     def __post_init__(self) -> None:
         # Checked before TorchRec's __post_init__, whose default init bounds divide by N.
@@ -127,7 +139,28 @@ class TTEmbeddingBagConfig(EmbeddingBagConfig):
                 f"{[i.value for i in TTInit]}"
             ) from None
         check_mlet_fields(self, required=False)
+        self._check_cache_fields()
         self.tt_shape()  # validates ranks and shapes, naming the table
+
+    def _check_cache_fields(self) -> None:
+        pre = f"TT table {self.name!r}"
+        k = self.tt_cache_rows
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= self.num_embeddings:
+            raise ValueError(
+                f"{pre}: tt_cache_rows must be an int in [0, num_embeddings={self.num_embeddings}], "
+                f"got {k!r}"
+            )
+        n = self.tt_cache_refresh_steps
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"{pre}: tt_cache_refresh_steps must be an int >= 1, got {n!r}")
+        check_number("tt_cache_decay", self.tt_cache_decay, low=0.0, high=1.0, where=pre)
+        if k > 0 and self.mlet_inner_dim is not None:
+            raise ValueError(
+                f"{pre}: tt_cache_rows is not supported with mlet_inner_dim (an MLET table)"
+            )
+        self.tt_cache_rows = int(k)
+        self.tt_cache_refresh_steps = int(n)
+        self.tt_cache_decay = float(self.tt_cache_decay)
 
     @property
     def tt_row_dim(self) -> int:

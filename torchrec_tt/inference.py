@@ -60,6 +60,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt.configs import TTEmbeddingBagConfig
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection, _TTLookupMixin
+from torchrec_tt.modules.hot_cache import refuse_hot_cache
 from torchrec_tt.ops import TTBatchLayout
 from torchrec_tt.swap import _child_names, _merge_pooled
 
@@ -232,6 +233,10 @@ class QuantTTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         if not isinstance(module, TTEmbeddingBagCollection):
             raise TypeError(f"expected a TTEmbeddingBagCollection, got {type(module).__name__}")
         configs = module.embedding_bag_configs()
+        refuse_hot_cache(
+            configs, "QuantTTEmbeddingBagCollection",
+            "the quantized module stores the cores only, so the cached rows (the slab) would be lost",
+        )
         names = [c.name for c in configs]
         per_table_weight_dtype = dict(per_table_weight_dtype or {})
         per_table_mode = dict(per_table_mode or {})

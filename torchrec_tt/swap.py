@@ -27,7 +27,7 @@ Example::
 # code, which TorchScript must resolve.
 import dataclasses
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -44,6 +44,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.validation import check_number
 from torchrec_tt.modules.mlet import (
     MLETEmbeddingBagCollection,
     collapsed_config,
@@ -58,6 +59,7 @@ __all__ = [
     "convert_to_tt",
     "embedding_bytes",
     "inference_bytes",
+    "count_distinct_ids",
     "select_tt_tables",
     "swap_configs",
 ]
@@ -78,8 +80,8 @@ def config_bytes(config: EmbeddingBagConfig) -> float:
     size`` else; an MLET table counts its wide table and its ``k x d`` FP32 projection."""
     if is_mlet(config):
         return config_bytes(inner_config(config)) + 4 * config.mlet_inner_dim * config.embedding_dim
-    if isinstance(config, TTEmbeddingBagConfig):
-        return config.tt_shape().num_bytes(4)
+    if isinstance(config, TTEmbeddingBagConfig):  # cores + the hot-row cache's FP32 slab
+        return config.tt_shape().num_bytes(4) + 4 * config.tt_cache_rows * config.tt_row_dim
     return config.num_embeddings * config.embedding_dim * _DTYPE_BYTES.get(config.data_type, 4)
 
 
@@ -116,6 +118,13 @@ class TTPolicy:
             graphed Kaggle-7 steps than 3 cores on an H200 at no AUC loss, docs/benchmarks.md "v4").
         default_ranks: ranks for tables missing from a ``ranks`` mapping.
         tt_init: core initialisation of the new TT tables.
+        distinct_ids: table name -> number of distinct ids actually seen (e.g. from
+            :func:`count_distinct_ids` over a pass of training data, or a known count). The
+            selectors then rank and threshold tables by this count instead of the nominal
+            ``num_embeddings`` (tables not in it keep ``num_embeddings``), so a 10M-row table that
+            holds 2,000 distinct ids is not chosen by ``largest`` or ``min_rows``.
+        cache_fraction: hot-row cache of each new TT table, as a fraction of its
+            ``num_embeddings`` (``tt_cache_rows = floor(fraction * N)``); 0 (default) for none.
     """
 
     largest: int | None = None
@@ -126,6 +135,8 @@ class TTPolicy:
     num_cores: int = 2
     default_ranks: int | Sequence[int] = 32
     tt_init: TTInit = TTInit.SAMPLED_GAUSSIAN
+    distinct_ids: Optional[Mapping[str, int]] = None
+    cache_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         chosen = [
@@ -147,6 +158,24 @@ class TTPolicy:
             )
         if not 2 <= self.num_cores <= 4:
             raise ValueError(f"TTPolicy(num_cores={self.num_cores}): TT tables have 2-4 cores")
+        if self.distinct_ids is not None:
+            if not isinstance(self.distinct_ids, Mapping):
+                raise TypeError(
+                    f"TTPolicy(distinct_ids=...) must map table names to counts, got "
+                    f"{type(self.distinct_ids).__name__}"
+                )
+            bad = {k: v for k, v in self.distinct_ids.items()
+                   if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+            if bad:
+                raise ValueError(f"TTPolicy(distinct_ids=...): counts must be ints >= 0, got {bad}")
+        check_number("cache_fraction", self.cache_fraction, low=0.0, high=1.0, where="TTPolicy")
+
+    def rows_of(self, config: EmbeddingBagConfig) -> int:
+        """The row count the selectors use for ``config``: its distinct ids when given, else
+        ``num_embeddings``."""
+        if self.distinct_ids is not None and config.name in self.distinct_ids:
+            return int(self.distinct_ids[config.name])
+        return config.num_embeddings
 
     def ranks_for(self, table_name: str) -> list[int]:
         """The inner TT ranks this policy gives ``table_name``."""
@@ -183,7 +212,8 @@ def _to_tt_config(config: EmbeddingBagConfig, policy: TTPolicy) -> TTEmbeddingBa
         base["mlet_inner_dim"] = config.mlet_inner_dim
         base["mlet_init_scale"] = config.mlet_init_scale
     return TTEmbeddingBagConfig(
-        **base, tt_ranks=policy.ranks_for(config.name), tt_init=policy.tt_init
+        **base, tt_ranks=policy.ranks_for(config.name), tt_init=policy.tt_init,
+        tt_cache_rows=int(policy.cache_fraction * config.num_embeddings),
     )
 
 
@@ -204,8 +234,14 @@ def select_tt_tables(configs: Sequence[EmbeddingBagConfig], policy: TTPolicy) ->
     names = [c.name for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate table names in {names}")
+    if policy.distinct_ids is not None:
+        unknown = sorted(set(policy.distinct_ids) - set(names))
+        if unknown:
+            raise ValueError(
+                f"TTPolicy(distinct_ids=...) names unknown tables {unknown}; tables: {names}"
+            )
     by_size = sorted(
-        configs, key=lambda c: (-c.num_embeddings, -config_bytes(c), c.name)
+        configs, key=lambda c: (-policy.rows_of(c), -config_bytes(c), c.name)
     )
     chosen: set[str]
     if policy.tables is not None:
@@ -220,7 +256,7 @@ def select_tt_tables(configs: Sequence[EmbeddingBagConfig], policy: TTPolicy) ->
             )
         chosen = {c.name for c in by_size[: policy.largest]}
     elif policy.min_rows is not None:
-        chosen = {c.name for c in configs if c.num_embeddings >= policy.min_rows}
+        chosen = {c.name for c in configs if policy.rows_of(c) >= policy.min_rows}
         if not chosen:
             raise ValueError(
                 f"TTPolicy(min_rows={policy.min_rows:,}) selects no table: the largest is "
@@ -261,6 +297,25 @@ def select_tt_tables(configs: Sequence[EmbeddingBagConfig], policy: TTPolicy) ->
     if not chosen:
         raise ValueError(f"TT policy {policy} selects no table")
     return [n for n in names if n in chosen]
+
+
+def count_distinct_ids(
+    configs: Sequence[EmbeddingBagConfig], batches: Iterable[KeyedJaggedTensor]
+) -> Dict[str, int]:
+    """Distinct ids per table (over all its features) in ``batches``, for
+    ``TTPolicy(distinct_ids=...)``. Keys of the KJTs that match no table are ignored."""
+    feature_tables: Dict[str, List[str]] = {}
+    for c in configs:
+        for f in c.feature_names or [c.name]:
+            feature_tables.setdefault(f, []).append(c.name)
+    seen: Dict[str, List[Tensor]] = {c.name: [] for c in configs}
+    for kjt in batches:
+        for key, jt in kjt.to_dict().items():
+            ids = torch.unique(jt.values())
+            for t in feature_tables.get(key, []):
+                # Merge as we go so memory stays at the distinct ids, not the whole pass.
+                seen[t] = [torch.unique(torch.cat([*seen[t], ids]))]
+    return {t: int(v[0].numel()) if v else 0 for t, v in seen.items()}
 
 
 def swap_configs(

@@ -27,6 +27,7 @@ from torchrec_tt.initializers import (
     sampled_gaussian_cores,
     tt_svd,
 )
+from torchrec_tt.modules import hot_cache
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.optim import FusedOptimConfig, TTFusedOptimizer
 from torchrec_tt.reference import reconstruct_dense
@@ -186,13 +187,19 @@ class TTEmbeddingTable(nn.Module):
     """The cores of one TT table, as 2-D parameters ``core_0 … core_{K-1}``
     (``core_k`` is ``[p_k, r_{k-1} * q_k * r_k]``)."""
 
-    def __init__(self, shape: TTShape, device: torch.device | None = None) -> None:
+    def __init__(
+        self, shape: TTShape, device: torch.device | None = None, cache_rows: int = 0
+    ) -> None:
         super().__init__()
         self.shape = shape
         for k, (rows, cols) in enumerate(shape.core_shapes()):
             self.register_parameter(
                 f"core_{k}", nn.Parameter(torch.empty(rows, cols, device=device))
             )
+        #: Rows of the hot-row cache (0: none); see ``torchrec_tt.modules.hot_cache``.
+        self.cache_rows = cache_rows
+        if cache_rows > 0:
+            hot_cache.add_cache_buffers(self, cache_rows, shape.embedding_dim, device)
 
     def cores(self) -> List[Tensor]:
         # hasattr on a module is resolved when TorchScript compiles: 2-4 cores, no getattr loop.
@@ -204,9 +211,15 @@ class TTEmbeddingTable(nn.Module):
         return out
 
     def full_weight(self) -> Tensor:
-        """Dense ``[N, D]`` reconstruction (differentiable; memory ``N * D``)."""
+        """Dense ``[N, D]`` reconstruction (differentiable; memory ``N * D``) of the TT cores
+        (without the hot-row cache; ``TTEmbeddingBagCollection.full_weight`` adds it)."""
         s = self.shape
         return reconstruct_dense(self.cores(), s.p, s.q, s.ranks, s.num_rows)
+
+    @torch.jit.unused
+    def trained_params(self) -> Dict[str, nn.Parameter]:
+        """The parameters a fused optimizer updates: the cores, then the cache slab if any."""
+        return dict(self.named_parameters(recurse=False))
 
 
 class _TTLookupMixin:
@@ -231,6 +244,35 @@ class _TTLookupMixin:
         self._op_pooling_modes: List[int] = args[7]
         self._op_bounds_check_mode = int(bounds_check_mode)
 
+    def _op(
+        self,
+        cores: List[Tensor],
+        pooling_modes: List[int],
+        indices: Tensor,
+        offsets: Tensor,
+        weights: Optional[Tensor],
+        compute_precision: int,
+        deterministic: bool,
+    ) -> Tensor:
+        """The table-batched op over this collection's tables (``pooling_modes`` per table)."""
+        return torch.ops.torchrec_tt.tt_embedding_bag(
+            cores,
+            self._op_num_cores,
+            self._op_p_shapes,
+            self._op_q_shapes,
+            self._op_ranks,
+            self._op_num_rows,
+            self._op_feature_table_map,
+            self._op_table_names,
+            pooling_modes,
+            indices,
+            offsets,
+            weights,
+            self._op_bounds_check_mode,
+            compute_precision,
+            deterministic,
+        )
+
     def _pooled(
         self,
         features: KeyedJaggedTensor,
@@ -246,21 +288,8 @@ class _TTLookupMixin:
             features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
         )
         weights = inputs[2] if self._is_weighted else None
-        values = torch.ops.torchrec_tt.tt_embedding_bag(
-            cores,
-            self._op_num_cores,
-            self._op_p_shapes,
-            self._op_q_shapes,
-            self._op_ranks,
-            self._op_num_rows,
-            self._op_feature_table_map,
-            self._op_table_names,
-            self._op_pooling_modes,
-            inputs[0],
-            inputs[1],
-            weights,
-            self._op_bounds_check_mode,
-            compute_precision,
+        values = self._op(
+            cores, self._op_pooling_modes, inputs[0], inputs[1], weights, compute_precision,
             deterministic,
         )
         values = _expand_inverse_indices(values, features, self._feature_names, self._lengths_per_key)
@@ -369,8 +398,15 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         )
         self._lengths_per_key = self._layout.feature_dims()
         self.embedding_bags = nn.ModuleDict(
-            {cfg.name: TTEmbeddingTable(shape, device) for cfg, shape in zip(tables, self._shapes)}
+            {
+                cfg.name: TTEmbeddingTable(shape, device, cfg.tt_cache_rows)
+                for cfg, shape in zip(tables, self._shapes)
+            }
         )
+        # Hot-row cache (eager only: TorchScript compiles the no-cache forward).
+        self._has_cache: bool = any(cfg.tt_cache_rows > 0 for cfg in tables)
+        #: Refresh statistics per cached table, from the last refresh.
+        self.last_cache_refresh: Dict[str, hot_cache.CacheRefreshStats] = {}
         # (A type comment: TorchScript warns on annotated None attributes in __init__.)
         self._fused_optimizer = None  # type: Optional[TTFusedOptimizer]
         self._kernel_options = TTKernelOptions.from_fused_params(fused_params)
@@ -383,9 +419,9 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         if fused_params is not None and not kernel_only:
             cfg = FusedOptimConfig.from_fused_params(fused_params)
             for table in self.embedding_bags.values():
-                for k, core in enumerate(table.cores()):
-                    for key, shape in cfg.state_shapes(core.shape).items():
-                        table.register_buffer(f"core_{k}_{key}", torch.zeros(shape, device=device))
+                for pname, param in table.trained_params().items():
+                    for key, shape in cfg.state_shapes(param.shape).items():
+                        table.register_buffer(f"{pname}_{key}", torch.zeros(shape, device=device))
 
             self._fused_cfg = cfg
             # A bound method (not a closure): copy.deepcopy and pickle then give the copy's
@@ -395,6 +431,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
 
     # TorchScript compiles a module's properties; these are Python-side only.
     __jit_unused_properties__ = ["device", "kernel_options", "fused_optimizer"]
+    # Python-side only (the cache's statistics dataclasses cannot be scripted).
+    __jit_ignored_attributes__ = ["last_cache_refresh"]
 
     @property
     def device(self) -> torch.device:
@@ -415,9 +453,9 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
 
     def _core_params(self) -> dict[str, nn.Parameter]:
         return {
-            f"embedding_bags.{name}.core_{k}": core
+            f"embedding_bags.{name}.{pname}": param
             for name, table in self.embedding_bags.items()
-            for k, core in enumerate(table.cores())
+            for pname, param in table.trained_params().items()
         }
 
     def _apply(self, fn: Any, recurse: bool = True) -> "TTEmbeddingBagCollection":
@@ -458,6 +496,13 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
             if not torch.compiler.is_compiling():
                 self._check_outer_ddp()
             deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+        if self._has_cache:
+            if torch.jit.is_scripting():
+                raise RuntimeError(
+                    "TT tables with a hot-row cache (tt_cache_rows > 0) run in eager mode only; "
+                    "script a collection without a cache"
+                )
+            return self._cached_forward(features, deterministic)
         cores: List[Tensor] = []
         for table in self.embedding_bags.values():
             cores.extend(table.cores())
@@ -465,6 +510,111 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
             features, cores, self._op_compute_precision, deterministic
         )
         return KeyedTensor(keys=keys, length_per_key=lengths, values=values)
+
+    @torch.jit.unused
+    def _cached_forward(self, features: KeyedJaggedTensor, deterministic: bool) -> KeyedTensor:
+        """``forward`` with hot-row caches: each cached table's ids found in its slab are pooled
+        from it with ``embedding_bag`` (per-sample weights kept; MEAN divides by the full bag
+        length), the other ids go through the TT op (their bags re-offset, pooled as SUM with the
+        weights pre-divided by the full bag length for MEAN tables), and the two are added. In
+        training mode, refreshes the caches when due (see ``hot_cache``), then counts the ids;
+        reading each table's step counter is a host synchronisation."""
+        if self.training:
+            self._refresh_due_caches()
+        cores = self.cores()
+        values, offsets, weights = _lookup_inputs(
+            features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
+        )
+        dev, dtype = values.device, cores[0].dtype
+        num_pos = len(self._feature_names)
+        nbags = offsets.numel() - 1
+        batch = nbags // num_pos
+        lengths = (offsets[1:] - offsets[:-1]).long()
+        bag_of = torch.repeat_interleave(
+            torch.arange(nbags, device=dev), lengths, output_size=values.numel()
+        )
+        pos_of = bag_of // batch if batch > 0 else bag_of
+        table_index = {cfg.name: t for t, cfg in enumerate(self._embedding_bag_configs)}
+        pos_table = torch.tensor([table_index[n] for n in self._feature_tables], device=dev)
+        pos_mean = torch.tensor(
+            [self._embedding_bag_configs[table_index[n]].pooling == PoolingType.MEAN
+             for n in self._feature_tables], device=dev,
+        )
+        table_of = pos_table[pos_of]
+        w = weights if weights is not None else torch.ones(values.numel(), dtype=dtype, device=dev)
+        scale = torch.where(pos_mean[pos_of], w / lengths.clamp(min=1).to(dtype)[bag_of], w)
+        hit = torch.zeros(values.numel(), dtype=torch.bool, device=dev)
+        blocks: Dict[int, Tensor] = {}
+        for t, cfg in enumerate(self._embedding_bag_configs):
+            if cfg.tt_cache_rows == 0:
+                continue
+            table = self.embedding_bags[cfg.name]
+            idx = torch.nonzero(table_of == t).squeeze(1)
+            ids = values[idx]
+            slots = hot_cache.cache_slots(table, ids)
+            found = slots >= 0
+            hidx = idx[found]
+            hit[hidx] = True
+            counts = torch.bincount(bag_of[hidx], minlength=nbags)
+            off = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            pooled = torch.nn.functional.embedding_bag(
+                slots[found], table.cache_weight, off, mode="sum",
+                per_sample_weights=scale[hidx], include_last_offset=True,
+            )
+            for j, name in enumerate(self._feature_tables):
+                if name == cfg.name:
+                    blocks[j] = pooled[j * batch : (j + 1) * batch]
+            if self.training:
+                hot_cache.count_ids(table, ids)
+                table.cache_step.add_(1)
+        keep = ~hit
+        kept = torch.bincount(bag_of[keep], minlength=nbags)
+        kept_offsets = torch.cat([kept.new_zeros(1), torch.cumsum(kept, 0)]).to(offsets.dtype)
+        tt_values = self._op(
+            cores, [int(PoolingMode.SUM)] * len(self._op_pooling_modes), values[keep],
+            kept_offsets, scale[keep], self._op_compute_precision, deterministic,
+        )
+        parts = [
+            blocks[j] if j in blocks else tt_values.new_zeros(batch, d)
+            for j, d in enumerate(self._lengths_per_key)
+        ]
+        out = tt_values + torch.cat(parts, dim=1)
+        out = _expand_inverse_indices(out, features, self._feature_names, self._lengths_per_key)
+        return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_key, values=out)
+
+    @torch.jit.unused
+    def _refresh_due_caches(self) -> None:
+        for cfg in self._embedding_bag_configs:
+            if cfg.tt_cache_rows == 0:
+                continue
+            step = int(self.embedding_bags[cfg.name].cache_step)
+            if step > 0 and step % cfg.tt_cache_refresh_steps == 0:
+                self.refresh_cache(cfg.name)
+
+    @torch.jit.unused
+    def refresh_cache(self, table_name: str) -> hot_cache.CacheRefreshStats:
+        """Refreshes one table's hot-row cache now (training forwards do it every
+        ``tt_cache_refresh_steps``): the most frequent ids are cached, evicted rows written back
+        into TT, admitted rows copied from TT. Call it between a backward and the next forward."""
+        table = self._table(table_name)
+        if table.cache_rows == 0:
+            raise ValueError(f"TT table {table_name!r} has no hot-row cache (tt_cache_rows=0)")
+        cfg = next(c for c in self._embedding_bag_configs if c.name == table_name)
+        state: List[Tensor] = []
+        if self._fused_optimizer is not None:
+            state = list(self._fused_state(f"embedding_bags.{table_name}.cache_weight").values())
+        stats = hot_cache.refresh_cache(table, table.cores(), table.shape, cfg.tt_cache_decay, state)
+        self.last_cache_refresh[table_name] = stats
+        return stats
+
+    @torch.jit.unused
+    def cached_ids(self, table_name: str) -> Tensor:
+        """The ids a table's hot-row cache holds now, ascending (empty without a cache)."""
+        table = self._table(table_name)
+        if table.cache_rows == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        ids = table.cache_sorted_ids
+        return ids[ids >= 0].clone()
 
     def _check_outer_ddp(self) -> None:
         """Refuses a fused optimizer, and warns otherwise, when this (unsharded) module's cores are
@@ -516,8 +666,14 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         return {cfg.name: s for cfg, s in zip(self._embedding_bag_configs, self._shapes)}
 
     def full_weight(self, table_name: str) -> Tensor:
-        """Dense ``[N, D]`` reconstruction of one table (differentiable)."""
-        return self._table(table_name).full_weight()
+        """Dense ``[N, D]`` table as the model sees it (differentiable): the TT
+        reconstruction, with the rows in the hot-row cache taken from its slab."""
+        table = self._table(table_name)
+        weight = table.full_weight()
+        if table.cache_rows > 0:
+            held = table.cache_ids >= 0
+            weight = weight.index_copy(0, table.cache_ids[held], table.cache_weight[held])
+        return weight
 
     @torch.no_grad()
     def load_dense_weight(self, table_name: str, weight: Tensor) -> float:
@@ -535,6 +691,9 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         new_cores = tt_svd(dense, s)
         for core, new in zip(table.cores(), new_cores):
             core.copy_(new)
+        if table.cache_rows > 0:  # cached rows take the dense rows themselves
+            held = table.cache_ids >= 0
+            table.cache_weight[held] = weight.detach().to(table.cache_weight)[table.cache_ids[held]]
         norm = float(dense.double().norm())
         if norm == 0.0:
             return 0.0
@@ -542,22 +701,27 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         return float((approx - dense.double()).norm()) / norm
 
     def compression_stats(self) -> dict[str, dict[str, float]]:
-        """Per table and ``"total"``: TT parameters, TT and dense FP32 bytes, compression ratio."""
+        """Per table and ``"total"``: TT parameters, TT and dense FP32 bytes, the hot-row cache's
+        slab bytes (``cache_bytes``) and the compression ratio ``dense / (tt + cache)``."""
         stats: dict[str, dict[str, float]] = {}
-        for name, s in self.tt_shapes().items():
-            stats[name] = {
+        for cfg, s in zip(self._embedding_bag_configs, self._shapes):
+            cache = cfg.tt_cache_rows * s.embedding_dim * 4
+            stats[cfg.name] = {
                 "tt_parameters": s.num_parameters(),
                 "tt_bytes": s.num_bytes(4),
+                "cache_bytes": cache,
                 "dense_bytes": s.dense_num_bytes(4),
-                "compression": s.compression_ratio(),
+                "compression": s.dense_num_bytes(4) / (s.num_bytes(4) + cache),
             }
         tt = sum(v["tt_bytes"] for v in stats.values())
+        cache = sum(v["cache_bytes"] for v in stats.values())
         dense = sum(v["dense_bytes"] for v in stats.values())
         stats["total"] = {
             "tt_parameters": sum(v["tt_parameters"] for v in stats.values()),
             "tt_bytes": tt,
+            "cache_bytes": cache,
             "dense_bytes": dense,
-            "compression": dense / tt,
+            "compression": dense / (tt + cache),
         }
         return stats
 
@@ -572,6 +736,8 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
             init = sampled_gaussian_cores if cfg.tt_init == TTInit.SAMPLED_GAUSSIAN else orthogonal_cores
             for core, new in zip(cores, init(table.shape, std, dtype=cores[0].dtype, device=cores[0].device)):
                 core.copy_(new)
+            if table.cache_rows > 0:
+                hot_cache.reset_cache(table)
 
     def _table(self, table_name: str) -> TTEmbeddingTable:
         if table_name not in self.embedding_bags:
