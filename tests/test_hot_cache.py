@@ -350,3 +350,26 @@ def test_policy_selects_by_distinct_ids_and_sets_the_cache() -> None:
         TTPolicy(largest=1, distinct_ids={"mid": -1})
     with pytest.raises(ValueError, match="cache_fraction"):
         TTPolicy(largest=1, cache_fraction=2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_through_refreshes() -> None:
+    """The cache on CUDA (CUDA TT kernels, slab lookups, counting, admission and write-back on
+    the device) trains like the CPU one: same state in, same batches, same outputs and rows."""
+    cpu = _fused(lr=0.1, refresh=2)
+    torch.manual_seed(0)
+    gpu = TTEmbeddingBagCollection(_tables(refresh=2), device=torch.device("cuda"),
+                                   fused_params={"optimizer": "exact_adagrad", "learning_rate": 0.1})
+    gpu.load_state_dict(cpu.state_dict())
+    for step in range(7):  # three refreshes
+        kjt = _kjt(step)
+        outs = []
+        for ebc, k in ((cpu, kjt), (gpu, kjt.to(torch.device("cuda")))):
+            out = ebc(k).values()
+            (out - 0.3).square().mean().backward()
+            outs.append(out.detach().cpu())
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-4, msg=f"step {step}")
+    for name in ("a", "c"):
+        assert torch.equal(gpu.cached_ids(name).cpu(), cpu.cached_ids(name))
+        torch.testing.assert_close(gpu.full_weight(name).detach().cpu(), cpu.full_weight(name).detach(),
+                                   rtol=1e-3, atol=1e-4)

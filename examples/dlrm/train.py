@@ -92,6 +92,9 @@ from torchrec_tt.sharding import plan as tt_plan
 from torchrec_tt.swap import HybridEmbeddingBagCollection, TTPolicy, swap_configs
 from torchrec_tt.synthetic import DeviceSyntheticCriteo
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # the sibling module, also when this file is loaded by path
+    sys.path.insert(0, _HERE)
 from dlrm_interaction import use_flat_interaction  # noqa: E402  (examples/dlrm/dlrm_interaction.py)
 
 try:
