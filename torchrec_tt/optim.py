@@ -23,7 +23,9 @@ Safety options (``fused_params`` keys, all off by default):
   ``±max_gradient``; NaN stays NaN).
 * ``skip_non_finite``: a table whose gradient holds a NaN or inf in any core is not updated that
   step (cores and state untouched) and the step is counted in ``skipped_steps[table]`` of the
-  fused optimizer. It costs a host synchronisation per table and step.
+  fused optimizer. No host synchronisation: the finiteness check stays a device tensor, the
+  update is computed and then kept only where it is true (one extra copy of the table's cores
+  and state per step), and the count is read back only when ``skipped_steps`` is read.
 
 Hyper-parameters are checked when the config is built (finite, in range, numbers) and the
 learning rate again at every update, when it is read from ``param_groups``.
@@ -49,7 +51,9 @@ __all__ = [
     "SUPPORTED_FUSED_OPTIMIZERS",
     "TTFusedOptimizer",
     "ValidatedLoadMixin",
-    "all_finite",
+    "apply_if",
+    "count_if_not",
+    "finite_flag",
     "effective_grad",
     "read_lr",
 ]
@@ -155,11 +159,24 @@ def effective_grad(core: Tensor, grad: Tensor, cfg: FusedOptimConfig) -> Tensor:
     return g if cfg.weight_decay == 0 else g.add(core, alpha=cfg.weight_decay)
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """True when no tensor holds a NaN or inf (one host synchronisation)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the tensors' device: no NaN or inf in any (no host sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+@torch.no_grad()
+def apply_if(ok: Tensor, tensors: Sequence[Tensor], update: Callable[[], None]) -> None:
+    """Runs ``update`` (which changes ``tensors`` in place), then puts every tensor back where
+    the 0-dim bool ``ok`` is false: a skipped step without reading ``ok`` on the host."""
+    before = [t.clone() for t in tensors]
+    update()
+    for t, old in zip(tensors, before):
+        t.copy_(torch.where(ok, t, old))
+
+
+def count_if_not(count: Tensor | int, ok: Tensor) -> Tensor:
+    """``count + (not ok)`` as a device tensor (a skipped-step counter)."""
+    return (~ok).to(torch.int64) + count
 
 
 @torch.no_grad()
@@ -307,8 +324,8 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
         )
         self.cfg = cfg
         self._handles: list[Any] = []
-        #: Steps skipped per table by ``skip_non_finite`` (always 0 with it off).
-        self.skipped_steps: dict[str, int] = {}
+        # Steps skipped per table by skip_non_finite: device tensors once counted (no sync).
+        self._skipped: dict[str, Tensor | int] = {}
         self._pending: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         self.rebind(params)
 
@@ -327,7 +344,7 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
         for name in self.params:
             table = self._table_of(name)
             self._cores_per_table[table] = self._cores_per_table.get(table, 0) + 1
-            self.skipped_steps.setdefault(table, 0)
+            self._skipped.setdefault(table, 0)
         self._pending.clear()
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params.values()]
 
@@ -347,6 +364,12 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
     @property  # type: ignore[override]
     def state(self) -> dict[Tensor, dict[str, Tensor]]:
         return {p: self._state_of(name) for name, p in self.params.items()}
+
+    @property
+    def skipped_steps(self) -> dict[str, int]:
+        """Steps skipped per table by ``skip_non_finite`` (always 0 with it off); reading it
+        synchronises with the device."""
+        return {table: int(n) for table, n in self._skipped.items()}
 
     @state.setter
     def state(self, value: Mapping[Any, Any]) -> None:
@@ -369,11 +392,16 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
         if len(pending) < self._cores_per_table[table]:
             return
         del self._pending[table]
-        if not all_finite([g for _, g in pending.values()]):
-            self.skipped_steps[table] += 1
-            return
-        for core_name, (core, g) in pending.items():
-            fused_update(core, g, self._state_of(core_name), self.cfg, lr)
+        ok = finite_flag([g for _, g in pending.values()])
+        touched = [c for c, _ in pending.values()]
+        touched += [s for n in pending for s in self._state_of(n).values()]
+
+        def update() -> None:
+            for core_name, (core, g) in pending.items():
+                fused_update(core, g, self._state_of(core_name), self.cfg, lr)
+
+        apply_if(ok, touched, update)
+        self._skipped[table] = count_if_not(self._skipped[table], ok)
 
     def step(self, closure: Any = None) -> None:  # noqa: D102 - updates already happened
         return None
