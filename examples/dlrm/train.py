@@ -556,9 +556,11 @@ def tt_configs(args: argparse.Namespace,
 
 def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
           pg: dist.ProcessGroup, configs: list[EmbeddingBagConfig] | None = None,
+          fuse_tt: bool = True,
           ) -> tuple[DistributedModelParallel, CombinedOptimizer, HybridEmbeddingBagCollection]:
     """The sharded model and its optimizers; ``configs`` overrides the tables (the collapsed
-    model of an MLET run)."""
+    model of an MLET run); ``fuse_tt=False`` leaves the TT cores without their fused optimizer
+    (a model that is only evaluated: no TT optimizer state in its state dict)."""
     torch.manual_seed(args.seed)
     if configs is None:
         configs = table_configs(args, data.cardinalities, tt)
@@ -580,13 +582,14 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     # TT cores (MLET's TT tables too): Adagrad fused into the backward by the TT sharder, which
     # adds skip_non_finite from its fused_params.
     for tt_child in (ebc.tt, ebc.mlet.tt if ebc.mlet is not None else None):
-        if tt_child is not None:
+        if tt_child is not None and fuse_tt:
             apply_optimizer_in_backward(torch.optim.Adagrad, tt_child.parameters(),
                                         {"lr": args.tt_learning_rate})
     registries, policy = comms_registries(args, device, pg)
     sharders: list[Any] = [
-        TTEmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[0],
-                                        fused_params={"skip_non_finite": not args.no_skip_non_finite}),
+        TTEmbeddingBagCollectionSharder(
+            qcomm_codecs_registry=registries[0],
+            fused_params={"skip_non_finite": not args.no_skip_non_finite} if fuse_tt else None),
         EmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[1]),
     ]
     world = dist.get_world_size(pg)
@@ -1055,7 +1058,7 @@ def evaluate_collapsed(args: argparse.Namespace, name: str, dmp: DistributedMode
     errors = collapse_checkpoint(src, dst, ebc,
                                  prefix="model.model.sparse_arch.embedding_bag_collection.")
     configs = [collapsed_config(c) for c in ebc.embedding_bag_configs()]
-    collapsed, _, _ = build(args, data, False, device, pg, configs=configs)
+    collapsed, _, _ = build(args, data, False, device, pg, configs=configs, fuse_tt=False)
     state = {"model": collapsed.state_dict()}
     dcp.load(state, checkpoint_id=dst)
     collapsed.load_state_dict(state["model"])
