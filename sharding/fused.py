@@ -62,6 +62,8 @@ from torchrec_tt.optim import (
     count_if_not,
     effective_grad,
     finite_flag,
+    zero_grad_is_no_op,
+    zeroed_unless,
     fused_update,
     read_lr,
 )
@@ -371,8 +373,21 @@ class TTFusedUpdate:
                 update()
                 continue
             ok = self._finite(table, grad_of, bad_shards, row_stats)
-            apply_if(ok, touched, update)
+            if zero_grad_is_no_op(fused.cfg):  # a zeroed gradient changes nothing: no copies
+                for t in self._touched_grads(table):
+                    grad_of[id(t)] = zeroed_unless(ok, grad_of[id(t)])
+                if table.name in row_stats:
+                    row_stats[table.name] = zeroed_unless(ok, row_stats[table.name])
+                update()
+            else:
+                apply_if(ok, touched, update)
             fused.skipped = count_if_not(fused.skipped, ok)
+
+    def _touched_grads(self, table: Any) -> list[Tensor]:
+        """The cores of ``table`` on this rank whose gradients an update reads."""
+        if self._reduce == "sum":
+            return [*table.replicated_cores(), *table.core_0_shards]
+        return list(table.whole_cores())
 
     def _touched(self, table: Any) -> list[Tensor]:
         """The cores and optimizer state an update of ``table`` may write on this rank."""

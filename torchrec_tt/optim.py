@@ -23,9 +23,11 @@ Safety options (``fused_params`` keys, all off by default):
   ``±max_gradient``; NaN stays NaN).
 * ``skip_non_finite``: a table whose gradient holds a NaN or inf in any core is not updated that
   step (cores and state untouched) and the step is counted in ``skipped_steps[table]`` of the
-  fused optimizer. No host synchronisation: the finiteness check stays a device tensor, the
-  update is computed and then kept only where it is true (one extra copy of the table's cores
-  and state per step), and the count is read back only when ``skipped_steps`` is read.
+  fused optimizer. No host synchronisation: the finiteness check stays a device tensor; SGD,
+  Adagrad and row-wise Adagrad without weight decay then update with the gradient zeroed where
+  it is false (exactly no change), Adam and weight decay compute the update and keep it only
+  where it is true (one extra copy of the table's cores and state per step); the count is read
+  back only when ``skipped_steps`` is read.
 
 Hyper-parameters are checked when the config is built (finite, in range, numbers) and the
 learning rate again at every update, when it is read from ``param_groups``.
@@ -54,6 +56,8 @@ __all__ = [
     "apply_if",
     "count_if_not",
     "finite_flag",
+    "zero_grad_is_no_op",
+    "zeroed_unless",
     "effective_grad",
     "read_lr",
 ]
@@ -172,6 +176,21 @@ def apply_if(ok: Tensor, tensors: Sequence[Tensor], update: Callable[[], None]) 
     update()
     for t, old in zip(tensors, before):
         t.copy_(torch.where(ok, t, old))
+
+
+def zero_grad_is_no_op(cfg: FusedOptimConfig) -> bool:
+    """Whether an update with an all-zero gradient leaves the core and its state exactly as they
+    were (SGD, Adagrad and row-wise Adagrad without weight decay: ``m1 += 0``, ``G -= 0`` with
+    ``eps > 0``). A skipped step is then the update of a zeroed gradient, cheaper than
+    :func:`apply_if`'s copies; Adam (its moments decay, its step counts) and weight decay need
+    the copies."""
+    return cfg.weight_decay == 0 and cfg.optimizer in (
+        EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+
+
+def zeroed_unless(ok: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` where the 0-dim bool ``ok`` is true, zeros (NaN and inf included) where not."""
+    return torch.where(ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
 
 
 def count_if_not(count: Tensor | int, ok: Tensor) -> Tensor:
@@ -393,14 +412,18 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
             return
         del self._pending[table]
         ok = finite_flag([g for _, g in pending.values()])
-        touched = [c for c, _ in pending.values()]
-        touched += [s for n in pending for s in self._state_of(n).values()]
-
-        def update() -> None:
+        if zero_grad_is_no_op(self.cfg):
             for core_name, (core, g) in pending.items():
-                fused_update(core, g, self._state_of(core_name), self.cfg, lr)
+                fused_update(core, zeroed_unless(ok, g), self._state_of(core_name), self.cfg, lr)
+        else:
+            touched = [c for c, _ in pending.values()]
+            touched += [s for n in pending for s in self._state_of(n).values()]
 
-        apply_if(ok, touched, update)
+            def update() -> None:
+                for core_name, (core, g) in pending.items():
+                    fused_update(core, g, self._state_of(core_name), self.cfg, lr)
+
+            apply_if(ok, touched, update)
         self._skipped[table] = count_if_not(self._skipped[table], ok)
 
     def step(self, closure: Any = None) -> None:  # noqa: D102 - updates already happened

@@ -289,10 +289,11 @@ def _skip_in_dmp(rank: int, world_size: int) -> int:
     return compared
 
 
-def _skip_on_one_rank_shard(rank: int, world_size: int) -> int:
+def _skip_on_one_rank_shard(rank: int, world_size: int, optimizer: EmbOptimType) -> int:
     """column_wise: an inf in the core_0 shard gradient of rank 1 only (the replicated cores'
     gradients finite): the reduced flag makes rank 0 skip the table too, nothing moves on
-    either rank, and the next finite update applies on both."""
+    either rank, and the next finite update applies on both. (Adam skips by keeping copies,
+    row-wise Adagrad by zeroing the gradients and the reduced row statistics.)"""
     from torchrec_tt.optim import FusedOptimConfig
     from torchrec_tt.shapes import make_tt_shape
     from torchrec_tt.sharding.fused import FusedTable, TTFusedUpdate
@@ -303,7 +304,7 @@ def _skip_on_one_rank_shard(rank: int, world_size: int) -> int:
     torch.manual_seed(0)
     for p in table.parameters():
         torch.nn.init.normal_(p)
-    cfg = FusedOptimConfig(EmbOptimType.ADAM, learning_rate=0.1, skip_non_finite=True)
+    cfg = FusedOptimConfig(optimizer, learning_rate=0.1, skip_non_finite=True)
     table.init_optimizer_state(cfg.state_shapes)
     fused = {"t": FusedTable(cfg, {"lr": 0.1})}
     update = TTFusedUpdate([table], fused, reduce="sum", group=torch.distributed.group.WORLD)
@@ -325,7 +326,8 @@ def _skip_on_one_rank_shard(rank: int, world_size: int) -> int:
 
 def check_skip_non_finite(rank: int, world_size: int) -> dict[str, int]:
     return {"dmp": _skip_in_dmp(rank, world_size),
-            "one_rank_shard": _skip_on_one_rank_shard(rank, world_size)}
+            **{f"one_rank_shard_{o.name}": _skip_on_one_rank_shard(rank, world_size, o)
+               for o in (EmbOptimType.ADAM, EmbOptimType.EXACT_ROWWISE_ADAGRAD)}}
 
 
 def test_skip_non_finite_sharded_column_wise_reduces_the_flag() -> None:
