@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "criteo_kaggle_sample.tsv.gz"
 
 
-def run(out: Path, args: list[str]) -> dict:
-    cmd = [sys.executable, str(ROOT / "examples" / "dlrm" / "train.py"), "--mode", "compare",
+def run(out: Path, args: list[str], mode: str = "compare") -> dict:
+    """One ``train.py --mode MODE`` run into ``out``: its summary's results by model name."""
+    cmd = [sys.executable, str(ROOT / "examples" / "dlrm" / "train.py"), "--mode", mode,
            "--no-progress", "--out", str(out), *args]
     print("$", " ".join(cmd[1:]), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)

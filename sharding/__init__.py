@@ -32,6 +32,7 @@ from torchrec_tt.sharding.embeddingbag import (
     TTEmbeddingBagCollectionSharder,
 )
 from torchrec_tt.sharding.estimator import TTShardEstimator, measure_tt_flops
+from torchrec_tt.sharding.fused import tt_skipped_steps
 from torchrec_tt.sharding.lossy_comms import (
     ErrorBoundPolicy,
     error_bounded_qcomm_codecs,
@@ -52,4 +53,5 @@ __all__ = [
     "measure_tt_flops",
     "plan",
     "plan_comms_bytes",
+    "tt_skipped_steps",
 ]

@@ -51,15 +51,19 @@ import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import Tensor, nn
 from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
-from torchrec.optim.keyed import KeyedOptimizer
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from torchrec_tt.ops import TTKernelOptions
 from torchrec_tt.optim import (
     SUPPORTED_FUSED_OPTIMIZERS,
     FusedOptimConfig,
     ValidatedLoadMixin,
-    all_finite,
+    apply_if,
+    count_if_not,
     effective_grad,
+    finite_flag,
+    zero_grad_is_no_op,
+    zeroed_unless,
     fused_update,
     fused_update_many,
     read_lr,
@@ -73,6 +77,7 @@ __all__ = [
     "fused_params_from_optimizer_class",
     "resolve_fused_configs",
     "tt_optimizer_state_bytes",
+    "tt_skipped_steps",
 ]
 
 _CONFIG_KEYS = frozenset(f.name for f in dataclasses.fields(FusedOptimConfig))
@@ -260,7 +265,14 @@ class FusedTable:
 
     cfg: FusedOptimConfig
     group: dict[str, Any]
-    skipped_steps: int = 0  # updates dropped by skip_non_finite (on the ranks holding the table)
+    # Updates dropped by skip_non_finite (on the ranks holding the table): a device tensor once
+    # counted, so that counting never synchronises.
+    skipped: Tensor | int = 0
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates dropped by ``skip_non_finite`` (reading it synchronises with the device)."""
+        return int(self.skipped)
 
 
 class TTFusedUpdate:
@@ -347,37 +359,67 @@ class TTFusedUpdate:
                     (row_stats if key[0] == "rows" else bad_shards)[key[1]] = value
                 else:
                     grad_of[key] = value
-        # Whole-core updates of tables with the same config and learning rate run together.
-        batches: dict[tuple[FusedOptimConfig, float], tuple[list[Tensor], list[Tensor], list[Any]]] = {}
         for table in self._tables:
             fused = self._fused[table.name]
             lr = lrs[table.name]
-            if fused.cfg.skip_non_finite and self._non_finite(table, grad_of, bad_shards, row_stats):
-                fused.skipped_steps += 1
-                continue
-            if column_wise:
-                for k, core in enumerate(table.replicated_cores(), start=1):
-                    fused_update(core, grad_of[id(core)], table.optimizer_state(k), fused.cfg, lr)
-                self._update_core0_shards(table, fused.cfg, lr, grad_of, row_stats.get(table.name))
-            else:
-                cores, grads, states = batches.setdefault((fused.cfg, lr), ([], [], []))
-                for k, core in enumerate(table.whole_cores()):
-                    cores.append(core)
-                    grads.append(grad_of[id(core)])
-                    states.append(table.optimizer_state(k))
-        for (cfg, lr), (cores, grads, states) in batches.items():
-            fused_update_many(cores, grads, states, cfg, lr)
 
-    def _non_finite(
+            def update(table: Any = table, fused: FusedTable = fused, lr: float = lr) -> None:
+                if column_wise:
+                    for k, core in enumerate(table.replicated_cores(), start=1):
+                        fused_update(core, grad_of[id(core)], table.optimizer_state(k), fused.cfg, lr)
+                    self._update_core0_shards(table, fused.cfg, lr, grad_of, row_stats.get(table.name))
+                else:
+                    cores = table.whole_cores()
+                    fused_update_many(cores, [grad_of[id(c)] for c in cores],
+                                      [table.optimizer_state(k) for k in range(len(cores))],
+                                      fused.cfg, lr)
+
+            touched = self._touched(table)
+            if not fused.cfg.skip_non_finite or not touched:  # nothing of the table here: no-op
+                update()
+                continue
+            ok = self._finite(table, grad_of, bad_shards, row_stats)
+            if zero_grad_is_no_op(fused.cfg):  # a zeroed gradient changes nothing: no copies
+                for t in self._touched_grads(table):
+                    grad_of[id(t)] = zeroed_unless(ok, grad_of[id(t)])
+                if table.name in row_stats:
+                    row_stats[table.name] = zeroed_unless(ok, row_stats[table.name])
+                update()
+            else:
+                apply_if(ok, touched, update)
+            fused.skipped = count_if_not(fused.skipped, ok)
+
+    def _touched_grads(self, table: Any) -> list[Tensor]:
+        """The cores of ``table`` on this rank whose gradients an update reads."""
+        if self._reduce == "sum":
+            return [*table.replicated_cores(), *table.core_0_shards]
+        return list(table.whole_cores())
+
+    def _touched(self, table: Any) -> list[Tensor]:
+        """The cores and optimizer state an update of ``table`` may write on this rank."""
+        if self._reduce == "sum":
+            cores = [*table.replicated_cores(), *table.core_0_shards]
+            if not cores:
+                return []
+            states = [table.optimizer_state(k) for k in range(len(table.replicated_cores()) + 1)]
+            states += [table.optimizer_state(0, piece=i) for i in range(len(table.core_0_shards))]
+        else:
+            cores = table.whole_cores()
+            states = [table.optimizer_state(k) for k in range(len(cores))]
+        out: dict[int, Tensor] = {id(t): t for t in cores}
+        out.update({id(t): t for state in states for t in state.values()})
+        return list(out.values())
+
+    def _finite(
         self,
         table: Any,
         grad_of: Mapping[int, Tensor],
         bad_shards: Mapping[str, Tensor],
         row_stats: Mapping[str, Tensor],
-    ) -> bool:
-        """Whether the table's (reduced) gradients hold a NaN or inf; the same answer on every
-        rank that holds the table (reduced gradients are equal across ranks, and column_wise
-        shards' finiteness was reduced with them)."""
+    ) -> Tensor:
+        """Whether the table's (reduced) gradients are all finite, as a 0-dim bool device tensor;
+        the same on every rank that holds the table (reduced gradients are equal across ranks,
+        and column_wise shards' finiteness was reduced with them)."""
         if self._reduce == "sum":
             local = [grad_of[id(c)] for c in table.replicated_cores()]
             if table.name in row_stats:
@@ -386,7 +428,7 @@ class TTFusedUpdate:
             local.append(torch.where(bad_shards[table.name] > 0, float("nan"), 0.0))
         else:
             local = [grad_of[id(c)] for c in table.whole_cores()]
-        return not all_finite(local)
+        return finite_flag(local)
 
     def _core0_row_sums(
         self, table: Any, cfg: FusedOptimConfig, grad_of: Mapping[int, Tensor]
@@ -490,3 +532,18 @@ class ShardedTTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102 - no gradients kept
         return None
+
+
+def tt_skipped_steps(optimizer: Any) -> dict[str, int]:
+    """Steps dropped by ``skip_non_finite`` per TT table, from every TT fused optimizer in
+    ``optimizer``: a ``TTFusedOptimizer``, a ``ShardedTTFusedOptimizer`` or a TorchRec
+    ``CombinedOptimizer`` holding them (``DistributedModelParallel.fused_optimizer``). A table
+    name met twice is prefixed with its optimizer's key. Reading synchronises with the device."""
+    out: dict[str, int] = {}
+    if isinstance(optimizer, CombinedOptimizer):
+        for key, sub in optimizer.optimizers:
+            for table, n in tt_skipped_steps(sub).items():
+                out[f"{key}.{table}" if table in out else table] = n
+    elif isinstance(getattr(optimizer, "skipped_steps", None), Mapping):
+        out.update(optimizer.skipped_steps)
+    return out

@@ -327,3 +327,90 @@ def test_flat_interaction_matches_torchrec() -> None:
         for a, b in zip(grads_want, grads_got):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
         assert flat.state_dict().keys() == ref.state_dict().keys()
+
+
+# ------------------------------------------------------------------------------ non-finite skip
+
+
+def _nan_steps(rank: int, world_size: int) -> list[dict]:
+    return [_nan_step(rank, world_size, extra) for extra in ([], ["--no_skip_non_finite"])]
+
+
+def _nan_step(rank: int, world_size: int, extra: list[str]) -> dict:
+    """One training step of the trainer's TT model on a batch with a NaN dense feature."""
+    import torch
+    import torch.distributed as dist
+
+    from torchrec_tt.sharding import tt_skipped_steps
+
+    train = _import_train()
+    args = train.parse_args([*SMALL, "--nproc", "1", "--steps", "1", *extra])
+    cpu = torch.device("cpu")
+    data = train.load_data(args, rank, cpu)
+    dmp, _, _ = train.build(args, data, True, cpu, dist.group.WORLD)
+    cores = {n: p for n, p in dmp.named_parameters() if ".embedding_bag_collection.tt." in n}
+    before = {n: p.detach().clone() for n, p in cores.items()}
+    batch = next(data.train_batches(args, rank, world_size, 0))
+    batch.dense_features[0, 0] = float("nan")
+    loss, _ = dmp(batch)
+    loss.backward()
+    return {"loss_finite": bool(torch.isfinite(loss)), "skipped": tt_skipped_steps(dmp.fused_optimizer),
+            "unchanged": all(torch.equal(p, before[n]) for n, p in cores.items()),
+            "cores_finite": all(bool(torch.isfinite(p).all()) for p in cores.values()),
+            "tables": len(cores)}
+
+
+def test_non_finite_tt_updates_are_skipped_and_counted_by_default() -> None:
+    from torchrec_tt.sharding.testing import run_multiprocess
+
+    ((on, off),) = run_multiprocess(_nan_steps, 1)
+    assert not on["loss_finite"] and on["tables"] > 0
+    assert on["unchanged"] and on["cores_finite"]
+    assert len(on["skipped"]) == 7 and set(on["skipped"].values()) == {1}  # the 7 TT tables
+    assert not off["cores_finite"]  # the issue's failure: NaN written into the cores
+    assert set(off["skipped"].values()) == {0}
+
+
+# ------------------------------------------------------------------------------ binary days
+
+
+def test_in_memory_binary_criteo_path_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    """TSV -> TorchRec's day_<i>_*.npy (python -m torchrec_tt.criteo --in-memory-binary) ->
+    InMemoryBinaryCriteoIterDataPipe in a DataLoader: trains, and a stopped run resumed gives
+    the same losses (the shuffled batches included)."""
+    tsv = tmp_path / "rows.tsv.gz"
+    SyntheticCriteo(scale=0.001, seed=5).write_tsv(str(tsv), rows=1200)
+    conv = subprocess.run([sys.executable, "-m", "torchrec_tt.criteo", str(tsv), "--cache-dir",
+                           str(tmp_path / "cache"), "--in-memory-binary", str(tmp_path / "bin"),
+                           "--days", "3"], capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    assert conv.stdout.strip() == str(tmp_path / "bin")
+    flags = ["--in_memory_binary_criteo_path", str(tmp_path / "bin"), "--max-ind-range", "5000",
+             "--steps", "3", "--eval-every", "3", "--shuffle_batches", "--pin_memory",
+             "--mmap_mode"]
+    full = _run(tmp_path / "full", *flags, nproc=1)
+    assert "3 days (TorchRec's InMemoryBinaryCriteoIterDataPipe, mmap, shuffled batches)" in full
+    assert "validation 200 / test 200 rows of day 2" in full
+    assert "auc=" in full.strip().splitlines()[-1]
+    _run(tmp_path / "part", *flags, "--stop-after", "1", nproc=1)
+    resumed = _run(tmp_path / "part", *flags, "--resume", nproc=1)
+    assert "[tt] resumed from step 1" in resumed
+    a, b = _history(tmp_path / "full", "tt"), _history(tmp_path / "part", "tt")
+    assert len(a["loss"]) == 3 and a["loss"] == b["loss"] and a["eval"] == b["eval"]
+
+
+def test_in_memory_binary_bad_day_is_named_before_training(tmp_path: Path) -> None:
+    from torchrec_tt.criteo import tsv_to_binary_criteo
+
+    tsv = tmp_path / "rows.tsv.gz"
+    SyntheticCriteo(scale=0.001, seed=5).write_tsv(str(tsv), rows=300)
+    days = tsv_to_binary_criteo(str(tsv), str(tmp_path / "bin"), 2, str(tmp_path / "cache"))
+    labels = np.load(days[1]["labels"])
+    labels[7] = 5
+    np.save(days[1]["labels"], labels)
+    cmd = [sys.executable, str(TRAIN), "--nproc", "1", "--out", str(tmp_path / "out"), *SMALL,
+           "--in_memory_binary_criteo_path", str(tmp_path / "bin"), "--steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert "day_1_labels.npy: row 7: label must be 0 or 1, got 5" in proc.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()

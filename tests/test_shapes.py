@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torchrec_tt import shapes
 from torchrec_tt.shapes import (
     TTShape,
     factor_dim,
@@ -76,14 +76,49 @@ def test_factor_rows_small_n(n: int, k: int) -> None:
     assert math.prod(p) <= _int_ceil_root(n, k) ** k
 
 
-def test_factor_rows_fast_for_huge_n() -> None:
-    t0 = time.perf_counter()
+# Factors of the search before it was made fast (2026-12-03): the same at these sizes.
+_FACTORS_BEFORE = {
+    5461306: [(2321, 2353), (143, 181, 211), (33, 51, 55, 59)],
+    7046547: [(2419, 2913), (171, 202, 204), (47, 47, 55, 58)],
+    8351593: [(2437, 3427), (182, 192, 239), (37, 57, 60, 66)],
+    10131227: [(3071, 3299), (171, 227, 261), (46, 56, 57, 69)],
+    100000007: [(9243, 10819), (356, 529, 531), (89, 100, 106, 106)],
+    2147483647: [(39650, 54161), (1066, 1321, 1525), (163, 228, 233, 248)],
+}
+
+
+@pytest.mark.parametrize("n", sorted(_FACTORS_BEFORE))
+def test_factor_rows_unchanged_at_table_sizes(n: int) -> None:
+    assert [factor_rows(n, k) for k in (2, 3, 4)] == _FACTORS_BEFORE[n]
+
+
+def _sizes_up_to_2_40() -> list[int]:
+    """Powers of two and ten, their prime neighbours and large primes, 2 .. 2^40: sizes where
+    the old search evaluated up to ~2M candidates (~0.1-0.2 s)."""
+    sizes = {2, 3, 97, 10007, 999_999_999_989, 2**31 - 1, 2**40 - 87, 2**40 - 3, 2**40}
+    for e in range(2, 41):
+        sizes.update({2**e, 2**e + 1, 2**e - 1})
+    for e in range(1, 13):
+        sizes.update({10**e, 10**e + 7, 10**e - 1})
+    return sorted(n for n in sizes if 1 <= n <= 2**40)
+
+
+def test_factor_rows_work_is_bounded_at_every_size() -> None:
+    # The work is counted (candidate factors evaluated), not timed: ~2.6e5 at most (the pair
+    # window at 2^40, one vectorised pass), where the old search evaluated up to ~2e6, most of
+    # them one Python-level call per outer candidate.
+    worst = 0
     for k in (2, 3, 4):
-        for n in (10**10, 10**10 - 1, 9_999_999_967):
+        for n in _sizes_up_to_2_40():
+            shapes._best_factors.cache_clear()
+            shapes.search_stats["candidates"] = 0
             p = factor_rows(n, k)
-            assert math.prod(p) >= n and (math.prod(p) - n) / n < 1e-3
-    # Generous bound (the search is ~tens of ms per call); a per-row loop over N would take minutes.
-    assert time.perf_counter() - t0 < 10.0
+            worst = max(worst, shapes.search_stats["candidates"])
+            assert len(p) == k and list(p) == sorted(p) and math.prod(p) >= n
+            assert math.prod(p) <= _int_ceil_root(n, k) ** k
+            if n >= 10**6:
+                assert (math.prod(p) - n) / n < 2e-3 and max(p) / min(p) <= 2.0, (n, k, p)
+    assert worst <= 2 * shapes._PAIR_MAX_HALF_WINDOW + 1
 
 
 def test_factor_rows_rejects_bad_input() -> None:

@@ -22,12 +22,13 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torchrec.datasets.criteo import (
+    InMemoryBinaryCriteoIterDataPipe,
     CAT_FEATURE_COUNT,
     DEFAULT_CAT_NAMES,
     INT_FEATURE_COUNT,
@@ -43,9 +44,12 @@ __all__ = [
     "CriteoArrays",
     "CriteoFormatError",
     "SyntheticCriteo",
+    "binary_criteo_day_paths",
+    "binary_criteo_pipe",
     "load_criteo_npys",
     "make_batch",
     "preprocess_criteo_tsv",
+    "tsv_to_binary_criteo",
     "validate_criteo_tsv",
 ]
 
@@ -542,7 +546,8 @@ def _load_npy(path: str) -> np.ndarray:
 
 
 def load_criteo_npys(
-    folder: str, num_embeddings: Sequence[int], hash_ids: bool = True
+    folder: str, num_embeddings: Sequence[int], hash_ids: bool = True,
+    paths: Mapping[str, str] | None = None,
 ) -> CriteoArrays:
     """Reads the ``dense/sparse/labels.npy`` triple that :func:`preprocess_criteo_tsv` (TorchRec's
     layout) wrote; ids become ``id % num_embeddings[t]`` (``hash_ids=False``: ids must already be
@@ -552,9 +557,11 @@ def load_criteo_npys(
     column and value): ``labels`` shape ``[n]`` or ``[n, 1]``, integer/bool/float, every value 0
     or 1; ``dense`` shape ``[n, 13]``, floating (TorchRec's log-transformed values), finite also as
     float32; ``sparse`` shape ``[n, 26]``, integer, no negative ids (and, without hashing, below
-    the table sizes); the three row counts equal and not zero.
+    the table sizes); the three row counts equal and not zero. ``paths`` names the three files
+    (``dense``, ``sparse``, ``labels`` keys) when they are not ``folder/<key>.npy``.
     """
-    paths = {k: os.path.join(folder, f"{k}.npy") for k in ("dense", "sparse", "labels")}
+    if paths is None:
+        paths = {k: os.path.join(folder, f"{k}.npy") for k in ("dense", "sparse", "labels")}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"missing preprocessed Criteo files {missing}")
@@ -641,6 +648,82 @@ def load_criteo_npys(
     return CriteoArrays(dense, sparse, labels)
 
 
+BINARY_KINDS = ("dense", "sparse", "labels")
+
+
+def binary_criteo_day_paths(folder: str) -> list[dict[str, str]]:
+    """The ``day_<i>_{dense,sparse,labels}.npy`` triples of TorchRec's in-memory binary layout
+    (``InMemoryBinaryCriteoIterDataPipe``, dlrm_main.py's ``--in_memory_binary_criteo_path``),
+    days in order; ValueError naming the folder when a file is missing or none is there."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"--in_memory_binary_criteo_path {folder!r} is not a folder")
+    days = sorted({int(m.group(1)) for f in os.listdir(folder)
+                   if (m := re.fullmatch(r"day_(\d+)_(?:dense|sparse|labels)\.npy", f))})
+    if len(days) < 2:
+        raise ValueError(
+            f"{folder}: needs day_<i>_{{dense,sparse,labels}}.npy files for at least 2 days "
+            f"(training days, then the last day for validation/test), found days {days}")
+    out = []
+    for i, day in enumerate(days):
+        paths = {k: os.path.join(folder, f"day_{day}_{k}.npy") for k in BINARY_KINDS}
+        missing = [p for p in paths.values() if not os.path.exists(p)]
+        if day != i or missing:
+            raise ValueError(f"{folder}: days must be 0..{len(days) - 1} with all three files; "
+                             f"missing {missing or f'day_{i}'}")
+        out.append(paths)
+    return out
+
+
+def binary_criteo_pipe(days: Sequence[Mapping[str, str]], stage: str, batch_size: int, rank: int,
+                       world_size: int, num_embeddings: Sequence[int],
+                       shuffle_batches: bool = False, mmap_mode: bool = False,
+                       seed: int = 0) -> InMemoryBinaryCriteoIterDataPipe:
+    """TorchRec's ``InMemoryBinaryCriteoIterDataPipe`` over ``days`` as dlrm_main.py builds it:
+    ``"train"`` reads every day but the last (incomplete last batch dropped, so every step has
+    ``batch_size`` rows), ``"val"`` / ``"test"`` the first / second half of the last day; ids
+    are hashed modulo ``num_embeddings`` (per batch with ``mmap_mode``), batches go round-robin
+    to the ranks, ``shuffle_batches`` shuffles the rows inside each batch (numpy's global RNG,
+    seeded by the pipe with ``seed``)."""
+    if stage not in ("train", "val", "test"):
+        raise ValueError(f"stage must be 'train', 'val' or 'test', got {stage!r}")
+    chosen = list(days[:-1]) if stage == "train" else [days[-1]]
+    return InMemoryBinaryCriteoIterDataPipe(
+        stage, *[[d[k] for d in chosen] for k in BINARY_KINDS], batch_size=batch_size,
+        rank=rank, world_size=world_size, drop_last=stage == "train",
+        shuffle_batches=shuffle_batches, shuffle_training_set_random_seed=seed,
+        mmap_mode=mmap_mode, hashes=list(num_embeddings))
+
+
+def tsv_to_binary_criteo(path: str, out_dir: str, days: int = 2,
+                         cache_root: str | None = None) -> list[dict[str, str]]:
+    """Converts a Criteo TSV (plain or ``.gz``) into TorchRec's in-memory binary layout:
+    ``out_dir/day_<i>_{dense,sparse,labels}.npy`` for ``days`` consecutive blocks of rows (file
+    order, so the last day is the latest rows; TorchRec trains on all days but the last and
+    splits the last into validation and test halves).
+
+    The rows go through :func:`preprocess_criteo_tsv` (validation, then TorchRec's
+    ``BinaryCriteoUtils.tsv_to_npys`` over the whole file) and are only cut into days, so every
+    row is the same as on the ``--data`` TSV path (TorchRec's log transform subtracts the file's
+    minimum, which would differ between separately converted day files). Returns the day paths.
+    """
+    if isinstance(days, bool) or not isinstance(days, int) or days < 2:
+        raise ValueError(f"days must be an int >= 2 (training days and a last day), got {days!r}")
+    folder = preprocess_criteo_tsv(path, cache_root)
+    arrays = {k: np.load(os.path.join(folder, f"{k}.npy")) for k in BINARY_KINDS}
+    rows = len(arrays["labels"])
+    if rows < 2 * days:
+        raise ValueError(f"{path}: {rows} rows cannot fill {days} days of at least 2 rows")
+    os.makedirs(out_dir, exist_ok=True)
+    bounds = np.linspace(0, rows, days + 1).astype(int)
+    for day in range(days):
+        for k, a in arrays.items():
+            tmp = os.path.join(out_dir, f".day_{day}_{k}.npy.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, a[bounds[day]:bounds[day + 1]])
+            os.replace(tmp, os.path.join(out_dir, f"day_{day}_{k}.npy"))
+    return binary_criteo_day_paths(out_dir)
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
@@ -651,8 +734,19 @@ def _main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument("tsv")
     ap.add_argument("--cache-dir", default=None, help=f"default: {default_cache_root()}")
+    ap.add_argument("--in-memory-binary", metavar="DIR", default=None,
+                    help="write TorchRec's day_<i>_{dense,sparse,labels}.npy layout here instead "
+                    "(pass it to train.py --in_memory_binary_criteo_path); 'temp': a new "
+                    "temporary folder")
+    ap.add_argument("--days", type=int, default=2, help="--in-memory-binary: days to cut into")
     a = ap.parse_args(argv)
-    print(preprocess_criteo_tsv(a.tsv, a.cache_dir))
+    if a.in_memory_binary is None:
+        print(preprocess_criteo_tsv(a.tsv, a.cache_dir))
+        return
+    out = tempfile.mkdtemp(prefix="criteo_binary_") if a.in_memory_binary == "temp" \
+        else a.in_memory_binary
+    tsv_to_binary_criteo(a.tsv, out, a.days, a.cache_dir)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ Safety options (``fused_params`` keys, all off by default):
   ``±max_gradient``; NaN stays NaN).
 * ``skip_non_finite``: a table whose gradient holds a NaN or inf in any core is not updated that
   step (cores and state untouched) and the step is counted in ``skipped_steps[table]`` of the
-  fused optimizer. It costs a host synchronisation per table and step.
+  fused optimizer. No host synchronisation: the finiteness check stays a device tensor; SGD,
+  Adagrad and row-wise Adagrad without weight decay then update with the gradient zeroed where
+  it is false (exactly no change), Adam and weight decay compute the update and keep it only
+  where it is true (one extra copy of the table's cores and state per step); the count is read
+  back only when ``skipped_steps`` is read.
 
 Hyper-parameters are checked when the config is built (finite, in range, numbers) and the
 learning rate again at every update, when it is read from ``param_groups``.
@@ -49,7 +53,11 @@ __all__ = [
     "SUPPORTED_FUSED_OPTIMIZERS",
     "TTFusedOptimizer",
     "ValidatedLoadMixin",
-    "all_finite",
+    "apply_if",
+    "count_if_not",
+    "finite_flag",
+    "zero_grad_is_no_op",
+    "zeroed_unless",
     "effective_grad",
     "fused_update_many",
     "read_lr",
@@ -156,11 +164,39 @@ def effective_grad(core: Tensor, grad: Tensor, cfg: FusedOptimConfig) -> Tensor:
     return g if cfg.weight_decay == 0 else g.add(core, alpha=cfg.weight_decay)
 
 
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """True when no tensor holds a NaN or inf (one host synchronisation)."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the tensors' device: no NaN or inf in any (no host sync)."""
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+@torch.no_grad()
+def apply_if(ok: Tensor, tensors: Sequence[Tensor], update: Callable[[], None]) -> None:
+    """Runs ``update`` (which changes ``tensors`` in place), then puts every tensor back where
+    the 0-dim bool ``ok`` is false: a skipped step without reading ``ok`` on the host."""
+    before = [t.clone() for t in tensors]
+    update()
+    for t, old in zip(tensors, before):
+        t.copy_(torch.where(ok, t, old))
+
+
+def zero_grad_is_no_op(cfg: FusedOptimConfig) -> bool:
+    """Whether an update with an all-zero gradient leaves the core and its state exactly as they
+    were (SGD, Adagrad and row-wise Adagrad without weight decay: ``m1 += 0``, ``G -= 0`` with
+    ``eps > 0``). A skipped step is then the update of a zeroed gradient, cheaper than
+    :func:`apply_if`'s copies; Adam (its moments decay, its step counts) and weight decay need
+    the copies."""
+    return cfg.weight_decay == 0 and cfg.optimizer in (
+        EmbOptimType.EXACT_SGD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_ROWWISE_ADAGRAD)
+
+
+def zeroed_unless(ok: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` where the 0-dim bool ``ok`` is true, zeros (NaN and inf included) where not."""
+    return torch.where(ok, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def count_if_not(count: Tensor | int, ok: Tensor) -> Tensor:
+    """``count + (not ok)`` as a device tensor (a skipped-step counter)."""
+    return (~ok).to(torch.int64) + count
 
 
 @torch.no_grad()
@@ -336,8 +372,8 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
         )
         self.cfg = cfg
         self._handles: list[Any] = []
-        #: Steps skipped per table by ``skip_non_finite`` (always 0 with it off).
-        self.skipped_steps: dict[str, int] = {}
+        # Steps skipped per table by skip_non_finite: device tensors once counted (no sync).
+        self._skipped: dict[str, Tensor | int] = {}
         self._pending: dict[str, dict[str, tuple[Tensor, Tensor]]] = {}
         self.rebind(params)
 
@@ -356,7 +392,7 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
         for name in self.params:
             table = self._table_of(name)
             self._cores_per_table[table] = self._cores_per_table.get(table, 0) + 1
-            self.skipped_steps.setdefault(table, 0)
+            self._skipped.setdefault(table, 0)
         self._pending.clear()
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params.values()]
 
@@ -376,6 +412,12 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
     @property  # type: ignore[override]
     def state(self) -> dict[Tensor, dict[str, Tensor]]:
         return {p: self._state_of(name) for name, p in self.params.items()}
+
+    @property
+    def skipped_steps(self) -> dict[str, int]:
+        """Steps skipped per table by ``skip_non_finite`` (always 0 with it off); reading it
+        synchronises with the device."""
+        return {table: int(n) for table, n in self._skipped.items()}
 
     @state.setter
     def state(self, value: Mapping[Any, Any]) -> None:
@@ -398,11 +440,20 @@ class TTFusedOptimizer(ValidatedLoadMixin, KeyedOptimizer):
         if len(pending) < self._cores_per_table[table]:
             return
         del self._pending[table]
-        if not all_finite([g for _, g in pending.values()]):
-            self.skipped_steps[table] += 1
-            return
-        for core_name, (core, g) in pending.items():
-            fused_update(core, g, self._state_of(core_name), self.cfg, lr)
+        ok = finite_flag([g for _, g in pending.values()])
+        if zero_grad_is_no_op(self.cfg):
+            for core_name, (core, g) in pending.items():
+                fused_update(core, zeroed_unless(ok, g), self._state_of(core_name), self.cfg, lr)
+        else:
+            touched = [c for c, _ in pending.values()]
+            touched += [s for n in pending for s in self._state_of(n).values()]
+
+            def update() -> None:
+                for core_name, (core, g) in pending.items():
+                    fused_update(core, g, self._state_of(core_name), self.cfg, lr)
+
+            apply_if(ok, touched, update)
+        self._skipped[table] = count_if_not(self._skipped[table], ok)
 
     def step(self, closure: Any = None) -> None:  # noqa: D102 - updates already happened
         return None

@@ -30,14 +30,19 @@ SUPPORTED_NUM_CORES: tuple[int, ...] = (2, 3, 4)
 # keeps the factors near-balanced (parameter count ~ sum_k p_k, minimised by equal p_k) while still
 # offering hundreds of candidates for large N, so the minimum padding found is tiny.
 _ROW_WINDOW = 1.25
-# Cap on outer-level (Python-looped) candidates, spread over the K-2 outer levels, so the search
-# stays in the tens of milliseconds even for N ~ 1e10 and K = 4. The innermost pair is vectorised.
+# Cap on outer-level candidates, spread over the K-2 outer levels. The last two levels are
+# vectorised (three factors: one grid of first factor x pair window), so one call takes a few
+# milliseconds at any size up to MAX_ROWS (docs/benchmarks.md, "factor_rows").
 _ROW_OUTER_BUDGET = 4096
 _PAIR_MAX_HALF_WINDOW = 1 << 17
-# Above this many pair candidates in all (outer candidates x the pair window), the level above
-# the pair tries fewer outer candidates, so one call stays in the milliseconds at any size. Sizes
-# up to ~1e10 rows never reach it (their factors are the same as without it).
-_PAIR_WORK_BUDGET = 1 << 20
+# Above this many pair candidates in all (first factors x the pair window), three factors try
+# fewer first factors, so that one call stays in the milliseconds at any size. Sizes up to
+# ~1.8e8 rows (3 cores) never reach it (their factors are the same as without it).
+_GRID_BUDGET = 1 << 16
+# The same for four (or more) factors, over all the first factors tried.
+_GRID_BUDGET_4 = 1 << 18
+#: Candidates the search evaluated since the last reset (for tests that bound the work).
+search_stats = {"candidates": 0}
 
 #: Rows a table may have: the op's sort keys are ``table << 40 | index``, so indices must be
 #: below 2^40.
@@ -211,42 +216,83 @@ def _window(m: int, k: int) -> tuple[int, int]:
     return lo, min(hi, m)
 
 
-def _best_pair(m: int) -> tuple[int, tuple[int, int]]:
-    """(padding, (a, b)) with ``a * b >= m``, vectorised over the candidate window for ``a``."""
+def _pair_window(m: int) -> tuple[int, int]:
+    """Candidates for the first of two factors of ``m`` (capped for astronomically large m)."""
     lo, hi = _window(m, 2)
-    # Cap the window for astronomically large m; for m <= 1e12 it is never hit.
     mid = math.isqrt(m)
-    lo, hi = max(lo, mid - _PAIR_MAX_HALF_WINDOW), min(hi, mid + _PAIR_MAX_HALF_WINDOW)
+    return max(lo, mid - _PAIR_MAX_HALF_WINDOW), min(hi, mid + _PAIR_MAX_HALF_WINDOW)
+
+
+def _best_pair(m: int) -> tuple[int, tuple[int, int]]:
+    """(padding, (a, b)) with ``a * b >= m``: minimal padding over the candidates ``a``, then the
+    smallest ``max/min``, then the smallest ``a``; vectorised over the window."""
+    lo, hi = _pair_window(m)
+    search_stats["candidates"] += hi - lo + 1
     a = np.arange(lo, hi + 1, dtype=np.int64)
-    b = -((-m) // a)  # ceil(m / a): the smallest partner, so padding is minimal for this a
-    pad = a * b - m
-    ratio = np.maximum(a, b) / np.minimum(a, b)
-    # Lexicographic (padding, imbalance): lexsort uses its last key as primary.
-    i = int(np.lexsort((ratio, pad))[0])
-    return int(pad[i]), (int(a[i]), int(b[i]))
+    pad = (-m) % a  # with b = ceil(m / a), the smallest partner: a * b - m
+    ties = np.flatnonzero(pad == pad.min())  # few: only these need the ratio
+    at, bt = a[ties], -((-m) // a[ties])
+    i = ties[int(np.argmin(np.maximum(at, bt) / np.minimum(at, bt)))]  # first: smallest a
+    return int(pad[i]), (int(a[i]), int(-((-m) // a[i])))
+
+
+def _best_triple(m: int, per_level: int, budget: int) -> tuple[int, tuple[int, ...]]:
+    """(padding, (a, b, c)) for three factors: each candidate ``a`` with the best pair of
+    ``ceil(m / a)`` (as :func:`_best_pair` picks it), all candidates at once as one
+    ``a x b`` grid (per row, ``b`` runs over the pair window of that row's ``ceil(m / a)``)."""
+    lo, hi = _window(m, 3)
+    mid = round(m ** (1.0 / 3))
+    p_lo, p_hi = _window(-(-m // max(1, mid)), 2)
+    pair_width = min(p_hi - p_lo + 1, 2 * _PAIR_MAX_HALF_WINDOW + 1)
+    # Bound the grid: fewer first factors when the pair windows are wide.
+    per_level = min(per_level, max(4, budget // pair_width))
+    start = max(lo, min(mid - per_level // 2, hi - per_level + 1))
+    a = np.arange(start, min(hi, start + per_level - 1) + 1, dtype=np.int64)
+    rest = -((-m) // a)  # the pair must cover ceil(m / a)
+    windows = [_pair_window(int(r)) for r in rest]
+    b_lo = np.array([w[0] for w in windows], dtype=np.int64)
+    width = np.array([w[1] - w[0] + 1 for w in windows], dtype=np.int64)
+    b = b_lo[:, None] + np.arange(int(width.max()), dtype=np.int64)[None, :]
+    valid = np.arange(b.shape[1])[None, :] < width[:, None]
+    search_stats["candidates"] += int(width.sum())
+    big = np.iinfo(np.int64).max
+    rest_pad = np.where(valid, (-rest[:, None]) % b, big)
+    row_min = rest_pad.min(axis=1)
+    c = -((-rest[:, None]) // b)
+    ratio = np.where(rest_pad == row_min[:, None], np.maximum(b, c) / np.minimum(b, c), np.inf)
+    j = np.argmin(ratio, axis=1)  # the pair's choice per row (first: smallest b)
+    total = a * (rest + row_min) - m
+    best: tuple[int, float, tuple[int, ...]] | None = None
+    for i in np.flatnonzero(total == total.min()):  # the few rows with minimal padding
+        f = (int(a[i]), int(b[i, j[i]]), int(c[i, j[i]]))
+        key = (int(total[i]), _imbalance(f), f)
+        if best is None or key < best:
+            best = key
+    assert best is not None
+    return best[0], best[2]
 
 
 @lru_cache(maxsize=4096)
-def _best_factors(m: int, k: int, per_level: int) -> tuple[int, tuple[int, ...]]:
-    """(padding, factors) minimising padding of ``k`` factors covering ``m``, then imbalance."""
+def _best_factors(m: int, k: int, per_level: int, budget: int = 0) -> tuple[int, tuple[int, ...]]:
+    """(padding, factors) minimising padding of ``k`` factors covering ``m``, then imbalance;
+    three factors evaluate at most about ``budget`` pair candidates (``_GRID_BUDGET`` if 0)."""
     if k == 1:
         return 0, (m,)
     if k == 2:
         return _best_pair(m)
+    if k == 3:
+        return _best_triple(m, per_level, budget or _GRID_BUDGET)
     lo, hi = _window(m, k)
     mid = round(m ** (1.0 / k))
-    if k == 3:
-        # Each candidate costs a vectorised pair search over its window: bound the total.
-        p_lo, p_hi = _window(-(-m // max(1, mid)), 2)
-        pair_width = min(p_hi - p_lo + 1, 2 * _PAIR_MAX_HALF_WINDOW + 1)
-        per_level = min(per_level, max(16, _PAIR_WORK_BUDGET // pair_width))
     # The per_level candidates nearest the root (the whole window when it is small enough).
     start = max(lo, min(mid - per_level // 2, hi - per_level + 1))
     cands = range(start, min(hi, start + per_level - 1) + 1)
+    # The levels below share the budget (so does each level below them).
+    share = max(1 << 10, (budget or _GRID_BUDGET_4) // len(cands))
     best: tuple[int, float, tuple[int, ...]] | None = None
     for a in cands:
         rest_m = -(-m // a)  # the other factors must cover ceil(m / a)
-        rest_pad, rest = _best_factors(rest_m, k - 1, per_level)
+        rest_pad, rest = _best_factors(rest_m, k - 1, per_level, share)
         # Total padding a * (rest_m + rest_pad) - m: minimal for this a because rest is minimal.
         pad = a * (rest_m + rest_pad) - m
         f = (a, *rest)

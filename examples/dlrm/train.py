@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import re
 import resource
 import socket
 import subprocess
@@ -52,10 +51,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
+from torch.utils.data import DataLoader
 from torchrec.datasets.utils import Batch
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -87,6 +88,7 @@ from torchrec_tt.sharding import (
     ErrorBoundPolicy,
     TTEmbeddingBagCollectionSharder,
     error_bounded_qcomm_codecs,
+    tt_skipped_steps,
 )
 from torchrec_tt.sharding import plan as tt_plan
 from torchrec_tt.swap import HybridEmbeddingBagCollection, TTPolicy, swap_configs
@@ -187,8 +189,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(g, "multi_hot_distribution_type", choices=("pareto", "uniform"), default="pareto",
           help="multi-hot ids after the first: the Zipf law of the first (pareto) or uniform "
           "over the table")
+    _flag(g, "in_memory_binary_criteo_path", default=None,
+          help="folder of TorchRec's preprocessed day_<i>_{dense,sparse,labels}.npy files, read "
+          "by TorchRec's InMemoryBinaryCriteoIterDataPipe in a DataLoader (as dlrm_main.py): "
+          "trains on every day but the last (last incomplete batch dropped), validates on the "
+          "first half of the last day, tests on its second half at the end; make one from a "
+          "TSV with: python -m torchrec_tt.criteo TSV --in-memory-binary temp")
+    _flag(g, "mmap_mode", action="store_true",
+          help="--in_memory_binary_criteo_path: memory-map the .npy files instead of reading "
+          "them into memory (ids are then hashed per batch)")
+    _flag(g, "shuffle_batches", action="store_true",
+          help="--in_memory_binary_criteo_path: shuffle the rows inside each batch (TorchRec's "
+          "meaning; seeded by --seed)")
     _flag(g, "pin_memory", action="store_true",
-          help="pin host-made batches (real data) so copies to the GPU overlap compute")
+          help="pin host-made batches (real data: the DataLoader's pin_memory) so copies to the "
+          "GPU overlap compute (no effect on CPU)")
     _flag(g, "eval_samples", type=int, default=65536, help="synthetic test rows")
     _flag(g, "test_fraction", type=float, default=0.2, help="real data: test share")
     _flag(g, "split_seed", type=int, default=0, help="real data: train/test split")
@@ -238,7 +253,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(g, "embedding_learning_rate", "--emb-lr", type=float, default=0.05,
           help="row-wise Adagrad on the plain tables (fused into the backward)")
     _flag(g, "tt_learning_rate", "--tt-lr", type=float, default=0.05,
-          help="Adagrad on the TT cores")
+          help="Adagrad on the TT cores (fused into the backward, as the plain tables')")
+    _flag(g, "no_skip_non_finite", action="store_true",
+          help="let a NaN/inf gradient update the TT cores; by default such a step of a TT "
+          "table is skipped (cores and optimizer state untouched) and counted in the summary "
+          "(the fused optimizer's skip_non_finite; no host sync)")
     g = ap.add_argument_group("communication")
     comms = g.add_mutually_exclusive_group()
     _flag(comms, "lossy_comms", type=float, default=None, metavar="BOUND",
@@ -348,7 +367,13 @@ def validate_args(args: argparse.Namespace) -> None:
                              f"sparse feature), got {len(value)}")
     if args.num_embeddings is not None and args.num_embeddings_per_feature is not None:
         raise ValueError("give --num_embeddings or --num_embeddings_per_feature, not both")
-    if args.multi_hot_sizes is not None and args.data is not None:
+    if args.data is not None and args.in_memory_binary_criteo_path is not None:
+        raise ValueError("give --data or --in_memory_binary_criteo_path, not both")
+    if args.in_memory_binary_criteo_path is not None:
+        criteo.binary_criteo_day_paths(args.in_memory_binary_criteo_path)  # names what is missing
+    elif args.mmap_mode or args.shuffle_batches:
+        raise ValueError("--mmap_mode / --shuffle_batches apply to --in_memory_binary_criteo_path")
+    if args.multi_hot_sizes is not None and (args.data or args.in_memory_binary_criteo_path):
         raise ValueError("--multi_hot_sizes: multi-hot features are synthetic only; real "
                          "Criteo rows have one id per feature")
     if args.resume and not args.resume_if_present:
@@ -382,10 +407,14 @@ class Data:
     synthetic: DeviceSyntheticCriteo | None = None
     train: criteo.CriteoArrays | None = None
     test: criteo.CriteoArrays | None = None
+    #: --in_memory_binary_criteo_path: TorchRec's pipes by stage ("train", "val", "test").
+    binary: dict[str, Any] | None = None
     description: str = ""
 
     def batches_per_epoch(self, args: argparse.Namespace, world: int) -> int | None:
         """Local batches in one pass over the real training rows (None: synthetic, endless)."""
+        if self.binary is not None:
+            return len(self.binary["train"])
         if self.train is None:
             return None
         return len(self.train) // (args.batch_size * world)
@@ -397,12 +426,27 @@ class Data:
         if self.synthetic is not None:
             for step in itertools.count(start):
                 yield self.synthetic.batch(args.batch_size, 0, step * world + rank)
+        elif self.binary is not None:
+            # TorchRec's pipe in a DataLoader, epoch after epoch, as dlrm_main.py reads it.
+            # Resuming reads (and drops) the batches before ``start``, so that the pipe's
+            # shuffling RNG is where it was.
+            loader = DataLoader(self.binary["train"], batch_size=None, collate_fn=lambda b: b,
+                                pin_memory=args.pin_memory and torch.cuda.is_available())
+            for i, batch in enumerate(itertools.chain.from_iterable(itertools.repeat(loader))):
+                if i >= start:
+                    yield batch
         else:
             assert self.train is not None
             for batch in self.train.batches(args.batch_size, rank, world, start, args.seed):
                 yield batch.pin_memory() if args.pin_memory else batch
 
-    def test_batches(self, args: argparse.Namespace, rank: int, world: int) -> Iterator[Batch]:
+    def test_batches(self, args: argparse.Namespace, rank: int, world: int,
+                     final: bool = True) -> Iterator[Batch]:
+        """Evaluation batches of this rank (binary days: the last day's validation half, its
+        test half for the ``final`` evaluation)."""
+        if self.binary is not None:
+            yield from self.binary["test" if final else "val"]
+            return
         if self.synthetic is not None:
             per_rank = math.ceil(args.eval_samples / world)
             blocks = math.ceil(per_rank / args.test_batch_size)
@@ -421,7 +465,7 @@ def cardinalities(args: argparse.Namespace) -> list[int]:
         return list(args.num_embeddings_per_feature)
     if args.num_embeddings is not None:
         return [args.num_embeddings] * criteo.CAT_FEATURE_COUNT
-    if args.data is None:
+    if args.data is None and args.in_memory_binary_criteo_path is None:
         return [max(2, int(round(n * args.scale))) for n in criteo.KAGGLE_CARDINALITIES]
     cards = list(criteo.KAGGLE_CARDINALITIES)
     if args.max_ind_range > 0:
@@ -431,6 +475,8 @@ def cardinalities(args: argparse.Namespace) -> list[int]:
 
 def load_data(args: argparse.Namespace, rank: int, device: torch.device) -> Data:
     cards = cardinalities(args)
+    if args.in_memory_binary_criteo_path is not None:
+        return load_binary(args, cards, rank, dist.get_world_size())
     if args.data is None:
         model = criteo.SyntheticCriteo(scale=args.scale, seed=args.seed, num_embeddings=cards)
         syn = DeviceSyntheticCriteo(model, args.multi_hot_sizes,
@@ -457,6 +503,30 @@ def load_data(args: argparse.Namespace, rank: int, device: torch.device) -> Data
     return Data(cards, train=train, test=test,
                 description=f"{path}: {len(train)} train / {len(test)} test rows "
                 f"(split seed {args.split_seed})")
+
+
+def load_binary(args: argparse.Namespace, cards: list[int], rank: int, world: int) -> Data:
+    """TorchRec's in-memory binary days (``--in_memory_binary_criteo_path``), each day's files
+    checked first (``criteo.load_criteo_npys``: shapes, row counts, labels, finite dense values,
+    ids), then read by ``InMemoryBinaryCriteoIterDataPipe``."""
+    days = criteo.binary_criteo_day_paths(args.in_memory_binary_criteo_path)
+    for day in days:
+        criteo.load_criteo_npys(args.in_memory_binary_criteo_path, cards, paths=day)
+    # Each pipe seeds numpy's global RNG when built: the training pipe comes last, so that its
+    # --shuffle_batches order depends on --seed only.
+    pipes = {stage: criteo.binary_criteo_pipe(days, stage, args.test_batch_size, rank, world,
+                                              cards, seed=args.seed, mmap_mode=args.mmap_mode)
+             for stage in ("val", "test")}
+    pipes["train"] = criteo.binary_criteo_pipe(
+        days, "train", args.batch_size, rank, world, cards, shuffle_batches=args.shuffle_batches,
+        mmap_mode=args.mmap_mode, seed=args.seed)
+    last = len(np.load(days[-1]["labels"], mmap_mode="r"))
+    return Data(cards, binary=pipes, description=(
+        f"{args.in_memory_binary_criteo_path}: {len(days)} days (TorchRec's "
+        f"InMemoryBinaryCriteoIterDataPipe{', mmap' if args.mmap_mode else ''}"
+        f"{', shuffled batches' if args.shuffle_batches else ''}): train days 0-{len(days) - 2}, "
+        f"{len(pipes['train'])} batches/rank; validation {(last + 1) // 2} / test {last // 2} "
+        f"rows of day {len(days) - 1}"))
 
 
 # ------------------------------------------------------------------------------ model
@@ -491,9 +561,11 @@ def tt_configs(args: argparse.Namespace,
 
 def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
           pg: dist.ProcessGroup, configs: list[EmbeddingBagConfig] | None = None,
+          fuse_tt: bool = True,
           ) -> tuple[DistributedModelParallel, CombinedOptimizer, HybridEmbeddingBagCollection]:
     """The sharded model and its optimizers; ``configs`` overrides the tables (the collapsed
-    model of an MLET run)."""
+    model of an MLET run); ``fuse_tt=False`` leaves the TT cores without their fused optimizer
+    (a model that is only evaluated: no TT optimizer state in its state dict)."""
     torch.manual_seed(args.seed)
     if configs is None:
         configs = table_configs(args, data.cardinalities, tt)
@@ -511,17 +583,22 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
             scale = mlet_rowwise_lr_scale(ebc.mlet.embedding_bag_configs()[0])
         apply_optimizer_in_backward(RowWiseAdagrad, ebc.mlet.ebc.parameters(),
                                     {"lr": args.embedding_learning_rate * scale})
-    # TT cores: Adagrad fused into the lookup's backward (torch.optim.Adagrad's arithmetic and
-    # eps), as the plain tables' row-wise Adagrad is. One batched update of all cores, no DDP of
-    # the data-parallel TT tables and no optimizer step of their own: on a GPU the step is bound
-    # by host launch time (docs/benchmarks.md, "One-GPU step time").
+    # TT cores (MLET's TT tables too): Adagrad fused into the lookup's backward by the TT sharder
+    # (torch.optim.Adagrad's arithmetic and eps; skip_non_finite from its fused_params), as the
+    # plain tables' row-wise Adagrad is: no DDP of the data-parallel TT tables and no optimizer
+    # step of their own, which on a GPU, where the step is bound by host launch time, counts
+    # (docs/benchmarks.md, "One-GPU step time").
     for tt_child in (ebc.tt, ebc.mlet.tt if ebc.mlet is not None else None):
-        if tt_child is not None:
+        if tt_child is not None and fuse_tt:
             apply_optimizer_in_backward(torch.optim.Adagrad, tt_child.parameters(),
                                         {"lr": args.tt_learning_rate, "eps": 1e-10})
     registries, policy = comms_registries(args, device, pg)
-    sharders: list[Any] = [TTEmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[0]),
-                           EmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[1])]
+    sharders: list[Any] = [
+        TTEmbeddingBagCollectionSharder(
+            qcomm_codecs_registry=registries[0],
+            fused_params={"skip_non_finite": not args.no_skip_non_finite} if fuse_tt else None),
+        EmbeddingBagCollectionSharder(qcomm_codecs_registry=registries[1]),
+    ]
     world = dist.get_world_size(pg)
     topology = Topology(world_size=world, compute_device=device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
@@ -535,7 +612,7 @@ def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device,
                                    plan=sharding_plan, sharders=sharders)
     dmp.lossy_policy = policy  # stepped by train_one, saved with the checkpoints
-    params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    params = dict(in_backward_optimizer_filter(dmp.named_parameters()))  # no fused tables
     projections = {k: v for k, v in params.items()  # MLET's (dense), with their own lr
                    if ".embedding_bag_collection.mlet.projections." in k}
     dense_params = {k: v for k, v in params.items() if k not in projections}
@@ -674,12 +751,14 @@ class EvalMetrics:
 
 @torch.no_grad()
 def evaluate(dmp: DistributedModelParallel, data: Data, args: argparse.Namespace, rank: int,
-             world: int, device: torch.device, pg: dist.ProcessGroup) -> dict[str, float]:
-    """Test metrics (:class:`EvalMetrics`) over all ranks' test rows."""
+             world: int, device: torch.device, pg: dist.ProcessGroup,
+             final: bool = True) -> dict[str, float]:
+    """Test metrics (:class:`EvalMetrics`) over all ranks' test rows (binary days: the
+    validation half of the last day unless ``final``)."""
     metrics = EvalMetrics(world, rank, args.test_batch_size, device, pg)
     was_training = dmp.training
     dmp.eval()
-    for batch in data.test_batches(args, rank, world):
+    for batch in data.test_batches(args, rank, world, final):
         batch = batch.to(device, non_blocking=True)
         _, (_, logits, labels) = dmp(batch)
         metrics.update(logits, labels)
@@ -768,6 +847,8 @@ class RunResult:
     pooled_a2a_bytes_per_step: float = float("nan")
     plan: dict[str, str] = field(default_factory=dict)
     pipelined: list[str] = field(default_factory=list)
+    #: TT tables' updates dropped by skip_non_finite (NaN/inf gradients), over the whole run.
+    skipped_steps: dict[str, int] = field(default_factory=dict)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -817,6 +898,19 @@ class LossLog:
         return sum(t for _, t in windows) / steps if steps else float("nan")
 
 
+def skipped_steps(dmp: DistributedModelParallel, pg: dist.ProcessGroup, device: torch.device,
+                  history: dict[str, Any]) -> dict[str, int]:
+    """TT updates skipped per table so far (this run's counts, which only the ranks holding a
+    table keep, maxed over ranks; plus a resumed run's earlier ones). Reads the device."""
+    counts = tt_skipped_steps(dmp.fused_optimizer)
+    tables = sorted(counts)
+    now = torch.tensor([counts[t] for t in tables], dtype=torch.int64, device=device)
+    if tables:
+        dist.all_reduce(now, op=dist.ReduceOp.MAX, group=pg)
+    before = history.get("skipped_steps_resumed", {})
+    return {t: int(n) + int(before.get(t, 0)) for t, n in zip(tables, now.tolist())}
+
+
 def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world: int,
               device: torch.device, pg: dist.ProcessGroup, writer_factory: Any) -> RunResult:
     dmp, optimizer, ebc = build(args, data, name == "tt", device, pg)
@@ -831,6 +925,8 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
         if loaded is not None:
             start, history = loaded
             history.setdefault("samples_per_s", [])
+            # The counters start at 0 again; the checkpoint's counts are added to them.
+            history["skipped_steps_resumed"] = history.get("skipped_steps", {})
             if rank == 0:
                 print(f"[{name}] resumed from step {start}", flush=True)
     eval_every = args.validation_freq_within_epoch or max(1, args.steps // 10)
@@ -895,7 +991,8 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
             read_losses(step)
         if evaluating:
             detach_pipeline(pipeline, dmp)  # plain forwards; the next progress() re-attaches
-            metrics = evaluate(dmp, data, args, rank, world, device, pg)
+            metrics = evaluate(dmp, data, args, rank, world, device, pg,
+                               final=step == args.steps)
             history["eval"].append({"step": step, **metrics})
             if writer is not None:
                 for key, value in metrics.items():
@@ -907,6 +1004,7 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
                 (bar.write(msg) if bar is not None else print(msg, flush=True))
         if saving:
             detach_pipeline(pipeline, dmp)
+            history["skipped_steps"] = skipped_steps(dmp, pg, device, history)
             save_checkpoint(args, name, dmp, optimizer, step, history, rank)
         if evaluating or saving:
             log.restart_clock()  # step time leaves evaluations and checkpoints out
@@ -916,6 +1014,10 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
         writer.close()
     result.steps = step
     result.stopped = step < args.steps
+    result.skipped_steps = skipped_steps(dmp, pg, device, history)
+    if rank == 0 and any(result.skipped_steps.values()):
+        print(f"[{name}] non-finite TT gradients: updates skipped per table "
+              f"{ {t: n for t, n in result.skipped_steps.items() if n} }", flush=True)
     result.step_ms = 1e3 * log.step_seconds()
     result.samples_per_s = samples_per_step / log.step_seconds()
     result.peak_mib = peak_memory_mib(device)
@@ -950,9 +1052,6 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     return result
 
 
-_OPTIMIZER_STATE = re.compile(r"\.core_\d+_(momentum1|momentum2|step)$")
-
-
 def evaluate_collapsed(args: argparse.Namespace, name: str, dmp: DistributedModelParallel,
                        ebc: HybridEmbeddingBagCollection, data: Data, rank: int, world: int,
                        device: torch.device, pg: dist.ProcessGroup) -> dict[str, float]:
@@ -966,15 +1065,10 @@ def evaluate_collapsed(args: argparse.Namespace, name: str, dmp: DistributedMode
     errors = collapse_checkpoint(src, dst, ebc,
                                  prefix="model.model.sparse_arch.embedding_bag_collection.")
     configs = [collapsed_config(c) for c in ebc.embedding_bag_configs()]
-    collapsed, _, _ = build(args, data, False, device, pg, configs=configs)
-    # The collapsed checkpoint holds weights only; the collapsed TT tables' fused-optimizer state
-    # (``core_K_momentum1`` ...) starts at zero and is not used by the evaluation.
-    weights = {k: v for k, v in collapsed.state_dict().items()
-               if not _OPTIMIZER_STATE.search(k)}
-    state = {"model": weights}
+    collapsed, _, _ = build(args, data, False, device, pg, configs=configs, fuse_tt=False)
+    state = {"model": collapsed.state_dict()}
     dcp.load(state, checkpoint_id=dst)
-    missing = collapsed.load_state_dict(state["model"], strict=False).missing_keys
-    assert all(_OPTIMIZER_STATE.search(k) for k in missing), missing
+    collapsed.load_state_dict(state["model"])
     metrics = evaluate(collapsed, data, args, rank, world, device, pg)
     metrics["max_tt_svd_error"] = max(errors.values(), default=0.0)
     metrics["mean_tt_svd_error"] = sum(errors.values()) / len(errors) if errors else 0.0
@@ -1087,7 +1181,8 @@ def report(args: argparse.Namespace, results: list[RunResult], data: Data, world
             f"emb_bytes={main.embedding_bytes:.0f} step_ms={main.step_ms:.1f} "
             f"samples_per_s={main.samples_per_s:.0f} "
             f"a2a_bytes_per_step={main.a2a_bytes_per_step:.0f} "
-            f"pooled_bytes_per_step={main.pooled_a2a_bytes_per_step:.0f}")
+            f"pooled_bytes_per_step={main.pooled_a2a_bytes_per_step:.0f} "
+            f"skipped_tt_updates={sum(main.skipped_steps.values())}")
     if "tt" in by and "uncompressed" in by:
         base = by["uncompressed"]
         line += (f" auc_uncompressed={base.auc:.4f} auc_delta={main.auc - base.auc:+.4f} "

@@ -24,7 +24,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 import test_workflows_gloo as workflows
 import tt_dist_cases as cases
 from torchrec_tt import TTEmbeddingBagCollection
-from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
+from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder, tt_skipped_steps
 from torchrec_tt.sharding.testing import run_multiprocess
 
 pytestmark = [
@@ -238,3 +238,98 @@ def test_fused_state_checkpoint_across_plans_and_world_sizes(tmp_path: Any) -> N
     single.load_state_dict(state)
     # (The checkpoint holds the sharded model's values, equal to the reference up to rounding.)
     cases.assert_state_matches(single.state_dict(), expected)
+
+
+# ------------------------------------------------------------------ skip_non_finite
+
+
+def _nan_weight(kjt: Any, key: str) -> Any:
+    """The same KJT with a NaN per-sample weight on the first id of ``key``."""
+    weights = kjt.weights().clone()
+    start = kjt.offset_per_key()[kjt.keys().index(key)]
+    assert kjt.length_per_key()[kjt.keys().index(key)] > 0
+    weights[start] = float("nan")
+    return type(kjt)(keys=kjt.keys(), values=kjt.values(), offsets=kjt.offsets(), weights=weights)
+
+
+def _skip_in_dmp(rank: int, world_size: int) -> int:
+    """A NaN weight in rank 1's batch of t0 (column_wise over both ranks; t1 dp, t2 tw): both
+    ranks skip the step (and count it) as the unsharded model with the option does on the
+    rank-averaged batch, state equal to it; the finite steps before and after match it too."""
+    fused = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": FUSED_LR,
+             "skip_non_finite": True}
+    model = cases.make_model(0, plain=False, weighted=True)
+    reference = cases.make_model(0, plain=False, weighted=True, fused_params=fused)
+    specs = {"t0": ("cw", [1, 0]), "t1": ("dp",), "t2": ("tw", 0)}
+    dmp = cases.shard(model, cases.manual_plan(model, specs, world_size),
+                      [TTEmbeddingBagCollectionSharder(fused_params=fused)])
+    dense = torch.optim.SGD(dict(in_backward_optimizer_filter(dmp.named_parameters())).values(), lr=LR)
+    ref_dense = torch.optim.SGD(reference.head.parameters(), lr=LR)
+    compared = 0
+    for step in range(3):
+        batches = [cases.batch_for(r, step, plain=False, weighted=True) for r in range(world_size)]
+        if step == 1:
+            batches[1] = (_nan_weight(batches[1][0], "f0"),)
+        dmp(*batches[rank]).backward()
+        loss = sum(reference(*b) for b in batches) / world_size
+        loss.backward()
+        # The dense head sees the NaN too; both models drop its gradient alike.
+        for opt in (dense, ref_dense):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            opt.step()
+            opt.zero_grad()
+        # Rank 1's NaN sample reaches every table's gradient through the shared head.
+        expected = {t: int(step >= 1) for t in ("t0", "t1", "t2")}
+        assert reference.tt.fused_optimizer.skipped_steps == expected
+        expected["t2"] *= int(rank == 0)  # table_wise: counted where the table lives
+        assert tt_skipped_steps(dmp.fused_optimizer) == expected, (rank, step)
+        compared += cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
+    return compared
+
+
+def _skip_on_one_rank_shard(rank: int, world_size: int, optimizer: EmbOptimType) -> int:
+    """column_wise: an inf in the core_0 shard gradient of rank 1 only (the replicated cores'
+    gradients finite): the reduced flag makes rank 0 skip the table too, nothing moves on
+    either rank, and the next finite update applies on both. (Adam skips by keeping copies,
+    row-wise Adagrad by zeroing the gradients and the reduced row statistics.)"""
+    from torchrec_tt.optim import FusedOptimConfig
+    from torchrec_tt.shapes import make_tt_shape
+    from torchrec_tt.sharding.fused import FusedTable, TTFusedUpdate
+    from torchrec_tt.sharding.lookup import TTLocalTable
+
+    shape = make_tt_shape(50, 8, [4])
+    table = TTLocalTable("t", shape, "column_wise", local_column_shards=[(4 * rank, 4)])
+    torch.manual_seed(0)
+    for p in table.parameters():
+        torch.nn.init.normal_(p)
+    cfg = FusedOptimConfig(optimizer, learning_rate=0.1, skip_non_finite=True)
+    table.init_optimizer_state(cfg.state_shapes)
+    fused = {"t": FusedTable(cfg, {"lr": 0.1})}
+    update = TTFusedUpdate([table], fused, reduce="sum", group=torch.distributed.group.WORLD)
+    params = [*table.replicated_cores(), *table.core_0_shards]
+    before = {k: v.clone() for k, v in [*table.named_parameters(), *table.named_buffers()]}
+    grads = [torch.ones_like(p) for p in params]
+    if rank == 1:
+        grads[-1][0, 0] = float("inf")  # this rank's core_0 shard only
+    update(params, [g.clone() for g in grads])
+    assert fused["t"].skipped_steps == 1
+    for k, v in [*table.named_parameters(), *table.named_buffers()]:
+        assert torch.equal(v, before[k]), (rank, k)
+    update(params, [torch.ones_like(p) for p in params])
+    assert fused["t"].skipped_steps == 1
+    moved = [k for k, v in table.named_parameters() if not torch.equal(v, before[k])]
+    assert sorted(moved) == sorted(k for k, _ in table.named_parameters()), moved
+    return len(moved)
+
+
+def check_skip_non_finite(rank: int, world_size: int) -> dict[str, int]:
+    return {"dmp": _skip_in_dmp(rank, world_size),
+            **{f"one_rank_shard_{o.name}": _skip_on_one_rank_shard(rank, world_size, o)
+               for o in (EmbOptimType.ADAM, EmbOptimType.EXACT_ROWWISE_ADAGRAD)}}
+
+
+def test_skip_non_finite_sharded_column_wise_reduces_the_flag() -> None:
+    for per_rank in run_multiprocess(check_skip_non_finite, WORLD):
+        assert all(n > 0 for n in per_rank.values()), per_rank
