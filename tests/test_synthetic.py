@@ -42,6 +42,20 @@ def test_batches_are_a_function_of_the_index_only(device: str) -> None:
     assert not torch.equal(a.labels, gen.batch(256, 1, 5).labels)  # streams differ
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_batches_per_call_are_the_single_batches(device: str) -> None:
+    """``batches`` draws several blocks in one pass, bit for bit the blocks ``batch`` draws."""
+    sizes = [1 + (t % 3) for t in range(CAT_FEATURE_COUNT)]
+    gen = DeviceSyntheticCriteo(SyntheticCriteo(scale=0.001, seed=1), sizes, device=device)
+    indices = [3, 4, 11, 0]
+    for got, i in zip(gen.batches(100, 2, indices), indices):
+        want = gen.batch(100, 2, i)
+        assert torch.equal(got.dense_features, want.dense_features)
+        assert torch.equal(got.labels, want.labels)
+        assert torch.equal(got.sparse_features.values(), want.sparse_features.values())
+        assert torch.equal(got.sparse_features.lengths(), want.sparse_features.lengths())
+
+
 def test_rows_follow_the_tables_and_the_click_rate() -> None:
     model = SyntheticCriteo(num_embeddings=list(range(2, 2 + CAT_FEATURE_COUNT)), seed=2)
     gen = DeviceSyntheticCriteo(model)

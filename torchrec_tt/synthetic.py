@@ -159,11 +159,18 @@ class DeviceSyntheticCriteo:
                 hi = mid
         return (lo + hi) / 2
 
-    def _draw(self, n: int, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dense counts ``[n, 13]`` (float64), ids ``[n, sum L]`` and label uniforms ``[n]``."""
+    def _draw(self, n: int, key: int | Sequence[int]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense counts ``[n, 13]`` (float64), ids ``[n, sum L]`` and label uniforms ``[n]``;
+        several keys: their blocks of ``n`` rows one after the other, each the same bits as
+        drawn alone (``[len(key) * n, ...]``)."""
         per_row = 2 * INT_FEATURE_COUNT + self.num_ids + 1
-        counter = torch.arange(n * per_row, dtype=torch.int64, device=self.device)
-        h = splitmix64(counter * _signed(_GOLDEN) + key).view(n, per_row)
+        counter = torch.arange(n * per_row, dtype=torch.int64, device=self.device) * _signed(_GOLDEN)
+        if isinstance(key, int):
+            h = splitmix64(counter + key).view(n, per_row)
+        else:
+            keys = torch.tensor(list(key), dtype=torch.int64).to(self.device, non_blocking=True)
+            h = splitmix64(counter[None, :] + keys[:, None]).view(len(keys) * n, per_row)
         d = 2 * INT_FEATURE_COUNT
         u1, u2 = _unit(h[:, 0:d:2], half=True), _unit(h[:, 1:d:2], half=False)
         g = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
@@ -203,7 +210,22 @@ class DeviceSyntheticCriteo:
     def batch(self, batch_size: int, stream: int, index: int) -> Batch:
         """Block ``index`` of ``stream`` as a TorchRec ``Batch`` on the device (dense
         ``log(1 + count)``, KJT keys ``cat_0 .. cat_25`` with ``L_t`` ids per bag)."""
-        dense, ids, labels, _ = self.sample(batch_size, stream, index)
+        return self.batches(batch_size, stream, [index])[0]
+
+    def batches(self, batch_size: int, stream: int, indices: Sequence[int]) -> list[Batch]:
+        """Blocks ``indices`` of ``stream``, each equal to ``batch(batch_size, stream, i)``,
+        drawn in one pass: a batch is ~400 small tensor ops, so on a GPU making several per
+        call divides their launch cost (the hashes are per row and key, so the bits match)."""
+        keys = [_key(self.model.seed, stream, i) for i in indices]
+        dense, ids, u = self._draw(batch_size, keys[0] if len(keys) == 1 else keys)
+        labels = (u < torch.sigmoid(self.logits(dense, ids))).to(torch.int64)
+        return [self._to_batch(dense[k * batch_size:(k + 1) * batch_size],
+                               ids[k * batch_size:(k + 1) * batch_size],
+                               labels[k * batch_size:(k + 1) * batch_size])
+                for k in range(len(keys))]
+
+    def _to_batch(self, dense: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> Batch:
+        batch_size = dense.shape[0]
         # KJT values are feature-major: feature t's bags of all rows, then feature t + 1's.
         values = torch.cat([ids[:, a:b].reshape(-1) for a, b in self._bounds])
         lengths = self._lengths.get(batch_size)

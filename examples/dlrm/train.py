@@ -399,6 +399,10 @@ def resolve_steps(args: argparse.Namespace, batches_per_epoch: int | None) -> in
 # ------------------------------------------------------------------------------ data
 
 
+# Rows of synthetic batches made per generator call (its temporaries are a few KB per row).
+SYNTHETIC_ROWS_PER_CALL = 131_072
+
+
 @dataclass
 class Data:
     """Train batches from a step on, and the test batches of this rank."""
@@ -424,8 +428,11 @@ class Data:
         """Synthetic batches are made on the training device; real ones on the host (pinned
         with --pin_memory), for the pipeline to copy."""
         if self.synthetic is not None:
-            for step in itertools.count(start):
-                yield self.synthetic.batch(args.batch_size, 0, step * world + rank)
+            # Several batches per call (up to 131,072 rows): the same batches, fewer launches.
+            per_call = max(1, SYNTHETIC_ROWS_PER_CALL // args.batch_size)
+            for first in itertools.count(start, per_call):
+                indices = [step * world + rank for step in range(first, first + per_call)]
+                yield from self.synthetic.batches(args.batch_size, 0, indices)
         elif self.binary is not None:
             # TorchRec's pipe in a DataLoader, epoch after epoch, as dlrm_main.py reads it.
             # Resuming reads (and drops) the batches before ``start``, so that the pipe's
