@@ -414,3 +414,32 @@ def test_in_memory_binary_bad_day_is_named_before_training(tmp_path: Path) -> No
     assert proc.returncode != 0
     assert "day_1_labels.npy: row 7: label must be 0 or 1, got 5" in proc.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
+
+
+# ------------------------------------------------------------------------------ LR policy
+
+
+def test_lr_factor_is_dlrm_mains_policy(capsys: pytest.CaptureFixture[str]) -> None:
+    train = _import_train()
+    f = train.lr_factor
+    assert [f(s, 4, 0, 0) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    # warm-up 2, flat, decay from step 4 over 4 steps (power 2), then held
+    got = [f(s, 2, 4, 4) for s in range(10)]
+    assert got == [0.5, 1.0, 1.0, 1.0, 1.0, 0.5625, 0.25, 0.0625, 0.0625, 0.0625]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--lr_warmup_steps", "-1"])
+    assert "--lr_warmup_steps must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_lr_schedule_changes_training_and_resumes_exactly(tmp_path: Path) -> None:
+    base = ["--mode", "tt", "--steps", "4", "--eval-every", "4"]
+    sched = [*base, "--lr_warmup_steps", "2", "--lr_decay_start", "2", "--lr_decay_steps", "2"]
+    _run(tmp_path / "plain", *base, nproc=1)
+    _run(tmp_path / "full", *sched, nproc=1)
+    plain, full = _history(tmp_path / "plain", "tt"), _history(tmp_path / "full", "tt")
+    assert plain["loss"][0] == full["loss"][0]  # the first step's forward precedes any update
+    assert plain["loss"][1:] != full["loss"][1:]  # halved, then decayed, rates
+    _run(tmp_path / "part", *sched, "--stop-after", "3", nproc=1)
+    _run(tmp_path / "part", *sched, "--resume", nproc=1)
+    part = _history(tmp_path / "part", "tt")
+    assert part["loss"] == full["loss"] and part["eval"] == full["eval"]

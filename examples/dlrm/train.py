@@ -254,6 +254,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           help="row-wise Adagrad on the plain tables (fused into the backward)")
     _flag(g, "tt_learning_rate", "--tt-lr", type=float, default=0.05,
           help="Adagrad on the TT cores (fused into the backward, as the plain tables')")
+    _flag(g, "lr_warmup_steps", type=int, default=0,
+          help="learning rates (all optimizers) ramp linearly from 0 over this many steps "
+          "(TorchRec's dlrm_main.py LR policy)")
+    _flag(g, "lr_decay_start", type=int, default=0,
+          help="step at which the polynomial (power 2) learning-rate decay starts")
+    _flag(g, "lr_decay_steps", type=int, default=0,
+          help="steps of the decay (0: none); after it the rates stay at the last value")
     _flag(g, "no_skip_non_finite", action="store_true",
           help="let a NaN/inf gradient update the TT cores; by default such a step of a TT "
           "table is skipped (cores and optimizer state untouched) and counted in the summary "
@@ -306,7 +313,8 @@ def validate_args(args: argparse.Namespace) -> None:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     for flag in ("validation_freq_within_epoch", "checkpoint_every", "stop_after", "threads",
-                 "max_ind_range", "tt_tables"):
+                 "max_ind_range", "tt_tables", "lr_warmup_steps", "lr_decay_start",
+                 "lr_decay_steps"):
         if getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.tt_cores < 2:
@@ -918,9 +926,26 @@ def skipped_steps(dmp: DistributedModelParallel, pg: dist.ProcessGroup, device: 
     return {t: int(n) + int(before.get(t, 0)) for t, n in zip(tables, now.tolist())}
 
 
+def lr_factor(step: int, warmup: int, decay_start: int, decay_steps: int) -> float:
+    """The learning-rate multiplier of ``step`` (0-based) under TorchRec dlrm_main.py's LR
+    policy: a linear warm-up over ``warmup`` steps, then 1, then from ``decay_start`` a
+    polynomial decay (power 2) over ``decay_steps`` steps, held at its last value after it (at
+    least 1e-7 of the base rate)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay_steps > 0 and step >= decay_start:
+        done = min(step - decay_start, decay_steps - 1)
+        return max(1e-7, ((decay_steps - done) / decay_steps) ** 2)
+    return 1.0
+
+
 def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world: int,
               device: torch.device, pg: dist.ProcessGroup, writer_factory: Any) -> RunResult:
     dmp, optimizer, ebc = build(args, data, name == "tt", device, pg)
+    # Base rates as built (before a checkpoint brings back scaled ones): the schedule sets every
+    # group's rate from them and the step, so a resumed run follows it exactly.
+    schedule = args.lr_warmup_steps > 0 or args.lr_decay_steps > 0
+    base_lrs = [(group, float(group["lr"])) for group in optimizer.param_groups]
     mem = ebc.memory_stats()
     result = RunResult(name, mem["bytes"], mem["dense_bytes"], mem["compression"],
                        int(mem["tt_tables"]), inference_bytes=mem["inference_bytes"],
@@ -974,6 +999,11 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
     step = start
     steps_metered = 0
     while step < stop_at:
+        if schedule:
+            factor = lr_factor(step, args.lr_warmup_steps, args.lr_decay_start,
+                               args.lr_decay_steps)
+            for group, base in base_lrs:
+                group["lr"] = base * factor
         with meter:
             if pipeline is not None:
                 loss, _, _ = pipeline.progress(batches)
