@@ -359,20 +359,24 @@ class TTFusedUpdate:
                     (row_stats if key[0] == "rows" else bad_shards)[key[1]] = value
                 else:
                     grad_of[key] = value
+        # Whole-core updates that need no copies (no skip, or a skip by zeroed gradients) of
+        # tables with the same config and rate run together, after the loop: one foreach
+        # update of all their cores (a DLRM step on a GPU is bound by launches).
+        batches: dict[tuple[FusedOptimConfig, float], list[Any]] = {}
         for table in self._tables:
             fused = self._fused[table.name]
             lr = lrs[table.name]
 
-            def update(table: Any = table, fused: FusedTable = fused, lr: float = lr) -> None:
+            def update(table: Any = table, fused: FusedTable = fused, lr: float = lr,
+                       deferred: bool = True) -> None:
                 if column_wise:
                     for k, core in enumerate(table.replicated_cores(), start=1):
                         fused_update(core, grad_of[id(core)], table.optimizer_state(k), fused.cfg, lr)
                     self._update_core0_shards(table, fused.cfg, lr, grad_of, row_stats.get(table.name))
+                elif deferred:
+                    batches.setdefault((fused.cfg, lr), []).append(table)
                 else:
-                    cores = table.whole_cores()
-                    fused_update_many(cores, [grad_of[id(c)] for c in cores],
-                                      [table.optimizer_state(k) for k in range(len(cores))],
-                                      fused.cfg, lr)
+                    self._apply([table], fused.cfg, lr, grad_of)
 
             touched = self._touched(table)
             if not fused.cfg.skip_non_finite or not touched:  # nothing of the table here: no-op
@@ -385,9 +389,20 @@ class TTFusedUpdate:
                 if table.name in row_stats:
                     row_stats[table.name] = zeroed_unless(ok, row_stats[table.name])
                 update()
-            else:
-                apply_if(ok, touched, update)
+            else:  # the copies must bracket this table's own update: run it now
+                apply_if(ok, touched, lambda: update(deferred=False))
             fused.skipped = count_if_not(fused.skipped, ok)
+        for (cfg, lr), tables in batches.items():
+            self._apply(tables, cfg, lr, grad_of)
+
+    @staticmethod
+    def _apply(tables: Sequence[Any], cfg: FusedOptimConfig, lr: float,
+               grad_of: Mapping[int, Tensor]) -> None:
+        """One :func:`fused_update_many` over the whole cores of ``tables``."""
+        cores = [c for t in tables for c in t.whole_cores()]
+        states = [t.optimizer_state(k) for t in tables for k in range(len(t.whole_cores()))]
+        if cores:
+            fused_update_many(cores, [grad_of[id(c)] for c in cores], states, cfg, lr)
 
     def _touched_grads(self, table: Any) -> list[Tensor]:
         """The cores of ``table`` on this rank whose gradients an update reads."""

@@ -203,7 +203,12 @@ class DeviceSyntheticCriteo:
         """Block ``index`` of ``stream``: dense counts ``[n, 13]``, ids ``[n, sum L]`` (feature
         ``t``'s bag in columns ``sum L[:t] .. sum L[:t+1]``), labels ``[n]`` and click
         probabilities ``[n]``, all on the device."""
-        dense, ids, u = self._draw(n, _key(self.model.seed, stream, index))
+        return self._sample(n, _key(self.model.seed, stream, index))
+
+    def _sample(self, n: int, key: int | Sequence[int]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`sample` of the block(s) of ``key`` (see :meth:`_draw`)."""
+        dense, ids, u = self._draw(n, key)
         p = torch.sigmoid(self.logits(dense, ids))
         return dense, ids, (u < p).to(torch.int64), p
 
@@ -217,8 +222,7 @@ class DeviceSyntheticCriteo:
         drawn in one pass: a batch is ~400 small tensor ops, so on a GPU making several per
         call divides their launch cost (the hashes are per row and key, so the bits match)."""
         keys = [_key(self.model.seed, stream, i) for i in indices]
-        dense, ids, u = self._draw(batch_size, keys[0] if len(keys) == 1 else keys)
-        labels = (u < torch.sigmoid(self.logits(dense, ids))).to(torch.int64)
+        dense, ids, labels, _ = self._sample(batch_size, keys[0] if len(keys) == 1 else keys)
         return [self._to_batch(dense[k * batch_size:(k + 1) * batch_size],
                                ids[k * batch_size:(k + 1) * batch_size],
                                labels[k * batch_size:(k + 1) * batch_size])
