@@ -5,7 +5,7 @@
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_round.sh
 # Switches: SKIP_KERNEL (no two-factor tests, Kaggle-7, offload or memcheck), SKIP_OFFLOAD, SKIP_OLDER_TESTS,
 # SKIP_DLRM, SKIP_PROFILE (any value), DLRM_PROFILE_BATCHES (default 8192), NCU_DIMS (default
-# "64 16"), EXTRA="scripts" run
+# "64 16"), NCU_SOURCE (D list, see below), EXTRA="scripts" run
 # before the profiles, ITERS (default 20).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -63,7 +63,24 @@ if [ -z "${SKIP_PROFILE:-}" ]; then
       python3 bench/profile_embedding_bag.py --kaggle7 --dim $d > "$OUT/ncu_d$d.txt" 2>&1
   done
 fi
+# NCU_SOURCE="16": one grad_kernel launch per listed D under ncu's full set, with the per-SASS-line
+# stall samples exported as CSV (bench/ncu_hot_lines.py summarises it on the workstation).
+# NCU_SOURCE_KERNELS (default "grad_kernel") names the kernels, one report each.
+for d in ${NCU_SOURCE:-}; do
+  for k in ${NCU_SOURCE_KERNELS:-grad_kernel}; do
+    timeout 150 ncu --clock-control none -k regex:"$k" -s 2 -c 1 --set full -f -o "$OUT/${k}_d$d" \
+      python3 bench/profile_embedding_bag.py --kaggle7 --dim $d > "$OUT/ncu_full_${k}_d$d.txt" 2>&1
+    ncu -i "$OUT/${k}_d$d.ncu-rep" --page source --csv --print-source sass > "$OUT/${k}_d${d}_sass.csv" 2>&1
+    ncu -i "$OUT/${k}_d$d.ncu-rep" --page details > "$OUT/${k}_d${d}_details.txt" 2>&1
+    python3 bench/ncu_hot_lines.py "$OUT/${k}_d${d}_sass.csv" > "$OUT/${k}_d${d}_hot.txt" 2>&1
+    rm -f "$OUT/${k}_d$d.ncu-rep"
+  done
+done
 echo "total: $(( $(date +%s) - t0 )) s"
 [ -f "$OUT/kaggle7.txt" ] && grep -E "^\|" "$OUT/kaggle7.txt" | cut -d'|' -f2-3,6,9-12
 [ -f "$OUT/offload.txt" ] && grep -E "^\|" "$OUT/offload.txt"
 [ -f "$OUT/dlrm_step.txt" ] && grep -E "^\|" "$OUT/dlrm_step.txt" | head -8
+# PACK=1: everything under $OUT in one archive (the device tool returns at most 8 files).
+if [ -n "${PACK:-}" ]; then
+  tar czf /tmp/round.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/round.tgz "$OUT/round.tgz"
+fi

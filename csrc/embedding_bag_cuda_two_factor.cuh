@@ -17,10 +17,10 @@
 //   dP[a][m][r]      += sum_c g[m][c] G_last[s][r][c]   (kept in registers while the prefix
 //                                                         repeats, flushed with one atomic each)
 //   dG_last[s][r][c] += sum_m P[a][m][r] g[m][c]
-// need no cross-lane reduction; dG_last by one vector atomic per lane and row (with
-// TORCHREC_TT_BWD_SEGMENTED=1, by a second pass over the rows re-sorted by last-core slice,
-// embedding_bag_cuda_two_factor_last_core.cuh: measured slower). Not taken under `deterministic`
-// (atomics) or for float64.
+// need no cross-lane reduction; dG_last by one vector atomic per lane and row (a second pass
+// over the rows re-sorted by last-core slice, flushing once per slice, was measured slower:
+// docs/benchmarks.md "v6"). A warp first stages its lookups' dY in shared memory. Not taken
+// under `deterministic` (atomics) or for float64.
 
 #pragma once
 
@@ -89,7 +89,7 @@ inline int pow2_at_least(int64_t x) {
 // Template arguments of the kernels for a call (maxima over its tables): forward
 // {units per lane, q_last bound}, backward {ranks per lane, Q bound, q_last bound}.
 struct KernelConfig {
-  int upl = 1, qlm = 4, rpl = 1, qm = 8;
+  int upl = 1, qlm = 4, rpl = 1, qm = 4;
 };
 
 inline KernelConfig kernel_config(const BatchInfo& info) {
@@ -269,6 +269,14 @@ __device__ __forceinline__ int64_t div_rows(int64_t v, int pl, bool small) {
   return small ? static_cast<int64_t>(static_cast<uint32_t>(v) / static_cast<uint32_t>(pl)) : v / pl;
 }
 
+// Unpacks a 16-byte load into four consecutive registers of an unrolled array.
+__device__ __forceinline__ void unpack4(float* dst, const float4 v) {
+  dst[0] = v.x;
+  dst[1] = v.y;
+  dst[2] = v.z;
+  dst[3] = v.w;
+}
+
 // Lookup j of a bag (the first one's index already loaded): whether it is in range, its weight,
 // prefix a and last-core row s. Both forward kernels read their bags through this.
 struct Lookup {
@@ -339,11 +347,7 @@ forward_kernel(const Params P, const index_t* __restrict__ idx, const int64_t* _
         for (int x = 0; x < 4; ++x) {
 #pragma unroll
           for (int c = 0; c < QLM; c += 4) {
-            const float4 v4 = __ldg(reinterpret_cast<const float4*>(gp + x * QLM + c));
-            g[x][c] = v4.x;
-            g[x][c + 1] = v4.y;
-            g[x][c + 2] = v4.z;
-            g[x][c + 3] = v4.w;
+            unpack4(g[x] + c, __ldg(reinterpret_cast<const float4*>(gp + x * QLM + c)));
           }
         }
       } else {
@@ -575,40 +579,40 @@ __device__ __forceinline__ void atomic_add_regs(float* dst, const float (&v)[N],
   }
 }
 
-// Where the prefix pass leaves the rows for the last-core pass (segmented backward, see
-// embedding_bag_cuda_two_factor_last_core.cuh); rowbuf == nullptr: dG_last by atomics here.
-struct RowHandoff {
-  float* rowbuf;   // [n, stride]: summed row gradient at the sorted position of the row's start
-  int stride;      // max D of the call
-  int32_t* key2;   // (table << sbits | s) at row starts, `sentinel` elsewhere
-  int32_t* pos2;   // sorted position (the second sort's values)
-  int sbits, sentinel;
-};
+constexpr int kStageFloats = 1024;  // staged dY / len per warp in the backward (4 KB)
 
 // One warp per chunk of kChunk sorted lookups; lane <-> ranks r = lane + 32 i (i < RPL). Sorted
 // order puts the lookups of a row next to each other (row keys; prefix keys when the tables have
 // 2^31 rows or more) and the rows of a prefix next to each other. A row's weighted dY is summed
 // over its lookups first (registers, lane <-> columns), then contracted once:
 //   dP[a] += gsum G_last[s]^T (registers until the prefix changes), dG_last[s] += P[a]^T gsum
-// (the latter here by atomics, or, with a RowHandoff, by the last-core pass over rows sorted by s).
-template <typename index_t, int RPL, int QM, int QLM>
+// (the latter by one vector atomic per lane and row).
+// kStaged: the warp first copies dY / len of `stage` lookups at a time into shared memory with
+// all its loads in flight at once (16-byte ones when `vec`: every D and dY's row a multiple of
+// 4; lane-parallel metadata, no per-lookup division), so summing a lookup is a shared load and
+// an FMA. Without it (v6, TORCHREC_TT_BWD_STAGED=0, kept
+// for A/B runs) each lookup is loaded one ahead through ~100 instructions of shuffles and 64-bit
+// arithmetic, and ncu showed its first use stalling on the load (28% of the stall samples).
+template <typename index_t, int RPL, int QM, int QLM, bool kStaged>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __restrict__ svals,
             const int32_t* __restrict__ bag_of, const index_t* __restrict__ idx,
             const int64_t* __restrict__ off, const float* __restrict__ w,
-            const float* __restrict__ dy, int64_t n, float* __restrict__ wgrad,
-            const RowHandoff H) {
+            const float* __restrict__ dy, int64_t n, float* __restrict__ wgrad, int stage,
+            int dpad, bool vec) {
   constexpr int kDPL = (QM * QLM + 31) / 32;  // columns of the row sum per lane (D <= QM * QLM)
   __shared__ __align__(16) float gbuf[kWarpsPerBlock][kMaxD];
+  __shared__ __align__(16) float sbuf[kStaged ? kWarpsPerBlock : 1][kStaged ? kStageFloats : 4];
   const int lane = threadIdx.x & 31;
   float* gs = gbuf[threadIdx.x >> 5];
+  float* sdy = sbuf[kStaged ? threadIdx.x >> 5 : 0];
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   for (int64_t chunk = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; chunk < chunks;
        chunk += (int64_t(gridDim.x) * blockDim.x) >> 5) {
     const int64_t begin = chunk * kChunk;
     const int64_t end = min(begin + kChunk, n);
     int cur_t = -1;
-    int64_t cur_a = -1, cur_v = -1, cur_s = 0, cur_pos = 0;
+    int64_t cur_a = -1, cur_s = 0;
     const Table* T = nullptr;
     float dPacc[RPL][QM], Preg[RPL][QM], gl[RPL][QLM], gsum[kDPL];
 #pragma unroll
@@ -618,10 +622,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
       __syncwarp();
 #pragma unroll
       for (int k = 0; k < kDPL; ++k) {
-        if (lane + 32 * k < T->D) {
-          gs[lane + 32 * k] = gsum[k];
-          if (H.rowbuf != nullptr) H.rowbuf[cur_pos * H.stride + lane + 32 * k] = gsum[k];
-        }
+        if (lane + 32 * k < T->D) gs[lane + 32 * k] = gsum[k];
         gsum[k] = 0.f;
       }
       __syncwarp();
@@ -640,11 +641,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
             if (ql == QLM) {  // broadcast 16-byte reads of the row sum
 #pragma unroll
               for (int c = 0; c < QLM; c += 4) {
-                const float4 g4 = *reinterpret_cast<const float4*>(gs + m * QLM + c);
-                gv[c] = g4.x;
-                gv[c + 1] = g4.y;
-                gv[c + 2] = g4.z;
-                gv[c + 3] = g4.w;
+                unpack4(gv + c, *reinterpret_cast<const float4*>(gs + m * QLM + c));
               }
             } else {
 #pragma unroll
@@ -659,7 +656,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
             dPacc[i][m] += dp;
           }
         }
-        if (H.rowbuf == nullptr) atomic_add_regs<QLM>(T->dG + (cur_s * R + r) * ql, h, ql);
+        atomic_add_regs<QLM>(T->dG + (cur_s * R + r) * ql, h, ql);
       }
     };
     auto flush_prefix = [&]() {
@@ -676,8 +673,8 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
     // Lane i loads the metadata of sorted position begin + i (one round trip for the chunk);
     // iteration i reads it back with shuffles.
     const int cnt = static_cast<int>(end - begin);
-    int my_key = P.num_keys, my_t = 0;
-    int64_t my_j = 0, my_bag = 0, my_v = 0;
+    int my_key = P.num_keys, my_t = 0, my_D = 0;
+    int64_t my_j = 0, my_bag = 0, my_v = 0, my_dyo = 0;
     float my_w = 1.f, my_inv = 1.f;
     if (lane < cnt) {
       my_key = skeys[begin + lane];
@@ -686,15 +683,17 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         my_bag = bag_of[my_j];
         my_v = static_cast<int64_t>(idx[my_j]);
         my_w = w != nullptr ? w[my_j] : 1.f;
-        my_t = P.feature_table[my_bag / P.B];
+        const int64_t f = my_bag / P.B;
+        my_t = P.feature_table[f];
+        my_D = P.tables[my_t].D;
+        my_dyo = (my_bag - f * P.B) * P.total_D + P.feature_col[f];
         if (P.tables[my_t].pooling == static_cast<int>(PoolingMode::MEAN)) {
           my_inv = 1.f / static_cast<float>(off[my_bag + 1] - off[my_bag]);
         }
       }
     }
     // Row and prefix starts of the chunk (bit i: lookup i starts one). Loading each row's
-    // factors one row ahead was measured not faster (more registers, and the kernel is bound
-    // by L2 atomics and gathers): docs/benchmarks.md "v5".
+    // factors one row ahead was measured not faster (more registers): docs/benchmarks.md "v5".
     int64_t my_a = 0;
     if (my_key < P.num_keys) {
       const Table& MT = P.tables[my_t];
@@ -708,12 +707,8 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
     const bool new_prefix = valid && (lane == 0 || my_t != prev_t || my_a != prev_a);
     const unsigned row_mask = __ballot_sync(0xffffffffu, new_row);
     const unsigned prefix_mask = __ballot_sync(0xffffffffu, new_prefix);
-    if (H.rowbuf != nullptr && lane < cnt) {  // the last-core pass's sort input, every position
-      H.key2[begin + lane] =
-          new_row ? (my_t << H.sbits) | static_cast<int32_t>(my_v - my_a * P.tables[my_t].pl)
-                  : H.sentinel;
-      H.pos2[begin + lane] = static_cast<int32_t>(begin + lane);
-    }
+    // Out-of-range lookups sort last: the valid ones are a prefix of the chunk.
+    const int nvalid = __popc(__ballot_sync(0xffffffffu, valid));
     auto load_P = [&](int src_lane, float (&dst)[RPL][QM]) {
       const int st = __shfl_sync(0xffffffffu, my_t, src_lane);
       const int64_t sa = __shfl_sync(0xffffffffu, my_a, src_lane);
@@ -728,12 +723,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         }
       }
     };
-    auto load_G = [&](int src_lane, float (&dst)[RPL][QLM]) {
-      const int st = __shfl_sync(0xffffffffu, my_t, src_lane);
-      const int64_t sv = __shfl_sync(0xffffffffu, my_v, src_lane);
-      const int64_t sa = __shfl_sync(0xffffffffu, my_a, src_lane);
-      const Table& ST = P.tables[st];
-      const int64_t ss = sv - sa * ST.pl;
+    auto load_G = [&](const Table& ST, int64_t ss, float (&dst)[RPL][QLM]) {
 #pragma unroll
       for (int ii = 0; ii < RPL; ++ii) {
         const int r = lane + 32 * ii;
@@ -741,11 +731,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         if (ST.ql == QLM && r < ST.R) {  // 16-byte loads: a quarter of the L1 requests
 #pragma unroll
           for (int c = 0; c < QLM; c += 4) {
-            const float4 g4 = __ldg(reinterpret_cast<const float4*>(gp + c));
-            dst[ii][c] = g4.x;
-            dst[ii][c + 1] = g4.y;
-            dst[ii][c + 2] = g4.z;
-            dst[ii][c + 3] = g4.w;
+            unpack4(dst[ii] + c, __ldg(reinterpret_cast<const float4*>(gp + c)));
           }
         } else {
 #pragma unroll
@@ -753,76 +739,118 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         }
       }
     };
-    // dY / len of lookup i, lane <-> columns d = lane + 32 k (issued one lookup ahead).
-    auto load_dy = [&](int i, float* out) {
-      const int64_t bag = __shfl_sync(0xffffffffu, my_bag, i);
-      const int t = __shfl_sync(0xffffffffu, my_t, i);
-      const float inv = __shfl_sync(0xffffffffu, my_inv, i);
-      const int64_t f = bag / P.B;
-      const float* dyr = dy + (bag - f * P.B) * P.total_D + P.feature_col[f];
-      const int D = P.tables[t].D;
-#pragma unroll
-      for (int k = 0; k < kDPL; ++k) {
-        const int d = lane + 32 * k;
-        out[k] = d < D ? __ldg(dyr + d) * inv : 0.f;
-      }
-    };
-    float dyl[kDPL] = {}, dyl_next[kDPL] = {};
-    if (cnt > 0 && __shfl_sync(0xffffffffu, my_key, 0) < P.num_keys) load_dy(0, dyl);
-    for (int i = 0; i < cnt; ++i) {
-      if (__shfl_sync(0xffffffffu, my_key, i) >= P.num_keys) break;  // out-of-range sort last
-      const bool more = i + 1 < cnt && __shfl_sync(0xffffffffu, my_key, i + 1) < P.num_keys;
-      if (more) load_dy(i + 1, dyl_next);
-      const int64_t j = __shfl_sync(0xffffffffu, my_j, i);
+    // Starts row i's contraction state (the previous row and prefix are finished first).
+    auto start_row = [&](int i) {
+      if (cur_t >= 0) finish_row();
       const int t = __shfl_sync(0xffffffffu, my_t, i);
       const int64_t v = __shfl_sync(0xffffffffu, my_v, i);
-      const float wj = __shfl_sync(0xffffffffu, my_w, i);
-      if ((row_mask >> i) & 1u) {  // a new row
-        if (cur_t >= 0) finish_row();
-        if ((prefix_mask >> i) & 1u) {  // a new prefix
-          if (cur_t >= 0) flush_prefix();
+      if ((prefix_mask >> i) & 1u) {  // a new prefix
+        if (cur_t >= 0) flush_prefix();
 #pragma unroll
-          for (int ii = 0; ii < RPL; ++ii)
+        for (int ii = 0; ii < RPL; ++ii)
 #pragma unroll
-            for (int m = 0; m < QM; ++m) dPacc[ii][m] = 0.f;
-          load_P(i, Preg);
-          cur_a = __shfl_sync(0xffffffffu, my_a, i);
-        }
-        T = &P.tables[t];
-        cur_t = t;
-        cur_v = v;
-        cur_s = v - cur_a * T->pl;
-        cur_pos = begin + i;
-        load_G(i, gl);
+          for (int m = 0; m < QM; ++m) dPacc[ii][m] = 0.f;
+        load_P(i, Preg);
+        cur_a = __shfl_sync(0xffffffffu, my_a, i);
       }
+      T = &P.tables[t];
+      cur_t = t;
+      cur_s = v - cur_a * T->pl;
+      load_G(*T, cur_s, gl);
+    };
+    // dw_j = <dY_j / len, row>, row = P[a] G_last[s]; g: lookup i's dY / len, lane <-> columns
+    // read through the shared buffer `buf` (D floats).
+    auto weight_grad = [&](int i, const float* buf) {
+      float part = 0.f;
 #pragma unroll
-      for (int k = 0; k < kDPL; ++k) gsum[k] += wj * dyl[k];
-      if (wgrad != nullptr) {  // dw_j = <dY_j / len, row>, row = P[a] G_last[s]
-        __syncwarp();
+      for (int ii = 0; ii < RPL; ++ii) {
+        if (lane + 32 * ii >= T->R) continue;
 #pragma unroll
-        for (int k = 0; k < kDPL; ++k) {
-          if (lane + 32 * k < T->D) gs[lane + 32 * k] = dyl[k];
-        }
-        __syncwarp();
-        float part = 0.f;
+        for (int m = 0; m < QM; ++m) {
+          if (m < T->Q) {
 #pragma unroll
-        for (int ii = 0; ii < RPL; ++ii) {
-          if (lane + 32 * ii >= T->R) continue;
-#pragma unroll
-          for (int m = 0; m < QM; ++m) {
-            if (m < T->Q) {
-#pragma unroll
-              for (int c = 0; c < QLM; ++c) {
-                if (c < T->ql) part += Preg[ii][m] * gl[ii][c] * gs[m * T->ql + c];
-              }
+            for (int c = 0; c < QLM; ++c) {
+              if (c < T->ql) part += Preg[ii][m] * gl[ii][c] * buf[m * T->ql + c];
             }
           }
         }
-        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-        if (lane == 0) wgrad[j] = part;
       }
+      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      const int64_t j = __shfl_sync(0xffffffffu, my_j, i);
+      if (lane == 0) wgrad[j] = part;
+    };
+    if constexpr (kStaged) {
+      for (int i0 = 0; i0 < nvalid; i0 += stage) {
+        const int ns = min(stage, nvalid - i0);
+        __syncwarp();  // the previous stage is read
+        // Element e = li * units + u is unit u (a float4, or a float when `vec` is false) of
+        // staged lookup li; every lane runs the same iterations so the shuffles see the warp.
+        const int units = vec ? dpad >> 2 : dpad, total = ns * units;
+        for (int base = 0; base < total; base += 32) {
+          const int e = base + lane;
+          const int li = min(e / units, ns - 1), u = e - li * units;
+          const int64_t o = __shfl_sync(0xffffffffu, my_dyo, i0 + li);
+          const int Dl = __shfl_sync(0xffffffffu, my_D, i0 + li);
+          const float inv = __shfl_sync(0xffffffffu, my_inv, i0 + li);
+          if (e < total) {
+            if (vec) {
+              float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+              if (4 * u < Dl) v = __ldg(reinterpret_cast<const float4*>(dy + o) + u);
+              reinterpret_cast<float4*>(sdy)[e] =
+                  make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+            } else {
+              sdy[e] = u < Dl ? __ldg(dy + o + u) * inv : 0.f;
+            }
+          }
+        }
+        __syncwarp();
+        for (int i = i0; i < i0 + ns; ++i) {
+          if ((row_mask >> i) & 1u) start_row(i);
+          const float* row = sdy + (i - i0) * dpad;
+          const float wj = w != nullptr ? __shfl_sync(0xffffffffu, my_w, i) : 1.f;
 #pragma unroll
-      for (int k = 0; k < kDPL; ++k) dyl[k] = dyl_next[k];
+          for (int k = 0; k < kDPL; ++k) {
+            const int d = lane + 32 * k;
+            if (d < dpad) gsum[k] += wj * row[d];
+          }
+          if (wgrad != nullptr) weight_grad(i, row);
+        }
+      }
+    } else {
+      // dY / len of lookup i, lane <-> columns d = lane + 32 k (issued one lookup ahead).
+      auto load_dy = [&](int i, float* out) {
+        const int64_t bag = __shfl_sync(0xffffffffu, my_bag, i);
+        const int t = __shfl_sync(0xffffffffu, my_t, i);
+        const float inv = __shfl_sync(0xffffffffu, my_inv, i);
+        const int64_t f = bag / P.B;
+        const float* dyr = dy + (bag - f * P.B) * P.total_D + P.feature_col[f];
+        const int D = P.tables[t].D;
+#pragma unroll
+        for (int k = 0; k < kDPL; ++k) {
+          const int d = lane + 32 * k;
+          out[k] = d < D ? __ldg(dyr + d) * inv : 0.f;
+        }
+      };
+      float dyl[kDPL] = {}, dyl_next[kDPL] = {};
+      if (nvalid > 0) load_dy(0, dyl);
+      for (int i = 0; i < nvalid; ++i) {
+        if (i + 1 < nvalid) load_dy(i + 1, dyl_next);
+        const float wj = __shfl_sync(0xffffffffu, my_w, i);
+        if ((row_mask >> i) & 1u) start_row(i);
+#pragma unroll
+        for (int k = 0; k < kDPL; ++k) gsum[k] += wj * dyl[k];
+        if (wgrad != nullptr) {
+          __syncwarp();
+#pragma unroll
+          for (int k = 0; k < kDPL; ++k) {
+            if (lane + 32 * k < T->D) gs[lane + 32 * k] = dyl[k];
+          }
+          __syncwarp();
+          weight_grad(i, gs);
+        }
+#pragma unroll
+        for (int k = 0; k < kDPL; ++k) dyl[k] = dyl_next[k];
+      }
     }
     if (cur_t >= 0) {
       finish_row();
@@ -830,20 +858,13 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
     }
   }
 }
-
-#include "embedding_bag_cuda_two_factor_last_core.cuh"
-
 // ---- dispatch --------------------------------------------------------------------------------
 
-// Whether dG_last goes through the last-core pass: only with TORCHREC_TT_BWD_SEGMENTED=1. It
-// replaces R * q_last atomics per distinct row by a flush per slice, at the price of a second
-// sort, a row hand-off buffer and a second read of the rows; on the H200 it was slower in every
-// Kaggle-7 case (graphed D=16 B=65,536: 0.602 vs 0.509 ms; D=64: 0.953 vs 0.824): the prefix
-// pass without the atomics took as long as with them, so they were not what bounds it
-// (docs/benchmarks.md, "v6").
-inline bool segmented_backward() {
-  const char* e = std::getenv("TORCHREC_TT_BWD_SEGMENTED");
-  return e != nullptr && std::string(e) == "1";
+// TORCHREC_TT_BWD_STAGED=0: the v6 per-lookup loop of the backward (for A/B runs; only for the
+// shapes of the Kaggle-sized benchmark, ranks <= 32 and Q <= 8, else the staged kernel runs).
+inline bool staged_backward_env() {
+  const char* e = std::getenv("TORCHREC_TT_BWD_STAGED");
+  return e == nullptr || std::string(e) != "0";
 }
 
 template <typename index_t>
@@ -907,28 +928,35 @@ void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, 
   TORCH_INTERNAL_ASSERT(false, "two-factor forward: no kernel for units ", upl, " q_last ", qlm);
 }
 
-// Pass 1 (grad_kernel) when last_core is false, pass 2 (last_core_grad_kernel over the rows
-// sorted by (table, s): skey2 / spos2) when it is true; the same template arguments.
 template <typename index_t>
 void launch_grad(const Params& P, const BatchInfo& info, const int32_t* skeys, const int32_t* svals,
                  const int32_t* bag_of, const index_t* idx, const int64_t* off, const float* w,
-                 const float* dy, int64_t n, float* wgrad, const RowHandoff& H, bool last_core,
-                 const int32_t* skey2, const int32_t* spos2, cudaStream_t stream) {
+                 const float* dy, int64_t n, float* wgrad, cudaStream_t stream) {
   const KernelConfig kc = kernel_config(info);
-  const int rpl = kc.rpl, qm = kc.qm, qlm = kc.qlm;
+  const int rpl = kc.rpl, qlm = kc.qlm;
+  // Q bound 4 is instantiated for one rank per lane only (the Kaggle-sized D=16 shapes).
+  const int qm = rpl == 1 ? kc.qm : std::max(kc.qm, 8);
   const int grid = grid_for((n + kChunk - 1) / kChunk * 32, kWarpsPerBlock * 32);
-#define TT_TWO_FACTOR_GRAD(RP, QMAX, QL)                                                       \
-  if (rpl == RP && qm == QMAX && qlm == QL) {                                                  \
-    if (last_core) {                                                                           \
-      last_core_grad_kernel<index_t, RP, QMAX, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(  \
-          P, skey2, spos2, svals, idx, H.rowbuf, H.stride, H.sbits, H.sentinel, n);            \
-    } else {                                                                                   \
-      grad_kernel<index_t, RP, QMAX, QL><<<grid, kWarpsPerBlock * 32, 0, stream>>>(            \
-          P, skeys, svals, bag_of, idx, off, w, dy, n, wgrad, H);                              \
-    }                                                                                          \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                            \
-    return;                                                                                    \
+  // Staged lookups: a multiple of 4 floats each, as many as fill the warp's buffer (<= a chunk).
+  int dpad = 4;
+  bool vec = info.total_D % 4 == 0 && aligned16(dy);
+  for (const auto& t : info.tables) {
+    dpad = std::max(dpad, static_cast<int>((t.D + 3) / 4 * 4));
+    vec = vec && t.D % 4 == 0;
   }
+  const int stage = std::min(kChunk, kStageFloats / dpad);
+  auto launch = [&](auto kernel) {
+    kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(P, skeys, svals, bag_of, idx, off, w, dy, n,
+                                                     wgrad, stage, dpad, vec);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (!staged_backward_env() && rpl == 1 && std::max(qm, 8) == 8) {
+    if (qlm == 4) return launch(grad_kernel<index_t, 1, 8, 4, false>);
+    if (qlm == 8) return launch(grad_kernel<index_t, 1, 8, 8, false>);
+  }
+#define TT_TWO_FACTOR_GRAD(RP, QMAX, QL)                                                       \
+  if (rpl == RP && qm == QMAX && qlm == QL) return launch(grad_kernel<index_t, RP, QMAX, QL, true>);
+  TT_TWO_FACTOR_GRAD(1, 4, 4) TT_TWO_FACTOR_GRAD(1, 4, 8)
   TT_TWO_FACTOR_GRAD(1, 8, 4) TT_TWO_FACTOR_GRAD(1, 16, 4) TT_TWO_FACTOR_GRAD(1, 32, 4)
   TT_TWO_FACTOR_GRAD(2, 8, 4) TT_TWO_FACTOR_GRAD(2, 16, 4) TT_TWO_FACTOR_GRAD(4, 8, 4)
   TT_TWO_FACTOR_GRAD(1, 8, 8) TT_TWO_FACTOR_GRAD(1, 16, 8) TT_TWO_FACTOR_GRAD(1, 32, 8)
@@ -1033,51 +1061,11 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor> backward(
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
         temp.data_ptr(), temp_bytes, keys.data_ptr<int32_t>(), skeys.data_ptr<int32_t>(),
         vals.data_ptr<int32_t>(), svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
-    // Segmented backward: grad_kernel hands each row's summed gradient over, keyed by
-    // (table, s); sorted by that key, last_core_grad_kernel sums the rows of a slice first.
-    int max_pl = 1, max_d = 1;
-    for (const auto& t : info.tables) {
-      max_pl = std::max(max_pl, static_cast<int>(t.p[t.K - 1]));
-      max_d = std::max(max_d, static_cast<int>(t.D));
-    }
-    const int sbits = key_bits(max_pl - 1);
-    const int tables = static_cast<int>(info.tables.size());
-    const bool segmented = n > 0 && sbits + key_bits(tables) <= 30 && segmented_backward();
-    RowHandoff H{nullptr, max_d, nullptr, nullptr, sbits, tables << sbits};
-    at::Tensor rowbuf, key2, pos2, skey2, spos2;
-    if (segmented) {
-      rowbuf = at::empty({n, max_d}, grad_output.options());
-      key2 = at::empty({n}, iopts), pos2 = at::empty({n}, iopts);
-      skey2 = at::empty({n}, iopts), spos2 = at::empty({n}, iopts);
-      H.rowbuf = rowbuf.data_ptr<float>();
-      H.key2 = key2.data_ptr<int32_t>();
-      H.pos2 = pos2.data_ptr<int32_t>();
-    }
-    const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-    float* wg = per_sample_weights_grad ? wgrad.data_ptr<float>() : nullptr;
     launch_grad<index_t>(P, info, skeys.data_ptr<int32_t>(), svals.data_ptr<int32_t>(),
                          bag_of.data_ptr<int32_t>(), idx.data_ptr<index_t>(),
-                         off.data_ptr<int64_t>(), wp, dy.data_ptr<float>(), n, wg, H, false,
-                         nullptr, nullptr, stream);
-    if (segmented) {
-      const int bits2 = key_bits(H.sentinel);
-      size_t temp2 = 0;
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-          nullptr, temp2, key2.data_ptr<int32_t>(), skey2.data_ptr<int32_t>(),
-          pos2.data_ptr<int32_t>(), spos2.data_ptr<int32_t>(), static_cast<int>(n), 0, bits2,
-          stream));
-      if (temp2 > temp_bytes) {
-        temp = at::empty({static_cast<int64_t>(temp2)}, indices.options().dtype(at::kByte));
-      }
-      C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-          temp.data_ptr(), temp2, key2.data_ptr<int32_t>(), skey2.data_ptr<int32_t>(),
-          pos2.data_ptr<int32_t>(), spos2.data_ptr<int32_t>(), static_cast<int>(n), 0, bits2,
-          stream));
-      launch_grad<index_t>(P, info, skeys.data_ptr<int32_t>(), svals.data_ptr<int32_t>(),
-                           bag_of.data_ptr<int32_t>(), idx.data_ptr<index_t>(),
-                           off.data_ptr<int64_t>(), wp, dy.data_ptr<float>(), n, wg, H, true,
-                           skey2.data_ptr<int32_t>(), spos2.data_ptr<int32_t>(), stream);
-    }
+                         off.data_ptr<int64_t>(), w.defined() ? w.data_ptr<float>() : nullptr,
+                         dy.data_ptr<float>(), n,
+                         per_sample_weights_grad ? wgrad.data_ptr<float>() : nullptr, stream);
   });
   for (size_t ti = 0; ti < info.tables.size(); ++ti) {
     const TableInfo& t = info.tables[ti];

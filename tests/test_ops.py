@@ -398,17 +398,17 @@ def _check_two_factor(prob, monkeypatch, weighted: bool,  # type: ignore[no-unty
                       precision: ComputePrecision = ComputePrecision.TF32) -> None:
     """The two-factor kernels (the rank-layout forward where the shapes fit it, with the default
     lanes per bag and with one bag per warp; the unit layout, TORCHREC_TT_RANK_LAYOUT=0; the
-    backward's default choice, and dG_last through the last-core pass, TORCHREC_TT_BWD_SEGMENTED=1)
+    backward's default choice, and the v6 backward loop without staged dY, TORCHREC_TT_BWD_STAGED=0)
     and the older kernels (TORCHREC_TT_TWO_FACTOR=0) on the same call against float64: output,
     core gradients and (``weighted``) weight gradients."""
     opts = TTKernelOptions(compute_precision=precision)
     gpu = _to(prob, "cuda")
     results = []
-    # The default choice, one bag per warp, the unit layout, the segmented backward, the older kernels.
+    # The default choice, one bag per warp, the unit layout, the v6 backward loop, the older kernels.
     switches = ("TORCHREC_TT_TWO_FACTOR", "TORCHREC_TT_RANK_LAYOUT", "TORCHREC_TT_FWD_LANES_PER_BAG",
-                "TORCHREC_TT_BWD_SEGMENTED")
+                "TORCHREC_TT_BWD_STAGED")
     modes = ({}, {"TORCHREC_TT_FWD_LANES_PER_BAG": "32"}, {"TORCHREC_TT_RANK_LAYOUT": "0"},
-             {"TORCHREC_TT_BWD_SEGMENTED": "1"}, {"TORCHREC_TT_TWO_FACTOR": "0"})
+             {"TORCHREC_TT_BWD_STAGED": "0"}, {"TORCHREC_TT_TWO_FACTOR": "0"})
     for mode in modes:
         for key in switches:
             if key in mode:
