@@ -170,6 +170,7 @@ __global__ void __launch_bounds__(kThreads) lossy_minmax_kernel(KernelArgs a) {
     const float* p = t.src(a);
     float mn = INFINITY, mx = -INFINITY;
     int bad = 0;
+#pragma unroll 4  // several words' loads in flight per thread
     for (uint32_t w = t.begin + LC_TID; w < t.end; w += kThreads) {
       float v[8];
       const int cnt = load_word(a, p, w, v);

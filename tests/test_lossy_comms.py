@@ -515,10 +515,10 @@ def test_cuda_non_finite_flag_reports_without_sync() -> None:
     x = torch.randn(2, 4, 1000, device="cuda")
     lossy_codec.encode_groups(x, [5] * 4, flag=flag)
     flag.poll()  # the pinned buffer and the first copy, outside the checked region
+    x[1, 3, 17] = float("nan")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        x[1, 3, 17] = float("nan")
         data = lossy_codec.encode_groups(x, [5] * 4, flag=flag)  # no sync, no raise yet
         y = lossy_codec.decode_groups(data, 4, 1000, [5] * 4)
     finally:
