@@ -287,8 +287,12 @@ __global__ void __launch_bounds__(kThreads) lossy_unpack_kernel(KernelArgs a) {
       const uint32_t w = base + tid;
       if (w < t.end) {
         uint64_t pa = 0, pb = 0;
-        for (int k = 0; k < na; ++k) pa |= static_cast<uint64_t>(s_a[warp][lane * na + k]) << (8 * k);
-        for (int k = 0; k < nb; ++k) pb |= static_cast<uint64_t>(s_b[warp][lane * nb + k]) << (8 * k);
+        for (int k = 0; k < na; ++k) {
+          pa |= static_cast<uint64_t>(s_a[warp][lane * na + k]) << (8 * k);
+        }
+        for (int k = 0; k < nb; ++k) {
+          pb |= static_cast<uint64_t>(s_b[warp][lane * nb + k]) << (8 * k);
+        }
         const uint32_t ma = (1u << na) - 1u, mb = (1u << nb) - 1u;
         const uint32_t i0 = w * 8u;
         const int cnt = a.n - i0 < 8u ? static_cast<int>(a.n - i0) : 8;

@@ -171,20 +171,15 @@ def _bit_classes(bits: Sequence[int]) -> list[tuple[int, list[int]]]:
 
 def encode_groups_reference(x: Tensor, bits: Sequence[int], check_finite: bool = True
                             ) -> Tensor:
-    """The torch-op reference of :func:`encode_groups`: encodes ``x`` (float32 ``[C, G, n]``: ``C`` chunks of ``G`` groups of ``n`` values) with
-    ``bits[g]`` bits per value for group ``g``; returns uint8 ``[C, S]``, one row per chunk.
+    """The torch-op reference of :func:`encode_groups`: encodes ``x`` (float32 ``[C, G, n]``:
+    ``C`` chunks of ``G`` groups of ``n`` values) with ``bits[g]`` bits per value for group
+    ``g``; returns uint8 ``[C, S]``, one row per chunk.
 
     A row is the ``G`` headers (min, max as float32, group order) followed by the packed codes,
     groups ordered by code width then index. ``S = sum_g group_bytes(n, bits[g])``.
     Raises ValueError on NaN/inf (``check_finite``) or a width outside ``1..MAX_BITS``.
     """
-    if x.dim() != 3:
-        raise ValueError(f"encode_groups expects [chunks, groups, values], got {tuple(x.shape)}")
-    c, g, n = x.shape
-    if len(bits) != g:
-        raise ValueError(f"{len(bits)} code widths for {g} groups")
-    if any(not 1 <= int(b) <= MAX_BITS for b in bits):
-        raise ValueError(f"code widths must be in 1..{MAX_BITS}, got {list(bits)}")
+    c, g, n = _check_groups(x, bits)
     if c == 0 or g == 0 or n == 0:
         return torch.empty(c, 0, dtype=torch.uint8, device=x.device)
     x = x.float()
@@ -286,6 +281,16 @@ def _check_widths(bits: Sequence[int]) -> list[int]:
     return widths
 
 
+def _check_groups(x: Tensor, bits: Sequence[int]) -> tuple[int, int, int]:
+    if x.dim() != 3:
+        raise ValueError(f"encode_groups expects [chunks, groups, values], got {tuple(x.shape)}")
+    c, g, n = x.shape
+    if len(bits) != g:
+        raise ValueError(f"{len(bits)} code widths for {g} groups")
+    _check_widths(bits)
+    return c, g, n
+
+
 class NonFiniteFlag:
     """A device-side record that an encode met NaN or inf, reported without a host sync.
 
@@ -321,13 +326,13 @@ class NonFiniteFlag:
                     continue
                 if int(host[0]):
                     self._report(device)
-            host = pending[0] if pending is not None else torch.zeros(
-                1, dtype=torch.int32, pin_memory=True)
+            if pending is None:  # one pinned word and one event per device, reused
+                pending = (torch.zeros(1, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+            host, event = pending
             with torch.cuda.device(device):
                 host.copy_(st, non_blocking=True)
-                event = torch.cuda.Event()
                 event.record()
-            self._pending[device] = (host, event)
+            self._pending[device] = pending
 
     def check(self) -> None:
         """Synchronises with the devices and raises ValueError if any encode since the last
@@ -424,12 +429,7 @@ def encode_groups(x: Tensor, bits: Sequence[int], check_finite: bool = True, *,
     Raises ValueError on NaN/inf (``check_finite``; lazily with ``flag`` on CUDA, see the
     module doc) or a width outside ``1..MAX_BITS``.
     """
-    if x.dim() != 3:
-        raise ValueError(f"encode_groups expects [chunks, groups, values], got {tuple(x.shape)}")
-    c, g, n = x.shape
-    if len(bits) != g:
-        raise ValueError(f"{len(bits)} code widths for {g} groups")
-    _check_widths(bits)
+    c, g, n = _check_groups(x, bits)
     if c == 0 or g == 0 or n == 0:
         return torch.empty(c, 0, dtype=torch.uint8, device=x.device)
     if _resolve(impl, x.device) == "reference":

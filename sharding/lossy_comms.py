@@ -191,7 +191,9 @@ class ErrorBoundPolicy:
         self._acc: dict[str, list[float | Tensor]] = {}
         self._rho: dict[str, float] = {}
         self._scale: dict[str, float] = {}
-        self._bits_cache: dict[tuple[str, _Layout, int, int], tuple[int, ...]] = {}
+        # code widths (direction, layout, owner, step) and chunk sizes ("sizes", direction,
+        # layout, step), derived from the state; cleared whenever the scales change
+        self._bits_cache: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ the bound in force
 
@@ -384,10 +386,16 @@ class ErrorBoundedCommCodec:
         return sum(group_bytes(n, b) for b in self.policy.bits(self.direction, layout, owner))
 
     def _size_of_length(self, layout: _Layout) -> dict[int, int]:
-        sizes: dict[int, int] = {}
-        for owner, d in enumerate(layout.dims):
-            length = layout.batch * d
-            sizes[length] = max(sizes.get(length, 0), self._chunk_bytes(layout, owner))
+        # cached with the policy's widths: TorchRec asks for sizes several times per call
+        cache = self.policy._bits_cache
+        key = ("sizes", self.direction, layout, self.policy.iteration)
+        sizes = cache.get(key)
+        if sizes is None:
+            sizes = {}
+            for owner, d in enumerate(layout.dims):
+                length = layout.batch * d
+                sizes[length] = max(sizes.get(length, 0), self._chunk_bytes(layout, owner))
+            cache[key] = sizes
         return sizes
 
     def calc_quantized_size(self, input_len: int, ctx: ErrorBoundedContext | None = None) -> int:
