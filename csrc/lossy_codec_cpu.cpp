@@ -43,15 +43,10 @@ at::Tensor lossy_encode_cpu(const at::Tensor& x_in, at::IntArrayRef bits, int64_
   return out;
 }
 
-at::Tensor lossy_decode_cpu(const at::Tensor& data_in, int64_t rows, int64_t block,
-                            at::IntArrayRef bits) {
-  DecodeArgs a = check_decode(data_in, rows, block, bits);
+void decode_into_cpu(const DecodeArgs& a, float* y) {
   const int64_t groups = a.geo.groups;
-  at::Tensor out = at::empty({a.chunks, rows, groups * block}, data_in.options().dtype(at::kFloat));
-  if (empty_codec(a.chunks, a.geo)) return out.zero_();
   const uint8_t* data = a.data.data_ptr<uint8_t>();
   const int64_t stride = a.data.stride(0);
-  float* y = out.data_ptr<float>();
   at::parallel_for(0, a.chunks * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t cg = begin; cg < end; ++cg) {
       const int64_t c = cg / groups, g = cg % groups;
@@ -60,7 +55,27 @@ at::Tensor lossy_decode_cpu(const at::Tensor& data_in, int64_t rows, int64_t blo
                         y + c * a.geo.chunk_stride());
     }
   });
+}
+
+at::Tensor lossy_decode_cpu(const at::Tensor& data_in, int64_t rows, int64_t block,
+                            at::IntArrayRef bits) {
+  DecodeArgs a = check_decode(data_in, rows, block, bits);
+  at::Tensor out =
+      at::empty({a.chunks, rows, a.geo.groups * block}, data_in.options().dtype(at::kFloat));
+  if (empty_codec(a.chunks, a.geo)) return out.zero_();
+  decode_into_cpu(a, out.data_ptr<float>());
   return out;
+}
+
+void lossy_decode_into_cpu(const at::Tensor& data_in, int64_t rows, int64_t block,
+                           at::IntArrayRef bits, const at::Tensor& out) {
+  DecodeArgs a = check_decode(data_in, rows, block, bits);
+  check_decode_out(a, data_in, out);
+  if (empty_codec(a.chunks, a.geo)) {
+    out.zero_();
+    return;
+  }
+  decode_into_cpu(a, out.data_ptr<float>());
 }
 
 }  // namespace
@@ -68,6 +83,7 @@ at::Tensor lossy_decode_cpu(const at::Tensor& data_in, int64_t rows, int64_t blo
 TORCH_LIBRARY_IMPL(torchrec_tt, CPU, m) {
   m.impl("lossy_encode", &lossy_encode_cpu);
   m.impl("lossy_decode", &lossy_decode_cpu);
+  m.impl("lossy_decode_into", &lossy_decode_into_cpu);
 }
 
 }  // namespace torchrec_tt

@@ -83,30 +83,44 @@ at::Tensor lossy_encode_cuda(const at::Tensor& x_in, at::IntArrayRef bits, int64
   return out;
 }
 
-at::Tensor lossy_decode_cuda(const at::Tensor& data_in, int64_t rows, int64_t block,
-                             at::IntArrayRef bits) {
-  c10::cuda::CUDAGuard guard(data_in.device());
-  DecodeArgs d = check_decode(data_in, rows, block, bits);
-  const int64_t groups = d.geo.groups;
-  at::Tensor out =
-      at::empty({d.chunks, rows, groups * block}, data_in.options().dtype(at::kFloat));
-  if (empty_codec(d.chunks, d.geo)) return out.zero_();
-  const int dev = data_in.get_device();
+void decode_into_cuda(const DecodeArgs& d, float* y, int dev) {
   const int sms = sm_count(dev);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();
   KernelArgs a = base_args(d.geo, d.plan);
-  a.y = out.data_ptr<float>();
+  a.y = y;
   a.data = const_cast<uint8_t*>(d.data.data_ptr<uint8_t>());
   a.row_bytes = d.data.stride(0);
   a.vec = vec_ok(d.geo, a.y);
-  for (int64_t g0 = 0; g0 < groups; g0 += kLaunchGroups) {
+  for (int64_t g0 = 0; g0 < d.geo.groups; g0 += kLaunchGroups) {
     set_groups(a, d.bits, d.plan, g0);
     plan_tiles(a, d.chunks, int64_t{sms} * (2048 / kThreads), kThreads);
     const unsigned grid = static_cast<unsigned>(grid_for(a, sms));
     lossy_unpack_kernel<kThreads><<<grid, kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+at::Tensor lossy_decode_cuda(const at::Tensor& data_in, int64_t rows, int64_t block,
+                             at::IntArrayRef bits) {
+  c10::cuda::CUDAGuard guard(data_in.device());
+  DecodeArgs d = check_decode(data_in, rows, block, bits);
+  at::Tensor out =
+      at::empty({d.chunks, rows, d.geo.groups * block}, data_in.options().dtype(at::kFloat));
+  if (empty_codec(d.chunks, d.geo)) return out.zero_();
+  decode_into_cuda(d, out.data_ptr<float>(), data_in.get_device());
   return out;
+}
+
+void lossy_decode_into_cuda(const at::Tensor& data_in, int64_t rows, int64_t block,
+                            at::IntArrayRef bits, const at::Tensor& out) {
+  c10::cuda::CUDAGuard guard(data_in.device());
+  DecodeArgs d = check_decode(data_in, rows, block, bits);
+  check_decode_out(d, data_in, out);
+  if (empty_codec(d.chunks, d.geo)) {
+    out.zero_();
+    return;
+  }
+  decode_into_cuda(d, out.data_ptr<float>(), data_in.get_device());
 }
 
 }  // namespace
@@ -114,6 +128,7 @@ at::Tensor lossy_decode_cuda(const at::Tensor& data_in, int64_t rows, int64_t bl
 TORCH_LIBRARY_IMPL(torchrec_tt, CUDA, m) {
   m.impl("lossy_encode", &lossy_encode_cuda);
   m.impl("lossy_decode", &lossy_decode_cuda);
+  m.impl("lossy_decode_into", &lossy_decode_into_cuda);
 }
 
 }  // namespace torchrec_tt

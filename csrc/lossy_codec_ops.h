@@ -99,6 +99,16 @@ inline DecodeArgs check_decode(const at::Tensor& data, int64_t rows, int64_t blo
   return a;
 }
 
+// `out` of lossy_decode_into: contiguous float32 on data's device, C * rows * G * block values.
+inline void check_decode_out(const DecodeArgs& a, const at::Tensor& data, const at::Tensor& out) {
+  constexpr const char* op = "lossy_decode_into";
+  SameDeviceCheck(op, "data", data).add("out", out).check();
+  const int64_t want = a.chunks * a.geo.chunk_stride();
+  TORCH_CHECK_VALUE(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == want,
+                    op, ": out must be a contiguous float32 tensor of ", want, " elements, got ",
+                    out.scalar_type(), " ", out.sizes());
+}
+
 inline bool empty_codec(int64_t chunks, const Geometry& geo) {
   return chunks == 0 || geo.groups == 0 || geo.rows == 0;
 }

@@ -79,6 +79,10 @@ TORCH_LIBRARY(torchrec_tt, m) {
   // data: uint8 [C, S] (S >= the encoded size; bytes past it are ignored) -> float32
   // [C, rows, G * block], the inverse of lossy_encode with the same rows, block and bits.
   m.def("lossy_decode(Tensor data, int rows, int block, int[] bits) -> Tensor");
+  // lossy_decode into `out` (contiguous float32 of C * rows * G * block elements), so the
+  // forward all-to-all decodes every rank's chunk straight into one buffer.
+  m.def(
+      "lossy_decode_into(Tensor data, int rows, int block, int[] bits, Tensor(a!) out) -> ()");
   m.set_python_module("torchrec_tt.ops");
 }
 

@@ -399,9 +399,10 @@ def encode_blocks(x: Tensor, bits: Sequence[int], block: int, row_bytes: int | N
 
 
 def decode_blocks(data: Tensor, rows: int, block: int, bits: Sequence[int], *,
-                  impl: str | None = None) -> Tensor:
+                  impl: str | None = None, out: Tensor | None = None) -> Tensor:
     """Inverse of :func:`encode_blocks`: uint8 ``[C, S]`` (``S`` >= the encoded size; the rest
-    is ignored) -> float32 ``[C, rows, len(bits) * block]``."""
+    is ignored) -> float32 ``[C, rows, len(bits) * block]``, written into ``out`` (contiguous
+    float32 of as many elements, e.g. a slice of a larger buffer) when given."""
     widths = _check_widths(bits)
     if data.dim() != 2 or data.dtype != torch.uint8:
         raise ValueError(f"decode_blocks expects uint8 [chunks, bytes], got {data.dtype} "
@@ -412,11 +413,19 @@ def decode_blocks(data: Tensor, rows: int, block: int, bits: Sequence[int], *,
     if c and data.shape[1] < size:
         raise ValueError(f"encoded chunk has {tuple(data.shape)} bytes, expected [{c}, {size}] "
                          f"for {len(widths)} groups of {n} values at {widths} bits")
+    shape = (c, rows, len(widths) * block)
+    if out is not None and (out.dtype != torch.float32 or not out.is_contiguous()
+                            or out.numel() != c * rows * len(widths) * block):
+        raise ValueError(f"out must be a contiguous float32 tensor of {shape} elements, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     if _resolve(impl, data.device) == "reference":
         values = decode_groups_reference(data[:, :size], len(widths), n, widths)
-        return (values.reshape(c, len(widths), rows, block).permute(0, 2, 1, 3)
-                .reshape(c, rows, len(widths) * block))
-    return torch.ops.torchrec_tt.lossy_decode(data, rows, block, widths)
+        values = values.reshape(c, len(widths), rows, block).permute(0, 2, 1, 3).reshape(shape)
+        return values if out is None else out.view(shape).copy_(values)
+    if out is None:
+        return torch.ops.torchrec_tt.lossy_decode(data, rows, block, widths)
+    torch.ops.torchrec_tt.lossy_decode_into(data, rows, block, widths, out)
+    return out.view(shape)
 
 
 def encode_groups(x: Tensor, bits: Sequence[int], check_finite: bool = True, *,

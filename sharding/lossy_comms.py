@@ -430,11 +430,13 @@ class ErrorBoundedCommCodec:
         return data.reshape(-1)
 
     def _decode_chunks(self, data: Tensor, layout: _Layout, owner: int, chunks: int,
-                       padded: int) -> Tensor:
+                       padded: int, out: Tensor | None = None) -> Tensor:
+        """-> ``[chunks, batch, dims[owner]]`` flat, as TorchRec lays it out (into ``out``)."""
         k, b = layout.block, layout.batch
         values = decode_blocks(data.reshape(chunks, padded), b, k,
-                               self.policy.bits(self.direction, layout, owner), impl=self.impl)
-        return values.reshape(-1)  # [chunks, batch, dims[owner]], as TorchRec lays it out
+                               self.policy.bits(self.direction, layout, owner), impl=self.impl,
+                               out=out)
+        return values.reshape(-1)
 
     def encode(self, input_tensor: Tensor, ctx: ErrorBoundedContext | None = None) -> Tensor:
         if input_tensor.dtype != torch.float32:
@@ -473,13 +475,16 @@ class ErrorBoundedCommCodec:
             me = layout.rank
             return self._decode_chunks(data, layout, me, layout.world,
                                        sizes[layout.batch * layout.dims[me]])
-        # forward: from each rank r its [batch, dims[r]] chunk, concatenated
-        parts, offset = [], 0
+        # forward: from each rank r its [batch, dims[r]] chunk, decoded side by side into one
+        # buffer (no concatenation pass)
+        out = data.new_empty(layout.batch * sum(layout.dims), dtype=torch.float32)
+        offset, at = 0, 0
         for owner, d in enumerate(layout.dims):
-            size = sizes[layout.batch * d]
-            parts.append(self._decode_chunks(data[offset: offset + size], layout, owner, 1, size))
+            size, n = sizes[layout.batch * d], layout.batch * d
+            self._decode_chunks(data[offset: offset + size], layout, owner, 1, size,
+                                out=out[at: at + n])
             offset += size
-        out = torch.cat(parts) if parts else data.new_empty(0, dtype=torch.float32)
+            at += n
         total = out.numel()
         # the backward of this all-to-all encodes a gradient of the same length and layout
         seen = self._layouts.get(total, "missing")  # type: ignore[arg-type]

@@ -370,6 +370,10 @@ def test_compiled_blocks_match_reference(rows: int, block: int, groups: int) -> 
         dref = lossy_codec.decode_blocks(ref, rows, block, bits, impl="reference")
         dgot = lossy_codec.decode_blocks(ref, rows, block, bits, impl="compiled")
         assert dgot.shape == (3, rows, groups * block) and _same_bits(dref, dgot)
+        for impl in ("compiled", "reference"):  # into a slice of a larger buffer
+            buf = torch.full((dgot.numel() + 7,), -1.0)
+            lossy_codec.decode_blocks(ref, rows, block, bits, impl=impl, out=buf[3:-4])
+            assert _same_bits(buf[3:-4], dgot.reshape(-1)) and (buf[:3] == -1).all()
     if rows and groups:  # the same bytes as encode_groups of the grouped tensor
         grouped = x.reshape(3, rows, groups, block).permute(0, 2, 1, 3).reshape(3, groups, -1)
         assert torch.equal(encode_groups(grouped, bits, impl="reference"),
@@ -447,6 +451,11 @@ def test_codec_impl_selection(monkeypatch: pytest.MonkeyPatch) -> None:
         lossy_codec.decode_blocks(torch.zeros(1, 3, dtype=torch.uint8), 1, 8, [4, 4])
     with pytest.raises(ValueError, match="code widths"):  # the op's own check, past Python's
         torch.ops.torchrec_tt.lossy_encode(x.reshape(1, 1, 16), [4, 17], 8, 64, None)
+    data = lossy_codec.encode_blocks(x.reshape(1, 1, 16), [4, 4], 8)
+    with pytest.raises(ValueError, match="out must be"):
+        lossy_codec.decode_blocks(data, 1, 8, [4, 4], out=torch.empty(15))
+    with pytest.raises(ValueError, match="out must be"):  # the op's own check
+        torch.ops.torchrec_tt.lossy_decode_into(data, 1, 8, [4, 4], torch.empty(15))
 
 
 def test_compiled_ops_fake_kernels_and_opcheck() -> None:
@@ -464,6 +473,8 @@ def test_compiled_ops_fake_kernels_and_opcheck() -> None:
     torch.library.opcheck(torch.ops.torchrec_tt.lossy_encode.default,
                           (x, bits, 8, size + 4, status))
     torch.library.opcheck(torch.ops.torchrec_tt.lossy_decode.default, (data, 5, 8, bits))
+    torch.library.opcheck(torch.ops.torchrec_tt.lossy_decode_into.default,
+                          (data, 5, 8, bits, torch.empty(2 * 5 * 24)))
 
 
 @needs_cuda
@@ -505,6 +516,11 @@ def test_cuda_compiled_blocks_match_reference(rows: int, block: int, groups: int
     # a decode straight from a byte slice at an odd offset (as the forward all-to-all does)
     wide = torch.cat([torch.zeros(3, 1, dtype=torch.uint8, device="cuda"), got], 1)
     assert _same_bits(lossy_codec.decode_blocks(wide[:, 1:], rows, block, bits), dgot)
+    for at in (0, 1, 4):  # into a buffer slice: aligned (vector stores) and not (scalar)
+        buf = torch.full((dgot.numel() + 8,), -1.0, device="cuda")
+        lossy_codec.decode_blocks(got, rows, block, bits, out=buf[at: at + dgot.numel()])
+        assert _same_bits(buf[at: at + dgot.numel()], dgot.reshape(-1))
+        assert (buf[:at] == -1).all() and (buf[at + dgot.numel():] == -1).all()
 
 
 @needs_cuda

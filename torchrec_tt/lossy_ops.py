@@ -18,7 +18,8 @@ from torchrec_tt import _C  # noqa: F401  (registers the torchrec_tt ops)
 
 __all__ = ["has_kernel"]
 
-_OPS = ("torchrec_tt::lossy_encode", "torchrec_tt::lossy_decode")
+_OPS = ("torchrec_tt::lossy_encode", "torchrec_tt::lossy_decode",
+        "torchrec_tt::lossy_decode_into")
 
 
 @functools.lru_cache(maxsize=None)  # the registrations are fixed once _C is loaded
@@ -57,3 +58,10 @@ def _lossy_decode_fake(data: Tensor, rows: int, block: int, bits: list[int]) -> 
     torch._check(data.dim() == 2, lambda: "lossy_decode: data must be 2-D")
     torch._check(data.dtype == torch.uint8, lambda: "lossy_decode: data must be uint8")
     return data.new_empty((data.shape[0], rows, len(bits) * block), dtype=torch.float32)
+
+
+@torch.library.register_fake("torchrec_tt::lossy_decode_into")
+def _lossy_decode_into_fake(data: Tensor, rows: int, block: int, bits: list[int],
+                            out: Tensor) -> None:
+    torch._check(out.numel() == data.shape[0] * rows * len(bits) * block,
+                 lambda: "lossy_decode_into: out has the wrong number of elements")
