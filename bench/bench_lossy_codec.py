@@ -2,9 +2,19 @@
 
 Throughput (GB/s of float32 input) of encode, decode and both, on the device given, for an
 all-to-all-sized tensor (``--batch`` rows x ``--tables`` tables x ``--dim`` columns, per
-``--ranks`` destination chunks), at each bound; the core (``encode_groups`` /
-``decode_groups``) and the TorchRec codec path (layout, per-rank chunks, padding: one forward
-and one backward pooled all-to-all of ``--ranks`` simulated ranks, ``simulate_pooled_all_to_all``)::
+``--ranks`` destination chunks), at each bound, for both implementations: ``torch-op`` (the
+reference, ``impl="reference"``) and ``compiled`` (the ``torchrec_tt::lossy_encode`` /
+``lossy_decode`` ops, when built for the device). Rows: ``core`` (``encode_groups`` /
+``decode_groups`` on the grouped tensor), ``blocks`` (``encode_blocks`` / ``decode_blocks`` on
+the pooled ``[rows, tables * dim]`` layout in place, what the codec calls) and ``codec a2a``
+(the TorchRec codec path: one forward and one backward pooled all-to-all of ``--ranks``
+simulated ranks, ``simulate_pooled_all_to_all``, wall time including the host work).
+
+On CUDA the core and blocks rows are device time (CUDA events around each call) with the L2
+flushed before each call (a 2 x 50 MB write, as FBGEMM's benchmarks do), so the input comes from
+HBM; ``--no_flush_l2`` measures L2-warm back-to-back calls instead. The compiled encode's
+NaN/inf check is the lazy device flag (no host sync); the torch-op one synchronises
+(``--no_check_finite`` turns both off)::
 
     python bench/bench_lossy_codec.py --device cuda              # the lead's H200 run
     python bench/bench_lossy_codec.py --device cpu --batch 1024  # small, on the CPU
@@ -28,8 +38,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from torchrec_tt.sharding.lossy_codec import (  # noqa: E402
+    NonFiniteFlag,
     bits_for_bound,
+    compiled_available,
+    decode_blocks,
     decode_groups,
+    encode_blocks,
     encode_groups,
 )
 from torchrec_tt.sharding.lossy_comms import error_bounded_qcomm_codecs  # noqa: E402
@@ -43,8 +57,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` (device-synchronised)."""
+def _time(fn, device: torch.device, repeats: int, warmup: int = 2,
+          flush: torch.Tensor | None = None) -> float:
+    """Median seconds of ``fn()``: on CUDA device time from events (``flush`` written before
+    each call evicts the L2), else wall time."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                 for _ in range(repeats)]
+        for start, end in marks:
+            if flush is not None:
+                flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return statistics.median(s.elapsed_time(e) for s, e in marks) / 1e3
+    return _wall(fn, device, repeats, warmup=0)
+
+
+def _gbs(nbytes: int, seconds: float) -> str:
+    """GB/s with 3 significant digits (the CPU's are small)."""
+    v = nbytes / seconds / 1e9
+    return f"{v:.0f}" if v >= 100 else f"{v:.2f}" if v >= 1 else f"{v:.3g}"
+
+
+def _wall(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn()`` (device-synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -67,32 +107,54 @@ def throughput(a: argparse.Namespace) -> None:
     grouped = x.view(ranks, b, t, d).permute(0, 2, 1, 3).reshape(ranks, t, b * d).contiguous()
     in_bytes = x.numel() * 4
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    flush = None
+    if device.type == "cuda" and a.flush_l2:
+        flush = torch.empty(100 * 2**20 // 4, dtype=torch.float32, device=device)
+    impls = ["reference"] + (["compiled"] if compiled_available(device) else [])
+    label = {"reference": "torch-op", "compiled": "compiled"}
     print(f"device {name}; input {ranks} chunks x {b} rows x {t} tables x {d} = "
-          f"{in_bytes / 2**20:.1f} MiB float32; median of {a.repeats}")
-    print(f"{'path':<10} {'bound':>6} {'bits':>4} {'ratio':>6} {'enc ms':>8} {'dec ms':>8} "
-          f"{'enc GB/s':>9} {'dec GB/s':>9} {'enc+dec GB/s':>12}")
+          f"{in_bytes / 2**20:.1f} MiB float32; median of {a.repeats}; "
+          + ("device time, L2 flushed" if flush is not None else
+             "device time, L2 warm" if device.type == "cuda" else "wall time"))
+    print(f"{'path':<10} {'impl':<9} {'bound':>6} {'bits':>4} {'ratio':>6} {'enc ms':>8} "
+          f"{'dec ms':>8} {'enc GB/s':>9} {'dec GB/s':>9} {'enc+dec GB/s':>12}")
+    rows2d = x.view(ranks, b, t * d)  # the pooled layout the codec encodes in place
     for bound in [float(s) for s in a.bounds.split(",")]:
         bits = [bits_for_bound(bound)] * t
-        enc = encode_groups(grouped, bits, a.check_finite)
-        ratio = in_bytes / enc.numel()
-        te = _time(lambda: encode_groups(grouped, bits, a.check_finite), device, a.repeats)
-        td = _time(lambda: decode_groups(enc, t, b * d, bits), device, a.repeats)
-        print(f"{'core':<10} {bound:>6g} {bits[0]:>4} {ratio:>5.2f}x {te * 1e3:>8.3f} "
-              f"{td * 1e3:>8.3f} {in_bytes / te / 1e9:>9.2f} {in_bytes / td / 1e9:>9.2f} "
-              f"{in_bytes / (te + td) / 1e9:>12.2f}")
-        # TorchRec codec path: forward and backward all-to-all of `ranks` simulated ranks,
-        # each rank sending its [ranks * b/ranks ...]: every rank owns t/ranks tables
-        per = max(1, t // ranks)
-        emb = [x[:, r * per * d:(r + 1) * per * d].contiguous() for r in range(ranks)]
-        grads = [x[: b, : per * ranks * d].contiguous() * 1e-3 for _ in range(ranks)]
-        codecs = [error_bounded_qcomm_codecs(bound, block_dim=d, table_wise=False,
-                                             check_finite=a.check_finite)
-                  ["POOLED_EMBEDDINGS_ALL_TO_ALL"] for _ in range(ranks)]
-        tc = _time(lambda: simulate_pooled_all_to_all(codecs, emb, grads), device, a.repeats)
-        moved = 4 * (sum(e.numel() for e in emb) + sum(gr.numel() for gr in grads))
-        print(f"{'codec a2a':<10} {bound:>6g} {bits[0]:>4} {'':>6} {'':>8} {'':>8} {'':>9} "
-              f"{'':>9} {moved / tc / 1e9:>12.2f}   (fwd+bwd, {ranks} ranks, "
-              f"{moved / 2**20:.1f} MiB)")
+        for impl in impls:
+            flag = NonFiniteFlag() if impl == "compiled" else None
+            enc = encode_groups(grouped, bits, a.check_finite, flag=flag, impl=impl)
+            ratio = in_bytes / enc.numel()
+            cases = {
+                "core": (lambda: encode_groups(grouped, bits, a.check_finite, flag=flag,
+                                               impl=impl),
+                         lambda: decode_groups(enc, t, b * d, bits, impl=impl)),
+                "blocks": (lambda: encode_blocks(rows2d, bits, d, check_finite=a.check_finite,
+                                                 flag=flag, impl=impl),
+                           lambda: decode_blocks(encb, b, d, bits, impl=impl)),
+            }
+            encb = encode_blocks(rows2d, bits, d, check_finite=a.check_finite, impl=impl)
+            for path, (fe, fd) in cases.items():
+                te = _time(fe, device, a.repeats, flush=flush)
+                td = _time(fd, device, a.repeats, flush=flush)
+                print(f"{path:<10} {label[impl]:<9} {bound:>6g} {bits[0]:>4} {ratio:>5.2f}x "
+                      f"{te * 1e3:>8.3f} {td * 1e3:>8.3f} {_gbs(in_bytes, te):>9} "
+                      f"{_gbs(in_bytes, td):>9} {_gbs(in_bytes, te + td):>12}")
+            if flag is not None:
+                flag.check()
+            # TorchRec codec path: forward and backward all-to-all of `ranks` simulated ranks,
+            # each rank sending its [ranks * b/ranks ...]: every rank owns t/ranks tables
+            per = max(1, t // ranks)
+            emb = [x[:, r * per * d:(r + 1) * per * d].contiguous() for r in range(ranks)]
+            grads = [x[: b, : per * ranks * d].contiguous() * 1e-3 for _ in range(ranks)]
+            codecs = [error_bounded_qcomm_codecs(bound, block_dim=d, table_wise=False,
+                                                 check_finite=a.check_finite, codec_impl=impl)
+                      ["POOLED_EMBEDDINGS_ALL_TO_ALL"] for _ in range(ranks)]
+            tc = _wall(lambda: simulate_pooled_all_to_all(codecs, emb, grads), device, a.repeats)
+            moved = 4 * (sum(e.numel() for e in emb) + sum(gr.numel() for gr in grads))
+            print(f"{'codec a2a':<10} {label[impl]:<9} {bound:>6g} {bits[0]:>4} {'':>6} "
+                  f"{'':>8} {'':>8} {'':>9} {'':>9} {_gbs(moved, tc):>12}   (fwd+bwd, "
+                  f"{ranks} ranks, {moved / 2**20:.1f} MiB, wall {tc * 1e3:.3f} ms)")
 
 
 def _entropy_bits(codes: torch.Tensor) -> float:
@@ -142,7 +204,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no_check_finite", dest="check_finite", action="store_false",
-                    help="skip the NaN/inf check (a host sync per call on CUDA)")
+                    help="skip the NaN/inf check (the torch-op one syncs with the host)")
+    ap.add_argument("--no_flush_l2", dest="flush_l2", action="store_false",
+                    help="CUDA: time L2-warm calls (no L2 flush before each)")
     ap.add_argument("--captured", default=None, help="capture file: compression ratio mode")
     a = ap.parse_args()
     if a.captured:

@@ -60,6 +60,29 @@ TORCH_LIBRARY(torchrec_tt, m) {
   m.def(
       "tt_conv2d_kernel_info(Tensor input, Tensor core0, Tensor core1, Tensor core2, "
       "int[2] stride, int[2] padding, int[2] dilation) -> int[]");
+
+  // Error-bounded lossy comms codec (issue 16; format in lossy_codec.h, bit-identical to the
+  // torch-op reference in sharding/lossy_codec.py). Fake kernels in torchrec_tt.lossy_ops.
+  m.set_python_module("torchrec_tt.lossy_ops");
+
+  // x: float32 [C, rows, G * block], C chunks; group g of a chunk is the column block
+  // [g * block, (g + 1) * block) over all rows (n = rows * block values), coded at bits[g]
+  // (1..16) bits. Returns uint8 [C, row_bytes]: per chunk the encoded row, zero-padded to
+  // row_bytes (>= the encoded size). A group holding NaN or +-inf is sent marked (NaN header,
+  // zero codes; it decodes to NaN); then status[0] is set to 1 when status is given (on CUDA
+  // without a host sync: the caller reads it when it likes), and without status the op raises
+  // ValueError (on CUDA after a synchronisation).
+  m.def(
+      "lossy_encode(Tensor x, int[] bits, int block, int row_bytes, Tensor(a!)? status) -> "
+      "Tensor");
+
+  // data: uint8 [C, S] (S >= the encoded size; bytes past it are ignored) -> float32
+  // [C, rows, G * block], the inverse of lossy_encode with the same rows, block and bits.
+  m.def("lossy_decode(Tensor data, int rows, int block, int[] bits) -> Tensor");
+  // lossy_decode into `out` (contiguous float32 of C * rows * G * block elements), so the
+  // forward all-to-all decodes every rank's chunk straight into one buffer.
+  m.def(
+      "lossy_decode_into(Tensor data, int rows, int block, int[] bits, Tensor(a!) out) -> ()");
   m.set_python_module("torchrec_tt.ops");
 }
 

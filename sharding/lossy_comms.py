@@ -49,6 +49,13 @@ The dual-level policy (:class:`ErrorBoundPolicy`):
 
 Its state (step, per-table statistics) is in ``state_dict()`` / ``load_state_dict()``, exact on
 resume.
+
+The codec runs the compiled ops (``torchrec_tt::lossy_encode`` / ``lossy_decode``: one encode and
+one decode call per chunk layout, reading the pooled tensor in place, no permuted copies) where
+the extension has them, else the torch-op reference (``codec_impl=``, see
+``torchrec_tt.sharding.lossy_codec``). NaN/inf in a tensor to encode raise ValueError: at once on
+the CPU; on CUDA without a host sync, from a later encode or ``policy.step()`` (the groups
+concerned are sent as NaN meanwhile; ``policy.non_finite.check()`` synchronises and raises now).
 """
 
 from __future__ import annotations
@@ -65,9 +72,11 @@ from torch import Tensor
 from torchrec.distributed.types import CommOp, QuantizedCommCodecs
 
 from torchrec_tt.sharding.lossy_codec import (
+    IMPLEMENTATIONS,
+    NonFiniteFlag,
     bits_for_bound,
-    decode_groups,
-    encode_groups,
+    decode_blocks,
+    encode_blocks,
     group_bytes,
 )
 
@@ -176,11 +185,15 @@ class ErrorBoundPolicy:
         self.stats_every = stats_every
         self.process_group = process_group
         self.iteration = 0
+        #: NaN/inf reports of the codecs' CUDA encodes (polled in step(), never synchronising)
+        self.non_finite = NonFiniteFlag()
         # per table key: [sum of rho, count] since the last update, and the scale in force
         self._acc: dict[str, list[float | Tensor]] = {}
         self._rho: dict[str, float] = {}
         self._scale: dict[str, float] = {}
-        self._bits_cache: dict[tuple[str, _Layout, int, int], tuple[int, ...]] = {}
+        # code widths (direction, layout, owner, step) and chunk sizes ("sizes", direction,
+        # layout, step), derived from the state; cleared whenever the scales change
+        self._bits_cache: dict[tuple[Any, ...], Any] = {}
 
     # ------------------------------------------------------------------ the bound in force
 
@@ -244,6 +257,7 @@ class ErrorBoundPolicy:
         """Advances the schedule one step; every ``update_every`` steps all-reduces the table
         statistics (a collective: every rank must call it at the same step)."""
         self.iteration += 1
+        self.non_finite.poll()
         if self.table_wise and self.iteration % self.update_every == 0:
             self._update()
 
@@ -325,13 +339,15 @@ class ErrorBoundedCommCodec:
     """
 
     def __init__(self, policy: ErrorBoundPolicy, direction: str, block_dim: int | None,
-                 layouts: dict[int, _Layout | None], check_finite: bool = True) -> None:
+                 layouts: dict[int, _Layout | None], check_finite: bool = True,
+                 impl: str | None = None) -> None:
         if direction not in _DIRECTIONS:
             raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
         self.policy = policy
         self.direction = direction
         self.block_dim = block_dim
         self.check_finite = check_finite
+        self.impl = impl  # None: compiled ops where built, else the torch-op reference
         self._layouts = layouts  # shared by the pair: forward decode -> backward encode
 
     @property
@@ -370,10 +386,16 @@ class ErrorBoundedCommCodec:
         return sum(group_bytes(n, b) for b in self.policy.bits(self.direction, layout, owner))
 
     def _size_of_length(self, layout: _Layout) -> dict[int, int]:
-        sizes: dict[int, int] = {}
-        for owner, d in enumerate(layout.dims):
-            length = layout.batch * d
-            sizes[length] = max(sizes.get(length, 0), self._chunk_bytes(layout, owner))
+        # cached with the policy's widths: TorchRec asks for sizes several times per call
+        cache = self.policy._bits_cache
+        key = ("sizes", self.direction, layout, self.policy.iteration)
+        sizes = cache.get(key)
+        if sizes is None:
+            sizes = {}
+            for owner, d in enumerate(layout.dims):
+                length = layout.batch * d
+                sizes[length] = max(sizes.get(length, 0), self._chunk_bytes(layout, owner))
+            cache[key] = sizes
         return sizes
 
     def calc_quantized_size(self, input_len: int, ctx: ErrorBoundedContext | None = None) -> int:
@@ -398,22 +420,23 @@ class ErrorBoundedCommCodec:
                        padded: int) -> Tensor:
         """``x``: ``chunks`` row blocks of ``[batch, dims[owner]]`` -> ``[chunks * padded]``."""
         g, k, b = layout.groups(owner), layout.block, layout.batch
-        grouped = x.reshape(chunks, b, g, k).permute(0, 2, 1, 3).reshape(chunks, g, b * k)
+        rows = x.reshape(chunks, b, g * k)  # group j: columns [j*k, (j+1)*k) of every row
         if self.policy.wants_stats():
+            grouped = rows.reshape(chunks, b, g, k).permute(0, 2, 1, 3).reshape(chunks, g, b * k)
             self.policy.observe(self.direction, layout, owner, grouped)
-        data = encode_groups(grouped, self.policy.bits(self.direction, layout, owner),
-                             self.check_finite)
-        if data.shape[1] < padded:
-            data = torch.nn.functional.pad(data, (0, padded - data.shape[1]))
+        data = encode_blocks(rows, self.policy.bits(self.direction, layout, owner), k, padded,
+                             check_finite=self.check_finite, flag=self.policy.non_finite,
+                             impl=self.impl)
         return data.reshape(-1)
 
     def _decode_chunks(self, data: Tensor, layout: _Layout, owner: int, chunks: int,
-                       padded: int) -> Tensor:
-        g, k, b = layout.groups(owner), layout.block, layout.batch
-        real = self._chunk_bytes(layout, owner)
-        raw = data.reshape(chunks, padded)[:, :real]
-        values = decode_groups(raw, g, b * k, self.policy.bits(self.direction, layout, owner))
-        return values.reshape(chunks, g, b, k).permute(0, 2, 1, 3).reshape(-1)
+                       padded: int, out: Tensor | None = None) -> Tensor:
+        """-> ``[chunks, batch, dims[owner]]`` flat, as TorchRec lays it out (into ``out``)."""
+        k, b = layout.block, layout.batch
+        values = decode_blocks(data.reshape(chunks, padded), b, k,
+                               self.policy.bits(self.direction, layout, owner), impl=self.impl,
+                               out=out)
+        return values.reshape(-1)
 
     def encode(self, input_tensor: Tensor, ctx: ErrorBoundedContext | None = None) -> Tensor:
         if input_tensor.dtype != torch.float32:
@@ -452,13 +475,16 @@ class ErrorBoundedCommCodec:
             me = layout.rank
             return self._decode_chunks(data, layout, me, layout.world,
                                        sizes[layout.batch * layout.dims[me]])
-        # forward: from each rank r its [batch, dims[r]] chunk, concatenated
-        parts, offset = [], 0
+        # forward: from each rank r its [batch, dims[r]] chunk, decoded side by side into one
+        # buffer (no concatenation pass)
+        out = data.new_empty(layout.batch * sum(layout.dims), dtype=torch.float32)
+        offset, at = 0, 0
         for owner, d in enumerate(layout.dims):
-            size = sizes[layout.batch * d]
-            parts.append(self._decode_chunks(data[offset: offset + size], layout, owner, 1, size))
+            size, n = sizes[layout.batch * d], layout.batch * d
+            self._decode_chunks(data[offset: offset + size], layout, owner, 1, size,
+                                out=out[at: at + n])
             offset += size
-        out = torch.cat(parts) if parts else data.new_empty(0, dtype=torch.float32)
+            at += n
         total = out.numel()
         # the backward of this all-to-all encodes a gradient of the same length and layout
         seen = self._layouts.get(total, "missing")  # type: ignore[arg-type]
@@ -479,6 +505,7 @@ def error_bounded_qcomm_codecs(
     policy: ErrorBoundPolicy | None = None,
     comm_ops: Sequence[CommOp] | None = None,
     check_finite: bool = True,
+    codec_impl: str | None = None,
 ) -> dict[str, QuantizedCommCodecs]:
     """A qcomms registry (TorchRec's ``get_qcomm_codecs_registry`` shape) whose pooled
     all-to-all sends error-bounded quantised embeddings and gradients.
@@ -492,7 +519,10 @@ def error_bounded_qcomm_codecs(
         policy: an existing policy (shared with another registry); then the bound arguments
             must be left out.
         comm_ops: only ``[CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL]`` (the default) is supported.
-        check_finite: reject NaN/inf with a ValueError (one host sync per call on CUDA).
+        check_finite: reject NaN/inf with a ValueError (on CUDA without a host sync: raised by
+            a later encode or ``policy.step()``; see the module docstring).
+        codec_impl: ``"compiled"`` (the torchrec_tt ops), ``"reference"`` (torch ops) or None
+            (compiled where built; ``TORCHREC_TT_LOSSY_CODEC`` overrides).
 
     Returns ``{"POOLED_EMBEDDINGS_ALL_TO_ALL": QuantizedCommCodecs(forward, backward)}``; pass
     it as ``qcomm_codecs_registry=`` to a sharder, and call ``lossy_policy(registry).step()``
@@ -507,6 +537,9 @@ def error_bounded_qcomm_codecs(
         raise ValueError("give either policy= or the bound arguments, not both")
     if not isinstance(policy, ErrorBoundPolicy):
         raise TypeError(f"policy must be an ErrorBoundPolicy, got {type(policy).__name__}")
+    if codec_impl is not None and codec_impl not in IMPLEMENTATIONS:
+        raise ValueError(f"codec_impl must be one of {IMPLEMENTATIONS} or None, got "
+                         f"{codec_impl!r}")
     if block_dim is not None and (not isinstance(block_dim, int) or block_dim < 1):
         raise ValueError(f"block_dim must be an int >= 1, got {block_dim!r}")
     ops = list(comm_ops) if comm_ops is not None else [CommOp.POOLED_EMBEDDINGS_ALL_TO_ALL]
@@ -517,8 +550,10 @@ def error_bounded_qcomm_codecs(
     layouts: dict[int, _Layout | None] = {}
     return {
         op.name: QuantizedCommCodecs(
-            forward=ErrorBoundedCommCodec(policy, "forward", block_dim, layouts, check_finite),
-            backward=ErrorBoundedCommCodec(policy, "backward", block_dim, layouts, check_finite),
+            forward=ErrorBoundedCommCodec(policy, "forward", block_dim, layouts, check_finite,
+                                          codec_impl),
+            backward=ErrorBoundedCommCodec(policy, "backward", block_dim, layouts, check_finite,
+                                           codec_impl),
         )
         for op in ops
     }

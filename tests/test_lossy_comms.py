@@ -300,6 +300,283 @@ def test_policy_checkpoint_resume_exact() -> None:
     assert p.state_dict() == before
 
 
+# ------------------------------------------------------------------ compiled codec vs reference
+
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and lossy_codec.compiled_available("cuda")),
+    reason="needs a CUDA GPU and torchrec_tt built with its CUDA kernels (compiled lossy codec)")
+ALL_BITS = list(range(1, MAX_BITS + 1))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical float32 tensors (NaN included)."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.int32),
+                                              b.contiguous().view(torch.int32))
+
+
+def _assert_impls_agree(x: torch.Tensor, bits: list[int]) -> None:
+    """encode_groups / decode_groups: compiled and reference give the same bytes, and decode
+    the same bytes to the same bits."""
+    c, g, n = x.shape
+    ref = encode_groups(x, bits, impl="reference")
+    got = encode_groups(x, bits, impl="compiled")
+    assert torch.equal(ref, got), (tuple(x.shape), bits)
+    dref = decode_groups(ref, g, n, bits, impl="reference")
+    dgot = decode_groups(ref, g, n, bits, impl="compiled")
+    assert _same_bits(dref, dgot), (tuple(x.shape), bits)
+
+
+def _random_cases(device: str) -> list[tuple[torch.Tensor, list[int]]]:
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for c, groups, n in [(2, 16, 203), (1, 16, 1), (3, 16, 64), (2, 16, 1028), (1, 16, 9)]:
+        x = torch.randn(c, groups, n, generator=g) * torch.logspace(-6, 4, groups).view(1, -1, 1)
+        x = x + torch.randn(1, groups, 1, generator=g) * 10  # offsets: groups not around 0
+        out.append((x.to(device), ALL_BITS))  # every width the codec can pick
+    widths = [int(b) for b in torch.randint(1, MAX_BITS + 1, (7,), generator=g)]
+    out.append((torch.randn(4, 7, 333, generator=g).to(device), widths))
+    return out
+
+
+def _adversarial_cases(device: str) -> list[tuple[torch.Tensor, list[int]]]:
+    out = []
+    for x in _adversarial().values():
+        x = x.float().reshape(1, 1, -1).to(device)
+        out.append((x.expand(len(ALL_BITS), 1, -1).reshape(1, len(ALL_BITS), -1).contiguous(),
+                    ALL_BITS))
+    return out
+
+
+def test_compiled_codec_is_bit_identical_to_reference() -> None:
+    """Random tables (every code width, odd sizes, offsets) and the adversarial inputs
+    (constant, zeros, subnormal, float32-max ranges, ulp steps, outliers, 1 value)."""
+    assert lossy_codec.compiled_available("cpu")
+    for x, bits in _random_cases("cpu") + _adversarial_cases("cpu"):
+        _assert_impls_agree(x, bits)
+
+
+@pytest.mark.parametrize("rows,block,groups", [(37, 16, 5), (21, 3, 4), (1, 203, 3), (5, 1, 6),
+                                               (300, 8, 2), (0, 16, 2), (4, 16, 0)])
+def test_compiled_blocks_match_reference(rows: int, block: int, groups: int) -> None:
+    """encode_blocks / decode_blocks (the codec's in-place layout), padded rows included."""
+    g = torch.Generator().manual_seed(rows * 31 + block)
+    x = torch.randn(3, rows, groups * block, generator=g) * 3 + 1
+    bits = [int(b) for b in torch.randint(1, MAX_BITS + 1, (groups,), generator=g)]
+    size = sum(group_bytes(rows * block, b) for b in bits)
+    for row_bytes in (size, size + 5):
+        ref = lossy_codec.encode_blocks(x, bits, block, row_bytes, impl="reference")
+        got = lossy_codec.encode_blocks(x, bits, block, row_bytes, impl="compiled")
+        assert got.shape == (3, row_bytes) and torch.equal(ref, got)
+        dref = lossy_codec.decode_blocks(ref, rows, block, bits, impl="reference")
+        dgot = lossy_codec.decode_blocks(ref, rows, block, bits, impl="compiled")
+        assert dgot.shape == (3, rows, groups * block) and _same_bits(dref, dgot)
+        for impl in ("compiled", "reference"):  # into a slice of a larger buffer
+            buf = torch.full((dgot.numel() + 7,), -1.0)
+            lossy_codec.decode_blocks(ref, rows, block, bits, impl=impl, out=buf[3:-4])
+            assert _same_bits(buf[3:-4], dgot.reshape(-1)) and (buf[:3] == -1).all()
+    if rows and groups:  # the same bytes as encode_groups of the grouped tensor
+        grouped = x.reshape(3, rows, groups, block).permute(0, 2, 1, 3).reshape(3, groups, -1)
+        assert torch.equal(encode_groups(grouped, bits, impl="reference"),
+                           lossy_codec.encode_blocks(x, bits, block))
+
+
+def test_compiled_signed_zero_extremes_decode_equal() -> None:
+    """A group whose extreme is +0 and -0: the header may hold either zero (see the module
+    doc); decoded values compare equal to the reference's."""
+    x = torch.tensor([[[0.0, -0.0, 1.0, 2.0, -0.0, 0.0, 3.0, 0.5, 0.0]]])
+    for bits in ALL_BITS:
+        ref = decode_groups(encode_groups(x, [bits], impl="reference"), 1, 9, [bits],
+                            impl="reference")
+        got = decode_groups(encode_groups(x, [bits], impl="compiled"), 1, 9, [bits],
+                            impl="compiled")
+        assert torch.equal(ref, got)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_compiled_nan_inf_rejected_or_marked(bad: float) -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 16, generator=g)
+    x[1, 2, 5] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        encode_groups(x, [4, 4, 4], impl="compiled")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lossy_codec.encode_blocks(x.reshape(2, 1, 48), [4, 4, 4], 16, impl="compiled",
+                                  flag=lossy_codec.NonFiniteFlag())  # CPU: raised at once
+    # unchecked: the bad group is sent marked and decodes to NaN; the others are unchanged
+    data = encode_groups(x, [4, 4, 4], check_finite=False, impl="compiled")
+    y = decode_groups(data, 3, 16, [4, 4, 4], impl="compiled")
+    assert torch.isnan(y[1, 2]).all()
+    good = x.clone()
+    good[1, 2] = 0.0
+    ref = decode_groups(encode_groups(good, [4, 4, 4], impl="reference"), 3, 16, [4, 4, 4],
+                        impl="reference")
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    assert _same_bits(y[mask], ref[mask])
+
+
+def test_compiled_codec_path_equals_reference_codec() -> None:
+    """TorchRec's call sequence (3 simulated ranks, one with no columns): the compiled codec
+    sends the reference's bytes and decodes them to the same bits, both directions."""
+    g = torch.Generator().manual_seed(7)
+    dims, batch = [16, 0, 24], 5
+    emb = [torch.randn(batch * 3, d, generator=g) * (1 + d) for d in dims]
+    grads = [torch.randn(batch, sum(dims), generator=g) * 1e-3 for _ in range(3)]
+    res = {impl: simulate_pooled_all_to_all(
+        [error_bounded_qcomm_codecs(0.02, block_dim=8, codec_impl=impl)[OP] for _ in range(3)],
+        emb, grads) for impl in ("compiled", "reference")}
+    for r in range(3):
+        assert _same_bits(res["compiled"]["outputs"][r], res["reference"]["outputs"][r])
+        assert _same_bits(res["compiled"]["grad_inputs"][r], res["reference"]["grad_inputs"][r])
+    assert res["compiled"]["bytes_sent"] == res["reference"]["bytes_sent"]
+
+
+def test_codec_impl_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        encode_groups(x, [4, 4], impl="fast")
+    with pytest.raises(ValueError, match="codec_impl must be one of"):
+        error_bounded_qcomm_codecs(0.05, codec_impl="fast")
+    monkeypatch.setenv("TORCHREC_TT_LOSSY_CODEC", "reference")
+    assert lossy_codec._resolve(None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv("TORCHREC_TT_LOSSY_CODEC", "compiled")
+    assert lossy_codec._resolve(None, torch.device("cpu")) == "compiled"
+    monkeypatch.delenv("TORCHREC_TT_LOSSY_CODEC")
+    assert lossy_codec._resolve(None, torch.device("cpu")) == "compiled"
+    with pytest.raises(ValueError, match="row_bytes"):
+        lossy_codec.encode_blocks(x.reshape(1, 1, 16), [4, 4], 8, 3)
+    with pytest.raises(ValueError, match="do not match"):
+        lossy_codec.encode_blocks(x.reshape(1, 1, 16), [4, 4], 5)
+    with pytest.raises(ValueError, match="expected"):
+        lossy_codec.decode_blocks(torch.zeros(1, 3, dtype=torch.uint8), 1, 8, [4, 4])
+    with pytest.raises(ValueError, match="code widths"):  # the op's own check, past Python's
+        torch.ops.torchrec_tt.lossy_encode(x.reshape(1, 1, 16), [4, 17], 8, 64, None)
+    data = lossy_codec.encode_blocks(x.reshape(1, 1, 16), [4, 4], 8)
+    with pytest.raises(ValueError, match="out must be"):
+        lossy_codec.decode_blocks(data, 1, 8, [4, 4], out=torch.empty(15))
+    with pytest.raises(ValueError, match="out must be"):  # the op's own check
+        torch.ops.torchrec_tt.lossy_decode_into(data, 1, 8, [4, 4], torch.empty(15))
+
+
+def test_compiled_ops_fake_kernels_and_opcheck() -> None:
+    """Meta tensors give the right shapes; torch.library.opcheck (schema, fake tensor, AOT
+    dispatch) passes, so torch.compile / export can trace the ops."""
+    x = torch.randn(2, 5, 3 * 8)
+    bits = [3, 9, 16]
+    size = sum(group_bytes(40, b) for b in bits)
+    meta = torch.ops.torchrec_tt.lossy_encode(x.to("meta"), bits, 8, size + 4, None)
+    assert meta.shape == (2, size + 4) and meta.dtype == torch.uint8
+    data = torch.ops.torchrec_tt.lossy_encode(x, bits, 8, size + 4, None)
+    dmeta = torch.ops.torchrec_tt.lossy_decode(data.to("meta"), 5, 8, bits)
+    assert dmeta.shape == (2, 5, 24) and dmeta.dtype == torch.float32
+    status = torch.zeros(1, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.torchrec_tt.lossy_encode.default,
+                          (x, bits, 8, size + 4, status))
+    torch.library.opcheck(torch.ops.torchrec_tt.lossy_decode.default, (data, 5, 8, bits))
+    torch.library.opcheck(torch.ops.torchrec_tt.lossy_decode_into.default,
+                          (data, 5, 8, bits, torch.empty(2 * 5 * 24)))
+
+
+@needs_cuda
+def test_cuda_compiled_codec_is_bit_identical_to_reference() -> None:
+    """The CUDA kernels against the torch-op reference on the GPU and the CPU op (same bytes,
+    same decoded bits): random, every width, adversarial, vector and scalar paths."""
+    for x, bits in _random_cases("cuda") + _adversarial_cases("cuda"):
+        _assert_impls_agree(x, bits)
+        c, g, n = x.shape
+        cpu = encode_groups(x.cpu(), bits, impl="compiled")
+        gpu = encode_groups(x, bits, impl="compiled")
+        assert torch.equal(cpu, gpu.cpu())
+        assert _same_bits(decode_groups(cpu, g, n, bits, impl="compiled"),
+                          decode_groups(gpu, g, n, bits, impl="compiled").cpu())
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,block,groups,offset", [(37, 16, 5, 0), (21, 3, 4, 0),
+                                                      (19, 16, 3, 1), (1, 1028, 2, 0),
+                                                      (4096, 16, 26, 0), (2, 8, 300, 0),
+                                                      (1, 1 << 18, 1, 0)])
+def test_cuda_compiled_blocks_match_reference(rows: int, block: int, groups: int,
+                                              offset: int) -> None:
+    """The codec layout on the GPU: misaligned input (scalar path), odd blocks, more groups
+    than one launch takes (300 > 256), one big group over many tiles, padded rows."""
+    g = torch.Generator().manual_seed(rows + block + groups)
+    buf = torch.randn(3 * rows * groups * block + offset, generator=g) * 2 - 1
+    x = buf[offset:].view(3, rows, groups * block).cuda() if offset == 0 else \
+        buf.cuda()[offset:].view(3, rows, groups * block)
+    bits = [int(b) for b in torch.randint(1, MAX_BITS + 1, (groups,), generator=g)]
+    size = sum(group_bytes(rows * block, b) for b in bits)
+    ref = lossy_codec.encode_blocks(x, bits, block, size + 3, impl="reference")
+    got = lossy_codec.encode_blocks(x, bits, block, size + 3, impl="compiled")
+    assert torch.equal(ref, got)
+    assert torch.equal(got.cpu(), lossy_codec.encode_blocks(x.cpu(), bits, block, size + 3))
+    dref = lossy_codec.decode_blocks(ref, rows, block, bits, impl="reference")
+    dgot = lossy_codec.decode_blocks(ref, rows, block, bits, impl="compiled")
+    assert _same_bits(dref, dgot)
+    # a decode straight from a byte slice at an odd offset (as the forward all-to-all does)
+    wide = torch.cat([torch.zeros(3, 1, dtype=torch.uint8, device="cuda"), got], 1)
+    assert _same_bits(lossy_codec.decode_blocks(wide[:, 1:], rows, block, bits), dgot)
+    for at in (0, 1, 4):  # into a buffer slice: aligned (vector stores) and not (scalar)
+        buf = torch.full((dgot.numel() + 8,), -1.0, device="cuda")
+        lossy_codec.decode_blocks(got, rows, block, bits, out=buf[at: at + dgot.numel()])
+        assert _same_bits(buf[at: at + dgot.numel()], dgot.reshape(-1))
+        assert (buf[:at] == -1).all() and (buf[at + dgot.numel():] == -1).all()
+
+
+@needs_cuda
+def test_cuda_non_finite_flag_reports_without_sync() -> None:
+    """With a NonFiniteFlag the CUDA encode does not synchronise; the bad group decodes to NaN;
+    check() raises, and poll() raises once the device's flag has reached the host."""
+    flag = lossy_codec.NonFiniteFlag()
+    x = torch.randn(2, 4, 1000, device="cuda")
+    lossy_codec.encode_groups(x, [5] * 4, flag=flag)
+    flag.poll()  # the pinned buffer and the first copy, outside the checked region
+    x[1, 3, 17] = float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        data = lossy_codec.encode_groups(x, [5] * 4, flag=flag)  # no sync, no raise yet
+        y = lossy_codec.decode_groups(data, 4, 1000, [5] * 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isnan(y[1, 3]).all() and torch.isfinite(y[0]).all()
+    with pytest.raises(ValueError, match="NaN or inf"):
+        flag.check()
+    flag.check()  # reported once; clean again
+    lossy_codec.encode_groups(x, [5] * 4, flag=flag)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        for _ in range(1000):
+            torch.cuda.synchronize()
+            flag.poll()
+    with pytest.raises(ValueError, match="NaN or inf"):  # no flag: synchronise and raise
+        lossy_codec.encode_groups(x, [5] * 4)
+
+
+@needs_cuda
+def test_cuda_codec_path_equals_reference_and_does_not_sync() -> None:
+    """TorchRec's call sequence on GPU tensors: compiled and reference codecs give the same
+    bits both ways, and the compiled path runs under CUDA sync-debug mode "error"."""
+    g = torch.Generator().manual_seed(8)
+    dims, batch = [32, 16], 64
+    emb = [(torch.randn(batch * 2, d, generator=g) * 3).cuda() for d in dims]
+    grads = [(torch.randn(batch, sum(dims), generator=g) * 1e-3).cuda() for _ in range(2)]
+    res = {}
+    for impl in ("compiled", "reference"):
+        codecs = [error_bounded_qcomm_codecs(0.02, block_dim=16, codec_impl=impl)[OP]
+                  for _ in range(2)]
+        simulate_pooled_all_to_all(codecs, emb, grads)  # warm-up: allocations, pinned buffers
+        torch.cuda.synchronize()
+        if impl == "compiled":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            res[impl] = simulate_pooled_all_to_all(codecs, emb, grads)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for r in range(2):
+        assert _same_bits(res["compiled"]["outputs"][r], res["reference"]["outputs"][r])
+        assert _same_bits(res["compiled"]["grad_inputs"][r], res["reference"]["grad_inputs"][r])
+
+
 # ------------------------------------------------------------------ 2 gloo processes
 
 

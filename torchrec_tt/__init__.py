@@ -12,6 +12,7 @@ from torchrec_tt import _C  # noqa: F401  (registers the operator library before
 from torchrec_tt.configs import MLETEmbeddingBagConfig, TTEmbeddingBagConfig, TTInit
 from torchrec_tt import conv_dispatch  # noqa: F401  (TTConv2d's path settings and plans)
 from torchrec_tt.conv_ops import tt_conv2d  # also registers the TT conv fake kernels/autograd
+from torchrec_tt import lossy_ops  # noqa: F401  (the lossy comms codec ops' fake kernels)
 from torchrec_tt.modules import MLETEmbeddingBagCollection, TTEmbeddingBagCollection
 from torchrec_tt.modules.conv import TTConv2d
 from torchrec_tt.modules.tt_node_embedding import TTNodeEmbedding
