@@ -434,8 +434,9 @@ __device__ __forceinline__ void reduce_scatter_down(float* v, int lane, int& bas
 }
 
 // GS: lanes per bag; KPL: float4s of G_last[s] per lane (R * q_last / (4 GS)); QM: bound on Q
-// (a power of two, 4..16).
-template <typename index_t, int GS, int KPL, int QM>
+// (a power of two, 4..16). RX, QLX > 0: every table has R = RX, q_last = QLX and Q = QM
+// (compile-time loop bounds and offsets: a third of the instructions at D=64).
+template <typename index_t, int GS, int KPL, int QM, int RX = 0, int QLX = 0>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 forward_rank_kernel(const Params P, const index_t* __restrict__ idx,
                     const int64_t* __restrict__ off, const float* __restrict__ w, int bounds,
@@ -469,7 +470,7 @@ forward_rank_kernel(const Params P, const index_t* __restrict__ idx,
     const int64_t f = active ? bag / P.B : 0;
     const int t = P.feature_table[f];
     const Table& T = P.tables[t];
-    const int R = T.R, ql = T.ql, Q = T.Q;
+    const int R = RX > 0 ? RX : T.R, ql = QLX > 0 ? QLX : T.ql, Q = RX > 0 ? QM : T.Q;
     const int cpf_shift = ql == 8 ? 1 : 0;  // CPF = 1 << cpf_shift float4s per rank row
     const int kpl = (R * ql) / (4 * GS);
     const int cc = sl & ((1 << cpf_shift) - 1);
@@ -593,7 +594,7 @@ constexpr int kStageFloats = 1024;  // staged dY / len per warp in the backward 
 // an FMA. Without it (v6, TORCHREC_TT_BWD_STAGED=0, kept
 // for A/B runs) each lookup is loaded one ahead through ~100 instructions of shuffles and 64-bit
 // arithmetic, and ncu showed its first use stalling on the load (28% of the stall samples).
-template <typename index_t, int RPL, int QM, int QLM, bool kStaged>
+template <typename index_t, int RPL, int QM, int QLM, bool kStaged, bool kExact = false>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __restrict__ svals,
             const int32_t* __restrict__ bag_of, const index_t* __restrict__ idx,
@@ -604,6 +605,11 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
   __shared__ __align__(16) float gbuf[kWarpsPerBlock][kMaxD];
   __shared__ __align__(16) float sbuf[kStaged ? kWarpsPerBlock : 1][kStaged ? kStageFloats : 4];
   const int lane = threadIdx.x & 31;
+  // kExact: every table has R = 32 RPL, Q = QM, q_last = QLM (compile-time loop bounds and
+  // offsets, no masked iterations).
+  auto R_ = [](const Table& X) -> int { return kExact ? 32 * RPL : X.R; };
+  auto Q_ = [](const Table& X) -> int { return kExact ? QM : X.Q; };
+  auto QL_ = [](const Table& X) -> int { return kExact ? QLM : X.ql; };
   float* gs = gbuf[threadIdx.x >> 5];
   float* sdy = sbuf[kStaged ? threadIdx.x >> 5 : 0];
   const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -626,7 +632,7 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
         gsum[k] = 0.f;
       }
       __syncwarp();
-      const int ql = T->ql, Q = T->Q, R = T->R;
+      const int ql = QL_(*T), Q = Q_(*T), R = R_(*T);
 #pragma unroll
       for (int i = 0; i < RPL; ++i) {
         const int r = lane + 32 * i;
@@ -660,13 +666,13 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
       }
     };
     auto flush_prefix = [&]() {
-      float* dst = T->dP + cur_a * T->Q * T->R;
+      float* dst = T->dP + cur_a * Q_(*T) * R_(*T);
 #pragma unroll
       for (int i = 0; i < RPL; ++i) {
         const int r = lane + 32 * i;
 #pragma unroll
         for (int m = 0; m < QM; ++m) {
-          if (r < T->R && m < T->Q) atomicAdd(dst + m * T->R + r, dPacc[i][m]);
+          if (r < R_(*T) && m < Q_(*T)) atomicAdd(dst + m * R_(*T) + r, dPacc[i][m]);
         }
       }
     };
@@ -713,13 +719,13 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
       const int st = __shfl_sync(0xffffffffu, my_t, src_lane);
       const int64_t sa = __shfl_sync(0xffffffffu, my_a, src_lane);
       const Table& ST = P.tables[st];
-      const float* src = ST.P + sa * ST.Q * ST.R;
+      const float* src = ST.P + sa * Q_(ST) * R_(ST);
 #pragma unroll
       for (int ii = 0; ii < RPL; ++ii) {
         const int r = lane + 32 * ii;
 #pragma unroll
         for (int m = 0; m < QM; ++m) {
-          dst[ii][m] = (r < ST.R && m < ST.Q) ? __ldg(src + m * ST.R + r) : 0.f;
+          dst[ii][m] = (r < R_(ST) && m < Q_(ST)) ? __ldg(src + m * R_(ST) + r) : 0.f;
         }
       }
     };
@@ -727,15 +733,17 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
 #pragma unroll
       for (int ii = 0; ii < RPL; ++ii) {
         const int r = lane + 32 * ii;
-        const float* gp = ST.G + (ss * ST.R + r) * ST.ql;
-        if (ST.ql == QLM && r < ST.R) {  // 16-byte loads: a quarter of the L1 requests
+        const float* gp = ST.G + (ss * R_(ST) + r) * QL_(ST);
+        if (QL_(ST) == QLM && r < R_(ST)) {  // 16-byte loads: a quarter of the L1 requests
 #pragma unroll
           for (int c = 0; c < QLM; c += 4) {
             unpack4(dst[ii] + c, __ldg(reinterpret_cast<const float4*>(gp + c)));
           }
         } else {
 #pragma unroll
-          for (int c = 0; c < QLM; ++c) dst[ii][c] = (r < ST.R && c < ST.ql) ? __ldg(gp + c) : 0.f;
+          for (int c = 0; c < QLM; ++c) {
+            dst[ii][c] = (r < R_(ST) && c < QL_(ST)) ? __ldg(gp + c) : 0.f;
+          }
         }
       }
     };
@@ -764,13 +772,13 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
       float part = 0.f;
 #pragma unroll
       for (int ii = 0; ii < RPL; ++ii) {
-        if (lane + 32 * ii >= T->R) continue;
+        if (lane + 32 * ii >= R_(*T)) continue;
 #pragma unroll
         for (int m = 0; m < QM; ++m) {
-          if (m < T->Q) {
+          if (m < Q_(*T)) {
 #pragma unroll
             for (int c = 0; c < QLM; ++c) {
-              if (c < T->ql) part += Preg[ii][m] * gl[ii][c] * buf[m * T->ql + c];
+              if (c < QL_(*T)) part += Preg[ii][m] * gl[ii][c] * buf[m * QL_(*T) + c];
             }
           }
         }
@@ -867,6 +875,21 @@ inline bool staged_backward_env() {
   return e == nullptr || std::string(e) != "0";
 }
 
+// The Kaggle-sized shapes (R = 32 and, for every table of the call, q_last = Q = 4 or 8, i.e.
+// D = 16 or 64) run kernels compiled for that exact shape; TORCHREC_TT_EXACT_SHAPES=0 runs the
+// generic ones (for A/B runs). Returns the common q_last, or 0 when the call has no such shape.
+inline int exact_shape(const BatchInfo& info) {
+  const char* e = std::getenv("TORCHREC_TT_EXACT_SHAPES");
+  if (e != nullptr && std::string(e) == "0") return 0;
+  int ql0 = 0;
+  for (const auto& t : info.tables) {
+    const int64_t ql = t.q[t.K - 1], Q = t.D / ql;
+    if (t.R != 32 || ql != Q || (ql != 4 && ql != 8) || (ql0 != 0 && ql != ql0)) return 0;
+    ql0 = static_cast<int>(ql);
+  }
+  return ql0;
+}
+
 template <typename index_t>
 void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, const int64_t* off,
                     const float* w, int bounds, int32_t* warned, float* out, cudaStream_t stream) {
@@ -909,6 +932,9 @@ void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, 
 #undef TT_TWO_FACTOR_RANK_FWD
         return false;
       };
+      const int ex = exact_shape(info);
+      if (ex == 4 && gs == 8) return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4>, 8);
+      if (ex == 8 && gs == 16) return launch(forward_rank_kernel<index_t, 16, 4, 8, 32, 8>, 16);
       // One bag per warp covers every shape that fits (nf in {32, 64, 128}, qm in {4, 8, 16}).
       if (try_lanes(gs) || try_lanes(32)) return;
     }
@@ -950,6 +976,9 @@ void launch_grad(const Params& P, const BatchInfo& info, const int32_t* skeys, c
                                                      wgrad, stage, dpad, vec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  const int ex = staged_backward_env() ? exact_shape(info) : 0;
+  if (ex == 4) return launch(grad_kernel<index_t, 1, 4, 4, true, true>);
+  if (ex == 8) return launch(grad_kernel<index_t, 1, 8, 8, true, true>);
   if (!staged_backward_env() && rpl == 1 && std::max(qm, 8) == 8) {
     if (qlm == 4) return launch(grad_kernel<index_t, 1, 8, 4, false>);
     if (qlm == 8) return launch(grad_kernel<index_t, 1, 8, 8, false>);
@@ -969,6 +998,36 @@ inline int key_bits(int num_keys) {
   int b = 1;
   while ((int64_t{1} << b) <= num_keys) ++b;
   return b;
+}
+
+// The lookups sorted by (table, row) key (stable; out-of-range ones last, keyed num_keys),
+// with each lookup's bag: what the backward and the distinct-row forward walk.
+struct SortedLookups {
+  at::Tensor skeys, svals, bag_of;  // int32 [n]: sorted keys, lookup at each sorted position
+};
+
+template <typename index_t>
+SortedLookups sort_lookups(const Params& P, const BatchInfo& info, const index_t* idx,
+                           const int64_t* off, int64_t n, const at::TensorOptions& iopts,
+                           cudaStream_t stream) {
+  TORCH_CHECK(n < (int64_t{1} << 31), "torchrec_tt: at most 2^31 - 1 lookups per call, got ", n);
+  auto keys = at::empty({n}, iopts), vals = at::empty({n}, iopts);
+  SortedLookups S{at::empty({n}, iopts), at::empty({n}, iopts), at::empty({n}, iopts)};
+  auto warned = at::zeros({1}, iopts);
+  keys_kernel<index_t><<<grid_for(n, 256), 256, 0, stream>>>(
+      P, idx, off, n, static_cast<int>(info.options.bounds), warned.data_ptr<int32_t>(),
+      keys.data_ptr<int32_t>(), vals.data_ptr<int32_t>(), S.bag_of.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int bits = key_bits(P.num_keys);
+  size_t temp_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, keys.data_ptr<int32_t>(), S.skeys.data_ptr<int32_t>(),
+      vals.data_ptr<int32_t>(), S.svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
+  auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, iopts.dtype(at::kByte));
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      temp.data_ptr(), temp_bytes, keys.data_ptr<int32_t>(), S.skeys.data_ptr<int32_t>(),
+      vals.data_ptr<int32_t>(), S.svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
+  return S;
 }
 
 inline at::Tensor forward(const BatchInfo& info, const std::vector<at::Tensor>& cc,
@@ -1037,32 +1096,15 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor> backward(
   check_offsets_kernel<<<grid_for(bags, 256), 256, 0, stream>>>(off.data_ptr<int64_t>(), bags,
                                                                 info.B, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  TORCH_CHECK(n < (int64_t{1} << 31), "torchrec_tt: at most 2^31 - 1 lookups per call, got ", n);
-  auto iopts = indices.options().dtype(at::kInt);
-  auto keys = at::empty({n}, iopts), vals = at::empty({n}, iopts);
-  auto skeys = at::empty({n}, iopts), svals = at::empty({n}, iopts);
-  auto bag_of = at::empty({n}, iopts);
-  auto warned = at::zeros({1}, iopts);
   at::Tensor w = per_sample_weights.has_value() ? per_sample_weights->contiguous() : at::Tensor();
   const at::Tensor idx = indices.contiguous();
   const at::Tensor dy = grad_output.contiguous();
   AT_DISPATCH_INDEX_TYPES(idx.scalar_type(), "tt_two_factor_backward", [&] {
-    keys_kernel<index_t><<<grid_for(n, 256), 256, 0, stream>>>(
-        P, idx.data_ptr<index_t>(), off.data_ptr<int64_t>(), n,
-        static_cast<int>(info.options.bounds), warned.data_ptr<int32_t>(), keys.data_ptr<int32_t>(),
-        vals.data_ptr<int32_t>(), bag_of.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int bits = key_bits(P.num_keys);
-    size_t temp_bytes = 0;
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        nullptr, temp_bytes, keys.data_ptr<int32_t>(), skeys.data_ptr<int32_t>(),
-        vals.data_ptr<int32_t>(), svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
-    auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, indices.options().dtype(at::kByte));
-    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
-        temp.data_ptr(), temp_bytes, keys.data_ptr<int32_t>(), skeys.data_ptr<int32_t>(),
-        vals.data_ptr<int32_t>(), svals.data_ptr<int32_t>(), static_cast<int>(n), 0, bits, stream));
-    launch_grad<index_t>(P, info, skeys.data_ptr<int32_t>(), svals.data_ptr<int32_t>(),
-                         bag_of.data_ptr<int32_t>(), idx.data_ptr<index_t>(),
+    const SortedLookups S = sort_lookups<index_t>(P, info, idx.data_ptr<index_t>(),
+                                                  off.data_ptr<int64_t>(), n,
+                                                  indices.options().dtype(at::kInt), stream);
+    launch_grad<index_t>(P, info, S.skeys.data_ptr<int32_t>(), S.svals.data_ptr<int32_t>(),
+                         S.bag_of.data_ptr<int32_t>(), idx.data_ptr<index_t>(),
                          off.data_ptr<int64_t>(), w.defined() ? w.data_ptr<float>() : nullptr,
                          dy.data_ptr<float>(), n,
                          per_sample_weights_grad ? wgrad.data_ptr<float>() : nullptr, stream);

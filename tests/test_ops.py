@@ -398,17 +398,20 @@ def _check_two_factor(prob, monkeypatch, weighted: bool,  # type: ignore[no-unty
                       precision: ComputePrecision = ComputePrecision.TF32) -> None:
     """The two-factor kernels (the rank-layout forward where the shapes fit it, with the default
     lanes per bag and with one bag per warp; the unit layout, TORCHREC_TT_RANK_LAYOUT=0; the
-    backward's default choice, and the v6 backward loop without staged dY, TORCHREC_TT_BWD_STAGED=0)
-    and the older kernels (TORCHREC_TT_TWO_FACTOR=0) on the same call against float64: output,
+    backward's default choice; the v6 backward loop without staged dY, TORCHREC_TT_BWD_STAGED=0;
+    the generic kernels where an exact-shape one exists, TORCHREC_TT_EXACT_SHAPES=0) and the older
+    kernels (TORCHREC_TT_TWO_FACTOR=0) on the same call against float64: output,
     core gradients and (``weighted``) weight gradients."""
     opts = TTKernelOptions(compute_precision=precision)
     gpu = _to(prob, "cuda")
     results = []
-    # The default choice, one bag per warp, the unit layout, the v6 backward loop, the older kernels.
+    # The default choice, one bag per warp, the unit layout, the v6 backward loop, the generic
+    # kernels, the older kernels.
     switches = ("TORCHREC_TT_TWO_FACTOR", "TORCHREC_TT_RANK_LAYOUT", "TORCHREC_TT_FWD_LANES_PER_BAG",
-                "TORCHREC_TT_BWD_STAGED")
+                "TORCHREC_TT_BWD_STAGED", "TORCHREC_TT_EXACT_SHAPES")
     modes = ({}, {"TORCHREC_TT_FWD_LANES_PER_BAG": "32"}, {"TORCHREC_TT_RANK_LAYOUT": "0"},
-             {"TORCHREC_TT_BWD_STAGED": "0"}, {"TORCHREC_TT_TWO_FACTOR": "0"})
+             {"TORCHREC_TT_BWD_STAGED": "0"}, {"TORCHREC_TT_EXACT_SHAPES": "0"},
+             {"TORCHREC_TT_TWO_FACTOR": "0"})
     for mode in modes:
         for key in switches:
             if key in mode:
@@ -435,7 +438,7 @@ def _check_two_factor(prob, monkeypatch, weighted: bool,  # type: ignore[no-unty
     fp32 = precision == ComputePrecision.FP32
     deep = max(prob.layout.num_cores) > 2
     two_factor_tol = 3e-3 if deep and not fp32 else 1e-4
-    tols = (two_factor_tol,) * 4 + (1e-4 if fp32 else 3e-3,)
+    tols = (two_factor_tol,) * (len(modes) - 1) + (1e-4 if fp32 else 3e-3,)  # older kernels last
     for (out, grads), tol in zip(results, tols):
         if ref.norm() > 0:
             _assert_rel_close(out, ref, tol=tol)
