@@ -177,21 +177,24 @@ def tt_shard_perf(
     ``q_1`` reduced). ``replicated_bytes``: column_wise only, the shared cores whose gradients
     are all-reduced. On CUDA the FLOPs are those of the kernels that run the shape (the
     two-factor kernels do ``2DR`` forward whatever the core count: ``kernel_cost``), and a
-    ``device_flops`` of None means those kernels' measured rate."""
+    ``device_flops`` of None means those kernels' fitted cost model (``KernelCost``)."""
     model_parallel = _is_model_parallel(sharding_type)
     scale = world_size if model_parallel else 1
     lookups = batch_inputs * scale
     if compute_device == "cuda":
         cost = kernel_cost(shard_shape)
         fwd_flops, bwd_flops = cost.forward_flops, cost.backward_flops
-        if device_flops is None:
-            device_flops = cost.flops_per_second
     else:
         fwd_flops, bwd_flops = shard_shape.forward_flops_per_lookup(), shard_shape.backward_flops_per_lookup()
-    if device_flops is None:
+    if compute_device == "cuda" and device_flops is None:
+        # The kernels' fitted cost model: per-lookup, per-FLOP and per-call (sort, update) terms.
+        fwd_compute = cost.forward_seconds(lookups) * _MS_PER_S
+        bwd_compute = cost.backward_seconds(lookups) * _MS_PER_S
+    elif device_flops is None:
         raise ValueError(f"device_flops is needed on compute device {compute_device!r}")
-    fwd_compute = tt_compute_ms(lookups, fwd_flops, device_flops)
-    bwd_compute = tt_compute_ms(lookups, bwd_flops, device_flops)
+    else:
+        fwd_compute = tt_compute_ms(lookups, fwd_flops, device_flops)
+        bwd_compute = tt_compute_ms(lookups, bwd_flops, device_flops)
     if not model_parallel:
         return Perf(
             fwd_compute=fwd_compute,

@@ -247,14 +247,22 @@ def test_cuda_compute_counts_the_two_factor_kernels_flops() -> None:
     assert cuda.fwd_compute < cpu.fwd_compute
 
 
-def test_cuda_without_a_rate_costs_each_shape_at_its_kernels_measured_rate() -> None:
-    from torchrec_tt.kernel_shapes import OLDER_KERNEL_FLOPS, TWO_FACTOR_FLOPS
+def test_cuda_without_a_rate_costs_each_shape_with_its_kernels_model() -> None:
+    from torchrec_tt.kernel_shapes import OLDER_KERNEL_FLOPS, kernel_cost
 
     two = TTShape(10_000, 16, (100, 100), (4, 4), (32,))
     older = TTShape(11_000_000, 64, (200, 220, 250), (4, 4, 4), (32, 32))  # prefix too large
-    for shape, rate, fwd in ((two, TWO_FACTOR_FLOPS, 2 * 16 * 32),
-                             (older, OLDER_KERNEL_FLOPS, older.forward_flops_per_lookup())):
-        perf = tt_shard_perf(shape, "data_parallel", 4096.0, 1, 1, None, 1e9, 1e9, compute_device="cuda")
-        assert math.isclose(perf.fwd_compute, 4096 * fwd / rate * 1e3)
+    perf = tt_shard_perf(older, "data_parallel", 4096.0, 1, 1, None, 1e9, 1e9, compute_device="cuda")
+    assert math.isclose(perf.fwd_compute, 4096 * older.forward_flops_per_lookup() / OLDER_KERNEL_FLOPS * 1e3)
+    # The two-factor kernels: the fitted model, whose per-call part (sort, update) is in the
+    # backward and whose per-lookup part grows with the lookups.
+    cost = kernel_cost(two)
+    small, large = (tt_shard_perf(two, "data_parallel", n, 1, 1, None, 1e9, 1e9, compute_device="cuda")
+                    for n in (4096.0, 65536.0))
+    assert math.isclose(small.fwd_compute, cost.forward_seconds(4096) * 1e3)
+    assert math.isclose(small.bwd_compute, cost.backward_seconds(4096) * 1e3)
+    assert math.isclose(small.fwd_compute + small.bwd_compute, cost.step_seconds(4096) * 1e3)
+    assert cost.backward_seconds(0) > 0 == cost.forward_seconds(0)
+    assert large.fwd_compute > small.fwd_compute and large.bwd_compute > small.bwd_compute
     with pytest.raises(ValueError, match="device_flops is needed"):
         tt_shard_perf(two, "data_parallel", 4096.0, 1, 1, None, 1e9, 1e9)

@@ -31,11 +31,17 @@ __all__ = [
 TWO_FACTOR_RANKS = (4, 8, 16, 32, 64, 128)
 #: The CUDA kernels build P for 3- and 4-core tables up to this many floats (32 MB).
 MAX_PREFIX_FLOATS = 1 << 23
-#: Effective FLOP/s on an H200, fitted to the Kaggle-7 fwd + bwd + SGD steps (docs/benchmarks.md
-#: "v4", graphed): the two-factor kernels on their 6DR per lookup (1.41 GFLOP in 0.647 ms at D=16,
-#: 5.64 GFLOP in 1.514 ms at D=64, B=65,536), the older kernels on TTShape's per-row chain count
-#: (3-core D=64, B=65,536: 50.7 GFLOP in 2.924 ms).
-TWO_FACTOR_FLOPS = 3e12
+#: The two-factor kernels' cost on an H200, fitted to the v7 Kaggle-7 fwd + bwd + SGD steps
+#: (docs/benchmarks.md "v7", graphed, 7 tables at R=32): per lookup a fixed part and the 6DR
+#: FLOPs at an effective rate (the slopes between B=8,192 and 65,536 at D=16 and 64), per call a
+#: part per table and one per byte of cores (the intercepts: the dense gradient zeroing and the
+#: SGD update touch every core).
+TWO_FACTOR_FLOPS = 12.5e12
+TWO_FACTOR_LOOKUP_SECONDS = 0.226e-9
+TWO_FACTOR_TABLE_SECONDS = 9.0e-6
+TWO_FACTOR_CORE_BYTE_SECONDS = 5.3e-6 / 2**20
+#: cuBLAS rate of the level GEMMs that build P for 3- and 4-core tables (fitted to v4).
+PREFIX_GEMM_FLOPS = 3e12
 OLDER_KERNEL_FLOPS = 1.7e13
 
 
@@ -89,12 +95,29 @@ class KernelCost:
         """Effective rate of the kernels that run the shape, on their own FLOP count."""
         return TWO_FACTOR_FLOPS if self.two_factor else OLDER_KERNEL_FLOPS
 
-    def step_seconds(self, lookups: int) -> float:
-        """Modelled fwd + bwd GPU time of ``lookups`` lookups: the FLOPs of the kernels that run
-        the shape at their measured effective rate, plus the prefix build (3-4 cores) at the
-        two-factor rate. No per-call fixed cost: estimate / measured is 0.27-1.24 on the Kaggle-7
-        cases (docs/benchmarks.md "v4")."""
-        return lookups * self.flops_per_lookup / self.flops_per_second + self.prefix_flops / TWO_FACTOR_FLOPS
+    def forward_seconds(self, lookups: float) -> float:
+        """Modelled forward GPU time of ``lookups`` lookups (a third of the per-lookup cost: the
+        forward's share of the FLOPs; the prefix build)."""
+        if not self.two_factor:
+            return lookups * self.forward_flops / self.flops_per_second
+        per_lookup = TWO_FACTOR_LOOKUP_SECONDS + self.flops_per_lookup / TWO_FACTOR_FLOPS
+        prefix = self.prefix_flops / 3 / PREFIX_GEMM_FLOPS
+        return lookups * per_lookup * self.forward_flops / self.flops_per_lookup + prefix
+
+    def backward_seconds(self, lookups: float) -> float:
+        """Modelled backward + update GPU time: the rest of the per-lookup cost and the per-call
+        costs (sort, gradient zeroing, the update of every core)."""
+        if not self.two_factor:
+            return lookups * self.backward_flops / self.flops_per_second
+        per_lookup = TWO_FACTOR_LOOKUP_SECONDS + self.flops_per_lookup / TWO_FACTOR_FLOPS
+        fixed = TWO_FACTOR_TABLE_SECONDS + 4 * self.params * TWO_FACTOR_CORE_BYTE_SECONDS
+        prefix = 2 * self.prefix_flops / 3 / PREFIX_GEMM_FLOPS
+        return lookups * per_lookup * self.backward_flops / self.flops_per_lookup + fixed + prefix
+
+    def step_seconds(self, lookups: float) -> float:
+        """Modelled fwd + bwd + update GPU time of one call with ``lookups`` lookups of this table
+        (estimate / measured per Kaggle-7 case in docs/benchmarks.md "v7")."""
+        return self.forward_seconds(lookups) + self.backward_seconds(lookups)
 
 
 def kernel_cost(shape: TTShape) -> KernelCost:
