@@ -4,7 +4,8 @@
 # step, the older CUDA tests, a memcheck pass and the profile, most important first.
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_round.sh
 # Switches: SKIP_KERNEL (no two-factor tests, Kaggle-7, offload or memcheck), SKIP_OFFLOAD, SKIP_OLDER_TESTS,
-# SKIP_DLRM, SKIP_PROFILE (any value), DLRM_PROFILE_BATCHES (default 8192), NCU_DIMS (default
+# SKIP_DLRM, SKIP_PROFILE (any value), DLRM_ARGS (bench_dlrm_step.py's flags),
+# DLRM_PROFILE_BATCHES (default 8192), NCU_DIMS (default
 # "64 16"), NCU_SOURCE (D list, see below), EXTRA="scripts" run
 # before the profiles, ITERS (default 20).
 set -uo pipefail
@@ -35,7 +36,7 @@ if [ -z "${SKIP_KERNEL:-}" ]; then
   fi
 fi
 if [ -z "${SKIP_DLRM:-}" ]; then
-  timeout 240 python3 bench/bench_dlrm_step.py > "$OUT/dlrm_step.txt" 2>&1
+  timeout 240 python3 bench/bench_dlrm_step.py ${DLRM_ARGS:-} > "$OUT/dlrm_step.txt" 2>&1
   for b in ${DLRM_PROFILE_BATCHES:-8192}; do
     timeout 120 python3 bench/bench_dlrm_step.py --batch-sizes $b --tt-cores 2 --steps 20 --profile \
       > "$OUT/dlrm_profile_$b.txt" 2>&1
