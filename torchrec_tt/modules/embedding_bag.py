@@ -162,6 +162,28 @@ def _unique(names: List[str]) -> List[str]:
     return out
 
 
+def warn_left_float(module: str, tables: List[str], qconfig: Any) -> None:
+    """Warns that torch.ao.quantization's convert left a TT collection float32 (see
+    ``TTEmbeddingBagCollection.qconfig``): ``qconfig`` is what the pass had set on it."""
+    why = (
+        "its type is not in the qconfig_spec (TorchRec's quantize_embeddings knows only "
+        "torchrec's EmbeddingBagCollection)"
+        if qconfig is None
+        else "it had a qconfig but was not swapped (the mapping has no entry for its type, or it "
+        "is the root module: convert swaps submodules only)"
+    )
+    warnings.warn(
+        f"{module} (TT tables {tables}) was left float32 by torch.ao.quantization's convert "
+        f"(which torchrec.inference.modules.quantize_embeddings runs): {why}. To quantize TT "
+        "tables, call torchrec_tt.inference.quantize_embeddings (TorchRec's arguments) or "
+        "torchrec.inference.modules.quantize_inference_model, or pass "
+        "additional_qconfig_spec_keys=[TTEmbeddingBagCollection] and additional_mapping="
+        "{TTEmbeddingBagCollection: torchrec_tt.inference.QuantTTEmbeddingBagCollection} to "
+        "TorchRec's quantize_embeddings",
+        stacklevel=3,
+    )
+
+
 #: DistributedDataParallel objects -> ids of the TT modules already checked inside them.
 _DDP_CHECKED: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
 
@@ -430,7 +452,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         self.reset_parameters()
 
     # TorchScript compiles a module's properties; these are Python-side only.
-    __jit_unused_properties__ = ["device", "kernel_options", "fused_optimizer"]
+    __jit_unused_properties__ = ["device", "kernel_options", "fused_optimizer", "qconfig"]
     # Python-side only (the cache's statistics dataclasses cannot be scripted).
     __jit_ignored_attributes__ = ["last_cache_refresh"]
 
@@ -438,6 +460,26 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     def device(self) -> torch.device:
         """Where the cores are (follows ``.to()``), as TorchRec's ``EmbeddingBagCollection.device``."""
         return next(iter(self.embedding_bags.values())).core_0.device
+
+    # torch.ao.quantization's eager passes (TorchRec's quantize_embeddings runs
+    # quantize_dynamic) set ``qconfig`` on every module they visit and, at the end of convert,
+    # delete it from every module they did not swap: a TT collection reached by that delete was
+    # left float32, which TorchRec's function would do silently. A property sees the delete.
+    @property
+    def qconfig(self) -> Any:
+        """The quantization config torch.ao.quantization set (absent unless a pass set one)."""
+        if "_tt_qconfig" not in self.__dict__:
+            raise AttributeError("qconfig")  # hasattr() False, as on any module
+        return self.__dict__["_tt_qconfig"]
+
+    @qconfig.setter
+    def qconfig(self, value: Any) -> None:
+        self.__dict__["_tt_qconfig"] = value
+
+    @qconfig.deleter
+    def qconfig(self) -> None:
+        qconfig = self.__dict__.pop("_tt_qconfig", None)
+        warn_left_float(type(self).__name__, [c.name for c in self._embedding_bag_configs], qconfig)
 
     @property
     def kernel_options(self) -> TTKernelOptions:
