@@ -85,6 +85,7 @@ from torchrec.distributed.types import (
     TensorProperties,
 )
 from torchrec.modules.embedding_configs import EmbeddingTableConfig
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -163,16 +164,6 @@ def _validate_plan(
     world_size: int,
 ) -> None:
     tables = [cfg.name for cfg in module.embedding_bag_configs()]
-    features = [f for cfg in module.embedding_bag_configs() for f in cfg.feature_names]
-    shared = sorted({f for f in features if features.count(f) > 1})
-    if shared:
-        # The unsharded module looks a shared feature up in each of its tables; the sharded
-        # input dist routes each feature to one table's shard.
-        raise ValueError(
-            f"features {shared} feed more than one TT table; the sharded TTEmbeddingBagCollection "
-            "does not support shared features (give each table its own feature name, or keep "
-            "the collection unsharded)"
-        )
     unknown = [t for t in plan if t not in tables]
     if unknown:
         raise ValueError(
@@ -251,7 +242,9 @@ class ShardedTTEmbeddingBagCollection(
 
     Input and output follow ``ShardedEmbeddingBagCollection``: a data-parallel KJT in, a lazily
     awaited ``KeyedTensor`` out (keys are the feature names; their order depends on the plan, so
-    index by key). Variable batch per feature (VBE) is not supported.
+    index by key). A feature of several tables (TorchRec's shared features) is looked up in each,
+    its outputs keyed ``feature@table``. Variable batch per feature (VBE) is refused at the first
+    VBE batch (a ``ValueError``): the TT lookups take one batch size for all features.
 
     Args:
         module: the unsharded collection (any device; meta means "initialise here").
@@ -363,7 +356,11 @@ class ShardedTTEmbeddingBagCollection(
                 )
 
         infos: dict[str, list[EmbeddingShardingInfo]] = {}
-        for cfg in self._embedding_bag_configs:
+        # A feature of several tables (TorchRec's shared features) is routed to each of them (the
+        # input permute repeats it) and its outputs are named "feature@table", as TorchRec's
+        # sharded EBC names them.
+        embedding_names = get_embedding_names_by_table(self._embedding_bag_configs)
+        for cfg, names in zip(self._embedding_bag_configs, embedding_names):
             ps = self.module_sharding_plan[cfg.name]
             infos.setdefault(ps.sharding_type, []).append(
                 EmbeddingShardingInfo(
@@ -376,7 +373,7 @@ class ShardedTTEmbeddingBagCollection(
                         pooling=cfg.pooling,
                         is_weighted=self._is_weighted,
                         has_feature_processor=False,
-                        embedding_names=list(cfg.feature_names),
+                        embedding_names=list(names),
                         weight_init_max=cfg.weight_init_max,
                         weight_init_min=cfg.weight_init_min,
                     ),
@@ -547,9 +544,15 @@ class ShardedTTEmbeddingBagCollection(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         if features.variable_stride_per_key():
+            # TorchRec's sharded EBC takes VBE through FBGEMM's VBE kernels and variable-batch
+            # all-to-alls; the TT lookups take one batch size for all their features.
+            tables = [cfg.name for cfg in self._embedding_bag_configs]
             raise ValueError(
-                "variable batch size per feature (VBE) is not supported by "
-                "ShardedTTEmbeddingBagCollection"
+                "variable batch size per feature (VBE: a KeyedJaggedTensor with "
+                f"stride_per_key_per_rank, strides {features.stride_per_key_per_rank()}) is not "
+                f"supported by ShardedTTEmbeddingBagCollection (TT tables {tables}); give every "
+                "feature the same batch size (e.g. expand the bags by the inverse indices), or "
+                "keep the collection unsharded: the unsharded TTEmbeddingBagCollection takes VBE"
             )
         if self._has_uninitialized_input_dist:
             self._validate_features(features)

@@ -74,6 +74,9 @@ def _lookup_inputs(
     if not torch.jit.is_scripting():
         features = _as_kjt(features)
     keys = features.keys()
+    # (Read before the permute below, which drops them; _expand_inverse_indices reads them
+    # from the caller's KJT.)
+    has_inverse = features.inverse_indices_or_none() is not None
     if keys != feature_names:
         index: Dict[str, int] = {}
         duplicated: List[str] = []
@@ -103,7 +106,7 @@ def _lookup_inputs(
         # VBE: feature f has its own batch size B_f. Its bags are padded with empty ones to the
         # largest B_f, so the op sees one batch size; _expand_inverse_indices then picks each
         # sample's row through the KJT's inverse indices, as TorchRec's EBC does.
-        if features.inverse_indices_or_none() is None:
+        if not has_inverse:
             raise ValueError(
                 "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
                 "inverse_indices (as TorchRec's EmbeddingBagCollection)"
