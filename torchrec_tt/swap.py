@@ -416,6 +416,16 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             sharder keeps it when the collection is sharded).
     """
 
+    # Each child's output keys and their names here, empty for an absent child: TorchScript
+    # types an empty list attribute from the class annotations.
+    _plain_keys: List[str]
+    _plain_names: List[str]
+    _tt_keys: List[str]
+    _tt_names: List[str]
+    _mlet_keys: List[str]
+    _mlet_names: List[str]
+    _embedding_names: List[str]
+
     def __init__(
         self,
         tables: Sequence[EmbeddingBagConfig],
