@@ -67,6 +67,7 @@ from torchrec.distributed.embedding_types import (
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionAwaitable,
     EmbeddingBagCollectionContext,
+    VariableBatchEmbeddingBagCollectionAwaitable,
 )
 from torchrec.distributed.types import (
     Awaitable,
@@ -227,6 +228,10 @@ def _has_fused_optimizer(module: TTEmbeddingBagCollection) -> bool:
     return True
 
 
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
 def _logical_table(num_rows: int, dim: int) -> Tensor:
     """What TorchRec's planner and sharding classes see of a TT table: a ``[N, D]`` meta tensor."""
     return torch.empty(num_rows, dim, device="meta")
@@ -243,8 +248,9 @@ class ShardedTTEmbeddingBagCollection(
     Input and output follow ``ShardedEmbeddingBagCollection``: a data-parallel KJT in, a lazily
     awaited ``KeyedTensor`` out (keys are the feature names; their order depends on the plan, so
     index by key). A feature of several tables (TorchRec's shared features) is looked up in each,
-    its outputs keyed ``feature@table``. Variable batch per feature (VBE) is refused at the first
-    VBE batch (a ``ValueError``): the TT lookups take one batch size for all features.
+    its outputs keyed ``feature@table``. Variable batch per feature (VBE, with the KJT's inverse
+    indices) works when every table is data_parallel, and is refused otherwise (a ``ValueError``
+    at the first VBE batch).
 
     Args:
         module: the unsharded collection (any device; meta means "initialise here").
@@ -515,6 +521,8 @@ class ShardedTTEmbeddingBagCollection(
             self._input_dists.append(sharding.create_input_dist())
             feature_names.extend(sharding.feature_names())
             self._feature_splits.append(len(sharding.feature_names()))
+        #: The feature of each output position (a shared feature once per table).
+        self._input_feature_names = feature_names
         if feature_names == input_feature_names:
             self._has_features_permute = False
         else:
@@ -544,16 +552,9 @@ class ShardedTTEmbeddingBagCollection(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         if features.variable_stride_per_key():
-            # TorchRec's sharded EBC takes VBE through FBGEMM's VBE kernels and variable-batch
-            # all-to-alls; the TT lookups take one batch size for all their features.
-            tables = [cfg.name for cfg in self._embedding_bag_configs]
-            raise ValueError(
-                "variable batch size per feature (VBE: a KeyedJaggedTensor with "
-                f"stride_per_key_per_rank, strides {features.stride_per_key_per_rank()}) is not "
-                f"supported by ShardedTTEmbeddingBagCollection (TT tables {tables}); give every "
-                "feature the same batch size (e.g. expand the bags by the inverse indices), or "
-                "keep the collection unsharded: the unsharded TTEmbeddingBagCollection takes VBE"
-            )
+            self._check_variable_batch(features)
+            ctx.variable_batch_per_feature = True
+            ctx.inverse_indices = features.inverse_indices()
         if self._has_uninitialized_input_dist:
             self._validate_features(features)
             self._create_input_dist(features.keys())
@@ -569,10 +570,35 @@ class ShardedTTEmbeddingBagCollection(
                 ctx.sharding_contexts.append(
                     EmbeddingShardingContext(
                         batch_size_per_feature_pre_a2a=features_by_shard.stride_per_key(),
-                        variable_batch_per_feature=False,
+                        variable_batch_per_feature=ctx.variable_batch_per_feature,
                     )
                 )
             return KJTListSplitsAwaitable(awaitables, ctx, self._module_fqn, self._sharding_types)
+
+    def _check_variable_batch(self, features: KeyedJaggedTensor) -> None:
+        """VBE is taken when every table is data_parallel (its lookup pads the bags to one batch
+        size, as the unsharded module does): TorchRec's sharded EBC moves VBE batches with
+        FBGEMM's VBE kernels and variable-batch all-to-alls, which the TT lookups of table_wise
+        and column_wise tables do not produce."""
+        other = {
+            cfg.name: self.module_sharding_plan[cfg.name].sharding_type
+            for cfg in self._embedding_bag_configs
+            if self.module_sharding_plan[cfg.name].sharding_type != ShardingType.DATA_PARALLEL.value
+        }
+        if other:
+            raise ValueError(
+                "variable batch size per feature (VBE: a KeyedJaggedTensor with "
+                f"stride_per_key_per_rank, strides {features.stride_per_key_per_rank()}) is "
+                "supported by ShardedTTEmbeddingBagCollection for data_parallel TT tables only; "
+                f"TT tables {other} are not; plan them data_parallel, give every feature the same "
+                "batch size (e.g. expand the bags by the inverse indices), or keep the collection "
+                "unsharded (the unsharded TTEmbeddingBagCollection takes VBE)"
+            )
+        if features.inverse_indices_or_none() is None:
+            raise ValueError(
+                "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
+                "inverse_indices (as TorchRec's sharded EmbeddingBagCollection)"
+            )
 
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> list[Tensor]:
         return [lookup(features) for lookup, features in zip(self._lookups, dist_input)]
@@ -586,6 +612,28 @@ class ShardedTTEmbeddingBagCollection(
                 self._output_dists, ctx.sharding_contexts, output
             )
         ]
+        if ctx.variable_batch_per_feature:
+            assert ctx.inverse_indices is not None  # checked in input_dist
+            # Rows of the inverse indices (KJT key order) for the output features (ours).
+            row_of = {name: i for i, name in enumerate(ctx.inverse_indices[0])}
+            rows = [row_of[f] for f in self._input_feature_names]
+            return VariableBatchEmbeddingBagCollectionAwaitable(
+                awaitables=awaitables,
+                inverse_indices=ctx.inverse_indices,
+                inverse_indices_permute_indices=torch.tensor(
+                    rows, device=ctx.inverse_indices[1].device
+                ),
+                batch_size_per_feature_pre_a2a=[
+                    b for sc in ctx.sharding_contexts for b in sc.batch_size_per_feature_pre_a2a
+                ],
+                uncombined_embedding_dims=self._embedding_dims,
+                embedding_names=self._embedding_names,
+                embedding_dims=self._embedding_dims,
+                # Data-parallel tables only: no column shards to recombine.
+                permute_op=_identity,  # type: ignore[arg-type]
+                module_fqn=self._module_fqn,
+                sharding_types=self._sharding_types,
+            )
         return EmbeddingBagCollectionAwaitable(
             awaitables=awaitables,
             embedding_dims=self._embedding_dims,

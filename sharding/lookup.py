@@ -18,6 +18,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_tt.modules.embedding_bag import padded_vbe_offsets
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.shapes import TTShape
 from torchrec_tt.sharding.tt_shards import column_shard_core0_columns, column_shard_shape
@@ -331,6 +332,7 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         self._layout: TTBatchLayout | None = (
             TTBatchLayout.from_shapes(names, shapes, poolings, feature_table_map) if names else None
         )
+        self._feature_dims = self._layout.feature_dims() if self._layout is not None else []
         # Distinct parameters, in first-use order (the same on every rank for data_parallel, which
         # DistributedDataParallel checks); the op takes `cores` with repeats for shared cores.
         position: dict[int, int] = {}
@@ -386,14 +388,30 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         weights = None
         if self._is_weighted:
             weights = sparse_features.weights().to(cores[0].dtype)
-        return tt_embedding_bag(
+        if not sparse_features.variable_stride_per_key():
+            return tt_embedding_bag(
+                cores,
+                self._layout,
+                sparse_features.values(),
+                sparse_features.offsets(),
+                weights,
+                self.kernel_options,
+            )
+        # VBE (data_parallel only: the sharded module refuses it elsewhere): bags padded to the
+        # largest batch for the op, then TorchRec's VBE layout, every feature's [B_f, D_f] rows
+        # flattened one after the other, which its VariableBatchEmbeddingBagCollectionAwaitable
+        # lines up by the inverse indices.
+        strides = sparse_features.stride_per_key()
+        pooled = tt_embedding_bag(
             cores,
             self._layout,
             sparse_features.values(),
-            sparse_features.offsets(),
+            padded_vbe_offsets(sparse_features.lengths(), strides),
             weights,
             self.kernel_options,
         )
+        blocks = pooled.split(self._feature_dims, dim=1)
+        return torch.cat([block[:b].reshape(-1) for block, b in zip(blocks, strides)])
 
 
 class TTLookupFactory:

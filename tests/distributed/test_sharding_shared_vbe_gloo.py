@@ -1,10 +1,12 @@
 """Shared features (one feature in several TT tables) and variable batch per feature (VBE)
 through the TT sharder, on CPU/gloo at world size 2, against the unsharded module.
 
-One spawned job: two plans covering data_parallel, table_wise and column_wise tables that share
-a feature (forward equals the unsharded module, keys ``feature@table`` as TorchRec names them;
-two SGD steps equal the rank-averaged unsharded reference), then a VBE batch, which the sharded
-collection refuses with a ValueError naming what it lacks (the unsharded module takes it).
+One spawned job, three plans covering data_parallel, table_wise and column_wise tables that share
+a feature: forward equals the unsharded module (keys ``feature@table`` as TorchRec names them)
+and two SGD steps equal the rank-averaged unsharded reference. Then VBE batches (each feature its
+own batch size, with inverse indices, different on each rank): with every table data_parallel
+the forward and one more step again equal the unsharded module's; with table_wise or
+column_wise tables the sharded collection refuses them with a ValueError naming those tables.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ TABLES = [
 ROWS = {"f0": 97, "s": 40, "f2": 70, "zz": 5}
 OUTPUT_KEYS = ["f0", "s@t0", "s@t1", "s@t2", "f2"]  # TorchRec's names, table order
 PLANS = {
+    "data_parallel": {"t0": data_parallel(), "t1": data_parallel(), "t2": data_parallel()},
     "dp_tw_cw": {"t0": data_parallel(), "t1": table_wise(rank=1), "t2": column_wise(ranks=[0, 1])},
     "tw_cw_one_rank": {"t0": table_wise(rank=0), "t1": table_wise(rank=0),
                        "t2": column_wise(ranks=[1, 1, 0, 0])},
@@ -74,14 +77,20 @@ def _kjt(seed: int) -> KeyedJaggedTensor:
     return KeyedJaggedTensor.from_lengths_sync(keys, values, lengths)
 
 
-def _vbe_kjt() -> KeyedJaggedTensor:
-    """Batch sizes 2, 3, 1 for f0, s, f2; the inverse indices map 4 samples onto them."""
-    keys = ["f0", "s", "f2"]
-    lengths = torch.tensor([1, 2, 0, 3, 1, 2])
-    values = torch.tensor([5, 7, 8, 1, 2, 3, 4, 9, 10])
-    inverse = torch.tensor([[0, 1, 1, 0], [2, 0, 1, 2], [0, 0, 0, 0]])
+def _vbe_kjt(seed: int) -> KeyedJaggedTensor:
+    """VBE: each key has its own batch size (1-4 distinct samples); the inverse indices map the
+    ``BATCH`` samples onto them. Keys in ``_kjt``'s order: the sharded module (as TorchRec's)
+    fixes its input permutation at the first batch."""
+    keys = ["s", "zz", "f2", "f0"]
+    gen = torch.Generator().manual_seed(seed)
+    strides = torch.randint(1, cases.BATCH + 1, (len(keys),), generator=gen).tolist()
+    lengths = torch.cat([torch.randint(0, 4, (b,), generator=gen) for b in strides])
+    per_key = [int(seg.sum()) for seg in lengths.split(strides)]
+    values = torch.cat([torch.randint(0, ROWS[k], (n,), generator=gen) for k, n in zip(keys, per_key)])
+    inverse = torch.stack([torch.randint(0, b, (cases.BATCH,), generator=gen) for b in strides])
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths,
-                             stride_per_key_per_rank=[[2], [3], [1]], inverse_indices=(keys, inverse))
+                             stride_per_key_per_rank=[[b] for b in strides],
+                             inverse_indices=(keys, inverse))
 
 
 def _check_plan(rank: int, world_size: int, name: str) -> dict[str, Any]:
@@ -112,12 +121,24 @@ def _check_plan(rank: int, world_size: int, name: str) -> dict[str, Any]:
         cases.reference_step(reference, ref_optimizer, batches)
         compared += cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
     out: dict[str, Any] = {"compared": compared}
-    # VBE: the unsharded module takes it, the sharded one refuses it (before any collective).
-    assert reference.tt(_vbe_kjt()).values().shape == (4, 16 + 16 + 8 + 32 + 32)
-    try:
-        dmp(_vbe_kjt())
-    except ValueError as e:
-        out["vbe_error"] = str(e)
+    vbe = [(_vbe_kjt(7 + r),) for r in range(world_size)]
+    if name != "data_parallel":  # VBE needs every table data_parallel
+        try:
+            dmp(vbe[rank][0])
+        except ValueError as e:
+            out["vbe_error"] = str(e)
+        return out
+    # VBE: forward equals the unsharded module's, and a step the rank-averaged reference's.
+    with torch.no_grad():
+        got = dmp.module.tt(vbe[rank][0]).wait()
+        want = reference.tt(vbe[rank][0])
+        assert want.values().shape == (cases.BATCH, 16 + 16 + 8 + 32 + 32)
+        for key in OUTPUT_KEYS:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
+    dmp(vbe[rank][0]).backward()
+    optimizer.step()
+    cases.reference_step(reference, ref_optimizer, vbe)
+    out["compared_vbe"] = cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
     return out
 
 
@@ -130,6 +151,9 @@ def test_shared_features_match_unsharded_and_vbe_is_refused() -> None:
     for per_plan in results:
         for name, r in per_plan.items():
             assert r["compared"] > 0, name
-            assert "variable batch size per feature (VBE" in r["vbe_error"], name
-            assert "TT tables ['t0', 't1', 't2']" in r["vbe_error"]
-            assert "the unsharded TTEmbeddingBagCollection takes VBE" in r["vbe_error"]
+        assert per_plan["data_parallel"]["compared_vbe"] > 0
+        assert "variable batch size per feature (VBE" in per_plan["dp_tw_cw"]["vbe_error"]
+        assert ("for data_parallel TT tables only; TT tables {'t1': 'table_wise', 't2': "
+                "'column_wise'} are not") in per_plan["dp_tw_cw"]["vbe_error"]
+        assert "{'t0': 'table_wise', 't1': 'table_wise', 't2': 'column_wise'}" in (
+            per_plan["tw_cw_one_rank"]["vbe_error"])

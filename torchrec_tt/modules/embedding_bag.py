@@ -56,6 +56,17 @@ def _as_kjt(features: Any) -> KeyedJaggedTensor:
     )
 
 
+def padded_vbe_offsets(lengths: Tensor, strides: List[int]) -> Tensor:
+    """Offsets of a variable-batch (VBE) KJT's bags with each feature's ``strides[f]`` bags padded
+    by empty ones to the largest stride: the one batch size the TT op takes. Its output rows
+    ``b >= strides[f]`` of feature ``f`` are then zero padding."""
+    widest = max(strides)
+    padded: List[Tensor] = []
+    for seg, stride in zip(torch.split(lengths, strides), strides):
+        padded.append(torch.nn.functional.pad(seg, [0, widest - stride]))
+    return torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(padded))
+
+
 @torch.fx.wrap
 def _lookup_inputs(
     features: KeyedJaggedTensor,
@@ -111,12 +122,7 @@ def _lookup_inputs(
                 "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
                 "inverse_indices (as TorchRec's EmbeddingBagCollection)"
             )
-        strides = features.stride_per_key()
-        widest = max(strides)
-        padded: List[Tensor] = []
-        for seg, stride in zip(torch.split(features.lengths(), strides), strides):
-            padded.append(torch.nn.functional.pad(seg, [0, widest - stride]))
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(padded))
+        offsets = padded_vbe_offsets(features.lengths(), features.stride_per_key())
     values = features.values()
     if values.device != core.device:
         raise ValueError(
@@ -331,7 +337,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     order, ``feature@table`` for a feature shared by several tables, as TorchRec names them;
     values ``[B, sum of D]``) out; per-sample weights are used when ``is_weighted``.
     Variable batch per feature (VBE) works as in TorchRec's EBC: the KJT's inverse indices give
-    each sample's row (unsharded; the sharded collection refuses VBE).
+    each sample's row (sharded too when every table is data_parallel).
 
     Inference: the module scripts (``torch.jit.script``, also after ``torchrec.fx.symbolic_trace``)
     and exports (``torch.export``); ``torchrec_tt.inference`` quantizes it.
