@@ -252,6 +252,10 @@ def test_torchrec_quantize_inference_model_quantizes_a_bare_tt_collection() -> N
         additional_mapping={TTEmbeddingBagCollection: QuantTTEmbeddingBagCollection})
     assert isinstance(_sparse(q2), QuantTTEmbeddingBagCollection)
     assert torch.equal(q2(dense, kjt), got)
+    # A hybrid collection: both children quantized.
+    hybrid = trec_inference.quantize_inference_model(_dlrm().eval())
+    assert isinstance(_sparse(hybrid).ebc, QuantEBC)
+    assert isinstance(_sparse(hybrid).tt, QuantTTEmbeddingBagCollection)
 
 
 def test_torchrec_quantize_embeddings_without_tt_mapping_warns() -> None:

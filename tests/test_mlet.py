@@ -254,6 +254,19 @@ def test_hybrid_with_mlet_scripts_and_exports() -> None:
                                   dynamic_shapes=(kjt_dynamic_shapes(features),))
     other = kjt(["fe", "fb", "fa", "other", "fa2", "fc", "ft"], seed=8, batch=5)
     assert_same_pooled(program.module()(other), hybrid(other), keys)
+    # TorchRec's quantize_inference_model quantizes the wide tables (plain and TT) in place;
+    # the quantized model scripts after torchrec.fx with its eager outputs.
+    import torchrec.inference.modules as trec_inference
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+
+    from torchrec_tt.inference import QuantTTEmbeddingBagCollection
+
+    quantized = trec_inference.quantize_inference_model(copy.deepcopy(hybrid))
+    assert isinstance(quantized.mlet.ebc, QuantEBC)
+    assert isinstance(quantized.mlet.tt, QuantTTEmbeddingBagCollection)
+    got = quantized(features)
+    assert_same_pooled(got, want, keys, atol=0.05 * float(want.values().abs().max()))
+    assert_same_pooled(torch.jit.script(symbolic_trace(quantized))(features), got, keys)
 
 
 def test_config_swap_keeps_mlet() -> None:
