@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from fbgemm_gpu.permute_pooled_embedding_modules import PermutePooledEmbeddings
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embedding_sharding import (
     EmbeddingSharding,
@@ -228,10 +229,6 @@ def _has_fused_optimizer(module: TTEmbeddingBagCollection) -> bool:
     return True
 
 
-def _identity(x: Tensor) -> Tensor:
-    return x
-
-
 def _logical_table(num_rows: int, dim: int) -> Tensor:
     """What TorchRec's planner and sharding classes see of a TT table: a ``[N, D]`` meta tensor."""
     return torch.empty(num_rows, dim, device="meta")
@@ -249,8 +246,7 @@ class ShardedTTEmbeddingBagCollection(
     awaited ``KeyedTensor`` out (keys are the feature names; their order depends on the plan, so
     index by key). A feature of several tables (TorchRec's shared features) is looked up in each,
     its outputs keyed ``feature@table``. Variable batch per feature (VBE, with the KJT's inverse
-    indices) works when every table is data_parallel, and is refused otherwise (a ``ValueError``
-    at the first VBE batch).
+    indices) works as in TorchRec's sharded EBC.
 
     Args:
         module: the unsharded collection (any device; meta means "initialise here").
@@ -438,11 +434,33 @@ class ShardedTTEmbeddingBagCollection(
 
         self._embedding_names: list[str] = []
         self._embedding_dims: list[int] = []
+        uncombined_names: list[str] = []
+        self._uncombined_embedding_dims: list[int] = []
+        shard_offsets: list[int] = []
         for sharding in self._embedding_shardings:
             self._output_dists.append(sharding.create_output_dist(device=self._device))
             self._embedding_names.extend(sharding.embedding_names())
             self._embedding_dims.extend(sharding.embedding_dims())
+            uncombined_names.extend(sharding.uncombined_embedding_names())
+            self._uncombined_embedding_dims.extend(sharding.uncombined_embedding_dims())
+            shard_offsets.extend(
+                meta.shard_offsets[1] if meta is not None else 0
+                for meta in sharding.embedding_shard_metadata()
+            )
+        # VBE batches: the column shards of a feature are put back together (in column order)
+        # after the inverse indices line the rows up, as TorchRec's sharded EBC does; the other
+        # batches have it done by the column-wise output dist.
+        first: dict[str, int] = {}
+        for i, name in enumerate(uncombined_names):
+            first.setdefault(name, i)
+        self._vbe_permute = PermutePooledEmbeddings(
+            self._uncombined_embedding_dims,
+            sorted(range(len(uncombined_names)),
+                   key=lambda i: (first[uncombined_names[i]], shard_offsets[i])),
+            self._device,
+        )
 
+        self._vbe_output_dists: list[nn.Module] | None = None
         self._feature_splits: list[int] = []
         self._features_order: list[int] = []
         self._has_uninitialized_input_dist = True
@@ -552,7 +570,14 @@ class ShardedTTEmbeddingBagCollection(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         if features.variable_stride_per_key():
-            self._check_variable_batch(features)
+            # VBE: the lookups pad the bags to one batch size (as the unsharded module does) and
+            # write TorchRec's VBE layout, which its variable-batch pooled all-to-all moves and
+            # its VBE awaitable lines up by the inverse indices (output_dist).
+            if features.inverse_indices_or_none() is None:
+                raise ValueError(
+                    "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
+                    "inverse_indices (as TorchRec's sharded EmbeddingBagCollection)"
+                )
             ctx.variable_batch_per_feature = True
             ctx.inverse_indices = features.inverse_indices()
         if self._has_uninitialized_input_dist:
@@ -575,42 +600,27 @@ class ShardedTTEmbeddingBagCollection(
                 )
             return KJTListSplitsAwaitable(awaitables, ctx, self._module_fqn, self._sharding_types)
 
-    def _check_variable_batch(self, features: KeyedJaggedTensor) -> None:
-        """VBE is taken when every table is data_parallel (its lookup pads the bags to one batch
-        size, as the unsharded module does): TorchRec's sharded EBC moves VBE batches with
-        FBGEMM's VBE kernels and variable-batch all-to-alls, which the TT lookups of table_wise
-        and column_wise tables do not produce."""
-        other = {
-            cfg.name: self.module_sharding_plan[cfg.name].sharding_type
-            for cfg in self._embedding_bag_configs
-            if self.module_sharding_plan[cfg.name].sharding_type != ShardingType.DATA_PARALLEL.value
-        }
-        if other:
-            raise ValueError(
-                "variable batch size per feature (VBE: a KeyedJaggedTensor with "
-                f"stride_per_key_per_rank, strides {features.stride_per_key_per_rank()}) is "
-                "supported by ShardedTTEmbeddingBagCollection for data_parallel TT tables only; "
-                f"TT tables {other} are not; plan them data_parallel, give every feature the same "
-                "batch size (e.g. expand the bags by the inverse indices), or keep the collection "
-                "unsharded (the unsharded TTEmbeddingBagCollection takes VBE)"
-            )
-        if features.inverse_indices_or_none() is None:
-            raise ValueError(
-                "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
-                "inverse_indices (as TorchRec's sharded EmbeddingBagCollection)"
-            )
-
     def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> list[Tensor]:
         return [lookup(features) for lookup, features in zip(self._lookups, dist_input)]
 
     def output_dist(
         self, ctx: EmbeddingBagCollectionContext, output: list[Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
+        dists = self._output_dists
+        if ctx.variable_batch_per_feature:
+            # TorchRec's pooled dists pick VBE or not at their first call and keep it: VBE
+            # batches get dists of their own, made at the first one.
+            # (A plain list: their comms buffers stay out of the state dict, as the other
+            # dists' are.)
+            if self._vbe_output_dists is None:
+                self._vbe_output_dists = [
+                    sharding.create_output_dist(device=self._device)
+                    for sharding in self._embedding_shardings
+                ]
+            dists = self._vbe_output_dists
         awaitables = [
             dist_(embeddings, sharding_ctx)
-            for dist_, sharding_ctx, embeddings in zip(
-                self._output_dists, ctx.sharding_contexts, output
-            )
+            for dist_, sharding_ctx, embeddings in zip(dists, ctx.sharding_contexts, output)
         ]
         if ctx.variable_batch_per_feature:
             assert ctx.inverse_indices is not None  # checked in input_dist
@@ -626,11 +636,10 @@ class ShardedTTEmbeddingBagCollection(
                 batch_size_per_feature_pre_a2a=[
                     b for sc in ctx.sharding_contexts for b in sc.batch_size_per_feature_pre_a2a
                 ],
-                uncombined_embedding_dims=self._embedding_dims,
+                uncombined_embedding_dims=self._uncombined_embedding_dims,
                 embedding_names=self._embedding_names,
                 embedding_dims=self._embedding_dims,
-                # Data-parallel tables only: no column shards to recombine.
-                permute_op=_identity,  # type: ignore[arg-type]
+                permute_op=self._vbe_permute,
                 module_fqn=self._module_fqn,
                 sharding_types=self._sharding_types,
             )

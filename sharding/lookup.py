@@ -374,16 +374,19 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             )
             for i, tensor in zip(self._replicated_index, shared):
                 params[i] = tensor
-        batch = sparse_features.stride()
+        # A VBE batch's output is flat (see below): an empty one is [0].
+        batch = sparse_features.stride() if not sparse_features.variable_stride_per_key() else 0
         if self._layout is None:
             if self._replicated_index:
                 # Tie the empty output to the shared cores so that this rank joins the sum.
                 anchor = params[self._replicated_index[0]]
-                return anchor.reshape(-1)[:0].reshape(batch, 0)
+                empty = anchor.reshape(-1)[:0]
+                return empty if sparse_features.variable_stride_per_key() else empty.reshape(batch, 0)
             first = next(iter(self.cores), None)
             device = first.device if first is not None else sparse_features.values().device
             dtype = first.dtype if first is not None else torch.float32
-            return torch.zeros(batch, 0, device=device, dtype=dtype, requires_grad=True)
+            shape = (0,) if sparse_features.variable_stride_per_key() else (batch, 0)
+            return torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
         cores = [params[i] for i in self._core_index]
         weights = None
         if self._is_weighted:
@@ -397,11 +400,13 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 weights,
                 self.kernel_options,
             )
-        # VBE (data_parallel only: the sharded module refuses it elsewhere): bags padded to the
-        # largest batch for the op, then TorchRec's VBE layout, every feature's [B_f, D_f] rows
-        # flattened one after the other, which its VariableBatchEmbeddingBagCollectionAwaitable
-        # lines up by the inverse indices.
-        strides = sparse_features.stride_per_key()
+        # VBE: the bags padded to the largest batch for the op, then TorchRec's VBE layout: for each
+        # destination rank r, each feature's [B_{f,r}, D_f] rows flattened, one after the other
+        # (what its variable-batch pooled all-to-all splits by rank, and, for one rank,
+        # VariableBatchEmbeddingBagCollectionAwaitable lines up by the inverse indices). The
+        # KJT holds feature f's bags rank after rank.
+        per_rank = sparse_features.stride_per_key_per_rank()
+        strides = [sum(s) for s in per_rank]
         pooled = tt_embedding_bag(
             cores,
             self._layout,
@@ -411,7 +416,12 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             self.kernel_options,
         )
         blocks = pooled.split(self._feature_dims, dim=1)
-        return torch.cat([block[:b].reshape(-1) for block, b in zip(blocks, strides)])
+        parts: list[Tensor] = []
+        for r in range(len(per_rank[0])):
+            for block, sizes in zip(blocks, per_rank):
+                start = sum(sizes[:r])
+                parts.append(block[start : start + sizes[r]].reshape(-1))
+        return torch.cat(parts)
 
 
 class TTLookupFactory:

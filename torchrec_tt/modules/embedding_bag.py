@@ -337,7 +337,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     order, ``feature@table`` for a feature shared by several tables, as TorchRec names them;
     values ``[B, sum of D]``) out; per-sample weights are used when ``is_weighted``.
     Variable batch per feature (VBE) works as in TorchRec's EBC: the KJT's inverse indices give
-    each sample's row (sharded too when every table is data_parallel).
+    each sample's row (sharded too).
 
     Inference: the module scripts (``torch.jit.script``, also after ``torchrec.fx.symbolic_trace``)
     and exports (``torch.export``); ``torchrec_tt.inference`` quantizes it.
