@@ -1,8 +1,9 @@
 """Shared features (one feature in several TT tables) and variable batch per feature (VBE)
 through the TT sharder, on CPU/gloo at world size 2, against the unsharded module.
 
-One spawned job, three plans covering data_parallel, table_wise and column_wise tables (column
-shards on one rank and across ranks, a rank without tables) that share a feature: forward
+One spawned job: a weighted collection (per-sample weights) under three plans covering
+data_parallel, table_wise and column_wise tables (column shards on one rank and across ranks,
+a rank without tables) that share a feature: forward
 equals the unsharded module (keys ``feature@table`` as TorchRec names them) and two SGD steps
 equal the rank-averaged unsharded reference; then a VBE batch (each feature its own batch size,
 with inverse indices, different on each rank): forward and one more step again equal the
@@ -60,7 +61,7 @@ PLANS = {
 class SharedModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.tt = TTEmbeddingBagCollection(copy.deepcopy(TABLES))
+        self.tt = TTEmbeddingBagCollection(copy.deepcopy(TABLES), is_weighted=True)
         self.head = nn.Linear(16 + 16 + 8 + 32 + 32, 1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> Tensor:
@@ -75,7 +76,8 @@ def _kjt(seed: int) -> KeyedJaggedTensor:
     lengths = torch.randint(0, 4, (len(keys) * cases.BATCH,), generator=gen)
     per_key = lengths.view(len(keys), cases.BATCH).sum(1).tolist()
     values = torch.cat([torch.randint(0, ROWS[k], (n,), generator=gen) for k, n in zip(keys, per_key)])
-    return KeyedJaggedTensor.from_lengths_sync(keys, values, lengths)
+    weights = torch.rand(values.numel(), generator=gen) + 0.5
+    return KeyedJaggedTensor.from_lengths_sync(keys, values, lengths, weights=weights)
 
 
 def _vbe_kjt(seed: int) -> KeyedJaggedTensor:
@@ -89,7 +91,8 @@ def _vbe_kjt(seed: int) -> KeyedJaggedTensor:
     per_key = [int(seg.sum()) for seg in lengths.split(strides)]
     values = torch.cat([torch.randint(0, ROWS[k], (n,), generator=gen) for k, n in zip(keys, per_key)])
     inverse = torch.stack([torch.randint(0, b, (cases.BATCH,), generator=gen) for b in strides])
-    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths,
+    weights = torch.rand(values.numel(), generator=gen) + 0.5
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights,
                              stride_per_key_per_rank=[[b] for b in strides],
                              inverse_indices=(keys, inverse))
 
