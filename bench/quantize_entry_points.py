@@ -87,8 +87,8 @@ def main() -> None:
             emb = float((sparse(kjt).values() - want_emb).abs().max() / want_emb.abs().max())
         warned = any("left float32" in str(w.message) for w in caught)
         size = _bytes(sparse)
-        print(f"| {name} | {type(sparse).__name__} | {size:,} | {size / fp32:.3f} | {emb:.2e} | {diff:.2e} "
-              f"| {'yes' if warned else 'no'} |")
+        print(f"| {name} | {type(sparse).__name__} | {size:,} | {size / fp32:.3f} | {emb:.2e} "
+              f"| {diff:.2e} | {'yes' if warned else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -381,7 +381,8 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 # Tie the empty output to the shared cores so that this rank joins the sum.
                 anchor = params[self._replicated_index[0]]
                 empty = anchor.reshape(-1)[:0]
-                return empty if sparse_features.variable_stride_per_key() else empty.reshape(batch, 0)
+                vbe = sparse_features.variable_stride_per_key()
+                return empty if vbe else empty.reshape(batch, 0)
             first = next(iter(self.cores), None)
             device = first.device if first is not None else sparse_features.values().device
             dtype = first.dtype if first is not None else torch.float32
@@ -400,8 +401,8 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 weights,
                 self.kernel_options,
             )
-        # VBE: the bags padded to the largest batch for the op, then TorchRec's VBE layout: for each
-        # destination rank r, each feature's [B_{f,r}, D_f] rows flattened, one after the other
+        # VBE: the bags padded to the largest batch for the op, then TorchRec's VBE layout: for
+        # each destination rank r, each feature's [B_{f,r}, D_f] rows flattened, one after another
         # (what its variable-batch pooled all-to-all splits by rank, and, for one rank,
         # VariableBatchEmbeddingBagCollectionAwaitable lines up by the inverse indices). The
         # KJT holds feature f's bags rank after rank.

@@ -239,7 +239,8 @@ def test_torchrec_quantize_inference_model_quantizes_a_bare_tt_collection() -> N
     rounded = copy.deepcopy(model)
     with torch.no_grad():
         for name, table in tt.tt.tables.items():
-            for core, deq in zip(_sparse(rounded).embedding_bags[name].cores(), table.dequantized()):
+            cores = _sparse(rounded).embedding_bags[name].cores()
+            for core, deq in zip(cores, table.dequantized()):
                 core.copy_(deq)
     torch.testing.assert_close(got, rounded(dense, kjt), rtol=0, atol=1e-6)
     # ... and they stay near the float model's.
@@ -266,7 +267,8 @@ def test_torchrec_quantize_embeddings_without_tt_mapping_warns() -> None:
                       + _LEFT_FLOAT + r".*not in the qconfig_spec.*torchrec_tt\.inference\."
                       r"quantize_embeddings"):
         trec_inference.quantize_embeddings(model, dtype=torch.qint8, inplace=True)
-    assert type(_sparse(model)) is TTEmbeddingBagCollection and not hasattr(_sparse(model), "qconfig")
+    assert type(_sparse(model)) is TTEmbeddingBagCollection
+    assert not hasattr(_sparse(model), "qconfig")
     assert torch.equal(model(dense, kjt), want)
     # The root module is never swapped by torch.ao's convert, mapping or not.
     root = _tt_dlrm().sparse_arch.embedding_bag_collection
@@ -277,7 +279,8 @@ def test_torchrec_quantize_embeddings_without_tt_mapping_warns() -> None:
             additional_mapping={TTEmbeddingBagCollection: QuantTTEmbeddingBagCollection})
     # In a hybrid collection the plain child is quantized and the TT child warns, once.
     model = _dlrm()
-    with pytest.warns(UserWarning, match=r"TT tables \['t_small', 't_big'\]\) " + _LEFT_FLOAT) as rec:
+    left = r"TT tables \['t_small', 't_big'\]\) " + _LEFT_FLOAT
+    with pytest.warns(UserWarning, match=left) as rec:
         trec_inference.quantize_embeddings(model, dtype=torch.qint8, inplace=True)
     assert sum(_LEFT_FLOAT in str(w.message) for w in rec) == 1
     assert isinstance(model.sparse_arch.embedding_bag_collection.ebc, QuantEBC)

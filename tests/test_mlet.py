@@ -243,7 +243,8 @@ def test_hybrid_with_mlet_scripts_and_exports() -> None:
     want = hybrid(features)
     mlet = hybrid.mlet
     assert mlet is not None
-    assert_same_pooled(torch.jit.script(mlet)(features), mlet(features), ["fa", "fa2", "fc", "fb", "fe"])
+    assert_same_pooled(torch.jit.script(mlet)(features), mlet(features),
+                       ["fa", "fa2", "fc", "fb", "fe"])
     for module in (hybrid, symbolic_trace(hybrid)):
         buf = io.BytesIO()
         torch.jit.save(torch.jit.script(module), buf)

@@ -2,12 +2,11 @@
 through the TT sharder, on CPU/gloo at world size 2, against the unsharded module.
 
 One spawned job: a weighted collection (per-sample weights) under three plans covering
-data_parallel, table_wise and column_wise tables (column shards on one rank and across ranks,
-a rank without tables) that share a feature: forward
-equals the unsharded module (keys ``feature@table`` as TorchRec names them) and two SGD steps
-equal the rank-averaged unsharded reference; then a VBE batch (each feature its own batch size,
-with inverse indices, different on each rank): forward and one more step again equal the
-unsharded module's.
+data_parallel, table_wise and column_wise tables (column shards on one rank and across ranks, a
+rank without tables) that share a feature. Forward equals the unsharded module (keys
+``feature@table``, as TorchRec names them) and two SGD steps equal the rank-averaged unsharded
+reference; then a VBE batch (each feature its own batch size, with inverse indices, different on
+each rank): forward and one more step again equal the unsharded module's.
 """
 
 from __future__ import annotations
@@ -75,7 +74,8 @@ def _kjt(seed: int) -> KeyedJaggedTensor:
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, 4, (len(keys) * cases.BATCH,), generator=gen)
     per_key = lengths.view(len(keys), cases.BATCH).sum(1).tolist()
-    values = torch.cat([torch.randint(0, ROWS[k], (n,), generator=gen) for k, n in zip(keys, per_key)])
+    values = torch.cat([torch.randint(0, ROWS[k], (n,), generator=gen)
+                        for k, n in zip(keys, per_key)])
     weights = torch.rand(values.numel(), generator=gen) + 0.5
     return KeyedJaggedTensor.from_lengths_sync(keys, values, lengths, weights=weights)
 
@@ -89,7 +89,8 @@ def _vbe_kjt(seed: int) -> KeyedJaggedTensor:
     strides = torch.randint(1, cases.BATCH + 1, (len(keys),), generator=gen).tolist()
     lengths = torch.cat([torch.randint(0, 4, (b,), generator=gen) for b in strides])
     per_key = [int(seg.sum()) for seg in lengths.split(strides)]
-    values = torch.cat([torch.randint(0, ROWS[k], (n,), generator=gen) for k, n in zip(keys, per_key)])
+    values = torch.cat([torch.randint(0, ROWS[k], (n,), generator=gen)
+                        for k, n in zip(keys, per_key)])
     inverse = torch.stack([torch.randint(0, b, (cases.BATCH,), generator=gen) for b in strides])
     weights = torch.rand(values.numel(), generator=gen) + 0.5
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights,
