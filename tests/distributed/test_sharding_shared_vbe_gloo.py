@@ -1,12 +1,13 @@
 """Shared features (one feature in several TT tables) and variable batch per feature (VBE)
 through the TT sharder, on CPU/gloo at world size 2, against the unsharded module.
 
-One spawned job: a weighted collection (per-sample weights) under three plans covering
+One spawned job: a weighted collection (per-sample weights) under two plans covering
 data_parallel, table_wise and column_wise tables (column shards on one rank and across ranks, a
-rank without tables) that share a feature. Forward equals the unsharded module (keys
-``feature@table``, as TorchRec names them) and two SGD steps equal the rank-averaged unsharded
-reference; then a VBE batch (each feature its own batch size, with inverse indices, different on
-each rank): forward and one more step again equal the unsharded module's.
+rank without table_wise tables) that share a feature. Forward equals the unsharded module (keys
+``feature@table``, as TorchRec names them) and an SGD step the rank-averaged unsharded
+reference's; then a VBE batch (each feature its own batch size, with inverse indices, different on
+each rank): forward and one more step again equal the unsharded module's. One plan again with
+the cores' SGD fused into the backward.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from torchrec.distributed.sharding_plan import (
     data_parallel,
     table_wise,
 )
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import PoolingType
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 import tt_dist_cases as cases
@@ -49,18 +52,19 @@ TABLES = [
 ROWS = {"f0": 97, "s": 40, "f2": 70, "zz": 5}
 OUTPUT_KEYS = ["f0", "s@t0", "s@t1", "s@t2", "f2"]  # TorchRec's names, table order
 PLANS = {
-    # Rank 1 holds no table_wise table: its lookup returns an empty VBE output.
-    "tw_one_rank": {"t0": table_wise(rank=0), "t1": table_wise(rank=0), "t2": table_wise(rank=0)},
     "dp_tw_cw": {"t0": data_parallel(), "t1": table_wise(rank=1), "t2": column_wise(ranks=[0, 1])},
+    # Rank 1 holds no table_wise table (its lookup returns an empty VBE output) and t2's first
+    # two column shards.
     "tw_cw_one_rank": {"t0": table_wise(rank=0), "t1": table_wise(rank=0),
                        "t2": column_wise(ranks=[1, 1, 0, 0])},
 }
 
 
 class SharedModel(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, fused_params: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.tt = TTEmbeddingBagCollection(copy.deepcopy(TABLES), is_weighted=True)
+        self.tt = TTEmbeddingBagCollection(copy.deepcopy(TABLES), is_weighted=True,
+                                           fused_params=fused_params)
         self.head = nn.Linear(16 + 16 + 8 + 32 + 32, 1)
 
     def forward(self, kjt: KeyedJaggedTensor) -> Tensor:
@@ -98,51 +102,47 @@ def _vbe_kjt(seed: int) -> KeyedJaggedTensor:
                              inverse_indices=(keys, inverse))
 
 
-def _check_plan(rank: int, world_size: int, name: str) -> dict[str, Any]:
+def _check_plan(rank: int, world_size: int, name: str, fused: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = SharedModel()
-    reference = copy.deepcopy(model)
+    # fused: the cores' SGD runs in the backward (module and reference alike); the head's below.
+    fused_params = {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": LR} if fused else None
+    model = SharedModel(fused_params)
+    reference = SharedModel(fused_params)
+    reference.load_state_dict(model.state_dict())
     plan = ShardingPlan({"tt": construct_module_sharding_plan(
         model.tt, PLANS[name], sharder=TTEmbeddingBagCollectionSharder(),
         local_size=world_size, world_size=world_size, device_type="cpu")})
     dmp = cases.shard(model, plan, [TTEmbeddingBagCollectionSharder()])
     dmp.load_state_dict(reference.state_dict())
-    optimizer = torch.optim.SGD(dmp.parameters(), lr=LR)
-    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
-    compared = 0
-    for step in range(2):
-        batches = [(_kjt(100 * step + r),) for r in range(world_size)]
+    optimizer = torch.optim.SGD(dict(in_backward_optimizer_filter(dmp.named_parameters())).values(),
+                                lr=LR)
+    ref_optimizer = torch.optim.SGD(
+        reference.head.parameters() if fused else reference.parameters(), lr=LR)
+    out: dict[str, Any] = {}
+    # A batch with one batch size, then a VBE batch: forward equals the unsharded module's, and
+    # a step the rank-averaged reference's.
+    for what, batches in (("compared", [(_kjt(r),) for r in range(world_size)]),
+                          ("compared_vbe", [(_vbe_kjt(7 + r),) for r in range(world_size)])):
         mine = batches[rank][0]
         with torch.no_grad():
             got = dmp.module.tt(mine).wait()
             want = reference.tt(mine)
+            assert want.values().shape == (cases.BATCH, 16 + 16 + 8 + 32 + 32)
             assert sorted(got.keys()) == sorted(want.keys()) == sorted(OUTPUT_KEYS), got.keys()
             for key in OUTPUT_KEYS:
                 torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
-        loss = dmp(mine)
-        loss.backward()
+        dmp(mine).backward()
         optimizer.step()
         optimizer.zero_grad()
         cases.reference_step(reference, ref_optimizer, batches)
-        compared += cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
-    out: dict[str, Any] = {"compared": compared}
-    vbe = [(_vbe_kjt(7 + r),) for r in range(world_size)]
-    # VBE: forward equals the unsharded module's, and a step the rank-averaged reference's.
-    with torch.no_grad():
-        got = dmp.module.tt(vbe[rank][0]).wait()
-        want = reference.tt(vbe[rank][0])
-        assert want.values().shape == (cases.BATCH, 16 + 16 + 8 + 32 + 32)
-        for key in OUTPUT_KEYS:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=key)
-    dmp(vbe[rank][0]).backward()
-    optimizer.step()
-    cases.reference_step(reference, ref_optimizer, vbe)
-    out["compared_vbe"] = cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
+        out[what] = cases.assert_state_matches(dmp.state_dict(), reference.state_dict())
     return out
 
 
 def check_shared_and_vbe(rank: int, world_size: int) -> dict[str, Any]:
-    return {name: _check_plan(rank, world_size, name) for name in PLANS}
+    out = {name: _check_plan(rank, world_size, name) for name in PLANS}
+    out["fused_dp_tw_cw"] = _check_plan(rank, world_size, "dp_tw_cw", fused=True)
+    return out
 
 
 def test_shared_features_and_vbe_match_unsharded() -> None:
