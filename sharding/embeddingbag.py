@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.permute_pooled_embedding_modules import PermutePooledEmbeddings
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.embedding_sharding import (
@@ -67,6 +68,7 @@ from torchrec.distributed.embedding_types import (
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionAwaitable,
     EmbeddingBagCollectionContext,
+    VariableBatchEmbeddingBagCollectionAwaitable,
 )
 from torchrec.distributed.types import (
     Awaitable,
@@ -85,6 +87,7 @@ from torchrec.distributed.types import (
     TensorProperties,
 )
 from torchrec.modules.embedding_configs import EmbeddingTableConfig
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
@@ -163,16 +166,6 @@ def _validate_plan(
     world_size: int,
 ) -> None:
     tables = [cfg.name for cfg in module.embedding_bag_configs()]
-    features = [f for cfg in module.embedding_bag_configs() for f in cfg.feature_names]
-    shared = sorted({f for f in features if features.count(f) > 1})
-    if shared:
-        # The unsharded module looks a shared feature up in each of its tables; the sharded
-        # input dist routes each feature to one table's shard.
-        raise ValueError(
-            f"features {shared} feed more than one TT table; the sharded TTEmbeddingBagCollection "
-            "does not support shared features (give each table its own feature name, or keep "
-            "the collection unsharded)"
-        )
     unknown = [t for t in plan if t not in tables]
     if unknown:
         raise ValueError(
@@ -251,7 +244,9 @@ class ShardedTTEmbeddingBagCollection(
 
     Input and output follow ``ShardedEmbeddingBagCollection``: a data-parallel KJT in, a lazily
     awaited ``KeyedTensor`` out (keys are the feature names; their order depends on the plan, so
-    index by key). Variable batch per feature (VBE) is not supported.
+    index by key). A feature of several tables (TorchRec's shared features) is looked up in each,
+    its outputs keyed ``feature@table``. Variable batch per feature (VBE, with the KJT's inverse
+    indices) works as in TorchRec's sharded EBC.
 
     Args:
         module: the unsharded collection (any device; meta means "initialise here").
@@ -363,7 +358,11 @@ class ShardedTTEmbeddingBagCollection(
                 )
 
         infos: dict[str, list[EmbeddingShardingInfo]] = {}
-        for cfg in self._embedding_bag_configs:
+        # A feature of several tables (TorchRec's shared features) is routed to each of them (the
+        # input permute repeats it) and its outputs are named "feature@table", as TorchRec's
+        # sharded EBC names them.
+        embedding_names = get_embedding_names_by_table(self._embedding_bag_configs)
+        for cfg, names in zip(self._embedding_bag_configs, embedding_names):
             ps = self.module_sharding_plan[cfg.name]
             infos.setdefault(ps.sharding_type, []).append(
                 EmbeddingShardingInfo(
@@ -376,7 +375,7 @@ class ShardedTTEmbeddingBagCollection(
                         pooling=cfg.pooling,
                         is_weighted=self._is_weighted,
                         has_feature_processor=False,
-                        embedding_names=list(cfg.feature_names),
+                        embedding_names=list(names),
                         weight_init_max=cfg.weight_init_max,
                         weight_init_min=cfg.weight_init_min,
                     ),
@@ -435,11 +434,33 @@ class ShardedTTEmbeddingBagCollection(
 
         self._embedding_names: list[str] = []
         self._embedding_dims: list[int] = []
+        uncombined_names: list[str] = []
+        self._uncombined_embedding_dims: list[int] = []
+        shard_offsets: list[int] = []
         for sharding in self._embedding_shardings:
             self._output_dists.append(sharding.create_output_dist(device=self._device))
             self._embedding_names.extend(sharding.embedding_names())
             self._embedding_dims.extend(sharding.embedding_dims())
+            uncombined_names.extend(sharding.uncombined_embedding_names())
+            self._uncombined_embedding_dims.extend(sharding.uncombined_embedding_dims())
+            shard_offsets.extend(
+                meta.shard_offsets[1] if meta is not None else 0
+                for meta in sharding.embedding_shard_metadata()
+            )
+        # VBE batches: the column shards of a feature are put back together (in column order)
+        # after the inverse indices line the rows up, as TorchRec's sharded EBC does; the other
+        # batches have it done by the column-wise output dist.
+        first: dict[str, int] = {}
+        for i, name in enumerate(uncombined_names):
+            first.setdefault(name, i)
+        self._vbe_permute = PermutePooledEmbeddings(
+            self._uncombined_embedding_dims,
+            sorted(range(len(uncombined_names)),
+                   key=lambda i: (first[uncombined_names[i]], shard_offsets[i])),
+            self._device,
+        )
 
+        self._vbe_output_dists: list[nn.Module] | None = None
         self._feature_splits: list[int] = []
         self._features_order: list[int] = []
         self._has_uninitialized_input_dist = True
@@ -518,6 +539,8 @@ class ShardedTTEmbeddingBagCollection(
             self._input_dists.append(sharding.create_input_dist())
             feature_names.extend(sharding.feature_names())
             self._feature_splits.append(len(sharding.feature_names()))
+        #: The feature of each output position (a shared feature once per table).
+        self._input_feature_names = feature_names
         if feature_names == input_feature_names:
             self._has_features_permute = False
         else:
@@ -547,10 +570,16 @@ class ShardedTTEmbeddingBagCollection(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
         if features.variable_stride_per_key():
-            raise ValueError(
-                "variable batch size per feature (VBE) is not supported by "
-                "ShardedTTEmbeddingBagCollection"
-            )
+            # VBE: the lookups pad the bags to one batch size (as the unsharded module does) and
+            # write TorchRec's VBE layout, which its variable-batch pooled all-to-all moves and
+            # its VBE awaitable lines up by the inverse indices (output_dist).
+            if features.inverse_indices_or_none() is None:
+                raise ValueError(
+                    "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
+                    "inverse_indices (as TorchRec's sharded EmbeddingBagCollection)"
+                )
+            ctx.variable_batch_per_feature = True
+            ctx.inverse_indices = features.inverse_indices()
         if self._has_uninitialized_input_dist:
             self._validate_features(features)
             self._create_input_dist(features.keys())
@@ -566,7 +595,7 @@ class ShardedTTEmbeddingBagCollection(
                 ctx.sharding_contexts.append(
                     EmbeddingShardingContext(
                         batch_size_per_feature_pre_a2a=features_by_shard.stride_per_key(),
-                        variable_batch_per_feature=False,
+                        variable_batch_per_feature=ctx.variable_batch_per_feature,
                     )
                 )
             return KJTListSplitsAwaitable(awaitables, ctx, self._module_fqn, self._sharding_types)
@@ -577,12 +606,43 @@ class ShardedTTEmbeddingBagCollection(
     def output_dist(
         self, ctx: EmbeddingBagCollectionContext, output: list[Tensor]
     ) -> LazyAwaitable[KeyedTensor]:
+        dists = self._output_dists
+        if ctx.variable_batch_per_feature:
+            # TorchRec's pooled dists pick VBE or not at their first call and keep it: VBE
+            # batches get dists of their own, made at the first one.
+            # (A plain list: their comms buffers stay out of the state dict, as the other
+            # dists' are.)
+            if self._vbe_output_dists is None:
+                self._vbe_output_dists = [
+                    sharding.create_output_dist(device=self._device)
+                    for sharding in self._embedding_shardings
+                ]
+            dists = self._vbe_output_dists
         awaitables = [
             dist_(embeddings, sharding_ctx)
-            for dist_, sharding_ctx, embeddings in zip(
-                self._output_dists, ctx.sharding_contexts, output
-            )
+            for dist_, sharding_ctx, embeddings in zip(dists, ctx.sharding_contexts, output)
         ]
+        if ctx.variable_batch_per_feature:
+            assert ctx.inverse_indices is not None  # checked in input_dist
+            # Rows of the inverse indices (KJT key order) for the output features (ours).
+            row_of = {name: i for i, name in enumerate(ctx.inverse_indices[0])}
+            rows = [row_of[f] for f in self._input_feature_names]
+            return VariableBatchEmbeddingBagCollectionAwaitable(
+                awaitables=awaitables,
+                inverse_indices=ctx.inverse_indices,
+                inverse_indices_permute_indices=torch.tensor(
+                    rows, device=ctx.inverse_indices[1].device
+                ),
+                batch_size_per_feature_pre_a2a=[
+                    b for sc in ctx.sharding_contexts for b in sc.batch_size_per_feature_pre_a2a
+                ],
+                uncombined_embedding_dims=self._uncombined_embedding_dims,
+                embedding_names=self._embedding_names,
+                embedding_dims=self._embedding_dims,
+                permute_op=self._vbe_permute,
+                module_fqn=self._module_fqn,
+                sharding_types=self._sharding_types,
+            )
         return EmbeddingBagCollectionAwaitable(
             awaitables=awaitables,
             embedding_dims=self._embedding_dims,

@@ -18,6 +18,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_tt.modules.embedding_bag import padded_vbe_offsets
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.shapes import TTShape
 from torchrec_tt.sharding.tt_shards import column_shard_core0_columns, column_shard_shape
@@ -331,6 +332,7 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         self._layout: TTBatchLayout | None = (
             TTBatchLayout.from_shapes(names, shapes, poolings, feature_table_map) if names else None
         )
+        self._feature_dims = self._layout.feature_dims() if self._layout is not None else []
         # Distinct parameters, in first-use order (the same on every rank for data_parallel, which
         # DistributedDataParallel checks); the op takes `cores` with repeats for shared cores.
         position: dict[int, int] = {}
@@ -372,28 +374,55 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             )
             for i, tensor in zip(self._replicated_index, shared):
                 params[i] = tensor
-        batch = sparse_features.stride()
+        # A VBE batch's output is flat (see below): an empty one is [0].
+        batch = sparse_features.stride() if not sparse_features.variable_stride_per_key() else 0
         if self._layout is None:
             if self._replicated_index:
                 # Tie the empty output to the shared cores so that this rank joins the sum.
                 anchor = params[self._replicated_index[0]]
-                return anchor.reshape(-1)[:0].reshape(batch, 0)
+                empty = anchor.reshape(-1)[:0]
+                vbe = sparse_features.variable_stride_per_key()
+                return empty if vbe else empty.reshape(batch, 0)
             first = next(iter(self.cores), None)
             device = first.device if first is not None else sparse_features.values().device
             dtype = first.dtype if first is not None else torch.float32
-            return torch.zeros(batch, 0, device=device, dtype=dtype, requires_grad=True)
+            shape = (0,) if sparse_features.variable_stride_per_key() else (batch, 0)
+            return torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
         cores = [params[i] for i in self._core_index]
         weights = None
         if self._is_weighted:
             weights = sparse_features.weights().to(cores[0].dtype)
-        return tt_embedding_bag(
+        if not sparse_features.variable_stride_per_key():
+            return tt_embedding_bag(
+                cores,
+                self._layout,
+                sparse_features.values(),
+                sparse_features.offsets(),
+                weights,
+                self.kernel_options,
+            )
+        # VBE: the bags padded to the largest batch for the op, then TorchRec's VBE layout: for
+        # each destination rank r, each feature's [B_{f,r}, D_f] rows flattened, one after another
+        # (what its variable-batch pooled all-to-all splits by rank, and, for one rank,
+        # VariableBatchEmbeddingBagCollectionAwaitable lines up by the inverse indices). The
+        # KJT holds feature f's bags rank after rank.
+        per_rank = sparse_features.stride_per_key_per_rank()
+        strides = [sum(s) for s in per_rank]
+        pooled = tt_embedding_bag(
             cores,
             self._layout,
             sparse_features.values(),
-            sparse_features.offsets(),
+            padded_vbe_offsets(sparse_features.lengths(), strides),
             weights,
             self.kernel_options,
         )
+        blocks = pooled.split(self._feature_dims, dim=1)
+        parts: list[Tensor] = []
+        for r in range(len(per_rank[0])):
+            for block, sizes in zip(blocks, per_rank):
+                start = sum(sizes[:r])
+                parts.append(block[start : start + sizes[r]].reshape(-1))
+        return torch.cat(parts)
 
 
 class TTLookupFactory:

@@ -221,11 +221,18 @@ def test_variable_batch_per_feature() -> None:
         ebc(bare)
 
 
-def test_sharder_refuses_shared_features() -> None:
-    # Difference: shared features work unsharded; the sharded collection refuses them.
-    from torchrec_tt.sharding.embeddingbag import _validate_plan
-
-    ebc = TTEmbeddingBagCollection(tables=[_tt("t1", 3, ["f1"]), _tt("t2", 4, ["f1", "f2"])],
-                                   device="meta")
-    with pytest.raises(ValueError, match=r"features \['f1'\] feed more than one TT table"):
-        _validate_plan(ebc, {}, 1)
+def test_variable_batch_with_shared_features_and_other_key_order() -> None:
+    # The KJT's keys in another order than the tables' and f1 in two tables: the module
+    # reorders (and repeats) the features before the lookup, and still lines the samples up by
+    # the KJT's inverse indices.
+    ebc = TTEmbeddingBagCollection(tables=[_tt("t1", 3, ["f1"]), _tt("t2", 4, ["f1", "f2"])])
+    keys = ["f2", "zz", "f1"]
+    vbe = KeyedJaggedTensor(keys=keys, values=torch.tensor([0, 1, 2, 3, 4, 5, 9]),
+                            lengths=torch.tensor([1, 2, 1, 1, 0, 2]),
+                            stride_per_key_per_rank=[[2], [1], [3]],
+                            inverse_indices=(keys, torch.tensor([[0, 1, 0], [0, 0, 0], [2, 1, 0]])))
+    pooled = ebc(vbe)
+    assert pooled.keys() == ["f1@t1", "f1@t2", "f2"]
+    assert pooled.values().shape == (3, 11)
+    _same(pooled, _dense_twin(ebc)(vbe))
+    _same(torch.jit.script(ebc)(vbe), pooled)

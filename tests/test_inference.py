@@ -198,22 +198,95 @@ def test_quantized_model_outputs_size_and_scripting() -> None:
     torch.testing.assert_close(q(dense, kjt), want, rtol=0, atol=1e-3)
 
 
-def test_torchrec_quantize_embeddings_warns_or_converts_tt_tables() -> None:
+def _tt_dlrm(seed: int = 0) -> DLRM:
+    """A DLRM whose sparse arch is a bare TT collection (both tables too big to materialise)."""
+    torch.manual_seed(seed)
+    tables = [
+        TTEmbeddingBagConfig(name="t_a", num_embeddings=150_000, embedding_dim=D,
+                             feature_names=["a"], tt_ranks=[8, 8]),
+        TTEmbeddingBagConfig(name="t_b", num_embeddings=200_000, embedding_dim=D,
+                             feature_names=["b", "c"], tt_ranks=[8, 8]),
+    ]
+    model = DLRM(embedding_bag_collection=TTEmbeddingBagCollection(tables), dense_in_features=3,
+                 dense_arch_layer_sizes=[8, D], over_arch_layer_sizes=[8, 1])
+    return model.eval()
+
+
+def _sparse(model: DLRM) -> torch.nn.Module:
+    return model.sparse_arch.embedding_bag_collection
+
+
+_LEFT_FLOAT = r"was left float32 by torch.ao.quantization"
+
+
+def test_torchrec_quantize_inference_model_quantizes_a_bare_tt_collection() -> None:
+    # TorchRec's inference entry point, no argument: TT's entry is in its DEFAULT_QUANT_MAPPING.
+    model = _tt_dlrm()
     dense, kjt = _inputs(4)
-    model = _dlrm()
-    trec_inference.quantize_embeddings(model, dtype=torch.qint8, inplace=True)
-    with pytest.warns(UserWarning, match=r"TT tables \['t_small', 't_big'\] are still float32"):
-        model(dense, kjt)
-    model = _dlrm()
     want = model(dense, kjt)
-    trec_inference.quantize_embeddings(
-        model, dtype=torch.qint8, inplace=True,
+    fp32_bytes = sum(c.numel() * 4 for c in _sparse(model).cores())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*" + _LEFT_FLOAT)
+        q = trec_inference.quantize_inference_model(copy.deepcopy(model))
+    tt = _sparse(q)
+    assert isinstance(tt, QuantTTEmbeddingBagCollection)
+    assert {n: (m["mode"], m["dtype"]) for n, m in tt.table_modes().items()} == {
+        "t_a": ("cores", torch.uint8), "t_b": ("cores", torch.uint8)}  # its default: int8
+    assert tt.size_bytes() <= 0.3 * fp32_bytes
+    got = q(dense, kjt)
+    # Within the quantization error: the float model on the dequantized cores gives the same
+    # logits (the quantized cores are within half a step of the float ones, tested above) ...
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, table in tt.tt.tables.items():
+            cores = _sparse(rounded).embedding_bags[name].cores()
+            for core, deq in zip(cores, table.dequantized()):
+                core.copy_(deq)
+    torch.testing.assert_close(got, rounded(dense, kjt), rtol=0, atol=1e-6)
+    # ... and they stay near the float model's.
+    assert not torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+    # TorchRec's quantize_embeddings given TT's mapping takes the same path.
+    q2 = trec_inference.quantize_embeddings(
+        copy.deepcopy(model), dtype=torch.qint8, inplace=True,
         additional_qconfig_spec_keys=[TTEmbeddingBagCollection],
         additional_mapping={TTEmbeddingBagCollection: QuantTTEmbeddingBagCollection})
-    assert isinstance(_tt_of(model), QuantTTEmbeddingBagCollection)
+    assert isinstance(_sparse(q2), QuantTTEmbeddingBagCollection)
+    assert torch.equal(q2(dense, kjt), got)
+    # A hybrid collection: both children quantized.
+    hybrid = trec_inference.quantize_inference_model(_dlrm().eval())
+    assert isinstance(_sparse(hybrid).ebc, QuantEBC)
+    assert isinstance(_sparse(hybrid).tt, QuantTTEmbeddingBagCollection)
+
+
+def test_torchrec_quantize_embeddings_without_tt_mapping_warns() -> None:
+    dense, kjt = _inputs(4)
+    model = _tt_dlrm()
+    want = model(dense, kjt)
+    with pytest.warns(UserWarning, match=r"TTEmbeddingBagCollection \(TT tables \['t_a', 't_b'\]\) "
+                      + _LEFT_FLOAT + r".*not in the qconfig_spec.*torchrec_tt\.inference\."
+                      r"quantize_embeddings"):
+        trec_inference.quantize_embeddings(model, dtype=torch.qint8, inplace=True)
+    assert type(_sparse(model)) is TTEmbeddingBagCollection
+    assert not hasattr(_sparse(model), "qconfig")
+    assert torch.equal(model(dense, kjt), want)
+    # The root module is never swapped by torch.ao's convert, mapping or not.
+    root = _tt_dlrm().sparse_arch.embedding_bag_collection
+    with pytest.warns(UserWarning, match=r"had a qconfig but was not swapped .*root module"):
+        trec_inference.quantize_embeddings(
+            root, dtype=torch.qint8, inplace=True,
+            additional_qconfig_spec_keys=[TTEmbeddingBagCollection],
+            additional_mapping={TTEmbeddingBagCollection: QuantTTEmbeddingBagCollection})
+    # In a hybrid collection the plain child is quantized and the TT child warns, once.
+    model = _dlrm()
+    left = r"TT tables \['t_small', 't_big'\]\) " + _LEFT_FLOAT
+    with pytest.warns(UserWarning, match=left) as rec:
+        trec_inference.quantize_embeddings(model, dtype=torch.qint8, inplace=True)
+    assert sum(_LEFT_FLOAT in str(w.message) for w in rec) == 1
+    assert isinstance(model.sparse_arch.embedding_bag_collection.ebc, QuantEBC)
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*still float32")
-        torch.testing.assert_close(model(dense, kjt), want, rtol=0, atol=2e-2)
+        warnings.filterwarnings("error", message=".*float32")
+        model(dense, _inputs(4)[1])
 
 
 def test_quantize_rejects_bad_arguments() -> None:

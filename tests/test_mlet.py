@@ -226,6 +226,50 @@ def test_hybrid_routes_mlet_tables_and_collapses() -> None:
     assert_same_pooled(traced(features), hybrid(features), keys)
 
 
+def test_hybrid_with_mlet_scripts_and_exports() -> None:
+    # TorchRec's inference path with an MLET child: TorchScript (direct and after torchrec.fx,
+    # saved and loaded) and torch.export give the eager outputs. Two (k, d) groups of projections
+    # and plain + TT wide tables.
+    import io
+
+    from torchrec_tt.inference import kjt_dynamic_shapes
+
+    torch.manual_seed(6)
+    plain = EmbeddingBagConfig(name="p", num_embeddings=5, embedding_dim=4, feature_names=["other"])
+    hybrid = HybridEmbeddingBagCollection([PLAIN[0], plain, TT[0], PLAIN[1], TT[1]])
+    hybrid.eval()
+    keys = ["fa", "fa2", "other", "fc", "fb", "fe"]
+    features = kjt(["fe", "fb", "fa", "other", "fa2", "fc", "ft"], seed=7)  # "ft": ignored
+    want = hybrid(features)
+    mlet = hybrid.mlet
+    assert mlet is not None
+    assert_same_pooled(torch.jit.script(mlet)(features), mlet(features),
+                       ["fa", "fa2", "fc", "fb", "fe"])
+    for module in (hybrid, symbolic_trace(hybrid)):
+        buf = io.BytesIO()
+        torch.jit.save(torch.jit.script(module), buf)
+        buf.seek(0)
+        scripted = torch.jit.load(buf)
+        assert_same_pooled(scripted(features), want, keys)
+    program = torch.export.export(hybrid, (features,), strict=False,
+                                  dynamic_shapes=(kjt_dynamic_shapes(features),))
+    other = kjt(["fe", "fb", "fa", "other", "fa2", "fc", "ft"], seed=8, batch=5)
+    assert_same_pooled(program.module()(other), hybrid(other), keys)
+    # TorchRec's quantize_inference_model quantizes the wide tables (plain and TT) in place;
+    # the quantized model scripts after torchrec.fx with its eager outputs.
+    import torchrec.inference.modules as trec_inference
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+
+    from torchrec_tt.inference import QuantTTEmbeddingBagCollection
+
+    quantized = trec_inference.quantize_inference_model(copy.deepcopy(hybrid))
+    assert isinstance(quantized.mlet.ebc, QuantEBC)
+    assert isinstance(quantized.mlet.tt, QuantTTEmbeddingBagCollection)
+    got = quantized(features)
+    assert_same_pooled(got, want, keys, atol=0.05 * float(want.values().abs().max()))
+    assert_same_pooled(torch.jit.script(symbolic_trace(quantized))(features), got, keys)
+
+
 def test_config_swap_keeps_mlet() -> None:
     tables = [EmbeddingBagConfig(name=f"t{i}", num_embeddings=n, embedding_dim=8,
                                  feature_names=[f"f{i}"]) for i, n in enumerate([1000, 10, 500])]

@@ -19,6 +19,7 @@ from torchrec_tt.modules.tt_node_embedding import TTNodeEmbedding
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.shapes import TTShape, make_tt_shape
 from torchrec_tt.version import __version__
+from torchrec_tt import inference  # noqa: F401  (TT's entry in TorchRec's DEFAULT_QUANT_MAPPING)
 
 __all__ = [
     "MLETEmbeddingBagCollection",

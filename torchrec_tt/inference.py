@@ -22,15 +22,24 @@ plain tables through TorchRec, and each ``TTEmbeddingBagCollection`` into a
 ``per_table_mode`` forces a table to ``"dense"`` or ``"cores"``. The per-table choice, bytes
 and core dtype are in ``QuantTTEmbeddingBagCollection.table_modes()`` / ``size_bytes()``.
 
-TorchRec's own ``quantize_embeddings`` takes the TT module too, with the default rule::
+TorchRec's own entry points:
+
+* ``torchrec.inference.modules.quantize_inference_model(model)`` quantizes TT collections
+  through :class:`QuantTTEmbeddingBagCollection` (default rule): importing ``torchrec_tt`` adds
+  TT's entry (:data:`QUANT_MAPPING`) to TorchRec's ``DEFAULT_QUANT_MAPPING``, the module-type
+  mapping that function swaps by. A ``quantization_mapping=`` of one's own takes it with
+  ``{**mine, **QUANT_MAPPING}``.
+* ``torchrec.inference.modules.quantize_embeddings`` builds its module mapping inside the call
+  (TorchRec's EBC only), so it converts TT collections only when told::
 
     torchrec.inference.modules.quantize_embeddings(
         model, dtype=torch.qint8, inplace=True,
         additional_qconfig_spec_keys=[TTEmbeddingBagCollection],
         additional_mapping={TTEmbeddingBagCollection: QuantTTEmbeddingBagCollection})
 
-Called without them it leaves TT tables in fp32; ``HybridEmbeddingBagCollection`` then warns
-(naming the tables) when it runs or is traced with a quantized plain child and float TT tables.
+  Without them (or when the TT collection is the root module, which torch.ao's convert never
+  swaps) every TT collection it leaves float32 warns, naming its tables and these fixes.
+
 The quantized modules script after ``torchrec.fx.symbolic_trace`` (as TorchRec's quantized EBC
 needs) and export.
 """
@@ -42,6 +51,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from fbgemm_gpu.split_table_batched_embeddings_ops_inference import rounded_row_size_in_bytes
 from torch import Tensor, nn
+from torchrec.inference.modules import DEFAULT_QUANT_MAPPING
 from torchrec.inference.modules import quantize_embeddings as _torchrec_quantize_embeddings
 from torchrec.modules.embedding_configs import (
     EmbeddingBagConfig,
@@ -69,6 +79,7 @@ torch.fx.wrap("_merge_pooled")
 
 __all__ = [
     "DEFAULT_MATERIALIZE_MAX_BYTES",
+    "QUANT_MAPPING",
     "QuantTTEmbeddingBagCollection",
     "kjt_dynamic_shapes",
     "quantize_embeddings",
@@ -348,6 +359,18 @@ class QuantTTEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             dense, tt, None, self._dense_keys, self._dense_names, self._tt_keys, self._tt_names,
             [], [], self._embedding_names,
         )
+
+
+#: TT's entry of TorchRec's ``quantize_inference_model`` mapping (module typename -> quantized
+#: type, the form ``torchrec.inference.modules.DEFAULT_QUANT_MAPPING`` has).
+QUANT_MAPPING: Dict[str, type] = {
+    torch.typename(TTEmbeddingBagCollection): QuantTTEmbeddingBagCollection,
+}
+# quantize_inference_model reads DEFAULT_QUANT_MAPPING at each call (when not given a mapping),
+# so with TT's entry TorchRec's inference path quantizes TT collections as it does its EBCs; the
+# key is our type's name, so no other module is affected.
+for _name, _quant in QUANT_MAPPING.items():
+    DEFAULT_QUANT_MAPPING.setdefault(_name, _quant)
 
 
 @torch.no_grad()

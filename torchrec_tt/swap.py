@@ -39,7 +39,6 @@ from torchrec.modules.embedding_modules import (
     EmbeddingBagCollectionInterface,
     get_embedding_names_by_table,
 )
-from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_tt.configs import TTEmbeddingBagConfig, TTInit
@@ -405,9 +404,9 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``TrainPipelineSparseDist`` pipelines both sharded children, and the unsharded module scripts
     (``torch.jit.script``, also after the trace) and exports. A feature may feed several tables,
     in either child (output keys ``feature@table``, TorchRec's naming). After
-    ``torchrec_tt.inference.quantize_embeddings`` the children are quantized; after TorchRec's own
-    ``quantize_embeddings`` only the plain one is, and ``forward`` warns naming the float TT
-    tables.
+    ``torchrec_tt.inference.quantize_embeddings`` or TorchRec's ``quantize_inference_model`` the
+    children are quantized; TorchRec's ``quantize_embeddings`` without TT's mapping quantizes the
+    plain one only, and the TT child warns then, naming its tables.
 
     Args:
         tables: the configs, e.g. from :func:`swap_configs`.
@@ -416,6 +415,16 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         tt_fused_params: ``fused_params`` of the TT collection (its fused optimizer; the TT
             sharder keeps it when the collection is sharded).
     """
+
+    # Each child's output keys and their names here, empty for an absent child: TorchScript
+    # types an empty list attribute from the class annotations.
+    _plain_keys: List[str]
+    _plain_names: List[str]
+    _tt_keys: List[str]
+    _tt_names: List[str]
+    _mlet_keys: List[str]
+    _mlet_names: List[str]
+    _embedding_names: List[str]
 
     def __init__(
         self,
@@ -467,7 +476,6 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         global_names = dict(zip(names, get_embedding_names_by_table(tables)))
         self._embedding_names = [n for t in tables for n in global_names[t.name]]
         self._plain_keys, self._plain_names = _child_names(plain_tables, global_names)
-        self._warned_float_tt = False
         self._tt_keys, self._tt_names = _child_names(tt_tables, global_names)
         self._mlet_keys, self._mlet_names = _child_names(mlet_tables, global_names)
 
@@ -481,8 +489,6 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled embeddings of every feature, keys in table order."""
-        if not torch.jit.is_scripting():
-            self._warn_float_tt_beside_quantized()
         plain: Optional[KeyedTensor] = None
         tt: Optional[KeyedTensor] = None
         mlet: Optional[KeyedTensor] = None
@@ -496,23 +502,6 @@ class HybridEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             plain, tt, mlet, self._plain_keys, self._plain_names, self._tt_keys, self._tt_names,
             self._mlet_keys, self._mlet_names, self._embedding_names,
         )
-
-    def _warn_float_tt_beside_quantized(self) -> None:
-        # TorchRec's quantize_embeddings swaps the plain child and does not know TT tables.
-        if (
-            not self._warned_float_tt
-            and isinstance(self.ebc, QuantEmbeddingBagCollection)
-            and isinstance(self.tt, TTEmbeddingBagCollection)
-        ):
-            self._warned_float_tt = True
-            warnings.warn(
-                f"HybridEmbeddingBagCollection: the plain tables are quantized but the TT tables "
-                f"{self.tt_table_names()} are still float32 (torchrec's quantize_embeddings does "
-                "not know TT tables); use torchrec_tt.inference.quantize_embeddings, or pass "
-                "additional_qconfig_spec_keys=[TTEmbeddingBagCollection] and additional_mapping="
-                "{TTEmbeddingBagCollection: torchrec_tt.inference.QuantTTEmbeddingBagCollection}",
-                stacklevel=3,
-            )
 
     # --- accounting -------------------------------------------------------------------------
 

@@ -56,6 +56,17 @@ def _as_kjt(features: Any) -> KeyedJaggedTensor:
     )
 
 
+def padded_vbe_offsets(lengths: Tensor, strides: List[int]) -> Tensor:
+    """Offsets of a variable-batch (VBE) KJT's bags with each feature's ``strides[f]`` bags padded
+    by empty ones to the largest stride: the one batch size the TT op takes. Its output rows
+    ``b >= strides[f]`` of feature ``f`` are then zero padding."""
+    widest = max(strides)
+    padded: List[Tensor] = []
+    for seg, stride in zip(torch.split(lengths, strides), strides):
+        padded.append(torch.nn.functional.pad(seg, [0, widest - stride]))
+    return torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(padded))
+
+
 @torch.fx.wrap
 def _lookup_inputs(
     features: KeyedJaggedTensor,
@@ -74,6 +85,9 @@ def _lookup_inputs(
     if not torch.jit.is_scripting():
         features = _as_kjt(features)
     keys = features.keys()
+    # (Read before the permute below, which drops them; _expand_inverse_indices reads them
+    # from the caller's KJT.)
+    has_inverse = features.inverse_indices_or_none() is not None
     if keys != feature_names:
         index: Dict[str, int] = {}
         duplicated: List[str] = []
@@ -103,17 +117,12 @@ def _lookup_inputs(
         # VBE: feature f has its own batch size B_f. Its bags are padded with empty ones to the
         # largest B_f, so the op sees one batch size; _expand_inverse_indices then picks each
         # sample's row through the KJT's inverse indices, as TorchRec's EBC does.
-        if features.inverse_indices_or_none() is None:
+        if not has_inverse:
             raise ValueError(
                 "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
                 "inverse_indices (as TorchRec's EmbeddingBagCollection)"
             )
-        strides = features.stride_per_key()
-        widest = max(strides)
-        padded: List[Tensor] = []
-        for seg, stride in zip(torch.split(features.lengths(), strides), strides):
-            padded.append(torch.nn.functional.pad(seg, [0, widest - stride]))
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(padded))
+        offsets = padded_vbe_offsets(features.lengths(), features.stride_per_key())
     values = features.values()
     if values.device != core.device:
         raise ValueError(
@@ -160,6 +169,28 @@ def _unique(names: List[str]) -> List[str]:
         if n not in out:
             out.append(n)
     return out
+
+
+def warn_left_float(module: str, tables: List[str], qconfig: Any) -> None:
+    """Warns that torch.ao.quantization's convert left a TT collection float32 (see
+    ``TTEmbeddingBagCollection.qconfig``): ``qconfig`` is what the pass had set on it."""
+    why = (
+        "its type is not in the qconfig_spec (TorchRec's quantize_embeddings knows only "
+        "torchrec's EmbeddingBagCollection)"
+        if qconfig is None
+        else "it had a qconfig but was not swapped (the mapping has no entry for its type, or it "
+        "is the root module: convert swaps submodules only)"
+    )
+    warnings.warn(
+        f"{module} (TT tables {tables}) was left float32 by torch.ao.quantization's convert "
+        f"(which torchrec.inference.modules.quantize_embeddings runs): {why}. To quantize TT "
+        "tables, call torchrec_tt.inference.quantize_embeddings (TorchRec's arguments) or "
+        "torchrec.inference.modules.quantize_inference_model, or pass "
+        "additional_qconfig_spec_keys=[TTEmbeddingBagCollection] and additional_mapping="
+        "{TTEmbeddingBagCollection: torchrec_tt.inference.QuantTTEmbeddingBagCollection} to "
+        "TorchRec's quantize_embeddings",
+        stacklevel=3,
+    )
 
 
 #: DistributedDataParallel objects -> ids of the TT modules already checked inside them.
@@ -306,7 +337,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     order, ``feature@table`` for a feature shared by several tables, as TorchRec names them;
     values ``[B, sum of D]``) out; per-sample weights are used when ``is_weighted``.
     Variable batch per feature (VBE) works as in TorchRec's EBC: the KJT's inverse indices give
-    each sample's row (unsharded; the sharded collection refuses VBE).
+    each sample's row (sharded too).
 
     Inference: the module scripts (``torch.jit.script``, also after ``torchrec.fx.symbolic_trace``)
     and exports (``torch.export``); ``torchrec_tt.inference`` quantizes it.
@@ -430,7 +461,7 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         self.reset_parameters()
 
     # TorchScript compiles a module's properties; these are Python-side only.
-    __jit_unused_properties__ = ["device", "kernel_options", "fused_optimizer"]
+    __jit_unused_properties__ = ["device", "kernel_options", "fused_optimizer", "qconfig"]
     # Python-side only (the cache's statistics dataclasses cannot be scripted).
     __jit_ignored_attributes__ = ["last_cache_refresh"]
 
@@ -438,6 +469,26 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
     def device(self) -> torch.device:
         """Where the cores are (follows ``.to()``), as TorchRec's ``EmbeddingBagCollection.device``."""
         return next(iter(self.embedding_bags.values())).core_0.device
+
+    # torch.ao.quantization's eager passes (TorchRec's quantize_embeddings runs
+    # quantize_dynamic) set ``qconfig`` on every module they visit and, at the end of convert,
+    # delete it from every module they did not swap: a TT collection reached by that delete was
+    # left float32, which TorchRec's function would do silently. A property sees the delete.
+    @property
+    def qconfig(self) -> Any:
+        """The quantization config torch.ao.quantization set (absent unless a pass set one)."""
+        if "_tt_qconfig" not in self.__dict__:
+            raise AttributeError("qconfig")  # hasattr() False, as on any module
+        return self.__dict__["_tt_qconfig"]
+
+    @qconfig.setter
+    def qconfig(self, value: Any) -> None:
+        self.__dict__["_tt_qconfig"] = value
+
+    @qconfig.deleter
+    def qconfig(self) -> None:
+        qconfig = self.__dict__.pop("_tt_qconfig", None)
+        warn_left_float(type(self).__name__, [c.name for c in self._embedding_bag_configs], qconfig)
 
     @property
     def kernel_options(self) -> TTKernelOptions:

@@ -29,12 +29,13 @@ Initialisation and learning rates (defaults):
   back to the plain table's, and the DLRM trainer applies it by default.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.fx copies forward's annotations into traced
+# code and TorchScript must resolve them (the hybrid collection scripts with an MLET child).
 import dataclasses
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -144,20 +145,22 @@ class MLETProjection(nn.Module):
 
 @torch.fx.wrap
 def _project_pooled(
-    plain: KeyedTensor | None,
-    tt: KeyedTensor | None,
-    weights: list[Tensor],
-    groups: list[tuple[list[str], list[int]]],
-    keys: list[str],
-    dims: list[int],
+    plain: Optional[KeyedTensor],
+    tt: Optional[KeyedTensor],
+    weights: List[Tensor],
+    groups: List[Tuple[List[str], List[int]]],
+    keys: List[str],
+    dims: List[int],
 ) -> KeyedTensor:
     """Applies each table's projection to its features' pooled ``[B, k]`` embeddings, one
-    batched matmul per group of tables with the same ``(k, d)``; keys in table order."""
-    pooled: dict[str, Tensor] = {}
-    for kt in (plain, tt):
-        if kt is not None:
-            pooled.update(kt.to_dict())
-    projected: list[Tensor] = []
+    batched matmul per group of tables with the same ``(k, d)``; keys in table order. Written
+    in the TorchScript subset (scripted models call it)."""
+    pooled: Dict[str, Tensor] = {}
+    if plain is not None:
+        pooled.update(plain.to_dict())
+    if tt is not None:
+        pooled.update(tt.to_dict())
+    projected: List[Tensor] = []
     for feats, widx in groups:
         x = torch.stack([pooled[f] for f in feats])  # [G, B, k]
         w = torch.stack([weights[i] for i in widx])  # [G, d, k]
@@ -168,9 +171,10 @@ def _project_pooled(
         y = projected[0]
         return KeyedTensor(keys=keys, length_per_key=dims,
                            values=y.transpose(0, 1).reshape(y.shape[1], -1))
-    out: dict[str, Tensor] = {}
-    for (feats, _), y in zip(groups, projected):
-        out.update(zip(feats, y.unbind(0)))
+    out: Dict[str, Tensor] = {}
+    for group, y in zip(groups, projected):
+        for f, block in zip(group[0], y.unbind(0)):
+            out[f] = block
     return KeyedTensor.from_tensor_list(keys, [out[k] for k in keys])
 
 
@@ -232,10 +236,10 @@ class MLETEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._is_weighted = is_weighted
         plain = [inner_config(t) for t in tables if not isinstance(t, TTEmbeddingBagConfig)]
         tt = [inner_config(t) for t in tables if isinstance(t, TTEmbeddingBagConfig)]
-        self.ebc: EmbeddingBagCollection | None = (
+        self.ebc: Optional[EmbeddingBagCollection] = (
             EmbeddingBagCollection(plain, is_weighted=is_weighted, device=dev) if plain else None
         )
-        self.tt: TTEmbeddingBagCollection | None = (
+        self.tt: Optional[TTEmbeddingBagCollection] = (
             TTEmbeddingBagCollection(tt, is_weighted=is_weighted, device=dev,  # type: ignore[arg-type]
                                      fused_params=tt_fused_params)
             if tt else None
@@ -265,14 +269,21 @@ class MLETEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def is_weighted(self) -> bool:
         return self._is_weighted
 
+    # TorchScript compiles a module's properties; this one is Python-side only.
+    __jit_unused_properties__ = ["device"]
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.projections.values())).weight.device
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pooled ``d``-wide embeddings of every feature, keys in table order."""
-        plain = self.ebc(features) if self.ebc is not None else None
-        tt = self.tt(features) if self.tt is not None else None
+        plain: Optional[KeyedTensor] = None
+        tt: Optional[KeyedTensor] = None
+        if self.ebc is not None:
+            plain = self.ebc(features)
+        if self.tt is not None:
+            tt = self.tt(features)
         weights = [p.weight for p in self.projections.values()]
         return _project_pooled(plain, tt, weights, self._groups, self._feature_names, self._dims)
 
