@@ -1,0 +1,162 @@
+"""Host cost of one DLRM training step: the trainer's model (examples/dlrm/train.py ``build()``),
+TT vs uncompressed, counted in aten ops, Python calls and host milliseconds.
+
+    nice python bench/bench_step_host.py [--device cpu|cuda] [--batch-size 64] [--scale 0.05]
+        [--steps 30] [--tt-cores 2] [--top 15]
+
+On a GPU both models are bound by host time at B=8,192 (docs/benchmarks.md, "One-GPU step
+time"), so what the host does per step is what to cut. On the CPU at a tiny batch the kernels cost
+little and the step is a proxy of that host work: the op counts are the same as on a GPU (the same
+Python runs the same dispatches; a CUDA step adds only the launches), the times are not. Per
+model it prints ops per step (torch.profiler, every dispatched op counted once, nested ones
+included, and the top-level ``aten::`` ops the Python called), Python function calls per step
+(cProfile), the median host ms per step over ``--steps`` timed steps (no profiler attached), and
+the top ops by self CPU time and Python functions by own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples" / "dlrm"))
+sys.path.insert(0, str(ROOT))  # this checkout's torchrec_tt, not an installed one
+
+import train  # noqa: E402  (examples/dlrm/train.py)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args: argparse.Namespace, tt: bool, device: torch.device,
+            pg: dist.ProcessGroup) -> dict[str, Any]:
+    argv = ["--device", device.type, "--nproc", "1", "--batch_size", str(args.batch_size),
+            "--scale", str(args.scale), "--embedding_dim", str(args.embedding_dim)]
+    if tt:
+        argv += ["--tt_cores", str(args.tt_cores)]
+    targs = train.parse_args(argv)
+    data = train.load_data(targs, 0, device)
+    dmp, optimizer, _ = train.build(targs, data, tt, device, pg)
+    it = data.train_batches(targs, 0, 1, 0)
+    batches = [next(it).to(device) for _ in range(4)]
+    dmp.train()
+
+    def step(i: int) -> None:
+        optimizer.zero_grad()
+        loss, _ = dmp(batches[i % len(batches)])
+        loss.backward()
+        optimizer.step()
+
+    for i in range(5):
+        step(i)
+    _sync(device)
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        step(i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+
+    n_prof = 5
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(n_prof):
+            step(i)
+        _sync(device)
+    events = prof.events()
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    # Top-level ops: no CPU parent that is itself an op (Python-called and autograd-engine
+    # dispatches), i.e. what the host asked for, not what those ops call inside.
+    top = [e for e in ops if e.cpu_parent is None]
+    launches = sum(1 for e in ops if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                 "cudaLaunchKernelExC", "cudaMemcpyAsync"))
+    averages = prof.key_averages()
+    top_ops = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[: args.top]
+
+    cp = cProfile.Profile()
+    cp.enable()
+    for i in range(n_prof):
+        step(i)
+    _sync(device)
+    cp.disable()
+    stats = pstats.Stats(cp)
+    calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+    funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.top]  # type: ignore[attr-defined]
+    del dmp, optimizer, batches
+    return {
+        "name": f"TT {args.tt_cores}-core" if tt else "uncompressed",
+        "ops": len(ops) / n_prof,
+        "aten": sum(1 for e in ops if e.name.startswith("aten::")) / n_prof,
+        "top_level": len(top) / n_prof,
+        "launches": launches / n_prof,
+        "py_calls": calls / n_prof,
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "top_ops": [(a.key, a.count / n_prof, a.self_cpu_time_total / n_prof / 1e3)
+                    for a in top_ops],
+        "top_funcs": [(f"{Path(k[0]).name}:{k[1]}({k[2]})", v[1] / n_prof, v[2] / n_prof * 1e3)
+                      for k, v in funcs],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--scale", type=float, default=0.05,
+                    help="table sizes relative to Kaggle (the op counts do not depend on it; "
+                    "on a GPU use 1.0 for the trainer's model)")
+    ap.add_argument("--embedding-dim", type=int, default=16)
+    ap.add_argument("--tt-cores", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--models", nargs="+", choices=("tt", "uncompressed"),
+                    default=["uncompressed", "tt"])
+    a = ap.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29541")
+    device = torch.device(a.device, 0) if a.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    torch.set_num_threads(1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {device}  torch {torch.__version__}  batch {a.batch_size}  scale {a.scale}  "
+          f"1 intra-op thread  load average {load:.1f}")
+    results = [measure(a, m == "tt", device, dist.group.WORLD) for m in a.models]
+    print("\n| model | ops/step | aten ops/step | top-level ops/step | launches+memcpy/step | "
+          "Python calls/step | host ms/step (median) | min |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['name']} | {r['ops']:.0f} | {r['aten']:.0f} | {r['top_level']:.0f} | "
+              f"{r['launches']:.0f} | {r['py_calls']:.0f} | {r['ms']:.2f} | {r['ms_min']:.2f} |")
+    for r in results:
+        print(f"\n== {r['name']}: top {a.top} ops by self CPU time (per step)")
+        print("| op | calls/step | self ms/step |\n|---|---|---|")
+        for name, count, ms in r["top_ops"]:
+            print(f"| {name} | {count:.0f} | {ms:.3f} |")
+        print(f"\n== {r['name']}: top {a.top} Python functions by own time (cProfile, per step)")
+        print("| function | calls/step | own ms/step |\n|---|---|---|")
+        for name, count, ms in r["top_funcs"]:
+            print(f"| {name} | {count:.0f} | {ms:.3f} |")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
