@@ -6,17 +6,23 @@ TT vs uncompressed, counted in aten ops, Python calls and host milliseconds.
 
 On a GPU both models are bound by host time at B=8,192 (docs/benchmarks.md, "One-GPU step
 time"), so what the host does per step is what to cut. On the CPU at a tiny batch the kernels cost
-little and the step is a proxy of that host work: the op counts are the same as on a GPU (the same
-Python runs the same dispatches; a CUDA step adds only the launches), the times are not. Per
-model it prints ops per step (torch.profiler, every dispatched op counted once, nested ones
-included, and the top-level ``aten::`` ops the Python called), Python function calls per step
-(cProfile), the median host ms per step over ``--steps`` timed steps (no profiler attached), and
-the top ops by self CPU time and Python functions by own time.
+little and the step is a proxy of that host work: the same Python runs the same dispatches, except
+where a library picks a CPU path (``torch.optim.Adagrad`` runs tensor by tensor on the CPU, with
+``foreach`` on CUDA; FBGEMM's CPU TBE; foreach ops run tensor by tensor underneath). Per model:
+
+* ops/step: every op the profiler records (nested ones included), and the aten ops among them;
+* dispatched ops/step: ops as Python and the autograd engine dispatch them (a foreach op counts
+  once, as on a GPU, where it is a launch or a few): the closest count to the GPU's launches;
+* Python calls/step (cProfile) and the median host ms per step over ``--steps`` timed steps (no
+  profiler attached; on a shared machine a noisy number, unlike the counts);
+* the dispatched-op difference between the models, and the top ops by self CPU time and Python
+  functions by own time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import os
 import pstats
@@ -28,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "dlrm"))
@@ -80,13 +87,24 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         _sync(device)
     events = prof.events()
     ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
-    # Top-level ops: no CPU parent that is itself an op (Python-called and autograd-engine
-    # dispatches), i.e. what the host asked for, not what those ops call inside.
-    top = [e for e in ops if e.cpu_parent is None]
     launches = sum(1 for e in ops if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
                                                  "cudaLaunchKernelExC", "cudaMemcpyAsync"))
     averages = prof.key_averages()
     top_ops = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[: args.top]
+
+    # Ops as dispatched by Python and the autograd engine (a foreach op counts once, as on a GPU,
+    # where it is one launch per chunk; on the CPU it runs tensor by tensor underneath).
+    dispatched: collections.Counter[str] = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            dispatched[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        for i in range(n_prof):
+            step(i)
+        _sync(device)
 
     cp = cProfile.Profile()
     cp.enable()
@@ -102,7 +120,8 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         "name": f"TT {args.tt_cores}-core" if tt else "uncompressed",
         "ops": len(ops) / n_prof,
         "aten": sum(1 for e in ops if e.name.startswith("aten::")) / n_prof,
-        "top_level": len(top) / n_prof,
+        "dispatched": sum(dispatched.values()) / n_prof,
+        "dispatched_by_op": {k: v / n_prof for k, v in dispatched.items()},
         "launches": launches / n_prof,
         "py_calls": calls / n_prof,
         "ms": statistics.median(times),
@@ -140,12 +159,21 @@ def main() -> None:
     print(f"device {device}  torch {torch.__version__}  batch {a.batch_size}  scale {a.scale}  "
           f"1 intra-op thread  load average {load:.1f}")
     results = [measure(a, m == "tt", device, dist.group.WORLD) for m in a.models]
-    print("\n| model | ops/step | aten ops/step | top-level ops/step | launches+memcpy/step | "
+    print("\n| model | ops/step | aten ops/step | dispatched ops/step | launches+memcpy/step | "
           "Python calls/step | host ms/step (median) | min |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r['ops']:.0f} | {r['aten']:.0f} | {r['top_level']:.0f} | "
+        print(f"| {r['name']} | {r['ops']:.0f} | {r['aten']:.0f} | {r['dispatched']:.0f} | "
               f"{r['launches']:.0f} | {r['py_calls']:.0f} | {r['ms']:.2f} | {r['ms_min']:.2f} |")
+    if len(results) == 2:  # where the two models' dispatches differ
+        a_, b_ = results[0]["dispatched_by_op"], results[1]["dispatched_by_op"]
+        diff = sorted(((b_.get(k, 0) - a_.get(k, 0), k) for k in set(a_) | set(b_)), reverse=True)
+        print(f"\n== dispatched ops per step, {results[1]['name']} minus {results[0]['name']} "
+              f"(ops that differ by >= 1)")
+        print(f"| op | {results[0]['name']} | {results[1]['name']} | difference |\n|---|---|---|---|")
+        for d, k in diff:
+            if abs(d) >= 1:
+                print(f"| {k} | {a_.get(k, 0):.0f} | {b_.get(k, 0):.0f} | {d:+.0f} |")
     for r in results:
         print(f"\n== {r['name']}: top {a.top} ops by self CPU time (per step)")
         print("| op | calls/step | self ms/step |\n|---|---|---|")

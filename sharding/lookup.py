@@ -362,7 +362,9 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                     f"{sparse_features.keys()}"
                 )
             self._checked_keys = True
-        params: list[Tensor] = list(self.cores)
+        # The ParameterList's own dict, in index order: list(self.cores) costs a Python
+        # __getitem__ per core every step.
+        params: list[Tensor] = list(self.cores._parameters.values())  # type: ignore[arg-type]
         if self._fused_update is not None:
             if params:
                 params = list(_FusedUpdateInBackward.apply(self._fused_update, *params))
