@@ -314,11 +314,16 @@ class TTFusedUpdate:
 
     @torch.no_grad()
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        # Every table's learning rate is checked before anything is reduced or updated.
-        lrs = {
-            table.name: read_lr(self._fused[table.name].group, f"fused optimizer of TT table {table.name!r}")
-            for table in self._tables
-        }
+        # Every table's learning rate is checked before anything is reduced or updated, once
+        # per param group (tables of one config share theirs).
+        lrs: dict[str, float] = {}
+        lr_of_group: dict[int, float] = {}
+        for table in self._tables:
+            group = self._fused[table.name].group
+            lr = lr_of_group.get(id(group))
+            if lr is None:
+                lr = lr_of_group[id(group)] = read_lr(group, f"fused optimizer of TT table {table.name!r}")
+            lrs[table.name] = lr
         grad_of = {id(p): g for p, g in zip(params, grads)}
         # Each table's whole cores, looked up once per call (the helpers below need them several
         # times a table, and TTLocalTable builds the list by module attribute lookups).

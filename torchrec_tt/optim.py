@@ -214,8 +214,14 @@ def zero_grad_is_no_op(cfg: FusedOptimConfig) -> bool:
 
 def zeroed_unless(ok: Tensor, grad: Tensor) -> Tensor:
     """``grad`` where the 0-dim bool ``ok`` is true, zeros (NaN and inf included) where not."""
-    # A Python 0.0 is a wrapped scalar: grad's dtype, and no tensor of zeros made per call.
-    return torch.where(ok, grad, 0.0)
+    key = (grad.dtype, grad.device)
+    zero = _ZEROS.get(key)
+    if zero is None:  # made once: a new 0-dim zero per call is an op (a fill launch on a GPU)
+        zero = _ZEROS[key] = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    return torch.where(ok, grad, zero)
+
+
+_ZEROS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
 def count_if_not(count: Tensor | int, ok: Tensor) -> Tensor:
