@@ -56,7 +56,8 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         argv += ["--tt_cores", str(args.tt_cores)]
     targs = train.parse_args(argv)
     data = train.load_data(targs, 0, device)
-    dmp, optimizer, _ = train.build(targs, data, tt, device, pg)
+    dmp, optimizer, ebc = train.build(targs, data, tt, device, pg)
+    tt_tables = int(ebc.memory_stats()["tt_tables"])
     it = data.train_batches(targs, 0, 1, 0)
     batches = [next(it).to(device) for _ in range(4)]
     dmp.train()
@@ -115,9 +116,9 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
     stats = pstats.Stats(cp)
     calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
     funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.top]  # type: ignore[attr-defined]
-    del dmp, optimizer, batches
+    del dmp, optimizer, ebc, batches
     return {
-        "name": f"TT {args.tt_cores}-core" if tt else "uncompressed",
+        "name": f"TT {args.tt_cores}-core ({tt_tables} tables)" if tt else "uncompressed",
         "ops": len(ops) / n_prof,
         "aten": sum(1 for e in ops if e.name.startswith("aten::")) / n_prof,
         "dispatched": sum(dispatched.values()) / n_prof,
