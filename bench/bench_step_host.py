@@ -26,6 +26,7 @@ import collections
 import cProfile
 import os
 import pstats
+import socket
 import statistics
 import sys
 import time
@@ -150,7 +151,10 @@ def main() -> None:
                     default=["uncompressed", "tt"])
     a = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29541")
+    if "MASTER_PORT" not in os.environ:  # a free one: back-to-back runs must not collide
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     device = torch.device(a.device, 0) if a.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
