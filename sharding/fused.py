@@ -62,6 +62,7 @@ from torchrec_tt.optim import (
     count_if_not,
     effective_grad,
     finite_flag,
+    finite_flags,
     zero_grad_is_no_op,
     zeroed_unless,
     fused_update,
@@ -302,6 +303,9 @@ class TTFusedUpdate:
         self._fused = fused
         self._reduce = reduce
         self._group = group
+        # (table names, their skip counts, a 0-dim view per table held as FusedTable.skipped)
+        self._skip_counters: tuple[list[str], Tensor, list[Tensor]] | None = None
+        self._whole: dict[int, list[Tensor]] = {}
 
     def _world_size(self) -> int:
         if not dist.is_initialized():
@@ -310,12 +314,20 @@ class TTFusedUpdate:
 
     @torch.no_grad()
     def __call__(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        # Every table's learning rate is checked before anything is reduced or updated.
-        lrs = {
-            table.name: read_lr(self._fused[table.name].group, f"fused optimizer of TT table {table.name!r}")
-            for table in self._tables
-        }
+        # Every table's learning rate is checked before anything is reduced or updated, once
+        # per param group (tables of one config share theirs).
+        lrs: dict[str, float] = {}
+        lr_of_group: dict[int, float] = {}
+        for table in self._tables:
+            group = self._fused[table.name].group
+            lr = lr_of_group.get(id(group))
+            if lr is None:
+                lr = lr_of_group[id(group)] = read_lr(group, f"fused optimizer of TT table {table.name!r}")
+            lrs[table.name] = lr
         grad_of = {id(p): g for p, g in zip(params, grads)}
+        # Each table's whole cores, looked up once per call (the helpers below need them several
+        # times a table, and TTLocalTable builds the list by module attribute lookups).
+        self._whole = {id(t): t.whole_cores() for t in self._tables}
         row_stats: dict[str, Tensor] = {}
         bad_shards: dict[str, Tensor] = {}  # column_wise: non-finite core_0 shard gradients
         column_wise = self._reduce == "sum"
@@ -339,7 +351,7 @@ class TTFusedUpdate:
                             flag += (~torch.isfinite(torch.cat([g.reshape(-1) for g in shard_grads]))).any()
                         parts.append((("bad", table.name), flag))
                 else:
-                    for core in table.whole_cores():
+                    for core in self._whole_cores(table):
                         parts.append((id(core), grad_of[id(core)]))
             world = self._world_size()
             if parts and world > 1:
@@ -361,7 +373,10 @@ class TTFusedUpdate:
                     grad_of[key] = value
         # Whole-core updates that need no copies (no skip, or a skip by zeroed gradients) of
         # tables with the same config and rate run together, after the loop: one foreach
-        # update of all their cores (a DLRM step on a GPU is bound by launches).
+        # update of all their cores (a DLRM step on a GPU is bound by launches). For the same
+        # reason the skip_non_finite flags of all whole-core tables are one finite_flags call
+        # and their skip counters one add.
+        flags = {} if column_wise else self._whole_core_flags(grad_of)
         batches: dict[tuple[FusedOptimConfig, float], list[Any]] = {}
         for table in self._tables:
             fused = self._fused[table.name]
@@ -378,11 +393,10 @@ class TTFusedUpdate:
                 else:
                     self._apply([table], fused.cfg, lr, grad_of)
 
-            touched = self._touched(table)
-            if not fused.cfg.skip_non_finite or not touched:  # nothing of the table here: no-op
+            if not fused.cfg.skip_non_finite or not self._holds_any(table):  # nothing here: no-op
                 update()
                 continue
-            ok = self._finite(table, grad_of, bad_shards, row_stats)
+            ok = flags[table.name] if not column_wise else self._finite(table, grad_of, bad_shards, row_stats)
             if zero_grad_is_no_op(fused.cfg):  # a zeroed gradient changes nothing: no copies
                 for t in self._touched_grads(table):
                     grad_of[id(t)] = zeroed_unless(ok, grad_of[id(t)])
@@ -390,25 +404,66 @@ class TTFusedUpdate:
                     row_stats[table.name] = zeroed_unless(ok, row_stats[table.name])
                 update()
             else:  # the copies must bracket this table's own update: run it now
-                apply_if(ok, touched, lambda: update(deferred=False))
-            fused.skipped = count_if_not(fused.skipped, ok)
+                apply_if(ok, self._touched(table), lambda: update(deferred=False))
+            if column_wise:
+                fused.skipped = count_if_not(fused.skipped, ok)
         for (cfg, lr), tables in batches.items():
             self._apply(tables, cfg, lr, grad_of)
 
-    @staticmethod
-    def _apply(tables: Sequence[Any], cfg: FusedOptimConfig, lr: float,
+    def _whole_core_flags(self, grad_of: Mapping[int, Tensor]) -> dict[str, Tensor]:
+        """``skip_non_finite`` of the tables held whole here: every table's finiteness flag
+        (0-dim bool views of one ``finite_flags`` result), its skip counted. The counters are
+        views of one int64 tensor, so a step counts all the tables' skips in one add."""
+        checked = [
+            t for t in self._tables
+            if self._fused[t.name].cfg.skip_non_finite and self._whole_cores(t)
+        ]
+        if not checked:
+            return {}
+        ok = finite_flags([[grad_of[id(c)] for c in self._whole_cores(t)] for t in checked])
+        names = [t.name for t in checked]
+        counters = self._skip_counters
+        if (
+            counters is None
+            or counters[0] != names
+            or counters[1].device != ok.device
+            or any(self._fused[n].skipped is not v for n, v in zip(names, counters[2]))
+        ):  # first step, or a counter replaced or moved since: one tensor of the counts so far
+            total = torch.stack([
+                torch.as_tensor(self._fused[n].skipped, dtype=torch.int64).to(ok.device)
+                for n in names
+            ])
+            counters = (names, total, list(total.unbind(0)))
+            for n, view in zip(names, counters[2]):
+                self._fused[n].skipped = view
+            self._skip_counters = counters
+        counters[1].add_(~ok)
+        return dict(zip(names, ok.unbind(0)))
+
+    def _whole_cores(self, table: Any) -> list[Tensor]:
+        """``table.whole_cores()``, as looked up at the start of this call."""
+        cores = self._whole.get(id(table))
+        return table.whole_cores() if cores is None else cores
+
+    def _apply(self, tables: Sequence[Any], cfg: FusedOptimConfig, lr: float,
                grad_of: Mapping[int, Tensor]) -> None:
         """One :func:`fused_update_many` over the whole cores of ``tables``."""
-        cores = [c for t in tables for c in t.whole_cores()]
-        states = [t.optimizer_state(k) for t in tables for k in range(len(t.whole_cores()))]
+        cores = [c for t in tables for c in self._whole_cores(t)]
+        states = [t.optimizer_state(k) for t in tables for k in range(len(self._whole_cores(t)))]
         if cores:
             fused_update_many(cores, [grad_of[id(c)] for c in cores], states, cfg, lr)
+
+    def _holds_any(self, table: Any) -> bool:
+        """Whether this rank holds any core of ``table`` (else its update is a no-op)."""
+        if self._reduce == "sum":
+            return bool(table.replicated_cores() or table.core_0_shards)
+        return bool(self._whole_cores(table))
 
     def _touched_grads(self, table: Any) -> list[Tensor]:
         """The cores of ``table`` on this rank whose gradients an update reads."""
         if self._reduce == "sum":
             return [*table.replicated_cores(), *table.core_0_shards]
-        return list(table.whole_cores())
+        return list(self._whole_cores(table))
 
     def _touched(self, table: Any) -> list[Tensor]:
         """The cores and optimizer state an update of ``table`` may write on this rank."""
@@ -419,7 +474,7 @@ class TTFusedUpdate:
             states = [table.optimizer_state(k) for k in range(len(table.replicated_cores()) + 1)]
             states += [table.optimizer_state(0, piece=i) for i in range(len(table.core_0_shards))]
         else:
-            cores = table.whole_cores()
+            cores = self._whole_cores(table)
             states = [table.optimizer_state(k) for k in range(len(cores))]
         out: dict[int, Tensor] = {id(t): t for t in cores}
         out.update({id(t): t for state in states for t in state.values()})
@@ -442,7 +497,7 @@ class TTFusedUpdate:
             # The summed count of ranks whose core_0 shards held a NaN or inf, as a NaN if > 0.
             local.append(torch.where(bad_shards[table.name] > 0, float("nan"), 0.0))
         else:
-            local = [grad_of[id(c)] for c in table.whole_cores()]
+            local = [grad_of[id(c)] for c in self._whole_cores(table)]
         return finite_flag(local)
 
     def _core0_row_sums(

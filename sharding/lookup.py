@@ -83,14 +83,19 @@ class TTLocalTable(nn.Module):
                     f"core_{k}", nn.Parameter(torch.empty(rows_cols, device=device))
                 )
 
+    # whole_cores() and optimizer_state() run for every table in every fused update: they read
+    # the module's parameter and buffer dicts directly (what nn.Module.__getattr__ does, without
+    # its Python call per tensor), always the current tensors, so nothing can go stale.
+
     def holds_whole_table(self) -> bool:
-        return self.sharding_type != ShardingType.COLUMN_WISE.value and hasattr(self, "core_0")
+        return self.sharding_type != ShardingType.COLUMN_WISE.value and "core_0" in self._parameters
 
     def whole_cores(self) -> list[nn.Parameter]:
         """``core_0 ..`` of a data_parallel / table_wise table held here (else empty)."""
         if not self.holds_whole_table():
             return []
-        return [getattr(self, f"core_{k}") for k in range(self.shape.num_cores)]
+        params = self._parameters
+        return [params[f"core_{k}"] for k in range(len(self.shape.p))]  # type: ignore[misc]
 
     def replicated_cores(self) -> list[nn.Parameter]:
         """The shared cores ``core_1 ..`` of a column_wise table (else empty)."""
@@ -180,14 +185,17 @@ class TTLocalTable(nn.Module):
     def optimizer_state(self, k: int, piece: int | None = None) -> dict[str, Tensor]:
         """State of core ``k`` (of column-wise ``core_0`` shard ``piece``: its split states and
         the table's replicated ones)."""
+        buffers = self._buffers
+        if self.sharding_type != ShardingType.COLUMN_WISE.value:  # nothing is split
+            return {key: buffers[f"core_{k}_{key}"] for key in self.optimizer_state_shapes[k]}  # type: ignore[misc]
         out = {}
         for key in self.optimizer_state_shapes[k]:
             if self.is_state_split(k, key):
                 if piece is not None:
-                    out[key] = getattr(self, f"core_0_shard_{piece}_{key}")
+                    out[key] = buffers[f"core_0_shard_{piece}_{key}"]
             else:
-                out[key] = getattr(self, f"core_{k}_{key}")
-        return out
+                out[key] = buffers[f"core_{k}_{key}"]
+        return out  # type: ignore[return-value]
 
     def state_pieces(self, k: int, key: str) -> list[tuple[Tensor, int]]:
         """This rank's pieces of state ``key`` of core ``k`` as ``(tensor, first column)``
@@ -364,7 +372,9 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                     f"{sparse_features.keys()}"
                 )
             self._checked_keys = True
-        params: list[Tensor] = list(self.cores)
+        # The ParameterList's own dict, in index order: list(self.cores) costs a Python
+        # __getitem__ per core every step.
+        params: list[Tensor] = list(self.cores._parameters.values())  # type: ignore[arg-type]
         if self._fused_update is not None:
             if params:
                 params = list(_FusedUpdateInBackward.apply(self._fused_update, *params))
