@@ -339,7 +339,7 @@ class TTFusedUpdate:
                             flag += (~torch.isfinite(torch.cat([g.reshape(-1) for g in shard_grads]))).any()
                         parts.append((("bad", table.name), flag))
                 else:
-                    for core in table.whole_cores():
+                    for core in table.whole_params():
                         parts.append((id(core), grad_of[id(core)]))
             world = self._world_size()
             if parts and world > 1:
@@ -398,9 +398,10 @@ class TTFusedUpdate:
     @staticmethod
     def _apply(tables: Sequence[Any], cfg: FusedOptimConfig, lr: float,
                grad_of: Mapping[int, Tensor]) -> None:
-        """One :func:`fused_update_many` over the whole cores of ``tables``."""
-        cores = [c for t in tables for c in t.whole_cores()]
-        states = [t.optimizer_state(k) for t in tables for k in range(len(t.whole_cores()))]
+        """One :func:`fused_update_many` over the whole cores (and hot-row cache slabs) of
+        ``tables``."""
+        cores = [c for t in tables for c in t.whole_params()]
+        states = [t.optimizer_state(k) for t in tables for k in range(len(t.whole_params()))]
         if cores:
             fused_update_many(cores, [grad_of[id(c)] for c in cores], states, cfg, lr)
 
@@ -408,7 +409,7 @@ class TTFusedUpdate:
         """The cores of ``table`` on this rank whose gradients an update reads."""
         if self._reduce == "sum":
             return [*table.replicated_cores(), *table.core_0_shards]
-        return list(table.whole_cores())
+        return list(table.whole_params())
 
     def _touched(self, table: Any) -> list[Tensor]:
         """The cores and optimizer state an update of ``table`` may write on this rank."""
@@ -419,7 +420,7 @@ class TTFusedUpdate:
             states = [table.optimizer_state(k) for k in range(len(table.replicated_cores()) + 1)]
             states += [table.optimizer_state(0, piece=i) for i in range(len(table.core_0_shards))]
         else:
-            cores = table.whole_cores()
+            cores = table.whole_params()
             states = [table.optimizer_state(k) for k in range(len(cores))]
         out: dict[int, Tensor] = {id(t): t for t in cores}
         out.update({id(t): t for state in states for t in state.values()})
@@ -442,7 +443,7 @@ class TTFusedUpdate:
             # The summed count of ranks whose core_0 shards held a NaN or inf, as a NaN if > 0.
             local.append(torch.where(bad_shards[table.name] > 0, float("nan"), 0.0))
         else:
-            local = [grad_of[id(c)] for c in table.whole_cores()]
+            local = [grad_of[id(c)] for c in table.whole_params()]
         return finite_flag(local)
 
     def _core0_row_sums(
