@@ -19,6 +19,18 @@ Sharding types:
   gradients, same checkpoint) at the price of replicating the later cores: column-wise splits the
   lookup work and the pooled all-to-all, not the storage.
 
+Hot-row caches (``tt_cache_rows > 0``, ``torchrec_tt.modules.hot_cache``): data_parallel and
+table_wise tables keep theirs with the cores, and the sharded collection gives the unsharded
+module's result on the union of the ranks' batches (same cached ids, counts, refreshes, slab and
+slab optimizer state; float values up to the rounding of the gradient reduction). A table-wise
+owner receives every rank's ids of the table from the KJT all-to-all, so it counts, refreshes
+and trains its slab alone. Data-parallel replicas all-gather the step's ids of their cached
+tables (two all-gathers per step on a group of their own: the sizes, then the ids) and count
+them all, so every replica refreshes to the same state; the slab's gradient is averaged with
+the cores' (by the lookup's DDP, or the fused update's all-reduce). Column-wise sharding of a
+cached table raises ``ValueError`` naming it (a column shard would need a split slab and a
+write-back solve spanning ranks).
+
 Fused optimizers (``torchrec_tt.sharding.fused``): a table's optimizer comes from the sharder's
 ``fused_params``, the module's ``fused_params`` and ``apply_optimizer_in_backward`` on its
 cores; all three sharding types support all four TT fused optimizers exactly (the update runs in
@@ -29,9 +41,10 @@ module's, which ``DistributedModelParallel.fused_optimizer`` collects. Their sta
 module's buffer names, sharded like its core (column-wise ``core_0``: Adam's step and row-wise
 Adagrad's row sums are replicated, as they span all columns).
 
-State dict keys are the unsharded module's (``embedding_bags.<table>.core_<k>``): plain tensors
-for data-parallel and replicated cores, ``ShardedTensor`` for table-wise cores and for
-column-wise ``core_0`` (also when the environment asks for DTensor outputs: DTensor state is not
+State dict keys are the unsharded module's (``embedding_bags.<table>.core_<k>``, and for a
+hot-row cache ``cache_weight``, its optimizer state and the ``hot_cache.CACHE_BUFFERS``): plain
+tensors for data-parallel and replicated cores, ``ShardedTensor`` for everything of a table-wise
+table (one shard, on its owner) and for column-wise ``core_0`` (also when the environment asks for DTensor outputs: DTensor state is not
 implemented). All are ``torch.distributed.checkpoint`` compatible, so a checkpoint saved under
 one plan or world size loads under another.
 
