@@ -523,6 +523,8 @@ def _gather_ids(ids: Mapping[int, Tensor], group: dist.ProcessGroup) -> dict[int
     dist.all_gather(all_sizes, sizes, group=group)
     per_rank = torch.stack(all_sizes).tolist()  # [world][tables]
     longest = max(sum(row) for row in per_rank)
+    if longest == 0:  # no ids anywhere this step (an empty all-gather is not portable)
+        return {t: flat.new_empty(0) for t in keys}
     padded = torch.full((longest,), -1, dtype=torch.int64, device=flat.device)
     padded[: flat.numel()] = flat
     gathered = [torch.empty_like(padded) for _ in range(world)]
