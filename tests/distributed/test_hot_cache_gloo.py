@@ -1,13 +1,15 @@
 """Sharded TT tables with a hot-row cache (issue 14) on CPU/gloo at world size 2.
 
-One spawned job per optimizer setting runs two plans (each cached table data_parallel in one and
-table_wise in the other): the sharded model's forward, cache (ids, id map, counts, step), slab,
-cores and fused-optimizer state equal the unsharded module's trained on the union of the ranks'
-batches, through five training steps with two refreshes (one with evictions and write-back),
-and in eval mode. ``torch.distributed.checkpoint`` then round-trips the sharded state exactly:
-into the other plan (and from there on training resumes bit for bit as the saved model would
-have), and into the unsharded module at world size 1. Column-wise sharding of a cached table is
-refused with the table named, by the sharder and by the planner.
+One spawned job runs two plans (each cached table data_parallel in one and table_wise in the
+other), with the fused Adagrad and with plain SGD: the sharded model's forward, cache (ids, id
+map, counts, step), slab, cores and fused-optimizer state equal the unsharded module's trained
+on the union of the ranks' batches, through five training steps with two refreshes (one with evictions and write-back),
+and in eval mode. ``torch.distributed.checkpoint`` then round-trips the sharded state exactly
+into the other plan and into the unsharded module at world size 1; restored under the same plan,
+the model trains on bit for bit as the saved one (under the other plan, to rounding, cache
+buffers exactly). TrainPipelineSparseDist trains a cached model as plain forward/backward does.
+Column-wise sharding of a cached table is refused with the table named, by the sharder and by
+the planner.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from torchrec.distributed.sharding_plan import (
     data_parallel,
     table_wise,
 )
+from torchrec.datasets.utils import Batch
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardedTensor, ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -79,6 +83,19 @@ class CacheModel(nn.Module):
 
 def _loss(out: Tensor) -> Tensor:
     return (out - 0.3).square().mean()
+
+
+class PipelineCacheModel(CacheModel):
+    """What TrainPipelineSparseDist drives: ``forward(batch) -> (loss, output)``."""
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        out = super().forward(batch.sparse_features)
+        return _loss(out), out.detach()
+
+
+def _batch(rank: int, step: int) -> Batch:
+    return Batch(dense_features=torch.zeros(BATCH, 1), sparse_features=_kjt(rank, step),
+                 labels=torch.zeros(BATCH))
 
 
 def _kjt(rank: int, step: int) -> KeyedJaggedTensor:
@@ -226,20 +243,40 @@ def _check_plans(rank: int, world_size: int, fused: Mapping[str, Any] | None, ck
                 assert torch.equal(value, after[key]), key
             _assert_matches(_full_state(other.module), after, "other plan after resume")
             result["saved"] = saved
+    if fused is not None:
+        # TrainPipelineSparseDist (next batch's input dist before this step's backward) trains
+        # a cached model as plain forward/backward does, refreshes included.
+        steps = 5
+        piped = _shard(PipelineCacheModel(fused), PLANS[0], world_size)
+        plain = _shard(CacheModel(fused), PLANS[0], world_size)
+        pipeline = TrainPipelineSparseDist(
+            piped, torch.optim.SGD(piped.parameters(), lr=LR), torch.device("cpu")
+        )
+        batches = iter([_batch(rank, s) for s in range(steps)])
+        for _ in range(steps):
+            pipeline.progress(batches)
+        assert any(getattr(m, "is_pipelined", False) for m in piped.modules())
+        _train(plain, rank, world_size, range(steps))
+        _assert_matches(_full_state(piped.module), _full_state(plain.module), "pipeline")
     return result
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused_adagrad", "sgd"])
-def test_sharded_cache_equals_unsharded_and_checkpoints(fused: bool, tmp_path: Any) -> None:
-    params = {"optimizer": "exact_adagrad", "learning_rate": LR} if fused else None
+FUSED = {"optimizer": "exact_adagrad", "learning_rate": LR}
+
+
+def _check_both(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
+    """Fused Adagrad, then plain SGD over ``dmp.parameters()`` (one job: one process start)."""
+    result = _check_plans(rank, world_size, FUSED, ckpt)
+    _check_plans(rank, world_size, None, ckpt)
+    return result
+
+
+def test_sharded_cache_equals_unsharded_and_checkpoints(tmp_path: Any) -> None:
     ckpt = str(tmp_path / "ckpt")
-    results = run_multiprocess(_check_plans, WORLD, args=(params, ckpt))
-    if not fused:
-        return
-    saved = results[0]["saved"]
+    saved = run_multiprocess(_check_both, WORLD, args=(ckpt,))[0]["saved"]
     assert any(k.endswith("cache_weight_momentum1") for k in saved)
     # World size 1: the unsharded module loads the sharded checkpoint, cache included.
-    single = CacheModel(params, seed=11)
+    single = CacheModel(FUSED, seed=11)
     state = single.state_dict()
     dcp.load(state, checkpoint_id=ckpt)
     single.load_state_dict(state)
