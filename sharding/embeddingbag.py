@@ -44,8 +44,8 @@ Adagrad's row sums are replicated, as they span all columns).
 State dict keys are the unsharded module's (``embedding_bags.<table>.core_<k>``, and for a
 hot-row cache ``cache_weight``, its optimizer state and the ``hot_cache.CACHE_BUFFERS``): plain
 tensors for data-parallel and replicated cores, ``ShardedTensor`` for everything of a table-wise
-table (one shard, on its owner) and for column-wise ``core_0`` (also when the environment asks for DTensor outputs: DTensor state is not
-implemented). All are ``torch.distributed.checkpoint`` compatible, so a checkpoint saved under
+table (one shard, on its owner) and for column-wise ``core_0`` (also when the environment asks
+for DTensor outputs: DTensor state is not implemented). All are ``torch.distributed.checkpoint`` compatible, so a checkpoint saved under
 one plan or world size loads under another.
 
 Weights are copied from the unsharded module unless it is on the meta device (then each table is

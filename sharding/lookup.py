@@ -486,11 +486,12 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             self.kernel_options,
         )
 
-
     def _cached_forward(
         self, features: KeyedJaggedTensor, cores: list[Tensor], params: list[Tensor],
         weights: Tensor | None,
     ) -> Tensor:
+        """``forward`` of a lookup holding hot-row caches (``hot_cache.cached_pooled``); in
+        training mode records the step's ids (all ranks' with a ``count_group``)."""
         assert self._sum_layout is not None
         sum_layout = self._sum_layout
         slabs = {t: params[i] for t, i in self._slab_index.items()}

@@ -216,6 +216,8 @@ def _check_plans(rank: int, world_size: int, fused: Mapping[str, Any] | None, ck
         if fused is not None:
             keys = set(dmp.fused_optimizer.params)
             assert {"tt.embedding_bags.a.cache_weight", "tt.embedding_bags.c.cache_weight"} <= keys
+            opt_state = dmp.fused_optimizer.state_dict()["state"]
+            assert set(opt_state["tt.embedding_bags.a.cache_weight"]) == {"momentum1"}
         if i == 0 and fused is not None:
             # Checkpoint plan 0, load it into plan 1: the same values, exactly; plan 1 then
             # trains on as plan 0 does (equal states; cache buffers bit for bit).
