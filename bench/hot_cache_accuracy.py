@@ -1,6 +1,7 @@
 """Hot-row cache accuracy (issue 14): TT DLRM with and without ``tt_cache_rows``, against the
-uncompressed model, trained unsharded in one process (the sharded collection refuses cached
-tables; see torchrec_tt/modules/hot_cache.py).
+uncompressed model, trained unsharded in one process (see torchrec_tt/modules/hot_cache.py; the
+sharded collection takes data_parallel and table_wise cached tables since, with the same cache
+behaviour, but this script predates that and keeps one process).
 
     .venv/bin/python bench/hot_cache_accuracy.py --cache_fractions 0 0.05 --seeds 0 1 2 \\
         -- --data ../shared/data/criteo_kaggle_sample.tsv.gz --max_ind_range 100000 \\

@@ -13,7 +13,8 @@ Shard a model holding ``TTEmbeddingBagCollection`` s (and plain EBCs) with Torch
 
 TT tables support data_parallel (usually best: no all-to-all, an all-reduce of the small cores),
 table_wise and column_wise (a split of the first column factor; see
-``ShardedTTEmbeddingBagCollection``).
+``ShardedTTEmbeddingBagCollection``). Tables with a hot-row cache (``tt_cache_rows``) shard
+data_parallel or table_wise, with the unsharded module's cache behaviour.
 Fused optimizers (``fused_params`` of the module or of ``TTEmbeddingBagCollectionSharder``, or
 ``apply_optimizer_in_backward``) run in the backward under every sharding type and show in
 ``DistributedModelParallel.fused_optimizer``; see ``torchrec_tt.sharding.fused``.

@@ -19,7 +19,9 @@ Only data_parallel, table_wise and column_wise (and table_column_wise on one hos
 A fused optimizer on TT tables moves the same bytes (data-parallel gradients are then averaged
 by one all-reduce in the lookup's backward instead of DDP's buckets), except row-wise Adagrad on
 column-wise tables, which adds one float per row of ``core_0`` to the shared cores' all-reduce
-(not counted here).
+(not counted here). Data-parallel TT tables with a hot-row cache all-reduce their slab with their
+cores (counted) and all-gather the step's ids so that every replica counts them (two
+``all_gather`` calls per step: not counted here, nor hooked by ``CommsMeter``).
 """
 
 from __future__ import annotations
@@ -64,8 +66,10 @@ class StepComms:
 
 
 def _table_bytes(module: nn.Module, name: str, num_rows: int, dim: int, data_type: Any) -> int:
+    """Bytes of a data-parallel table's gradient: a TT table's cores and hot-row cache slab."""
     if isinstance(module, TTEmbeddingBagCollection):
-        return module.tt_shapes()[name].num_bytes(4)
+        cfg = next(c for c in module.embedding_bag_configs() if c.name == name)
+        return module.tt_shapes()[name].num_bytes(4) + cfg.tt_cache_rows * dim * 4
     return num_rows * dim * DATA_TYPE_NUM_BITS[data_type] // 8
 
 

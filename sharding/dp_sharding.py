@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchrec.distributed.embedding_sharding import EmbeddingShardingInfo
 from torchrec.distributed.sharding.dp_sharding import DpPooledEmbeddingSharding
@@ -30,6 +32,8 @@ class DpTTPooledEmbeddingSharding(TTLookupFactory, DpPooledEmbeddingSharding):
         device: compute device.
         fused_update: the fused optimizer's update (``TTFusedUpdate``), run in the lookup's
             backward; None without a fused optimizer.
+        count_group: the ranks whose ids the hot-row caches of these tables count (see
+            ``TTPooledEmbeddingsLookup``); None when no table has a cache.
     """
 
     def __init__(
@@ -40,8 +44,13 @@ class DpTTPooledEmbeddingSharding(TTLookupFactory, DpPooledEmbeddingSharding):
         is_weighted: bool,
         device: torch.device | None = None,
         fused_update: Callable[[Sequence[Tensor], Sequence[Tensor]], None] | None = None,
+        count_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(sharding_infos, env, device)
         self._tt_tables = tables
         self._is_weighted = is_weighted
         self._fused_update = fused_update
+        self._count_group = count_group
+
+    def _tt_lookup_kwargs(self) -> dict[str, Any]:
+        return {"count_group": self._count_group}

@@ -19,6 +19,18 @@ Sharding types:
   gradients, same checkpoint) at the price of replicating the later cores: column-wise splits the
   lookup work and the pooled all-to-all, not the storage.
 
+Hot-row caches (``tt_cache_rows > 0``, ``torchrec_tt.modules.hot_cache``): data_parallel and
+table_wise tables keep theirs with the cores, and the sharded collection gives the unsharded
+module's result on the union of the ranks' batches (same cached ids, counts, refreshes, slab and
+slab optimizer state; float values up to the rounding of the gradient reduction). A table-wise
+owner receives every rank's ids of the table from the KJT all-to-all, so it counts, refreshes
+and trains its slab alone. Data-parallel replicas all-gather the step's ids of their cached
+tables (two all-gathers per step on a group of their own: the sizes, then the ids) and count
+them all, so every replica refreshes to the same state; the slab's gradient is averaged with
+the cores' (by the lookup's DDP, or the fused update's all-reduce). Column-wise sharding of a
+cached table raises ``ValueError`` naming it (a column shard would need a split slab and a
+write-back solve spanning ranks).
+
 Fused optimizers (``torchrec_tt.sharding.fused``): a table's optimizer comes from the sharder's
 ``fused_params``, the module's ``fused_params`` and ``apply_optimizer_in_backward`` on its
 cores; all three sharding types support all four TT fused optimizers exactly (the update runs in
@@ -29,10 +41,11 @@ module's, which ``DistributedModelParallel.fused_optimizer`` collects. Their sta
 module's buffer names, sharded like its core (column-wise ``core_0``: Adam's step and row-wise
 Adagrad's row sums are replicated, as they span all columns).
 
-State dict keys are the unsharded module's (``embedding_bags.<table>.core_<k>``): plain tensors
-for data-parallel and replicated cores, ``ShardedTensor`` for table-wise cores and for
-column-wise ``core_0`` (also when the environment asks for DTensor outputs: DTensor state is not
-implemented). All are ``torch.distributed.checkpoint`` compatible, so a checkpoint saved under
+State dict keys are the unsharded module's (``embedding_bags.<table>.core_<k>``, and for a
+hot-row cache ``cache_weight``, its optimizer state and the ``hot_cache.CACHE_BUFFERS``): plain
+tensors for data-parallel and replicated cores, ``ShardedTensor`` for everything of a table-wise
+table (one shard, on its owner) and for column-wise ``core_0`` (also when the environment asks
+for DTensor outputs: DTensor state is not implemented). All are ``torch.distributed.checkpoint`` compatible, so a checkpoint saved under
 one plan or world size loads under another.
 
 Weights are copied from the unsharded module unless it is on the meta device (then each table is
@@ -94,7 +107,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.jagged_tensor_validator import validate_keyed_jagged_tensor
 
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
-from torchrec_tt.modules.hot_cache import refuse_hot_cache
+from torchrec_tt.modules import hot_cache
 from torchrec_tt.ops import TTKernelOptions
 from torchrec_tt.optim import FusedOptimConfig
 from torchrec_tt.shapes import TTShape
@@ -111,6 +124,7 @@ from torchrec_tt.sharding.tt_shards import check_column_shards, column_shard_cor
 from torchrec_tt.sharding.tw_sharding import TwTTPooledEmbeddingSharding
 
 __all__ = [
+    "CACHED_SHARDING_TYPES",
     "TT_COMPUTE_KERNELS",
     "TT_SHARDING_TYPES",
     "ShardedTTEmbeddingBagCollection",
@@ -122,6 +136,11 @@ TT_SHARDING_TYPES: tuple[str, ...] = (
     ShardingType.DATA_PARALLEL.value,
     ShardingType.TABLE_WISE.value,
     ShardingType.COLUMN_WISE.value,
+)
+#: Sharding types a TT table with a hot-row cache supports (``tt_cache_rows > 0``).
+CACHED_SHARDING_TYPES: tuple[str, ...] = (
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
 )
 #: Compute kernels accepted in a plan. The planner proposes ``customized_kernel``; ``dense`` (what
 #: TorchRec's ``data_parallel()`` / ``table_wise()`` plan helpers write when no kernel is named)
@@ -150,14 +169,6 @@ def tt_planning() -> Iterator[None]:
         yield
     finally:
         _TT_PLANNING.reset(token)
-
-
-def _refuse_hot_cache(module: TTEmbeddingBagCollection) -> None:
-    refuse_hot_cache(
-        module.embedding_bag_configs(), "the sharded TTEmbeddingBagCollection",
-        "its lookups run the TT op on each rank's shard of the cores, and the slab, id map and "
-        "counters (per-rank, data-dependent) are neither routed, replicated nor all-reduced yet",
-    )
 
 
 def _validate_plan(
@@ -193,6 +204,14 @@ def _validate_plan(
         if bad:
             raise ValueError(
                 f"TT table {name!r}: ranks {bad} are out of range for world size {world_size}"
+            )
+        cache_rows = next(c.tt_cache_rows for c in module.embedding_bag_configs() if c.name == name)
+        if cache_rows > 0 and ps.sharding_type not in CACHED_SHARDING_TYPES:
+            raise ValueError(
+                f"TT table {name!r} has a hot-row cache (tt_cache_rows={cache_rows}), which "
+                f"sharding type {ps.sharding_type!r} does not support (a column shard would need "
+                f"a split slab and a write-back across ranks); shard it with one of "
+                f"{list(CACHED_SHARDING_TYPES)} or build it with tt_cache_rows=0"
             )
         if ps.sharding_type == ShardingType.DATA_PARALLEL.value:
             continue
@@ -272,7 +291,6 @@ class ShardedTTEmbeddingBagCollection(
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
         if isinstance(env, ShardingEnv2D):
             raise ValueError("TT tables do not support 2D parallelism (ShardingEnv2D)")
-        _refuse_hot_cache(module)
         _validate_plan(module, table_name_to_parameter_sharding, env.world_size)
         fused_configs = resolve_fused_configs(module, fused_params)
         # The module's kernel options, with the sharder's fused_params keys taking precedence.
@@ -320,11 +338,15 @@ class ShardedTTEmbeddingBagCollection(
         # Tensors every rank must hold equal: broadcast from rank 0 (non-fused data-parallel
         # cores are broadcast by their DDP).
         to_broadcast: list[Tensor] = list(replicated)
-        if self._fused_tables:
-            for local in self.embedding_bags.values():  # type: ignore[assignment]
+        for local in self.embedding_bags.values():  # type: ignore[assignment]
+            data_parallel = local.sharding_type == ShardingType.DATA_PARALLEL.value
+            if data_parallel and local.holds_cache():
+                # (the DDP of a non-fused lookup broadcasts its parameters, not these)
+                to_broadcast.extend(getattr(local, b) for b in hot_cache.CACHE_BUFFERS)
+            if self._fused_tables:
                 to_broadcast.extend(local.replicated_state())
-                if local.sharding_type == ShardingType.DATA_PARALLEL.value:
-                    to_broadcast.extend(local.whole_cores())
+                if data_parallel:
+                    to_broadcast.extend(local.whole_params())
         pg = env.process_group
         distributed = pg is not None and env.world_size > 1
         if distributed and to_broadcast:
@@ -344,6 +366,12 @@ class ShardedTTEmbeddingBagCollection(
             )
 
         replicated_group = own_group() if column_wise else None
+        # Data-parallel replicas with a hot-row cache count every rank's ids (an all-gather on a
+        # group of its own in the forward), so that they all refresh alike.
+        cached_dp = any(
+            local.holds_cache() for local in by_type.get(ShardingType.DATA_PARALLEL.value, [])
+        )
+        count_group = own_group() if cached_dp else None
         fused_updates: dict[str, TTFusedUpdate] = {}
         if self._fused_tables:
             reductions = {
@@ -393,7 +421,8 @@ class ShardedTTEmbeddingBagCollection(
             fused_update = fused_updates.get(sharding_type)
             if sharding_type == ShardingType.DATA_PARALLEL.value:
                 sharding: Any = DpTTPooledEmbeddingSharding(
-                    sharding_infos, env, tables, self._is_weighted, self._device, fused_update
+                    sharding_infos, env, tables, self._is_weighted, self._device, fused_update,
+                    count_group=count_group,
                 )
             elif sharding_type == ShardingType.TABLE_WISE.value:
                 sharding = TwTTPooledEmbeddingSharding(
@@ -469,7 +498,7 @@ class ShardedTTEmbeddingBagCollection(
         if self._fused_tables:
             by_group: dict[int, tuple[dict[str, Any], list[str]]] = {}
             for name, fused in self._fused_tables.items():
-                keys = [f"embedding_bags.{name}.core_{k}" for k in range(self._shapes[name].num_cores)]
+                keys = [f"embedding_bags.{name}.{p}" for p in self._param_names(name)]
                 by_group.setdefault(id(fused.group), (fused.group, []))[1].extend(keys)
             self._fused_optimizer = ShardedTTFusedOptimizer(
                 self._fused_param_views, self._fused_state_views, list(by_group.values()),
@@ -494,6 +523,7 @@ class ShardedTTEmbeddingBagCollection(
             and ps.ranks is not None
             and ps.ranks[0] == rank
         )
+        cfg = next(c for c in self._embedding_bag_configs if c.name == name)
         return TTLocalTable(
             name,
             self._shapes[name],
@@ -501,6 +531,9 @@ class ShardedTTEmbeddingBagCollection(
             local_column_shards=column_shards,
             owns_table=owns,
             device=self._device,
+            cache_rows=cfg.tt_cache_rows,
+            cache_refresh_steps=cfg.tt_cache_refresh_steps,
+            cache_decay=cfg.tt_cache_decay,
         )
 
     @torch.no_grad()
@@ -513,7 +546,12 @@ class ShardedTTEmbeddingBagCollection(
         module_cfg = module.fused_optimizer.cfg if _has_fused_optimizer(module) else None
         for name, local in self.embedding_bags.items():
             table = source.embedding_bags[name]
-            local.copy_from_full([c.detach().to(self._device) for c in table.cores()])
+            local.copy_from_full(
+                [getattr(table, p).detach().to(self._device) for p in local.param_names]
+            )
+            if local.holds_cache():
+                for b in hot_cache.CACHE_BUFFERS:
+                    getattr(local, b).copy_(getattr(table, b))
             fused = self._fused_tables.get(name)
             if fused is None or module_cfg is None or source is not module:
                 continue
@@ -521,7 +559,7 @@ class ShardedTTEmbeddingBagCollection(
                 continue  # another optimizer: its state does not apply; start from zeros
             for k, states in enumerate(local.optimizer_state_shapes):
                 for key in states:
-                    full = getattr(table, f"core_{k}_{key}")
+                    full = getattr(table, f"{local.param_names[k]}_{key}")
                     local.copy_state_from_full(k, key, full.detach().to(self._device))
 
     # --- ShardedModule ----------------------------------------------------------------------
@@ -662,24 +700,28 @@ class ShardedTTEmbeddingBagCollection(
             return CombinedOptimizer([])
         return self._fused_optimizer
 
+    def _param_names(self, name: str) -> list[str]:
+        """A table's trained tensors: ``core_<k>``, then ``cache_weight`` with a hot-row cache."""
+        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+        return local.param_names
+
     def _fused_param_views(self) -> dict[str, Tensor]:
         return {
-            f"embedding_bags.{name}.core_{k}": self._core_value(name, k, keep_vars=True)
+            f"embedding_bags.{name}.{p}": self._core_value(name, k, keep_vars=True)
             for name in self._fused_tables
-            for k in range(self._shapes[name].num_cores)
+            for k, p in enumerate(self._param_names(name))
         }
 
     def _fused_state_views(self, key: str) -> dict[str, Any]:
-        _, name, core = key.split(".")
-        return self._state_values(name, int(core[len("core_") :]), keep_vars=True)
+        _, name, param = key.split(".")
+        return self._state_values(name, self._param_names(name).index(param), keep_vars=True)
 
     def _state_values(self, name: str, k: int, keep_vars: bool) -> dict[str, Any]:
-        """The optimizer state of core ``k`` of a fused table, as it appears in the state dict:
-        whole for replicated state, a ShardedTensor where the core is sharded."""
+        """The optimizer state of trained tensor ``k`` (``_param_names``) of a fused table, as
+        it appears in the state dict: whole for replicated state, a ShardedTensor where the
+        tensor is sharded."""
         local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
-        full_shapes = self._fused_tables[name].cfg.state_shapes(
-            torch.Size(self._shapes[name].core_shapes()[k])
-        )
+        full_shapes = self._fused_tables[name].cfg.state_shapes(torch.Size(local.param_shapes[k]))
         out: dict[str, Any] = {}
         for key, full_shape in full_shapes.items():
             pieces = local.state_pieces(k, key)
@@ -704,7 +746,8 @@ class ShardedTTEmbeddingBagCollection(
     # --- state dict -------------------------------------------------------------------------
 
     def _sharded_tensor(
-        self, name: str, size: list[int], pieces: list[tuple[Tensor, int]], keep_vars: bool
+        self, name: str, size: list[int], pieces: list[tuple[Tensor, int]], keep_vars: bool,
+        dtype: torch.dtype = torch.float32,
     ) -> ShardedTensor:
         """A sharded core of a table (every table_wise core, column_wise ``core_0``) or a state
         of one, as a ShardedTensor of global ``size`` with this rank's ``pieces``
@@ -734,7 +777,7 @@ class ShardedTTEmbeddingBagCollection(
             shards_metadata=list(metadata.values()),
             size=torch.Size(size),
             tensor_properties=TensorProperties(
-                dtype=torch.float32,
+                dtype=dtype,
                 requires_grad=keep_vars and any(t.requires_grad for t, _ in pieces),
             ),
         )
@@ -743,13 +786,21 @@ class ShardedTTEmbeddingBagCollection(
         )
 
     def _core_value(self, name: str, k: int, keep_vars: bool) -> Tensor:
-        """Core ``k`` of a table as it appears in the state dict."""
+        """Trained tensor ``k`` of a table (``_param_names``) as it appears in the state dict."""
         local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
-        if self._is_sharded_core(name, k):
-            size = list(self._shapes[name].core_shapes()[k])
-            return self._sharded_tensor(name, size, local.local_pieces(k), keep_vars)
-        ((core, _),) = local.local_pieces(k)
-        return core if keep_vars else core.detach()
+        return self._entry_value(
+            name, local.param_shapes[k], torch.float32, local.local_pieces(k),
+            self._is_sharded_core(name, k), keep_vars,
+        )
+
+    def _entry_value(
+        self, name: str, size: tuple[int, ...], dtype: torch.dtype,
+        pieces: list[tuple[Tensor, int]], sharded: bool, keep_vars: bool,
+    ) -> Any:
+        if sharded:
+            return self._sharded_tensor(name, list(size), pieces, keep_vars, dtype)
+        ((tensor, _),) = pieces
+        return tensor if keep_vars else tensor.detach()
 
     def _is_sharded_core(self, name: str, k: int) -> bool:
         sharding_type = self.module_sharding_plan[name].sharding_type
@@ -757,17 +808,40 @@ class ShardedTTEmbeddingBagCollection(
             sharding_type == ShardingType.COLUMN_WISE.value and k == 0
         )
 
+    def _state_entries(
+        self, name: str
+    ) -> list[tuple[str, tuple[int, ...], torch.dtype, list[tuple[Tensor, int]], bool]]:
+        """Every state-dict entry of a table, under the unsharded module's names:
+        ``(name in the table, global size, dtype, this rank's pieces, sharded)``. The trained
+        tensors (cores, hot-row cache slab), the cache buffers (whole where the table is held,
+        so table-wise ones are sharded tensors on one rank), the fused optimizer's state."""
+        local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
+        table_wise = self.module_sharding_plan[name].sharding_type == ShardingType.TABLE_WISE.value
+        entries = [
+            (p, tuple(size), torch.float32, local.local_pieces(k), self._is_sharded_core(name, k))
+            for k, (p, size) in enumerate(zip(local.param_names, local.param_shapes))
+        ]
+        if local.cache_rows > 0:
+            for b, (size, dtype) in hot_cache.cache_buffer_specs(local.cache_rows).items():
+                pieces = [(getattr(local, b), 0)] if local.holds_cache() else []
+                entries.append((b, size, dtype, pieces, table_wise))
+        fused = self._fused_tables.get(name)
+        if fused is not None:
+            for k, (p, size) in enumerate(zip(local.param_names, local.param_shapes)):
+                for state, shape in fused.cfg.state_shapes(torch.Size(size)).items():
+                    entries.append((
+                        f"{p}_{state}", tuple(shape), torch.float32, local.state_pieces(k, state),
+                        self._is_sharded_state(name, k, state),
+                    ))
+        return entries
+
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for cfg in self._embedding_bag_configs:
-            name = cfg.name
-            for k in range(self._shapes[name].num_cores):
-                key = f"{prefix}embedding_bags.{name}.core_{k}"
-                destination[key] = self._core_value(name, k, keep_vars)
-            if name in self._fused_tables:
-                for k in range(self._shapes[name].num_cores):
-                    for state, value in self._state_values(name, k, keep_vars).items():
-                        destination[f"{prefix}embedding_bags.{name}.core_{k}_{state}"] = value
+            for suffix, size, dtype, pieces, sharded in self._state_entries(cfg.name):
+                destination[f"{prefix}embedding_bags.{cfg.name}.{suffix}"] = self._entry_value(
+                    cfg.name, size, dtype, pieces, sharded, keep_vars
+                )
 
     def _load_from_state_dict(
         self,
@@ -784,26 +858,16 @@ class ShardedTTEmbeddingBagCollection(
         )
         expected = set()
         for cfg in self._embedding_bag_configs:
-            name = cfg.name
-            local: TTLocalTable = self.embedding_bags[name]  # type: ignore[assignment]
-            fused = self._fused_tables.get(name)
-            for k, core_shape in enumerate(self._shapes[name].core_shapes()):
-                entries = [(f"core_{k}", tuple(core_shape), local.local_pieces(k))]
-                if fused is not None:
-                    for state, shape in fused.cfg.state_shapes(torch.Size(core_shape)).items():
-                        entries.append(
-                            (f"core_{k}_{state}", tuple(shape), local.state_pieces(k, state))
-                        )
-                for suffix, size, pieces in entries:
-                    key = f"{prefix}embedding_bags.{name}.{suffix}"
-                    expected.add(key)
-                    if key not in state_dict:
-                        missing_keys.append(key)
-                        continue
-                    try:
-                        _load_pieces(size, pieces, state_dict[key])
-                    except (TypeError, ValueError) as e:
-                        error_msgs.append(f"{key}: {e}")
+            for suffix, size, _, pieces, _ in self._state_entries(cfg.name):
+                key = f"{prefix}embedding_bags.{cfg.name}.{suffix}"
+                expected.add(key)
+                if key not in state_dict:
+                    missing_keys.append(key)
+                    continue
+                try:
+                    _load_pieces(size, pieces, state_dict[key])
+                except (TypeError, ValueError) as e:
+                    error_msgs.append(f"{key}: {e}")
         if strict:
             for key in state_dict:
                 rest = key[len(prefix) :].split(".") if key.startswith(prefix) else []
@@ -915,7 +979,6 @@ class TTEmbeddingBagCollectionSharder(ModuleSharder[TTEmbeddingBagCollection]):
         )
 
     def shardable_parameters(self, module: TTEmbeddingBagCollection) -> dict[str, nn.Parameter]:
-        _refuse_hot_cache(module)  # the planner asks first: fail before a plan is made
         return {
             cfg.name: nn.Parameter(
                 _logical_table(cfg.num_embeddings, cfg.embedding_dim), requires_grad=False

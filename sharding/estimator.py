@@ -13,6 +13,9 @@ topology; ``L`` = lookups per step the shard serves, ``W`` = world size):
   sharder resolves it: 0 for EXACT_SGD, the cores' size for EXACT_ADAGRAD, one value per core
   row for EXACT_ROWWISE_ADAGRAD, twice the cores for ADAM; ``tt_optimizer_state_bytes``), else
   ``optimizer_multiplier`` x the cores (the user's dense optimizer is unknown; 2 = Adam).
+  A table with a hot-row cache (``tt_cache_rows = K``; data_parallel and table_wise) adds
+  ``tt_cache_storage_bytes``: the ``K x D`` slab and its dense gradient, the slab's optimizer
+  state (the same rule as for a core) and the cache's id map and counters.
 * compute (compute-bound): ``L x FLOPs per lookup / device FLOP rate``; backward uses
   ``TTShape.backward_flops_per_lookup``. The rate is a constructor argument; ``measure_tt_flops``
   measures the TT kernel's effective rate on a device.
@@ -20,7 +23,9 @@ topology; ``L`` = lookups per step the shard serves, ``W`` = world size):
   ``fwd_comms`` (TorchRec keeps the KJT part in ``input_dist_comms``, which ``Perf.total``
   leaves out; the TT model counts it) and the pooled all-to-all again in ``bwd_comms``;
   column_wise adds the all-reduce of the shared cores' gradients; data_parallel pays only the
-  all-reduce of its core gradients (ring: ``2 (W-1)/W`` of the bytes). Bandwidths come from the
+  all-reduce of its core gradients (ring: ``2 (W-1)/W`` of the bytes), plus, with a hot-row
+  cache, the slab's gradient in that all-reduce and the all-gather of the step's ids (every
+  replica counts every rank's ids) at the all-to-all bandwidth. Bandwidths come from the
   topology (TorchRec's model: all-reduce at the inter-host bandwidth); latency is not modelled.
 """
 
@@ -51,8 +56,11 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingType
 
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
 from torchrec_tt.kernel_shapes import TWO_FACTOR_FLOPS, kernel_cost
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
+from torchrec_tt.modules.hot_cache import cache_buffer_specs
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, tt_embedding_bag
 from torchrec_tt.optim import FusedOptimConfig
 from torchrec_tt.shapes import TTShape, make_tt_shape
@@ -67,6 +75,7 @@ __all__ = [
     "all_reduce_ms",
     "all_to_all_ms",
     "measure_tt_flops",
+    "tt_cache_storage_bytes",
     "tt_compute_ms",
     "tt_shard_io_bytes",
     "tt_shard_perf",
@@ -141,6 +150,33 @@ def tt_shard_storage_bytes(
     return 2 * core_bytes + optimizer_state_bytes + input_bytes + output_bytes
 
 
+def tt_cache_storage_bytes(
+    cache_rows: int,
+    embedding_dim: int,
+    optimizer: EmbOptimType | None = None,
+    optimizer_multiplier: float = DEFAULT_OPTIMIZER_MULTIPLIER,
+    element_size: int = 4,
+) -> int:
+    """Bytes a hot-row cache of ``cache_rows`` rows adds where its table is held: the slab and
+    its dense gradient (``2 K D``), the slab's optimizer state (a fused ``optimizer``'s exact
+    state of a ``[K, D]`` tensor, else ``optimizer_multiplier`` x the slab) and the buffers of
+    ``hot_cache`` (id map ``3 K`` int64, candidates ``2 K`` int64 + ``2 K`` float32, a step)."""
+    if cache_rows == 0:
+        return 0
+    slab = cache_rows * embedding_dim * element_size
+    if optimizer is None:
+        state = math.ceil(slab * optimizer_multiplier)
+    else:
+        shapes = FusedOptimConfig(optimizer=optimizer).state_shapes(
+            torch.Size([cache_rows, embedding_dim])
+        )
+        state = sum(math.prod(shape) for shape in shapes.values()) * element_size
+    buffers = sum(
+        math.prod(shape) * dtype.itemsize for shape, dtype in cache_buffer_specs(cache_rows).values()
+    )
+    return 2 * slab + state + buffers
+
+
 def tt_compute_ms(num_lookups: float, flops_per_lookup: int, device_flops: float) -> float:
     """Compute-bound time of ``num_lookups`` row reconstructions."""
     return num_lookups * flops_per_lookup / device_flops * _MS_PER_S
@@ -172,12 +208,16 @@ def tt_shard_perf(
     index_bytes: int = _INDEX_BYTES,
     output_element_size: int = 4,
     compute_device: str = "cpu",
+    cache_rows: int = 0,
 ) -> Perf:
     """Per-step cost of one TT shard (``shard_shape`` is the shard's own TT: for a column shard,
     ``q_1`` reduced). ``replicated_bytes``: column_wise only, the shared cores whose gradients
     are all-reduced. On CUDA the FLOPs are those of the kernels that run the shape (the
     two-factor kernels do ``2DR`` forward whatever the core count: ``kernel_cost``), and a
-    ``device_flops`` of None means those kernels' fitted cost model (``KernelCost``)."""
+    ``device_flops`` of None means those kernels' fitted cost model (``KernelCost``).
+    ``cache_rows``: the table's hot-row cache (data_parallel: its slab joins the gradient
+    all-reduce and the step's ids are all-gathered; the compute is not reduced for cache hits,
+    whose rate is unknown here)."""
     model_parallel = _is_model_parallel(sharding_type)
     scale = world_size if model_parallel else 1
     lookups = batch_inputs * scale
@@ -196,11 +236,15 @@ def tt_shard_perf(
         fwd_compute = tt_compute_ms(lookups, fwd_flops, device_flops)
         bwd_compute = tt_compute_ms(lookups, bwd_flops, device_flops)
     if not model_parallel:
+        slab_bytes = cache_rows * shard_shape.embedding_dim * 4
+        gathered = (world_size - 1) * batch_inputs * index_bytes if cache_rows else 0.0
         return Perf(
             fwd_compute=fwd_compute,
-            fwd_comms=0.0,
+            fwd_comms=all_to_all_ms(gathered, all_to_all_bandwidth),
             bwd_compute=bwd_compute,
-            bwd_comms=all_reduce_ms(shard_shape.num_bytes(4), world_size, all_reduce_bandwidth),
+            bwd_comms=all_reduce_ms(
+                shard_shape.num_bytes(4) + slab_bytes, world_size, all_reduce_bandwidth
+            ),
         )
     input_bytes, output_bytes = tt_shard_io_bytes(
         sharding_type,
@@ -342,6 +386,8 @@ class TTShardEstimator(ShardEstimator):
             collective_type=CollectiveType.ALL_REDUCE,
         )
         on_hbm = self._topology.compute_device in ("cuda", "mtia")
+        cfg = next(c for c in module.embedding_bag_configs() if c.name == so.name)
+        cache_rows = cfg.tt_cache_rows
         replicated = 0
         if so.sharding_type == ShardingType.COLUMN_WISE.value:
             replicated = shape.num_bytes(4) - shape.core_shapes()[0][0] * shape.core_shapes()[0][1] * 4
@@ -367,6 +413,12 @@ class TTShardEstimator(ShardEstimator):
             total = tt_shard_storage_bytes(
                 shard_shape.num_bytes(4), multiplier, input_bytes, output_bytes, state_bytes
             )
+            total += tt_cache_storage_bytes(
+                cache_rows,
+                shard_shape.embedding_dim,
+                fused.optimizer if fused is not None and self._optimizer_multiplier is None else None,
+                multiplier,
+            )
             shard.storage = Storage(hbm=total if on_hbm else 0, ddr=0 if on_hbm else total)
             shard.perf = tt_shard_perf(
                 shard_shape,
@@ -380,6 +432,7 @@ class TTShardEstimator(ShardEstimator):
                 replicated_bytes=replicated,
                 is_weighted=weighted,
                 compute_device=self._topology.compute_device,
+                cache_rows=cache_rows,
             )
 
 

@@ -18,6 +18,7 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_tt.modules import hot_cache
 from torchrec_tt.modules.embedding_bag import padded_vbe_offsets
 from torchrec_tt.ops import PoolingMode, TTBatchLayout, TTKernelOptions, tt_embedding_bag
 from torchrec_tt.shapes import TTShape
@@ -37,6 +38,10 @@ class TTLocalTable(nn.Module):
       gradients summed across ranks), and ``core_0_shard_<i>``, the slice of ``core_0`` for each
       column shard placed on this rank (columns ``core_0_shard_cols[i]`` of the embedding).
 
+    A table with a hot-row cache (``cache_rows > 0``; data_parallel and table_wise only) also
+    holds the unsharded table's slab ``cache_weight`` and cache buffers where it holds the cores
+    (see ``torchrec_tt.modules.hot_cache``); the slab is trained like a core (``whole_params``).
+
     Parameter names follow the unsharded ``TTEmbeddingTable`` where the tensor is whole. The state
     dict is written by ``ShardedTTEmbeddingBagCollection`` (with sharded tensors), not here.
 
@@ -48,6 +53,9 @@ class TTLocalTable(nn.Module):
             (column_wise only).
         owns_table: whether this rank holds the whole table (data_parallel, table_wise owner).
         device: where the cores live.
+        cache_rows: rows of the table's hot-row cache (0: none).
+        cache_refresh_steps: training forwards between cache refreshes.
+        cache_decay: factor applied to the cache's counts at every refresh.
     """
 
     def __init__(
@@ -58,11 +66,21 @@ class TTLocalTable(nn.Module):
         local_column_shards: Sequence[tuple[int, int]] = (),
         owns_table: bool = False,
         device: torch.device | None = None,
+        cache_rows: int = 0,
+        cache_refresh_steps: int = 1,
+        cache_decay: float = 1.0,
     ) -> None:
         super().__init__()
         self.name = name
         self.shape = shape
         self.sharding_type = sharding_type
+        # The sharded module refuses a cache on column shards before building one.
+        assert cache_rows == 0 or sharding_type != ShardingType.COLUMN_WISE.value
+        self.cache_rows = cache_rows
+        self.cache_refresh_steps = cache_refresh_steps
+        self.cache_decay = cache_decay
+        #: Refresh statistics of the last refresh on this rank (None before the first).
+        self.last_cache_refresh: hot_cache.CacheRefreshStats | None = None
         core_shapes = shape.core_shapes()
         self.core_0_shard_cols: list[tuple[int, int]] = []
         if sharding_type == ShardingType.COLUMN_WISE.value:
@@ -82,6 +100,45 @@ class TTLocalTable(nn.Module):
                 self.register_parameter(
                     f"core_{k}", nn.Parameter(torch.empty(rows_cols, device=device))
                 )
+            if cache_rows > 0:
+                hot_cache.add_cache_buffers(self, cache_rows, shape.embedding_dim, device)
+
+    @property
+    def param_names(self) -> list[str]:
+        """The table's trained tensors (held here or not): ``core_0 ..``, then ``cache_weight``
+        with a hot-row cache (the unsharded ``TTEmbeddingTable.trained_params`` order)."""
+        names = [f"core_{k}" for k in range(self.shape.num_cores)]
+        return names + (["cache_weight"] if self.cache_rows > 0 else [])
+
+    @property
+    def param_shapes(self) -> list[tuple[int, int]]:
+        """Global shapes of ``param_names``."""
+        shapes = [tuple(s) for s in self.shape.core_shapes()]
+        if self.cache_rows > 0:
+            shapes.append((self.cache_rows, self.shape.embedding_dim))
+        return shapes  # type: ignore[return-value]
+
+    def holds_cache(self) -> bool:
+        """Whether this rank holds the table's hot-row cache (with its whole cores)."""
+        return self.cache_rows > 0 and self.holds_whole_table()
+
+    def whole_params(self) -> list[nn.Parameter]:
+        """``whole_cores``, then the cache slab where held: what a fused update of a whole
+        table trains."""
+        return self.whole_cores() + ([self.cache_weight] if self.holds_cache() else [])
+
+    @torch.no_grad()
+    def refresh_cache(self) -> hot_cache.CacheRefreshStats:
+        """Refreshes the hot-row cache held here (``hot_cache.refresh_cache``), zeroing the fused
+        optimizer state of the slots that change."""
+        state = []
+        if hasattr(self, "optimizer_state_shapes"):
+            state = list(self.optimizer_state(self.shape.num_cores).values())
+        stats = hot_cache.refresh_cache(
+            self, self.whole_cores(), self.shape, self.cache_decay, state
+        )
+        self.last_cache_refresh = stats
+        return stats
 
     # whole_cores() and optimizer_state() run for every table in every fused update: they read
     # the module's parameter and buffer dicts directly (what nn.Module.__getattr__ does, without
@@ -132,11 +189,12 @@ class TTLocalTable(nn.Module):
                 (piece, column_shard_core0_columns(self.shape, col_offset, num_cols)[0])
                 for (col_offset, num_cols), piece in zip(self.core_0_shard_cols, self.core_0_shards)
             ]
-        return [(getattr(self, f"core_{k}"), 0)] if self.holds_whole_table() else []
+        return [(getattr(self, self.param_names[k]), 0)] if self.holds_whole_table() else []
 
     @torch.no_grad()
     def copy_from_full(self, full_cores: Sequence[Tensor]) -> None:
-        """Fills the local cores from the table's whole cores."""
+        """Fills the local cores (and the slab, given after the cores with a cache) from the
+        table's whole ones."""
         for k, full in enumerate(full_cores):
             for piece, col in self.local_pieces(k):
                 piece.copy_(full[:, col : col + piece.shape[1]])
@@ -152,7 +210,7 @@ class TTLocalTable(nn.Module):
     def init_optimizer_state(self, state_shapes: Callable[[torch.Size], dict[str, tuple[int, ...]]]) -> None:
         """Registers zero state buffers; ``state_shapes`` maps a core shape to its states'."""
         self.optimizer_state_shapes: list[dict[str, tuple[int, ...]]] = [
-            state_shapes(torch.Size(s)) for s in self.shape.core_shapes()
+            state_shapes(torch.Size(s)) for s in self.param_shapes
         ]
         device = next((p.device for p in self.parameters()), None)
         for k, states in enumerate(self.optimizer_state_shapes):
@@ -171,7 +229,7 @@ class TTLocalTable(nn.Module):
                 ]
             return [(f"core_0_{key}", shape)]
         if self.sharding_type == ShardingType.COLUMN_WISE.value or self.holds_whole_table():
-            return [(f"core_{k}_{key}", shape)]
+            return [(f"{self.param_names[k]}_{key}", shape)]
         return []
 
     def is_state_split(self, k: int, key: str) -> bool:
@@ -187,14 +245,15 @@ class TTLocalTable(nn.Module):
         the table's replicated ones)."""
         buffers = self._buffers
         if self.sharding_type != ShardingType.COLUMN_WISE.value:  # nothing is split
-            return {key: buffers[f"core_{k}_{key}"] for key in self.optimizer_state_shapes[k]}  # type: ignore[misc]
+            name = self.param_names[k]
+            return {key: buffers[f"{name}_{key}"] for key in self.optimizer_state_shapes[k]}  # type: ignore[misc]
         out = {}
         for key in self.optimizer_state_shapes[k]:
             if self.is_state_split(k, key):
                 if piece is not None:
                     out[key] = buffers[f"core_0_shard_{piece}_{key}"]
             else:
-                out[key] = buffers[f"core_{k}_{key}"]
+                out[key] = buffers[f"{self.param_names[k]}_{key}"]
         return out  # type: ignore[return-value]
 
     def state_pieces(self, k: int, key: str) -> list[tuple[Tensor, int]]:
@@ -205,7 +264,7 @@ class TTLocalTable(nn.Module):
                 (getattr(self, f"core_0_shard_{i}_{key}"), col)
                 for i, (_, col) in enumerate(self.local_pieces(0))
             ]
-        name = f"core_{k}_{key}"
+        name = f"{self.param_names[k]}_{key}"
         return [(getattr(self, name), 0)] if hasattr(self, name) else []
 
     def replicated_state(self) -> list[Tensor]:
@@ -298,6 +357,14 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         fused_update: a ``torchrec_tt.sharding.fused.TTFusedUpdate`` when the tables have a
             fused optimizer: it then runs in the backward instead of the gradient sum (doing
             that sum itself) and the cores get no ``.grad``.
+        count_group: data_parallel tables with a hot-row cache: the ranks whose ids every
+            replica counts (all of them, so replicas refresh alike); None counts this rank's
+            ids only (table_wise: the owner already sees every rank's ids).
+
+    Tables with a hot-row cache are looked up as in the unsharded module
+    (``hot_cache.cached_pooled``); in training mode the lookup refreshes them when due, then
+    counts the step's ids. Their slabs are parameters of the lookup after the cores (trained
+    with them: the fused update, or the caller's DistributedDataParallel).
 
     Forward takes the features of ``grouped_configs`` (``(F, B, L)``) and returns
     ``[B, sum of local dims]``; a rank without tables returns a ``[B, 0]`` tensor that still takes
@@ -312,9 +379,11 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         replicated: Sequence[nn.Parameter] = (),
         replicated_group: dist.ProcessGroup | None = None,
         fused_update: Callable[[Sequence[Tensor], Sequence[Tensor]], None] | None = None,
+        count_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         names, shapes, poolings, cores = [], [], [], []
+        caches: dict[int, TTLocalTable] = {}
         features: list[str] = []
         feature_table_map: list[int] = []
         for config in grouped_configs:
@@ -331,6 +400,8 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 for feature in table.feature_names:
                     features.append(feature)
                     feature_table_map.append(len(names))
+                if local.holds_cache():
+                    caches[len(names)] = local
                 names.append(table.name)
                 shapes.append(shape)
                 poolings.append(_POOLING[table.pooling])
@@ -343,11 +414,26 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         self._feature_dims = self._layout.feature_dims() if self._layout is not None else []
         # Distinct parameters, in first-use order (the same on every rank for data_parallel, which
         # DistributedDataParallel checks); the op takes `cores` with repeats for shared cores.
+        slabs = [local.cache_weight for local in caches.values()]
         position: dict[int, int] = {}
-        for core in [*cores, *replicated]:
+        for core in [*cores, *replicated, *slabs]:
             position.setdefault(id(core), len(position))
-        self.cores = nn.ParameterList(list({id(c): c for c in [*cores, *replicated]}.values()))
+        self.cores = nn.ParameterList(
+            list({id(c): c for c in [*cores, *replicated, *slabs]}.values())
+        )
         self._core_index = [position[id(c)] for c in cores]
+        # Hot-row caches: table index in the layout -> its TTLocalTable (a plain dict: the
+        # sharded module owns the tables), and the slab's index in `cores`.
+        self._caches = caches
+        self._slab_index = {t: position[id(local.cache_weight)] for t, local in caches.items()}
+        self._count_group = count_group
+        self._position_tables = feature_table_map
+        self._mean_tables = [p == PoolingMode.MEAN for p in poolings]
+        self._dims = [shapes[t].embedding_dim for t in feature_table_map]
+        self._sum_layout: TTBatchLayout | None = (
+            TTBatchLayout.from_shapes(names, shapes, [PoolingMode.SUM] * len(names), feature_table_map)
+            if caches else None
+        )
         self._replicated_index = [position[id(c)] for c in replicated]
         self._replicated_group = replicated_group
         self._fused_update = fused_update
@@ -372,6 +458,10 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                     f"{sparse_features.keys()}"
                 )
             self._checked_keys = True
+        if self.training:
+            for local in self._caches.values():  # before the cores are read (in place)
+                if hot_cache.refresh_due(local, local.cache_refresh_steps):
+                    local.refresh_cache()
         # The ParameterList's own dict, in index order: list(self.cores) costs a Python
         # __getitem__ per core every step.
         params: list[Tensor] = list(self.cores._parameters.values())  # type: ignore[arg-type]
@@ -402,6 +492,14 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         weights = None
         if self._is_weighted:
             weights = sparse_features.weights().to(cores[0].dtype)
+        if self._caches:
+            if sparse_features.variable_stride_per_key():
+                raise ValueError(
+                    f"TT tables with a hot-row cache "
+                    f"({sorted(local.name for local in self._caches.values())}) take no "
+                    "variable-batch (VBE) KJT; pass one batch size per feature"
+                )
+            return self._cached_forward(sparse_features, cores, params, weights)
         if not sparse_features.variable_stride_per_key():
             return tt_embedding_bag(
                 cores,
@@ -433,6 +531,56 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 start = sum(sizes[:r])
                 parts.append(block[start : start + sizes[r]].reshape(-1))
         return torch.cat(parts)
+
+    def _cached_forward(
+        self, features: KeyedJaggedTensor, cores: list[Tensor], params: list[Tensor],
+        weights: Tensor | None,
+    ) -> Tensor:
+        """``forward`` of a lookup holding hot-row caches (``hot_cache.cached_pooled``); in
+        training mode records the step's ids (all ranks' with a ``count_group``)."""
+        assert self._sum_layout is not None
+        sum_layout = self._sum_layout
+        slabs = {t: params[i] for t, i in self._slab_index.items()}
+        out, seen = hot_cache.cached_pooled(
+            features.values(), features.offsets(), weights, cores[0].dtype,
+            self._position_tables, self._mean_tables, self._dims, self._caches,
+            lambda v, o, w: tt_embedding_bag(cores, sum_layout, v, o, w, self.kernel_options),
+            slabs,
+        )
+        if self.training:
+            if self._count_group is not None:
+                seen = _gather_ids(seen, self._count_group)
+            for t, ids in seen.items():
+                hot_cache.record_ids(self._caches[t], ids)
+        return out
+
+
+@torch.no_grad()
+def _gather_ids(ids: Mapping[int, Tensor], group: dist.ProcessGroup) -> dict[int, Tensor]:
+    """Every rank's ids per table (concatenated in rank order), on every rank of ``group``: two
+    all-gathers (the per-table counts, then the ids padded to the longest rank's), and a host
+    read of the counts."""
+    world = dist.get_world_size(group)
+    keys = sorted(ids)
+    if world == 1 or not keys:
+        return dict(ids)
+    flat = torch.cat([ids[t].long() for t in keys])
+    sizes = torch.tensor([ids[t].numel() for t in keys], dtype=torch.int64, device=flat.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    per_rank = torch.stack(all_sizes).tolist()  # [world][tables]
+    longest = max(sum(row) for row in per_rank)
+    if longest == 0:  # no ids anywhere this step (an empty all-gather is not portable)
+        return {t: flat.new_empty(0) for t in keys}
+    padded = torch.full((longest,), -1, dtype=torch.int64, device=flat.device)
+    padded[: flat.numel()] = flat
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    out: dict[int, list[Tensor]] = {t: [] for t in keys}
+    for row, data in zip(per_rank, gathered):
+        for t, piece in zip(keys, data[: sum(row)].split(row)):
+            out[t].append(piece)
+    return {t: torch.cat(pieces) for t, pieces in out.items()}
 
 
 class TTLookupFactory:

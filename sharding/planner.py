@@ -26,7 +26,11 @@ import torch.distributed as dist
 
 from torchrec_tt.modules.embedding_bag import TTEmbeddingBagCollection
 from torchrec_tt.validation import check_number
-from torchrec_tt.sharding.embeddingbag import TTEmbeddingBagCollectionSharder, tt_planning
+from torchrec_tt.sharding.embeddingbag import (
+    CACHED_SHARDING_TYPES,
+    TTEmbeddingBagCollectionSharder,
+    tt_planning,
+)
 from torchrec_tt.sharding.estimator import TTShardEstimator
 from torchrec_tt.sharding.tt_shards import tt_column_shard_dims
 
@@ -40,6 +44,8 @@ class TTEmbeddingEnumerator(EmbeddingEnumerator):
     never saves memory (the later cores are replicated) and costs what data_parallel costs plus
     the all-to-alls. Its shards then split ``q_1`` (as many as the world size and ``q_1`` allow,
     each at least the table's ``min_partition`` wide) instead of TorchRec's 128-column blocks.
+    A table with a hot-row cache is never proposed column_wise (``CACHED_SHARDING_TYPES``); a
+    constraint that allows it nothing else raises ``ValueError`` naming the table.
     Pass a ``TTShardEstimator`` as ``estimator``.
     """
 
@@ -53,11 +59,28 @@ class TTEmbeddingEnumerator(EmbeddingEnumerator):
             constraint = self._constraints.get(name) if self._constraints else None
             if constraint is None or not constraint.sharding_types:
                 types = [t for t in types if t != ShardingType.COLUMN_WISE.value]
+            cache_rows = getattr(self, "_tt_cache_rows", {}).get(name, 0)
+            if cache_rows > 0:
+                cached = [t for t in types if t in CACHED_SHARDING_TYPES]
+                if types and not cached:
+                    raise ValueError(
+                        f"TT table {name!r} has a hot-row cache (tt_cache_rows={cache_rows}), "
+                        f"which sharding types {types} do not support; its constraints must "
+                        f"allow one of {list(CACHED_SHARDING_TYPES)}"
+                    )
+                types = cached
         return types
 
     def enumerate(
         self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]
     ) -> list[ShardingOption]:
+        # Cache sizes per TT table name (the filter above sees names only).
+        self._tt_cache_rows = {
+            cfg.name: cfg.tt_cache_rows
+            for m in module.modules()
+            if isinstance(m, TTEmbeddingBagCollection)
+            for cfg in m.embedding_bag_configs()
+        }
         with tt_planning():
             return super().enumerate(module, sharders)
 

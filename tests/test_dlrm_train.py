@@ -234,6 +234,9 @@ def test_help_shows_every_default(capsys: pytest.CaptureFixture[str]) -> None:
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--dense-arch", "64", "--dense_arch_layer_sizes", "64,16"], "not both"),
     (["--multi_hot_sizes", ",".join(["2"] * 26), "--data", "x.tsv"], "synthetic only"),
+    (["--tt-cache-fraction", "1.5"], "--tt_cache_fraction must be in [0, 1], got 1.5"),
+    (["--tt_cache_refresh_steps", "0"], "--tt_cache_refresh_steps must be >= 1, got 0"),
+    (["--tt_cache_fraction", "0.1", "--mlet_inner_dim", "32"], "does not combine with --mlet"),
 ])
 def test_bad_flags_are_named_before_anything_runs(argv: list[str], message: str,
                                                   capsys: pytest.CaptureFixture[str],
@@ -245,6 +248,24 @@ def test_bad_flags_are_named_before_anything_runs(argv: list[str], message: str,
         train.parse_args(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_tt_cache_flags_set_the_tt_tables_caches() -> None:
+    """--tt_cache_fraction / --tt_cache_refresh_steps reach the TT tables' configs (the sharded
+    cache itself: tests/distributed/test_hot_cache_gloo.py)."""
+    from torchrec_tt import TTEmbeddingBagConfig
+
+    train = _import_train()
+    args = train.parse_args([*SMALL, "--nproc", "1", "--tt-cache-fraction", "0.05",
+                             "--tt-cache-refresh-steps", "7"])
+    cards = [1000 * (i + 1) for i in range(26)]
+    configs = train.table_configs(args, cards, True)
+    tt = [c for c in configs if isinstance(c, TTEmbeddingBagConfig)]
+    assert len(tt) == 7
+    assert all(c.tt_cache_rows == int(0.05 * c.num_embeddings) > 0 for c in tt)
+    assert all(c.tt_cache_refresh_steps == 7 for c in tt)
+    default = train.table_configs(train.parse_args([*SMALL, "--nproc", "1"]), cards, True)
+    assert all(c.tt_cache_rows == 0 for c in default if isinstance(c, TTEmbeddingBagConfig))
 
 
 def test_resume_without_checkpoint_says_so(tmp_path: Path,

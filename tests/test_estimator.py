@@ -3,6 +3,7 @@ column-shard geometry, and plan() end to end with the planner's printed stats.""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -14,7 +15,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import ParameterConstraints, Topology
-from torchrec.distributed.planner.types import Perf
+from torchrec.distributed.planner.types import CollectiveType, Perf
 
 from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from torchrec_tt.shapes import TTShape
@@ -28,6 +29,7 @@ from torchrec_tt.sharding import (
 from torchrec_tt.sharding.estimator import (
     all_reduce_ms,
     all_to_all_ms,
+    tt_cache_storage_bytes,
     tt_compute_ms,
     tt_shard_io_bytes,
     tt_shard_perf,
@@ -232,6 +234,52 @@ def test_estimator_counts_the_fused_optimizer_state(optimizer: EmbOptimType) -> 
                                         fused_params=fused)
     assert ddr(model, TTEmbeddingBagCollectionSharder()) == expected
     assert ddr(_Model(), TTEmbeddingBagCollectionSharder()) == 4 * core + sum(io)
+
+
+def test_cache_storage_by_hand() -> None:
+    # K=100 rows, D=16: slab 6400 B + its gradient 6400 B; buffers: 3 x 100 int64 (id map) +
+    # 200 int64 + 200 float32 (candidates) + one int64 step = 2400 + 1600 + 800 + 8 = 4808 B.
+    assert tt_cache_storage_bytes(0, 16, EmbOptimType.ADAM) == 0
+    assert tt_cache_storage_bytes(100, 16, EmbOptimType.EXACT_SGD) == 12800 + 4808
+    assert tt_cache_storage_bytes(100, 16, EmbOptimType.EXACT_ADAGRAD) == 12800 + 6400 + 4808
+    assert tt_cache_storage_bytes(100, 16, EmbOptimType.EXACT_ROWWISE_ADAGRAD) == 12800 + 400 + 4808
+    assert tt_cache_storage_bytes(100, 16, EmbOptimType.ADAM) == 12800 + 12804 + 4808  # + a step
+    assert tt_cache_storage_bytes(100, 16, None, optimizer_multiplier=2.0) == 12800 + 12800 + 4808
+
+
+def test_estimator_counts_the_hot_row_cache() -> None:
+    """A cached table's shard storage is the uncached one plus the cache's bytes (fused Adagrad:
+    slab, gradient, Adagrad state, buffers); data_parallel also all-reduces the slab and
+    all-gathers the ids; column_wise is not offered to it."""
+    def options(cache_rows: int) -> dict[tuple[str, str], Any]:
+        model = _Model()
+        configs = [dataclasses.replace(c, tt_cache_rows=cache_rows) if c.name == "big" else c
+                   for c in model.tt.embedding_bag_configs()]
+        model.tt = TTEmbeddingBagCollection(configs, device="meta", fused_params={
+            "optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": 0.1})
+        constraints = {"big": ParameterConstraints(sharding_types=["data_parallel", "table_wise",
+                                                                   "column_wise"])}
+        estimator = TTShardEstimator(TOPOLOGY, constraints, device_flops=1e10)
+        enumerator = TTEmbeddingEnumerator(TOPOLOGY, 128, constraints, estimator=estimator)
+        found = enumerator.enumerate(model, [TTEmbeddingBagCollectionSharder(),
+                                             EmbeddingBagCollectionSharder()])
+        return {(o.name, o.sharding_type): o for o in found}
+
+    plain, cached = options(0), options(500_000)  # a 5% cache
+    extra = tt_cache_storage_bytes(500_000, 64, EmbOptimType.EXACT_ADAGRAD)
+    assert extra == 3 * 500_000 * 64 * 4 + 500_000 * (5 * 8 + 2 * 4) + 8
+    for kind in ("data_parallel", "table_wise"):
+        for a, b in zip(plain[("big", kind)].shards, cached[("big", kind)].shards):
+            assert b.storage.ddr == a.storage.ddr + extra
+    assert ("big", "column_wise") in plain and ("big", "column_wise") not in cached
+    dp_plain, dp_cached = plain[("big", "data_parallel")].shards[0].perf, cached[("big", "data_parallel")].shards[0].perf
+    bw = TOPOLOGY.comms_bandwidths
+    ar = bw.get_bw(local_world_size=TOPOLOGY.local_world_size, world_size=2,
+                   collective_type=CollectiveType.ALL_REDUCE)
+    a2a = bw.get_bw(local_world_size=TOPOLOGY.local_world_size, world_size=2,
+                    collective_type=CollectiveType.ALL_TO_ALL)
+    assert dp_cached.bwd_comms == pytest.approx(dp_plain.bwd_comms + all_reduce_ms(500_000 * 64 * 4, 2, ar))
+    assert dp_cached.fwd_comms == pytest.approx(dp_plain.fwd_comms + all_to_all_ms(128 * 8, a2a))
 
 
 def test_cuda_compute_counts_the_two_factor_kernels_flops() -> None:

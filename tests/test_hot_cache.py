@@ -1,6 +1,6 @@
 """Hot-row cache of TT tables (issue 14): lookups, counting, refresh / write-back, training,
-state_dict and resume, option checks, the paths that refuse it, and TTPolicy's data-driven
-selection."""
+state_dict and resume, option checks, the path that refuses it (quantization), and TTPolicy's
+data-driven selection. Sharded caches: tests/distributed/test_hot_cache_gloo.py."""
 
 from __future__ import annotations
 
@@ -285,13 +285,11 @@ def test_mlet_cache_and_refresh_without_cache_are_rejected() -> None:
         ebc.refresh_cache("b")
 
 
-def test_sharder_and_quantization_refuse_a_cached_table() -> None:
+def test_quantization_refuses_a_cached_table() -> None:
+    # (Sharding takes cached tables: tests/distributed/test_hot_cache_gloo.py.)
     from torchrec_tt.inference import QuantTTEmbeddingBagCollection
-    from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder
 
     ebc = TTEmbeddingBagCollection(_tables())
-    with pytest.raises(ValueError, match=r"sharded TTEmbeddingBagCollection.*\['a', 'c'\]"):
-        TTEmbeddingBagCollectionSharder().shardable_parameters(ebc)
     with pytest.raises(ValueError, match=r"QuantTTEmbeddingBagCollection.*\['a', 'c'\]"):
         QuantTTEmbeddingBagCollection(ebc)
 

@@ -48,7 +48,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -81,7 +81,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
-from torchrec_tt import criteo
+from torchrec_tt import TTEmbeddingBagConfig, criteo
 from torchrec_tt.mlet import collapse_checkpoint, collapsed_config, mlet_rowwise_lr_scale, swap_to_mlet
 from torchrec_tt.sharding import (
     CommsMeter,
@@ -227,6 +227,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(g, "tt_rank", type=int, default=32, help="TT rank (all inner ranks)")
     _flag(g, "tt_cores", type=int, default=2,
           help="TT cores per table (2: the CUDA two-factor kernels' best shape)")
+    _flag(g, "tt_cache_fraction", type=float, default=0.0,
+          help="hot-row cache of each TT table (TT-Rec), as a fraction of its rows: the most "
+          "frequent ids train as a dense slab (0: off; data_parallel / table_wise plans)")
+    _flag(g, "tt_cache_refresh_steps", type=int, default=100,
+          help="training steps between hot-row cache refreshes (with --tt_cache_fraction)")
     _flag(g, "mlet_inner_dim", type=int, default=0,
           help="MLET (arXiv 2006.05623): train every table (plain and TT) at this width, "
           "followed by a linear map to --embedding_dim, then collapse it and evaluate the "
@@ -319,6 +324,13 @@ def validate_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.tt_cores < 2:
         raise ValueError(f"--tt_cores must be >= 2, got {args.tt_cores}")
+    if not (math.isfinite(args.tt_cache_fraction) and 0 <= args.tt_cache_fraction <= 1):
+        raise ValueError(f"--tt_cache_fraction must be in [0, 1], got {args.tt_cache_fraction}")
+    if args.tt_cache_refresh_steps < 1:
+        raise ValueError(f"--tt_cache_refresh_steps must be >= 1, got {args.tt_cache_refresh_steps}")
+    if args.tt_cache_fraction > 0 and args.mlet_inner_dim > 0:
+        raise ValueError("--tt_cache_fraction does not combine with --mlet_inner_dim (MLET's TT "
+                         "tables take no hot-row cache)")
     if args.mlet_inner_dim < 0:
         raise ValueError(f"--mlet_inner_dim must be >= 0 (0: off), got {args.mlet_inner_dim}")
     if 0 < args.mlet_inner_dim < args.embedding_dim:
@@ -564,14 +576,19 @@ def table_configs(args: argparse.Namespace, cardinalities: list[int],
 
 def tt_configs(args: argparse.Namespace,
                configs: list[EmbeddingBagConfig]) -> list[EmbeddingBagConfig]:
+    common = {"ranks": args.tt_rank, "num_cores": args.tt_cores,
+              "cache_fraction": args.tt_cache_fraction}
     if args.tt_budget_bytes is not None:
-        policy = TTPolicy(memory_budget_bytes=int(args.tt_budget_bytes), ranks=args.tt_rank,
-                          num_cores=args.tt_cores)
+        policy = TTPolicy(memory_budget_bytes=int(args.tt_budget_bytes), **common)
     elif args.tt_min_rows is not None:
-        policy = TTPolicy(min_rows=args.tt_min_rows, ranks=args.tt_rank, num_cores=args.tt_cores)
+        policy = TTPolicy(min_rows=args.tt_min_rows, **common)
     else:
-        policy = TTPolicy(largest=args.tt_tables, ranks=args.tt_rank, num_cores=args.tt_cores)
-    return swap_configs(configs, policy)
+        policy = TTPolicy(largest=args.tt_tables, **common)
+    return [
+        replace(c, tt_cache_refresh_steps=args.tt_cache_refresh_steps)
+        if isinstance(c, TTEmbeddingBagConfig) and c.tt_cache_rows > 0 else c
+        for c in swap_configs(configs, policy)
+    ]
 
 
 def build(args: argparse.Namespace, data: Data, tt: bool, device: torch.device,

@@ -576,70 +576,34 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         values, offsets, weights = _lookup_inputs(
             features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
         )
-        dev, dtype = values.device, cores[0].dtype
-        num_pos = len(self._feature_names)
-        nbags = offsets.numel() - 1
-        batch = nbags // num_pos
-        lengths = (offsets[1:] - offsets[:-1]).long()
-        bag_of = torch.repeat_interleave(
-            torch.arange(nbags, device=dev), lengths, output_size=values.numel()
+        configs = self._embedding_bag_configs
+        table_index = {cfg.name: t for t, cfg in enumerate(configs)}
+        caches = {
+            t: self.embedding_bags[cfg.name] for t, cfg in enumerate(configs) if cfg.tt_cache_rows > 0
+        }
+        sum_modes = [int(PoolingMode.SUM)] * len(self._op_pooling_modes)
+        out, seen = hot_cache.cached_pooled(
+            values, offsets, weights, cores[0].dtype,
+            [table_index[n] for n in self._feature_tables],
+            [cfg.pooling == PoolingType.MEAN for cfg in configs],
+            self._lengths_per_key,
+            caches,
+            lambda v, o, w: self._op(
+                cores, sum_modes, v, o, w, self._op_compute_precision, deterministic
+            ),
         )
-        pos_of = bag_of // batch if batch > 0 else bag_of
-        table_index = {cfg.name: t for t, cfg in enumerate(self._embedding_bag_configs)}
-        pos_table = torch.tensor([table_index[n] for n in self._feature_tables], device=dev)
-        pos_mean = torch.tensor(
-            [self._embedding_bag_configs[table_index[n]].pooling == PoolingType.MEAN
-             for n in self._feature_tables], device=dev,
-        )
-        table_of = pos_table[pos_of]
-        w = weights if weights is not None else torch.ones(values.numel(), dtype=dtype, device=dev)
-        scale = torch.where(pos_mean[pos_of], w / lengths.clamp(min=1).to(dtype)[bag_of], w)
-        hit = torch.zeros(values.numel(), dtype=torch.bool, device=dev)
-        blocks: Dict[int, Tensor] = {}
-        for t, cfg in enumerate(self._embedding_bag_configs):
-            if cfg.tt_cache_rows == 0:
-                continue
-            table = self.embedding_bags[cfg.name]
-            idx = torch.nonzero(table_of == t).squeeze(1)
-            ids = values[idx]
-            slots = hot_cache.cache_slots(table, ids)
-            found = slots >= 0
-            hidx = idx[found]
-            hit[hidx] = True
-            counts = torch.bincount(bag_of[hidx], minlength=nbags)
-            off = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-            pooled = torch.nn.functional.embedding_bag(
-                slots[found], table.cache_weight, off, mode="sum",
-                per_sample_weights=scale[hidx], include_last_offset=True,
-            )
-            for j, name in enumerate(self._feature_tables):
-                if name == cfg.name:
-                    blocks[j] = pooled[j * batch : (j + 1) * batch]
-            if self.training:
-                hot_cache.count_ids(table, ids)
-                table.cache_step.add_(1)
-        keep = ~hit
-        kept = torch.bincount(bag_of[keep], minlength=nbags)
-        kept_offsets = torch.cat([kept.new_zeros(1), torch.cumsum(kept, 0)]).to(offsets.dtype)
-        tt_values = self._op(
-            cores, [int(PoolingMode.SUM)] * len(self._op_pooling_modes), values[keep],
-            kept_offsets, scale[keep], self._op_compute_precision, deterministic,
-        )
-        parts = [
-            blocks[j] if j in blocks else tt_values.new_zeros(batch, d)
-            for j, d in enumerate(self._lengths_per_key)
-        ]
-        out = tt_values + torch.cat(parts, dim=1)
+        if self.training:
+            for t, ids in seen.items():
+                hot_cache.record_ids(caches[t], ids)
         out = _expand_inverse_indices(out, features, self._feature_names, self._lengths_per_key)
         return KeyedTensor(keys=self._embedding_names, length_per_key=self._lengths_per_key, values=out)
 
     @torch.jit.unused
     def _refresh_due_caches(self) -> None:
         for cfg in self._embedding_bag_configs:
-            if cfg.tt_cache_rows == 0:
-                continue
-            step = int(self.embedding_bags[cfg.name].cache_step)
-            if step > 0 and step % cfg.tt_cache_refresh_steps == 0:
+            if cfg.tt_cache_rows > 0 and hot_cache.refresh_due(
+                self.embedding_bags[cfg.name], cfg.tt_cache_refresh_steps
+            ):
                 self.refresh_cache(cfg.name)
 
     @torch.jit.unused

@@ -47,13 +47,21 @@ D=16, q=(4,4), R=32: 8 rows per digit) and moves the other rows by at most
 largest relative error of an evicted row after the refresh. (An undamped exact fit of nearly
 singular rows made training diverge in the tests' 3-core rank-4 table.)
 
-Not supported with the cache (each raises naming the table): the sharded collection, the
+Sharded (``torchrec_tt.sharding``): data_parallel and table_wise tables keep the cache with the
+rank(s) that hold the table and give the unsharded module's result on the union of the ranks'
+batches. A table-wise owner sees every rank's ids of its table (TorchRec's KJT all-to-all) and
+counts, refreshes and trains its slab alone; data-parallel replicas gather the ids of all ranks
+before counting (one all-gather per step), so every replica holds the same counts, refreshes
+alike and averages its slab gradient like a core's. Column-wise tables refuse the cache.
+
+Not supported with the cache (each raises naming the table): column-wise sharding, the
 quantized inference module; the cached forward runs in eager mode only (TorchScript,
 ``torch.fx`` and ``torch.export`` take the collection without a cache).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +70,8 @@ from torch import Tensor, nn
 from torchrec_tt.reference import _row_digits
 from torchrec_tt.shapes import TTShape
 
-__all__ = ["CacheRefreshStats", "add_cache_buffers", "refuse_hot_cache", "cache_slots", "count_ids", "refresh_cache",
+__all__ = ["CACHE_BUFFERS", "CacheRefreshStats", "add_cache_buffers", "cache_buffer_specs", "cache_slots",
+           "cached_pooled", "count_ids", "record_ids", "refresh_cache", "refresh_due", "refuse_hot_cache",
            "reset_cache", "tt_rows", "write_back"]
 
 #: Candidate ids counted per cached row.
@@ -100,17 +109,30 @@ class CacheRefreshStats:
     writeback_error: float
 
 
-def add_cache_buffers(table: nn.Module, rows: int, dim: int, device: torch.device | None) -> None:
-    """Registers the slab parameter and the cache buffers on a TT table module."""
-    table.register_parameter("cache_weight", nn.Parameter(torch.zeros(rows, dim, device=device)))
-    long = {"dtype": torch.int64, "device": device}
-    table.register_buffer("cache_ids", torch.full((rows,), -1, **long))
-    table.register_buffer("cache_sorted_ids", torch.full((rows,), -1, **long))
-    table.register_buffer("cache_sorted_slots", torch.arange(rows, **long))
+#: The cache's buffers (besides the ``cache_weight`` slab), in state-dict order.
+CACHE_BUFFERS = ("cache_ids", "cache_sorted_ids", "cache_sorted_slots", "cache_cand_ids",
+                 "cache_cand_counts", "cache_step")
+
+
+def cache_buffer_specs(rows: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Shape and dtype of each of ``CACHE_BUFFERS`` for a cache of ``rows`` rows."""
     cand = CANDIDATES_PER_ROW * rows
-    table.register_buffer("cache_cand_ids", torch.full((cand,), -1, **long))
-    table.register_buffer("cache_cand_counts", torch.zeros(cand, device=device))
-    table.register_buffer("cache_step", torch.zeros((), **long))
+    return {
+        "cache_ids": ((rows,), torch.int64),
+        "cache_sorted_ids": ((rows,), torch.int64),
+        "cache_sorted_slots": ((rows,), torch.int64),
+        "cache_cand_ids": ((cand,), torch.int64),
+        "cache_cand_counts": ((cand,), torch.float32),
+        "cache_step": ((), torch.int64),
+    }
+
+
+def add_cache_buffers(table: nn.Module, rows: int, dim: int, device: torch.device | None) -> None:
+    """Registers the slab parameter and the cache buffers (an empty cache) on a TT table module."""
+    table.register_parameter("cache_weight", nn.Parameter(torch.zeros(rows, dim, device=device)))
+    for name, (shape, dtype) in cache_buffer_specs(rows).items():
+        table.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
+    reset_cache(table)  # (also on meta: the ops only propagate shapes there)
 
 
 @torch.no_grad()
@@ -132,6 +154,89 @@ def cache_slots(table: nn.Module, ids: Tensor) -> Tensor:
     pos = torch.searchsorted(sorted_ids, ids).clamp_(max=sorted_ids.numel() - 1)
     hit = sorted_ids[pos] == ids
     return torch.where(hit, table.cache_sorted_slots[pos], torch.full_like(ids, -1))
+
+
+def refresh_due(table: nn.Module, refresh_steps: int) -> bool:
+    """Whether the next training forward starts with a refresh (reads the step on the host)."""
+    step = int(table.cache_step)
+    return step > 0 and step % refresh_steps == 0
+
+
+@torch.no_grad()
+def record_ids(table: nn.Module, ids: Tensor) -> None:
+    """What a training forward adds to a table's cache: the counts of its ids and one step."""
+    count_ids(table, ids)
+    table.cache_step.add_(1)
+
+
+def cached_pooled(
+    values: Tensor,
+    offsets: Tensor,
+    weights: Tensor | None,
+    dtype: torch.dtype,
+    position_tables: Sequence[int],
+    mean_tables: Sequence[bool],
+    dims: Sequence[int],
+    caches: Mapping[int, nn.Module],
+    tt_sum: Callable[[Tensor, Tensor, Tensor], Tensor],
+    slabs: Mapping[int, Tensor] | None = None,
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """Pooled lookups ``[B, sum(dims)]`` of a table-batched bag layout with hot-row caches.
+
+    ``values`` / ``offsets`` / ``weights``: the op's flat layout (``F * B`` bags, feature-major);
+    ``position_tables[f]``: the table of feature ``f``; ``mean_tables[t]``: whether table ``t``
+    pools by MEAN; ``dims[f]``: the width of feature ``f``; ``caches``: table -> the module
+    holding its cache buffers (cached tables only). Each cached table's ids found in its slab
+    are pooled from it with ``embedding_bag`` (per-sample weights kept; MEAN divides by the full
+    bag length); the other ids go to ``tt_sum(values, offsets, per_sample_weights)``, the TT op
+    over all tables with SUM pooling (weights pre-divided by the full bag length for MEAN
+    tables), and the two are added. ``slabs``: the tensor to pool each cached table's hits from
+    (default: its ``cache_weight``; a sharded lookup passes a view that routes the gradient).
+    Returns the pooled values and each cached table's ids (for ``record_ids``; nothing is
+    counted here)."""
+    dev = values.device
+    num_pos = len(position_tables)
+    nbags = offsets.numel() - 1
+    batch = nbags // num_pos
+    lengths = (offsets[1:] - offsets[:-1]).long()
+    bag_of = torch.repeat_interleave(
+        torch.arange(nbags, device=dev), lengths, output_size=values.numel()
+    )
+    pos_of = bag_of // batch if batch > 0 else bag_of
+    pos_table = torch.tensor(list(position_tables), device=dev)
+    pos_mean = torch.tensor([mean_tables[t] for t in position_tables], device=dev)
+    table_of = pos_table[pos_of]
+    w = weights if weights is not None else torch.ones(values.numel(), dtype=dtype, device=dev)
+    scale = torch.where(pos_mean[pos_of], w / lengths.clamp(min=1).to(dtype)[bag_of], w)
+    hit = torch.zeros(values.numel(), dtype=torch.bool, device=dev)
+    blocks: dict[int, Tensor] = {}
+    seen: dict[int, Tensor] = {}
+    for t, table in caches.items():
+        idx = torch.nonzero(table_of == t).squeeze(1)
+        ids = values[idx]
+        slots = cache_slots(table, ids)
+        found = slots >= 0
+        hidx = idx[found]
+        hit[hidx] = True
+        counts = torch.bincount(bag_of[hidx], minlength=nbags)
+        off = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        slab = slabs[t] if slabs is not None else table.cache_weight
+        pooled = torch.nn.functional.embedding_bag(
+            slots[found], slab, off, mode="sum",
+            per_sample_weights=scale[hidx], include_last_offset=True,
+        )
+        for j, pt in enumerate(position_tables):
+            if pt == t:
+                blocks[j] = pooled[j * batch : (j + 1) * batch]
+        seen[t] = ids
+    keep = ~hit
+    kept = torch.bincount(bag_of[keep], minlength=nbags)
+    kept_offsets = torch.cat([kept.new_zeros(1), torch.cumsum(kept, 0)]).to(offsets.dtype)
+    tt_values = tt_sum(values[keep], kept_offsets, scale[keep])
+    parts = [
+        blocks[j] if j in blocks else tt_values.new_zeros(batch, d) for j, d in enumerate(dims)
+    ]
+    return tt_values + torch.cat(parts, dim=1), seen
 
 
 @torch.no_grad()
