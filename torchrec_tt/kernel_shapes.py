@@ -31,15 +31,15 @@ __all__ = [
 TWO_FACTOR_RANKS = (4, 8, 16, 32, 64, 128)
 #: The CUDA kernels build P for 3- and 4-core tables up to this many floats (32 MB).
 MAX_PREFIX_FLOATS = 1 << 23
-#: The two-factor kernels' cost on an H200, fitted to the v7 Kaggle-7 fwd + bwd + SGD steps
-#: (docs/benchmarks.md "v7", graphed, 7 tables at R=32): per lookup a fixed part and the 6DR
+#: The two-factor kernels' cost on an H200, fitted to the v7 Kaggle-7 fwd + bwd + SGD steps with
+#: the exact-shape kernels (docs/benchmarks.md "v7", graphed, 7 tables at R=32): per lookup a fixed part and the 6DR
 #: FLOPs at an effective rate (the slopes between B=8,192 and 65,536 at D=16 and 64), per call a
 #: part per table and one per byte of cores (the intercepts: the dense gradient zeroing and the
 #: SGD update touch every core).
-TWO_FACTOR_FLOPS = 12.5e12
-TWO_FACTOR_LOOKUP_SECONDS = 0.226e-9
-TWO_FACTOR_TABLE_SECONDS = 9.0e-6
-TWO_FACTOR_CORE_BYTE_SECONDS = 5.3e-6 / 2**20
+TWO_FACTOR_FLOPS = 14.3e12
+TWO_FACTOR_LOOKUP_SECONDS = 0.212e-9
+TWO_FACTOR_TABLE_SECONDS = 12.6e-6
+TWO_FACTOR_CORE_BYTE_SECONDS = 2.6e-6 / 2**20
 #: cuBLAS rate of the level GEMMs that build P for 3- and 4-core tables (fitted to v4).
 PREFIX_GEMM_FLOPS = 3e12
 OLDER_KERNEL_FLOPS = 1.7e13
