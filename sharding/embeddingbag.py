@@ -616,6 +616,13 @@ class ShardedTTEmbeddingBagCollection(
                     "variable batch size per feature (VBE) needs the KeyedJaggedTensor's "
                     "inverse_indices (as TorchRec's sharded EmbeddingBagCollection)"
                 )
+            # Every rank knows the configs: all refuse before any collective.
+            cached = [c.name for c in self._embedding_bag_configs if c.tt_cache_rows > 0]
+            if cached:
+                raise ValueError(
+                    f"TT tables with a hot-row cache ({cached}) take no variable-batch (VBE) "
+                    "KeyedJaggedTensor; pass one batch size per feature"
+                )
             ctx.variable_batch_per_feature = True
             ctx.inverse_indices = features.inverse_indices()
         if self._has_uninitialized_input_dist:

@@ -492,13 +492,7 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         weights = None
         if self._is_weighted:
             weights = sparse_features.weights().to(cores[0].dtype)
-        if self._caches:
-            if sparse_features.variable_stride_per_key():
-                raise ValueError(
-                    f"TT tables with a hot-row cache "
-                    f"({sorted(local.name for local in self._caches.values())}) take no "
-                    "variable-batch (VBE) KJT; pass one batch size per feature"
-                )
+        if self._caches:  # (VBE batches are refused for cached tables by the sharded module)
             return self._cached_forward(sparse_features, cores, params, weights)
         if not sparse_features.variable_stride_per_key():
             return tt_embedding_bag(

@@ -213,6 +213,16 @@ def _check_plans(rank: int, world_size: int, fused: Mapping[str, Any] | None, ck
                 rtol=1e-4, atol=1e-5,
             )
         dmp.train()
+        # A variable-batch (VBE) batch is refused on every rank before any collective, naming
+        # the cached tables.
+        kjt = _kjt(rank, 60)
+        vbe = KeyedJaggedTensor(
+            keys=KEYS, values=kjt.values(), lengths=kjt.lengths(),
+            stride_per_key_per_rank=[[BATCH]] * len(KEYS),
+            inverse_indices=(KEYS, torch.arange(BATCH).repeat(len(KEYS), 1)),
+        )
+        with pytest.raises(ValueError, match=r"hot-row cache \(\['a', 'c'\]\).*VBE"):
+            dmp(vbe)
         if fused is not None:
             keys = set(dmp.fused_optimizer.params)
             assert {"tt.embedding_bags.a.cache_weight", "tt.embedding_bags.c.cache_weight"} <= keys
