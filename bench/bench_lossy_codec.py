@@ -310,7 +310,9 @@ def count_host(a: argparse.Namespace) -> None:
     ops = [e for e in events if not codec_range(e) and under_codec(e)]
     top = [e for e in ops if e.cpu_parent is not None and codec_range(e.cpu_parent)]
     stats = pstats.Stats(state["cprofile"])
-    py_calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+    own = {k: v for k, v in stats.stats.items()  # type: ignore[attr-defined]
+           if "_lsprof" not in k[2]}  # cProfile's own disable()
+    py_calls = sum(v[1] for v in own.values())
     by_op = collections.Counter(e.name for e in top)
     print(f"host work of the codec per call sequence (forward + backward, {ranks} simulated ranks,"
           f" {b} rows x {t} tables x {d}, impl {impl}, bound {bound}, "
@@ -324,7 +326,7 @@ def count_host(a: argparse.Namespace) -> None:
     print(f"  dispatched ops:            {sum(dispatched.values()) / n:.1f}  "
           + ", ".join(f"{k} {v / n:g}" for k, v in dispatched.most_common()))
     print(f"  Python calls (cProfile):   {py_calls / n:.1f}")
-    funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][1], reverse=True)[:12]  # type: ignore[attr-defined]
+    funcs = sorted(own.items(), key=lambda kv: kv[1][1], reverse=True)[:12]
     print("  most called: " + ", ".join(f"{os.path.basename(k[0])}:{k[2]} {v[1] / n:g}"
                                         for k, v in funcs))
 
