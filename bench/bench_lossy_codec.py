@@ -254,7 +254,8 @@ def count_host(a: argparse.Namespace) -> None:
     grads = [x[: b, : per * ranks * d].contiguous() * 1e-3 for _ in range(ranks)]
     bound = float(a.bounds.split(",")[0])
     dispatched: collections.Counter[str] = collections.Counter()
-    state = {"depth": 0, "on": 0, "cprof": 0, "calls": collections.Counter(), "cprofile": cProfile.Profile()}
+    state = {"depth": 0, "on": 0, "cprof": 0, "calls": collections.Counter(),
+             "cprofile": cProfile.Profile()}
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -50,8 +50,10 @@ The dual-level policy (:class:`ErrorBoundPolicy`):
 Its state (step, per-table statistics) is in ``state_dict()`` / ``load_state_dict()``, exact on
 resume.
 
-The codec runs the compiled ops (``torchrec_tt::lossy_encode`` / ``lossy_decode``: one encode and
-one decode call per chunk layout, reading the pooled tensor in place, no permuted copies) where
+The codec runs the compiled ops (``torchrec_tt::lossy_encode`` / ``lossy_decode``: one call per
+run of ranks with the same dims and code widths, so one encode and one decode per all-to-all and
+direction when all ranks agree, reading the pooled tensor in place, no permuted copies; the
+widths, sizes and runs are derived once per layout and bound, not per call) where
 the extension has them, else the torch-op reference (``codec_impl=``, see
 ``torchrec_tt.sharding.lossy_codec``). NaN/inf in a tensor to encode raise ValueError: at once on
 the CPU; on CUDA without a host sync, from a later encode or ``policy.step()`` (the groups
@@ -79,8 +81,6 @@ from torchrec_tt.sharding.lossy_codec import (
     _encode_blocks_checked,
     _resolve,
     bits_for_bound,
-    decode_blocks,
-    encode_blocks,
     encoded_bytes,
 )
 
