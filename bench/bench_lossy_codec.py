@@ -23,18 +23,33 @@ NaN/inf check is the lazy device flag (no host sync); the torch-op one synchroni
 ratio on captured pooled embeddings and gradients, per capture step, against fp32 and
 TorchRec's INT8 qcomms (FBGEMM row-wise, rows of 32 values: 40 bytes per 32 values), and the
 entropy of the codes (what an ideal entropy stage would add).
+
+``--count_host`` counts the host work of the ``codec a2a`` call sequence (the codec's own calls
+only, not the simulated exchange around them), per call sequence (forward + backward of
+``--ranks`` simulated ranks): ops the torch profiler records under the codec's methods (all,
+and those called from Python directly), ops as dispatched (``TorchDispatchMode``), Python
+function calls (cProfile) and the calls per codec method. The counts are deterministic; run it
+on the CPU (the small default batch is enough: the counts do not depend on it) or on CUDA,
+where the lazy NaN/inf flag adds its polling::
+
+    python bench/bench_lossy_codec.py --count_host --device cpu --batch 64
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import cProfile
 import math
 import os
+import pstats
 import statistics
 import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchrec.distributed.types import QuantizedCommCodecs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from torchrec_tt.sharding.lossy_codec import (  # noqa: E402
@@ -193,6 +208,130 @@ def captured(a: argparse.Namespace) -> None:
                       f"{ent_ratio:>20.2f}x {float(err):>21.3f}")
 
 
+class _Counted:
+    """Wraps a codec: each method call runs under a profiler range named ``codec.<method>`` and,
+    counts the call while ``on`` and runs it under cProfile while ``cprof`` (calls nested in
+    one are not re-entered)."""
+
+    def __init__(self, codec, state: dict) -> None:
+        self._codec, self._state = codec, state
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._codec, name)
+        if not callable(attr):
+            return attr
+        state = self._state
+
+        def call(*args, **kwargs):
+            if state["depth"]:
+                return attr(*args, **kwargs)
+            state["depth"] += 1
+            state["calls"][name] += state["on"]
+            try:
+                with torch.profiler.record_function(f"codec.{name}"):
+                    if state["cprof"]:
+                        state["cprofile"].enable()
+                    try:
+                        return attr(*args, **kwargs)
+                    finally:
+                        if state["cprof"]:
+                            state["cprofile"].disable()
+            finally:
+                state["depth"] -= 1
+        return call
+
+
+def count_host(a: argparse.Namespace) -> None:
+    """Host work per codec a2a call sequence (see the module docstring)."""
+    device = torch.device(a.device)
+    impl = "compiled" if compiled_available(device) else "reference"
+    g = torch.Generator(device=device).manual_seed(0)
+    ranks, b, t, d = a.ranks, a.batch, a.tables, a.dim
+    scales = torch.logspace(-1, 1, t, device=device).repeat_interleave(d)
+    x = torch.randn(ranks * b, t * d, generator=g, device=device) * scales
+    per = max(1, t // ranks)
+    emb = [x[:, r * per * d:(r + 1) * per * d].contiguous() for r in range(ranks)]
+    grads = [x[: b, : per * ranks * d].contiguous() * 1e-3 for _ in range(ranks)]
+    bound = float(a.bounds.split(",")[0])
+    dispatched: collections.Counter[str] = collections.Counter()
+    state = {"depth": 0, "on": 0, "cprof": 0, "calls": collections.Counter(),
+             "cprofile": cProfile.Profile()}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if state["depth"] and state["on"] and not name.startswith("profiler."):
+                dispatched[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    codecs = []
+    for _ in range(ranks):
+        c = error_bounded_qcomm_codecs(bound, block_dim=d, table_wise=not a.no_table_wise,
+                                       check_finite=a.check_finite, codec_impl=impl)
+        c = c["POOLED_EMBEDDINGS_ALL_TO_ALL"]
+        codecs.append(QuantizedCommCodecs(forward=_Counted(c.forward, state),
+                                          backward=_Counted(c.backward, state)))
+    policies = {id(c.forward._codec.policy): c.forward._codec.policy for c in codecs}
+
+    def once() -> None:
+        simulate_pooled_all_to_all(codecs, emb, grads)
+        for p in policies.values():  # a training step's policy.step()
+            p.step()
+
+    for _ in range(3):  # warm-up: layouts, cached widths
+        once()
+    _sync(device)
+    n = a.repeats
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            once()
+        _sync(device)
+    state["on"] = 1
+    with Count():
+        for _ in range(n):
+            once()
+        _sync(device)
+    state["on"], state["cprof"] = 0, 1  # cProfile on its own: the counter's calls stay out
+    for _ in range(n):
+        once()
+    _sync(device)
+    events = prof.events()
+
+    def codec_range(e) -> bool:
+        return e.name.startswith("codec.")
+
+    def under_codec(e) -> bool:
+        p = e.cpu_parent
+        while p is not None:
+            if codec_range(p):
+                return True
+            p = p.cpu_parent
+        return False
+
+    ops = [e for e in events if not codec_range(e) and under_codec(e)]
+    top = [e for e in ops if e.cpu_parent is not None and codec_range(e.cpu_parent)]
+    stats = pstats.Stats(state["cprofile"])
+    own = {k: v for k, v in stats.stats.items()  # type: ignore[attr-defined]
+           if "_lsprof" not in k[2]}  # cProfile's own disable()
+    py_calls = sum(v[1] for v in own.values())
+    by_op = collections.Counter(e.name for e in top)
+    print(f"host work of the codec per call sequence (forward + backward, {ranks} simulated ranks,"
+          f" {b} rows x {t} tables x {d}, impl {impl}, bound {bound}, "
+          f"table_wise {not a.no_table_wise}, device {device.type}; mean of {n} sequences; "
+          "deterministic counts)")
+    print(f"  codec method calls:        {sum(state['calls'].values()) / n:.1f}  "
+          + ", ".join(f"{k} {v / n:g}" for k, v in sorted(state["calls"].items())))
+    print(f"  profiler ops (all nested): {len(ops) / n:.1f}")
+    print(f"  profiler ops from Python:  {len(top) / n:.1f}  "
+          + ", ".join(f"{k} {v / n:g}" for k, v in by_op.most_common()))
+    print(f"  dispatched ops:            {sum(dispatched.values()) / n:.1f}  "
+          + ", ".join(f"{k} {v / n:g}" for k, v in dispatched.most_common()))
+    print(f"  Python calls (cProfile):   {py_calls / n:.1f}")
+    funcs = sorted(own.items(), key=lambda kv: kv[1][1], reverse=True)[:12]
+    print("  most called: " + ", ".join(f"{os.path.basename(k[0])}:{k[2]} {v[1] / n:g}"
+                                        for k, v in funcs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,8 +347,15 @@ def main() -> None:
     ap.add_argument("--no_flush_l2", dest="flush_l2", action="store_false",
                     help="CUDA: time L2-warm calls (no L2 flush before each)")
     ap.add_argument("--captured", default=None, help="capture file: compression ratio mode")
+    ap.add_argument("--count_host", action="store_true",
+                    help="count the codec a2a call sequence's host work (ops, Python calls)")
+    ap.add_argument("--no_table_wise", action="store_true",
+                    help="--count_host: the policy without the per-table level (as the "
+                         "throughput rows)")
     a = ap.parse_args()
-    if a.captured:
+    if a.count_host:
+        count_host(a)
+    elif a.captured:
         captured(a)
     else:
         throughput(a)

@@ -380,8 +380,19 @@ def encode_blocks(x: Tensor, bits: Sequence[int], block: int, row_bytes: int | N
     row_bytes = size if row_bytes is None else row_bytes
     if row_bytes < size:
         raise ValueError(f"row_bytes {row_bytes} is less than the encoded size {size}")
-    x = x.float()
-    if _resolve(impl, x.device) == "reference":
+    if x.dtype != torch.float32:
+        x = x.float()
+    return _encode_blocks_checked(x, widths, block, row_bytes, check_finite, flag,
+                                  _resolve(impl, x.device))
+
+
+def _encode_blocks_checked(x: Tensor, widths: list[int], block: int, row_bytes: int,
+                           check_finite: bool, flag: NonFiniteFlag | None, impl: str) -> Tensor:
+    """:func:`encode_blocks` after its checks (float32 ``x``, valid ``widths``, ``row_bytes``
+    at least the encoded size, ``impl`` resolved): the codec calls it with a layout's widths
+    checked once."""
+    if impl == "reference":
+        c, rows = x.shape[0], x.shape[1]
         grouped = (x.reshape(c, rows, len(widths), block).permute(0, 2, 1, 3)
                    .reshape(c, len(widths), rows * block))
         data = encode_groups_reference(grouped, widths, check_finite)
@@ -418,8 +429,17 @@ def decode_blocks(data: Tensor, rows: int, block: int, bits: Sequence[int], *,
                             or out.numel() != c * rows * len(widths) * block):
         raise ValueError(f"out must be a contiguous float32 tensor of {shape} elements, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    if _resolve(impl, data.device) == "reference":
-        values = decode_groups_reference(data[:, :size], len(widths), n, widths)
+    return _decode_blocks_checked(data, rows, block, widths, size, _resolve(impl, data.device),
+                                  out)
+
+
+def _decode_blocks_checked(data: Tensor, rows: int, block: int, widths: list[int], size: int,
+                           impl: str, out: Tensor | None = None) -> Tensor:
+    """:func:`decode_blocks` after its checks (``size``: the encoded bytes of a chunk)."""
+    c = data.shape[0]
+    shape = (c, rows, len(widths) * block)
+    if impl == "reference":
+        values = decode_groups_reference(data[:, :size], len(widths), rows * block, widths)
         values = values.reshape(c, len(widths), rows, block).permute(0, 2, 1, 3).reshape(shape)
         return values if out is None else out.view(shape).copy_(values)
     if out is None:

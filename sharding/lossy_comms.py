@@ -50,8 +50,10 @@ The dual-level policy (:class:`ErrorBoundPolicy`):
 Its state (step, per-table statistics) is in ``state_dict()`` / ``load_state_dict()``, exact on
 resume.
 
-The codec runs the compiled ops (``torchrec_tt::lossy_encode`` / ``lossy_decode``: one encode and
-one decode call per chunk layout, reading the pooled tensor in place, no permuted copies) where
+The codec runs the compiled ops (``torchrec_tt::lossy_encode`` / ``lossy_decode``: one call per
+run of ranks with the same dims and code widths, so one encode and one decode per all-to-all and
+direction when all ranks agree, reading the pooled tensor in place, no permuted copies; the
+widths, sizes and runs are derived once per layout and bound, not per call) where
 the extension has them, else the torch-op reference (``codec_impl=``, see
 ``torchrec_tt.sharding.lossy_codec``). NaN/inf in a tensor to encode raise ValueError: at once on
 the CPU; on CUDA without a host sync, from a later encode or ``policy.step()`` (the groups
@@ -74,10 +76,12 @@ from torchrec.distributed.types import CommOp, QuantizedCommCodecs
 from torchrec_tt.sharding.lossy_codec import (
     IMPLEMENTATIONS,
     NonFiniteFlag,
+    _check_widths,
+    _decode_blocks_checked,
+    _encode_blocks_checked,
+    _resolve,
     bits_for_bound,
-    decode_blocks,
-    encode_blocks,
-    group_bytes,
+    encoded_bytes,
 )
 
 __all__ = [
@@ -110,6 +114,32 @@ class _Layout:
     @property
     def name(self) -> str:
         return ",".join(map(str, self.dims))
+
+
+@dataclass(eq=False)
+class _Plan:
+    """What the codec needs of one layout and direction at the widths in force, derived once
+    (the widths change only with the policy's state), so a call does no per-group work.
+
+    ``widths[r]``: the code widths of rank r's groups (checked); ``encoded[r]``: the bytes they
+    take; ``padded[r]``: the bytes of r's chunk on the wire (equal lengths are padded to the
+    larger); ``sizes``: chunk length ->
+    bytes; ``runs``: ``(first rank, count)`` of consecutive ranks with equal dims and widths,
+    whose chunks one encode / decode call handles; ``impls``: the implementation resolved per
+    (codec's ``impl``, device type)."""
+
+    widths: tuple[list[int], ...]
+    encoded: tuple[int, ...]
+    padded: tuple[int, ...]
+    sizes: dict[int, int]
+    runs: tuple[tuple[int, int], ...]
+    impls: dict[tuple[str | None, str], str] = field(default_factory=dict)
+
+    def impl(self, codec_impl: str | None, device: torch.device) -> str:
+        got = self.impls.get((codec_impl, device.type))
+        if got is None:
+            got = self.impls[(codec_impl, device.type)] = _resolve(codec_impl, device)
+        return got
 
 
 @dataclass
@@ -191,9 +221,17 @@ class ErrorBoundPolicy:
         self._acc: dict[str, list[float | Tensor]] = {}
         self._rho: dict[str, float] = {}
         self._scale: dict[str, float] = {}
-        # code widths (direction, layout, owner, step) and chunk sizes ("sizes", direction,
-        # layout, step), derived from the state; cleared whenever the scales change
+        # code widths (direction, layout, owner, bound) and the codecs' plans ("plan",
+        # direction, layout, bound), derived from the state; cleared whenever the scales change
         self._bits_cache: dict[tuple[Any, ...], Any] = {}
+        #: bumped whenever the widths may change (step, update, load): codecs reuse a plan
+        #: while it stands
+        self.version = 0
+        self._registered: set[_Layout] = set()
+        # the group keys per (direction, layout, owner), and the statistics observed since the
+        # last fold into ``_acc``: per tuple of keys, [sum of rho, count] as device vectors
+        self._keys: dict[tuple[str, _Layout, int], tuple[str, ...]] = {}
+        self._pending: dict[tuple[str, ...], list[Tensor]] = {}
 
     # ------------------------------------------------------------------ the bound in force
 
@@ -213,27 +251,48 @@ class ErrorBoundPolicy:
 
     def bits(self, direction: str, layout: _Layout, owner: int) -> tuple[int, ...]:
         """Code widths of the groups of rank ``owner``'s columns in ``layout``."""
-        cache_key = (direction, layout, owner, self.iteration)
+        bound = self.iteration_bound(direction)
+        # keyed by the schedule's bound, not the step: without decay they hold for the run
+        cache_key = (direction, layout, owner, bound)
         got = self._bits_cache.get(cache_key)
         if got is None:
-            got = tuple(bits_for_bound(self.table_bound(direction, _group_key(layout, owner, g)))
-                        for g in range(layout.groups(owner)))
-            if len(self._bits_cache) > 4096:
-                self._bits_cache.clear()
-            self._bits_cache[cache_key] = got
+            got = tuple(bits_for_bound(bound * self._scale.get(key, 1.0))
+                        for key in self.group_keys(direction, layout, owner))
+            self._cache(cache_key, got)
         return got
+
+    def group_keys(self, direction: str, layout: _Layout, owner: int) -> tuple[str, ...]:
+        """The statistics / scale keys of rank ``owner``'s groups in ``layout``."""
+        got = self._keys.get((direction, layout, owner))
+        if got is None:
+            got = tuple(f"{direction}:{_group_key(layout, owner, g)}"
+                        for g in range(layout.groups(owner)))
+            self._keys[(direction, layout, owner)] = got
+        return got
+
+    def _cache(self, key: tuple[Any, ...], value: Any) -> None:
+        if len(self._bits_cache) > 4096:
+            self._bits_cache.clear()
+        self._bits_cache[key] = value
+
+    def _changed(self) -> None:
+        """The widths may have changed: drop what was derived from them."""
+        self._bits_cache.clear()
+        self.version += 1
 
     # ------------------------------------------------------------------ statistics
 
     def register(self, layout: _Layout) -> None:
         """Adds the tables of a layout (every rank registers every table, so the all-reduce in
         ``step`` sees the same keys everywhere)."""
+        if layout in self._registered:  # every pooled all-to-all registers its layout
+            return
         for direction in _DIRECTIONS:
             for owner in range(layout.world):
-                for g in range(layout.groups(owner)):
-                    key = f"{direction}:{_group_key(layout, owner, g)}"
+                for key in self.group_keys(direction, layout, owner):
                     if key not in self._acc:
                         self._acc[key] = [0.0, 0.0]
+        self._registered.add(layout)
 
     def wants_stats(self) -> bool:
         return self.table_wise and self.iteration % self.stats_every == 0
@@ -248,20 +307,41 @@ class ErrorBoundPolicy:
         rng = flat.amax(-1) - flat.amin(-1)
         rho = torch.where(std > 0, rng / std, torch.zeros_like(std))
         valid = (std > 0).to(rho.dtype)
-        for g in range(x.shape[1]):
-            acc = self._acc.setdefault(f"{direction}:{_group_key(layout, owner, g)}", [0.0, 0.0])
-            acc[0] = acc[0] + rho[g].double()
-            acc[1] = acc[1] + valid[g].double()
+        keys = self.group_keys(direction, layout, owner)[: x.shape[1]]
+        acc = self._pending.get(keys)
+        if acc is None:
+            if any(k in self._pending_keys() for k in keys):  # overlapping tuples: fold first
+                self._fold()
+            # start from the accumulated values, so the float64 sums add in the same order as
+            # one group at a time would
+            acc = [torch.stack([torch.as_tensor(self._acc.get(k, [0.0, 0.0])[i],
+                                                dtype=torch.float64, device=x.device)
+                                for k in keys]) for i in (0, 1)]
+            self._pending[keys] = acc
+        acc[0] = acc[0] + rho.double()
+        acc[1] = acc[1] + valid.double()
+
+    def _pending_keys(self) -> set[str]:
+        return {k for keys in self._pending for k in keys}
+
+    def _fold(self) -> None:
+        """Moves the pending vectors into ``_acc`` (0-d device tensors: no host sync)."""
+        for keys, (total, count) in self._pending.items():
+            for i, key in enumerate(keys):
+                self._acc[key] = [total[i], count[i]]
+        self._pending.clear()
 
     def step(self) -> None:
         """Advances the schedule one step; every ``update_every`` steps all-reduces the table
         statistics (a collective: every rank must call it at the same step)."""
         self.iteration += 1
+        self.version += 1  # the schedule's bound may move
         self.non_finite.poll()
         if self.table_wise and self.iteration % self.update_every == 0:
             self._update()
 
     def _update(self) -> None:
+        self._fold()
         keys = sorted(self._acc)
         if not keys:
             return
@@ -286,13 +366,14 @@ class ErrorBoundPolicy:
             for key, rho in mine.items():
                 scale = 1.0 if rho <= 0 else min(1.0, ref / rho)
                 self._scale[key] = max(self.min_table_scale, scale)
-        self._bits_cache.clear()
+        self._changed()
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python (JSON-able): the step, per-table statistics and scales, and the
         statistics accumulated since the last update (so a resumed run is exact)."""
+        self._fold()
         return {
             "iteration": self.iteration,
             "acc": {k: [float(v[0]), float(v[1])] for k, v in sorted(self._acc.items())},
@@ -316,7 +397,9 @@ class ErrorBoundPolicy:
             raise ValueError(f"policy state saved with settings {config}, this policy has "
                              f"{self._config()}")
         self.iteration, self._acc, self._rho, self._scale = iteration, acc, rho, scale
-        self._bits_cache.clear()
+        self._pending.clear()
+        self._registered.clear()  # re-registering adds keys the state may lack
+        self._changed()
 
     def _config(self) -> dict[str, Any]:
         return {"rel_error_bound": self.rel_error_bound,
@@ -349,6 +432,8 @@ class ErrorBoundedCommCodec:
         self.check_finite = check_finite
         self.impl = impl  # None: compiled ops where built, else the torch-op reference
         self._layouts = layouts  # shared by the pair: forward decode -> backward encode
+        self._layout_of: dict[tuple[tuple[int, ...], int, int], _Layout] = {}
+        self._last: tuple[int, _Layout | None, _Plan | None] = (-1, None, None)
 
     @property
     def quantized_dtype(self) -> torch.dtype:
@@ -370,6 +455,10 @@ class ErrorBoundedCommCodec:
         return cols, 0
 
     def _layout(self, dims: tuple[int, ...], rank: int, batch: int) -> _Layout:
+        # one object per layout: the plan lookups compare it by identity
+        got = self._layout_of.get((dims, rank, batch))
+        if got is not None:
+            return got
         nonzero = [d for d in dims if d]
         block = self.block_dim or (math.gcd(*nonzero) if nonzero else 1)
         bad = [d for d in dims if d % block]
@@ -377,35 +466,55 @@ class ErrorBoundedCommCodec:
             raise ValueError(f"lossy comms: block_dim {block} does not divide the per-rank "
                              f"embedding dims {list(dims)}; set block_dim to the embedding dim "
                              "(or a divisor of every table's dim)")
-        return _Layout(dims, rank, batch, block)
+        got = self._layout_of[(dims, rank, batch)] = _Layout(dims, rank, batch, block)
+        return got
 
     # -------------------------------------------------------------- sizes
 
-    def _chunk_bytes(self, layout: _Layout, owner: int) -> int:
-        n = layout.batch * layout.block
-        return sum(group_bytes(n, b) for b in self.policy.bits(self.direction, layout, owner))
+    def _plan(self, layout: _Layout) -> _Plan:
+        """The layout's plan at the widths in force: the last one while the policy's state has
+        not changed, else from the policy's cache (kept across steps while the bound is the
+        same), else derived."""
+        policy = self.policy
+        version, last_layout, plan = self._last
+        if version == policy.version and last_layout is layout:
+            return plan  # type: ignore[return-value]
+        key = ("plan", self.direction, layout, policy.iteration_bound(self.direction))
+        plan = policy._bits_cache.get(key)
+        if plan is None:
+            plan = self._derive_plan(layout)
+            policy._cache(key, plan)
+        self._last = (policy.version, layout, plan)
+        return plan
 
-    def _size_of_length(self, layout: _Layout) -> dict[int, int]:
-        # cached with the policy's widths: TorchRec asks for sizes several times per call
-        cache = self.policy._bits_cache
-        key = ("sizes", self.direction, layout, self.policy.iteration)
-        sizes = cache.get(key)
-        if sizes is None:
-            sizes = {}
-            for owner, d in enumerate(layout.dims):
-                length = layout.batch * d
-                sizes[length] = max(sizes.get(length, 0), self._chunk_bytes(layout, owner))
-            cache[key] = sizes
-        return sizes
+    def _derive_plan(self, layout: _Layout) -> _Plan:
+        bits = [self.policy.bits(self.direction, layout, owner) for owner in range(layout.world)]
+        widths = tuple(_check_widths(b) for b in bits)
+        encoded = tuple(encoded_bytes(w, layout.batch * layout.block) for w in widths)
+        sizes: dict[int, int] = {}
+        for owner, d in enumerate(layout.dims):
+            length = layout.batch * d
+            sizes[length] = max(sizes.get(length, 0), encoded[owner])
+        padded = tuple(sizes[layout.batch * d] for d in layout.dims)
+        runs: list[tuple[int, int]] = []
+        for owner in range(layout.world):
+            if runs:
+                first, count = runs[-1]
+                if layout.dims[first] == layout.dims[owner] and bits[first] == bits[owner]:
+                    runs[-1] = (first, count + 1)
+                    continue
+            runs.append((owner, 1))
+        return _Plan(widths, encoded, padded, sizes, tuple(runs))
 
     def calc_quantized_size(self, input_len: int, ctx: ErrorBoundedContext | None = None) -> int:
         layout = self._require(ctx)
-        sizes = self._size_of_length(layout)
-        if input_len not in sizes:
+        sizes = self._plan(layout).sizes
+        got = sizes.get(input_len)
+        if got is None:
             raise ValueError(f"lossy comms: a chunk of {input_len} values does not match the "
                              f"all-to-all layout (dims {list(layout.dims)}, batch "
                              f"{layout.batch}: lengths {sorted(sizes)})")
-        return sizes[input_len]
+        return got
 
     def _require(self, ctx: ErrorBoundedContext | None) -> _Layout:
         if ctx is None or ctx.layout is None:
@@ -418,80 +527,96 @@ class ErrorBoundedCommCodec:
 
     def _encode_chunks(self, x: Tensor, layout: _Layout, owner: int, chunks: int,
                        padded: int) -> Tensor:
-        """``x``: ``chunks`` row blocks of ``[batch, dims[owner]]`` -> ``[chunks * padded]``."""
+        """``x``: ``chunks`` row blocks of ``[batch, dims[owner]]`` (any shape of that many
+        values) -> ``[chunks * padded]``."""
         g, k, b = layout.groups(owner), layout.block, layout.batch
         rows = x.reshape(chunks, b, g * k)  # group j: columns [j*k, (j+1)*k) of every row
         if self.policy.wants_stats():
             grouped = rows.reshape(chunks, b, g, k).permute(0, 2, 1, 3).reshape(chunks, g, b * k)
             self.policy.observe(self.direction, layout, owner, grouped)
-        data = encode_blocks(rows, self.policy.bits(self.direction, layout, owner), k, padded,
-                             check_finite=self.check_finite, flag=self.policy.non_finite,
-                             impl=self.impl)
-        return data.reshape(-1)
+        plan = self._plan(layout)
+        data = _encode_blocks_checked(rows, plan.widths[owner], k, padded, self.check_finite,
+                                      self.policy.non_finite, plan.impl(self.impl, x.device))
+        return data.view(-1)
 
     def _decode_chunks(self, data: Tensor, layout: _Layout, owner: int, chunks: int,
                        padded: int, out: Tensor | None = None) -> Tensor:
-        """-> ``[chunks, batch, dims[owner]]`` flat, as TorchRec lays it out (into ``out``)."""
-        k, b = layout.block, layout.batch
-        values = decode_blocks(data.reshape(chunks, padded), b, k,
-                               self.policy.bits(self.direction, layout, owner), impl=self.impl,
-                               out=out)
-        return values.reshape(-1)
+        """``chunks * padded`` bytes -> ``[chunks, batch, dims[owner]]`` flat, as TorchRec lays
+        it out (into ``out``, flat, when given)."""
+        plan = self._plan(layout)
+        if data.numel() != chunks * padded:
+            raise ValueError(f"lossy comms: received {data.numel()} bytes for {chunks} chunks "
+                             f"of {padded}")
+        values = _decode_blocks_checked(data.reshape(chunks, padded), layout.batch, layout.block,
+                                        plan.widths[owner], plan.encoded[owner],
+                                        plan.impl(self.impl, data.device), out)
+        return values.view(-1)
 
     def encode(self, input_tensor: Tensor, ctx: ErrorBoundedContext | None = None) -> Tensor:
         if input_tensor.dtype != torch.float32:
             raise TypeError(f"lossy comms encodes float32 tensors, got {input_tensor.dtype}")
-        x = input_tensor.reshape(-1)
         if self.direction == "forward":
             layout = self._require(ctx)
-            sizes = self._size_of_length(layout)
             me = layout.rank
-            return self._encode_chunks(x, layout, me, layout.world,
-                                       sizes[layout.batch * layout.dims[me]])
+            return self._encode_chunks(input_tensor, layout, me, layout.world,
+                                       self._plan(layout).padded[me])
         # backward: TorchRec passes a fresh context; the forward decode left the layout
         if ctx is None:
             raise ValueError("lossy comms: backward encode needs a context")
-        layout = self._layouts.get(x.numel(), "missing")  # type: ignore[arg-type]
+        numel = input_tensor.numel()
+        layout = self._layouts.get(numel, "missing")  # type: ignore[arg-type]
         if layout == "missing" or layout is None:
             why = ("two pooled all-to-alls with this size but different per-rank dims ran; give "
                    "each sharder its own registry" if layout is None else
                    "no forward pooled all-to-all of this size was decoded")
-            raise ValueError(f"lossy comms: backward encode of {x.numel()} values: {why}")
+            raise ValueError(f"lossy comms: backward encode of {numel} values: {why}")
         ctx.layout = layout
-        sizes = self._size_of_length(layout)
+        plan = self._plan(layout)
+        # one encode per run of ranks with the same dims and widths (with statistics due, one
+        # per rank: they are kept per rank's tables); a single run needs no concatenation
+        runs = plan.runs if not self.policy.wants_stats() else tuple(
+            (owner, 1) for owner in range(layout.world))
+        if len(runs) == 1:
+            first, count = runs[0]
+            return self._encode_chunks(input_tensor, layout, first, count, plan.padded[first])
+        x = input_tensor.reshape(-1)
         parts, offset = [], 0
-        for owner, d in enumerate(layout.dims):
-            n = layout.batch * d
-            parts.append(self._encode_chunks(x[offset: offset + n], layout, owner, 1,
-                                             sizes[n]))
+        for first, count in runs:
+            n = count * layout.batch * layout.dims[first]
+            parts.append(self._encode_chunks(x[offset: offset + n], layout, first, count,
+                                             plan.padded[first]))
             offset += n
         return torch.cat(parts) if parts else x.new_empty(0, dtype=torch.uint8)
 
     def decode(self, input_grad: Tensor, ctx: ErrorBoundedContext | None = None) -> Tensor:
         layout = self._require(ctx)
-        sizes = self._size_of_length(layout)
-        data = input_grad.reshape(-1)
+        plan = self._plan(layout)
         if self.direction == "backward":  # from every rank: [batch, my dims], my widths
             me = layout.rank
-            return self._decode_chunks(data, layout, me, layout.world,
-                                       sizes[layout.batch * layout.dims[me]])
-        # forward: from each rank r its [batch, dims[r]] chunk, decoded side by side into one
-        # buffer (no concatenation pass)
-        out = data.new_empty(layout.batch * sum(layout.dims), dtype=torch.float32)
-        offset, at = 0, 0
-        for owner, d in enumerate(layout.dims):
-            size, n = sizes[layout.batch * d], layout.batch * d
-            self._decode_chunks(data[offset: offset + size], layout, owner, 1, size,
-                                out=out[at: at + n])
-            offset += size
-            at += n
+            return self._decode_chunks(input_grad, layout, me, layout.world, plan.padded[me])
+        # forward: from each rank r its [batch, dims[r]] chunk; one decode per run of ranks
+        # with the same dims and widths, side by side into one buffer (no concatenation pass)
+        if len(plan.runs) == 1:
+            first, count = plan.runs[0]
+            out = self._decode_chunks(input_grad, layout, first, count, plan.padded[first])
+        else:
+            data = input_grad.reshape(-1)
+            out = data.new_empty(layout.batch * sum(layout.dims), dtype=torch.float32)
+            offset, at = 0, 0
+            for first, count in plan.runs:
+                size, n = count * plan.padded[first], count * layout.batch * layout.dims[first]
+                self._decode_chunks(data[offset: offset + size], layout, first, count,
+                                    plan.padded[first], out=out[at: at + n])
+                offset += size
+                at += n
         total = out.numel()
         # the backward of this all-to-all encodes a gradient of the same length and layout
         seen = self._layouts.get(total, "missing")  # type: ignore[arg-type]
-        if seen == "missing" or seen == layout:
-            self._layouts[total] = layout
-        else:
-            self._layouts[total] = None  # ambiguous: the backward encode says so
+        if seen is not layout:
+            if seen == "missing" or seen == layout:
+                self._layouts[total] = layout
+            else:
+                self._layouts[total] = None  # ambiguous: the backward encode says so
         return out
 
 

@@ -431,6 +431,63 @@ def test_compiled_codec_path_equals_reference_codec() -> None:
     assert res["compiled"]["bytes_sent"] == res["reference"]["bytes_sent"]
 
 
+def _codec_op_calls(codecs: list[QuantizedCommCodecs], emb: list[torch.Tensor],
+                    grads: list[torch.Tensor]) -> tuple[dict[str, Any], dict[str, int]]:
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: Counter[str] = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            name = str(func.overloadpacket)
+            if name.startswith("torchrec_tt."):
+                calls[name.split(".")[1].replace("_into", "")] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        res = simulate_pooled_all_to_all(codecs, emb, grads)
+    return res, dict(calls)
+
+
+@pytest.mark.parametrize("scaled_rank", [None, 2])
+def test_codec_one_kernel_call_per_run_of_ranks(scaled_rank: int | None) -> None:
+    """Ranks with the same dims and code widths are encoded / decoded by one op call (one per
+    all-to-all and direction on each rank when all agree), with the bits of the reference
+    codec; a rank whose table is scaled to other widths gets its own call."""
+    if not lossy_codec.compiled_available("cpu"):
+        pytest.skip("the compiled codec is not built")
+    g = torch.Generator().manual_seed(9)
+    dims, batch, world = [16, 16, 16], 6, 3
+    emb = [torch.randn(batch * world, d, generator=g) * 2 for d in dims]
+    grads = [torch.randn(batch, sum(dims), generator=g) * 1e-3 for _ in range(world)]
+    res = {}
+    for impl in ("compiled", "reference"):
+        codecs = [error_bounded_qcomm_codecs(0.05, block_dim=8, codec_impl=impl)[OP]
+                  for _ in range(world)]
+        if scaled_rank is not None:  # the same state on every rank, as after an all-reduce
+            for c in codecs:
+                state = c.forward.policy.state_dict()
+                for direction in ("forward", "backward"):
+                    state["scale"][f"{direction}:16,16,16:{scaled_rank}:0"] = 0.25
+                c.forward.policy.load_state_dict(state)
+        simulate_pooled_all_to_all(codecs, emb, grads)  # step 0 measures statistics
+        for c in codecs:  # step 1 does not (per rank, its tables' statistics: a call per rank)
+            c.forward.policy.step()
+        res[impl], calls = _codec_op_calls(codecs, emb, grads)
+        if impl == "compiled":
+            runs = 1 if scaled_rank is None else 2
+            # forward: one encode per rank, a decode per run; backward: the reverse
+            assert calls == {"lossy_encode": world + world * runs,
+                             "lossy_decode": world * runs + world}
+    for r in range(world):
+        assert _same_bits(res["compiled"]["outputs"][r], res["reference"]["outputs"][r])
+        assert _same_bits(res["compiled"]["grad_inputs"][r], res["reference"]["grad_inputs"][r])
+    assert res["compiled"]["bytes_sent"] == res["reference"]["bytes_sent"]
+
+
 def test_codec_impl_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(1, 2, 8)
     with pytest.raises(ValueError, match="impl must be one of"):
