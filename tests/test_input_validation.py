@@ -567,6 +567,9 @@ class _LocalTable:
     def whole_cores(self) -> list[torch.Tensor]:
         return self.cores
 
+    def whole_params(self) -> list[torch.Tensor]:  # no hot-row cache slab
+        return self.cores
+
     def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
         return self.state[k]
 
