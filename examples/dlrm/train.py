@@ -192,9 +192,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(g, "in_memory_binary_criteo_path", default=None,
           help="folder of TorchRec's preprocessed day_<i>_{dense,sparse,labels}.npy files, read "
           "by TorchRec's InMemoryBinaryCriteoIterDataPipe in a DataLoader (as dlrm_main.py): "
-          "trains on every day but the last (last incomplete batch dropped), validates on the "
-          "first half of the last day, tests on its second half at the end; make one from a "
+          "trains on every day but the last (its last incomplete batch too, unless "
+          "--drop_last_training_batch), validates on the first half of the last day, tests on "
+          "its second half at the end; make one from a "
           "TSV with: python -m torchrec_tt.criteo TSV --in-memory-binary temp")
+    _flag(g, "drop_last_training_batch", action="store_true",
+          help="--in_memory_binary_criteo_path: drop the last non-full training batch (TorchRec's "
+          "meaning; without it the last, smaller batch of each pass is trained on; synthetic and "
+          "--data batches are always full)")
     _flag(g, "mmap_mode", action="store_true",
           help="--in_memory_binary_criteo_path: memory-map the .npy files instead of reading "
           "them into memory (ids are then hashed per batch)")
@@ -391,8 +396,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("give --data or --in_memory_binary_criteo_path, not both")
     if args.in_memory_binary_criteo_path is not None:
         criteo.binary_criteo_day_paths(args.in_memory_binary_criteo_path)  # names what is missing
-    elif args.mmap_mode or args.shuffle_batches:
-        raise ValueError("--mmap_mode / --shuffle_batches apply to --in_memory_binary_criteo_path")
+    elif args.mmap_mode or args.shuffle_batches or args.drop_last_training_batch:
+        raise ValueError("--mmap_mode / --shuffle_batches / --drop_last_training_batch apply to "
+                         "--in_memory_binary_criteo_path")
     if args.multi_hot_sizes is not None and (args.data or args.in_memory_binary_criteo_path):
         raise ValueError("--multi_hot_sizes: multi-hot features are synthetic only; real "
                          "Criteo rows have one id per feature")
@@ -546,7 +552,7 @@ def load_binary(args: argparse.Namespace, cards: list[int], rank: int, world: in
              for stage in ("val", "test")}
     pipes["train"] = criteo.binary_criteo_pipe(
         days, "train", args.batch_size, rank, world, cards, shuffle_batches=args.shuffle_batches,
-        mmap_mode=args.mmap_mode, seed=args.seed)
+        mmap_mode=args.mmap_mode, seed=args.seed, drop_last=args.drop_last_training_batch)
     last = len(np.load(days[-1]["labels"], mmap_mode="r"))
     return Data(cards, binary=pipes, description=(
         f"{args.in_memory_binary_criteo_path}: {len(days)} days (TorchRec's "
