@@ -2,7 +2,7 @@
 TT vs uncompressed, counted in aten ops, Python calls and host milliseconds.
 
     nice python bench/bench_step_host.py [--device cpu|cuda] [--batch-size 64] [--scale 0.05]
-        [--steps 30] [--tt-cores 2] [--top 15]
+        [--steps 30] [--tt-cores 2] [--top 15] [--loop model|trainer]
 
 On a GPU both models are bound by host time at B=8,192 (docs/benchmarks.md, "One-GPU step
 time"), so what the host does per step is what to cut. On the CPU at a tiny batch the kernels cost
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import json
 import os
 import pstats
 import socket
@@ -60,24 +61,41 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
     dmp, optimizer, ebc = train.build(targs, data, tt, device, pg)
     tt_tables = int(ebc.memory_stats()["tt_tables"])
     it = data.train_batches(targs, 0, 1, 0)
-    batches = [next(it).to(device) for _ in range(4)]
     dmp.train()
+    if args.loop == "trainer":
+        # train.py's own step (TrainPipelineSparseDist over its batch iterator, comms meter,
+        # losses kept on the device); the losses are read between the counted windows, as
+        # train.py reads them every --log_every steps.
+        loop = train.TrainLoop(targs, dmp, optimizer, it, device, pg, 1)
+        batches: list[Any] = []
 
-    def step(i: int) -> None:
-        optimizer.zero_grad()
-        loss, _ = dmp(batches[i % len(batches)])
-        loss.backward()
-        optimizer.step()
+        def step(i: int) -> None:
+            loop.step()
+    else:
+        loop = None
+        batches = [next(it).to(device) for _ in range(4)]
+
+        def step(i: int) -> None:
+            optimizer.zero_grad()
+            loss, _ = dmp(batches[i % len(batches)])
+            loss.backward()
+            optimizer.step()
+
+    def read() -> None:  # the trainer's every---log_every read, outside the counted steps
+        if loop is not None:
+            loop.log.read()
 
     for i in range(5):
         step(i)
     _sync(device)
+    read()
     times = []
     for i in range(args.steps):
         t0 = time.perf_counter()
         step(i)
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
+    read()
 
     n_prof = 5
     from torch.profiler import ProfilerActivity, profile
@@ -87,6 +105,7 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         for i in range(n_prof):
             step(i)
         _sync(device)
+    read()
     events = prof.events()
     ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     launches = sum(1 for e in ops if e.name in ("cudaLaunchKernel", "cuLaunchKernel",
@@ -107,6 +126,7 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         for i in range(n_prof):
             step(i)
         _sync(device)
+    read()
 
     cp = cProfile.Profile()
     cp.enable()
@@ -114,10 +134,23 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         step(i)
     _sync(device)
     cp.disable()
+    read()
     stats = pstats.Stats(cp)
     calls = sum(v[1] for v in stats.stats.values())  # type: ignore[attr-defined]
+    reattach: dict[str, float] = {}
+    if loop is not None and loop.pipeline is not None:
+        # What the first step after an evaluation or checkpoint adds: train.py detaches the
+        # pipeline for them, and re-attaching re-runs TorchRec's model rewrite (an fx trace).
+        train.detach_pipeline(loop.pipeline, dmp)
+        cp_attach = cProfile.Profile()
+        t0 = time.perf_counter()
+        cp_attach.enable()
+        loop.pipeline.attach(dmp)
+        cp_attach.disable()
+        reattach["ms"] = (time.perf_counter() - t0) * 1e3
+        reattach["py_calls"] = sum(v[1] for v in pstats.Stats(cp_attach).stats.values())  # type: ignore[attr-defined]
     funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.top]  # type: ignore[attr-defined]
-    del dmp, optimizer, ebc, batches
+    del dmp, optimizer, ebc, batches, loop
     return {
         "name": f"TT {args.tt_cores}-core ({tt_tables} tables)" if tt else "uncompressed",
         "ops": len(ops) / n_prof,
@@ -126,6 +159,7 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         "dispatched_by_op": {k: v / n_prof for k, v in dispatched.items()},
         "launches": launches / n_prof,
         "py_calls": calls / n_prof,
+        "reattach": reattach,
         "ms": statistics.median(times),
         "ms_min": min(times),
         "top_ops": [(a.key, a.count / n_prof, a.self_cpu_time_total / n_prof / 1e3)
@@ -147,8 +181,13 @@ def main() -> None:
     ap.add_argument("--tt-cores", type=int, default=2)
     ap.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--loop", choices=("model", "trainer"), default="model",
+                    help="model: zero_grad/forward/backward/step on 4 resident batches (as "
+                    "bench_dlrm_step.py); trainer: train.py's step (train.TrainLoop: "
+                    "TrainPipelineSparseDist over the synthetic batch iterator)")
     ap.add_argument("--models", nargs="+", choices=("tt", "uncompressed"),
                     default=["uncompressed", "tt"])
+    ap.add_argument("--json", default=None, help="also write the results (counts per op) here")
     a = ap.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a free one: back-to-back runs must not collide
@@ -161,7 +200,7 @@ def main() -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     torch.set_num_threads(1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device {device}  torch {torch.__version__}  batch {a.batch_size}  scale {a.scale}  "
+    print(f"loop {a.loop}  device {device}  torch {torch.__version__}  batch {a.batch_size}  scale {a.scale}  "
           f"1 intra-op thread  load average {load:.1f}")
     results = [measure(a, m == "tt", device, dist.group.WORLD) for m in a.models]
     print("\n| model | ops/step | aten ops/step | dispatched ops/step | launches+memcpy/step | "
@@ -170,6 +209,13 @@ def main() -> None:
     for r in results:
         print(f"| {r['name']} | {r['ops']:.0f} | {r['aten']:.0f} | {r['dispatched']:.0f} | "
               f"{r['launches']:.0f} | {r['py_calls']:.0f} | {r['ms']:.2f} | {r['ms_min']:.2f} |")
+    for r in results:
+        if r["reattach"]:
+            print(f"{r['name']}: re-attaching the pipeline (after an evaluation/checkpoint): "
+                  f"{r['reattach']['py_calls']:.0f} Python calls, {r['reattach']['ms']:.1f} ms")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([{k: v for k, v in r.items()} for r in results], f, indent=1)
     if len(results) == 2:  # where the two models' dispatches differ
         a_, b_ = results[0]["dispatched_by_op"], results[1]["dispatched_by_op"]
         diff = sorted(((b_.get(k, 0) - a_.get(k, 0), k) for k in set(a_) | set(b_)), reverse=True)

@@ -420,6 +420,26 @@ def test_in_memory_binary_criteo_path_trains_and_resumes_exactly(tmp_path: Path)
     assert len(a["loss"]) == 3 and a["loss"] == b["loss"] and a["eval"] == b["eval"]
 
 
+def test_drop_last_training_batch_is_dlrm_mains(tmp_path: Path) -> None:
+    """Without --drop_last_training_batch an epoch trains on the last, smaller batch too (as
+    TorchRec's dlrm_main.py); with it, only on full batches."""
+    from torchrec_tt.criteo import tsv_to_binary_criteo
+
+    tsv = tmp_path / "rows.tsv.gz"
+    SyntheticCriteo(scale=0.001, seed=5).write_tsv(str(tsv), rows=600)
+    tsv_to_binary_criteo(str(tsv), str(tmp_path / "bin"), 3, str(tmp_path / "cache"))
+    # 2 train days of 200 rows, batches of 128: 3 full ones and one of 16
+    flags = ["--in_memory_binary_criteo_path", str(tmp_path / "bin"), "--max-ind-range", "5000",
+             "--epochs", "1", "--eval-every", "100"]
+    _run(tmp_path / "keep", *flags, nproc=1)
+    _run(tmp_path / "drop", *flags, "--drop_last_training_batch", nproc=1)
+    keep, drop = _history(tmp_path / "keep", "tt"), _history(tmp_path / "drop", "tt")
+    assert len(keep["loss"]) == 4 and len(drop["loss"]) == 3
+    assert keep["loss"][:3] == drop["loss"]  # the same full batches first
+    with pytest.raises(SystemExit):
+        _import_train().parse_args(["--drop_last_training_batch"])
+
+
 def test_in_memory_binary_bad_day_is_named_before_training(tmp_path: Path) -> None:
     from torchrec_tt.criteo import tsv_to_binary_criteo
 

@@ -83,6 +83,16 @@ def test_multi_hot_kjt_layout(distribution: str) -> None:
         assert int(jt.values().max()) < model.cardinalities[t]
     assert torch.equal(batch.labels, labels.float())
     assert torch.equal(batch.dense_features, torch.log1p(dense).float())
+    # several batches per call: each one's values are that batch's own ids, same layout
+    many = gen.batches(n, 0, [5, 3, 9])
+    assert torch.equal(many[1].sparse_features.values(), kjt.values())
+    # the ids per feature come with the KJT (no device read in TorchRec's input dist) and are
+    # what its lengths say
+    for b in (batch, *many):
+        k = b.sparse_features
+        assert k._length_per_key == [s * n for s in sizes]
+        assert k.length_per_key() == k.lengths().view(-1, n).sum(1).tolist()
+        assert k.offset_per_key() == [0, *np.cumsum(k.length_per_key()).tolist()]
     # the bias is re-fitted to the bag means: the click rate stays near its target
     big = gen.sample(20000, 0, 0)[2].float().mean().item()
     assert big == pytest.approx(model.positive_rate, abs=0.02)

@@ -677,19 +677,20 @@ def binary_criteo_day_paths(folder: str) -> list[dict[str, str]]:
 def binary_criteo_pipe(days: Sequence[Mapping[str, str]], stage: str, batch_size: int, rank: int,
                        world_size: int, num_embeddings: Sequence[int],
                        shuffle_batches: bool = False, mmap_mode: bool = False,
-                       seed: int = 0) -> InMemoryBinaryCriteoIterDataPipe:
+                       seed: int = 0, drop_last: bool = True) -> InMemoryBinaryCriteoIterDataPipe:
     """TorchRec's ``InMemoryBinaryCriteoIterDataPipe`` over ``days`` as dlrm_main.py builds it:
     ``"train"`` reads every day but the last (incomplete last batch dropped, so every step has
     ``batch_size`` rows), ``"val"`` / ``"test"`` the first / second half of the last day; ids
     are hashed modulo ``num_embeddings`` (per batch with ``mmap_mode``), batches go round-robin
     to the ranks, ``shuffle_batches`` shuffles the rows inside each batch (numpy's global RNG,
-    seeded by the pipe with ``seed``)."""
+    seeded by the pipe with ``seed``); ``drop_last=False`` keeps the last, smaller training batch
+    of each rank (dlrm_main.py's default, without ``--drop_last_training_batch``)."""
     if stage not in ("train", "val", "test"):
         raise ValueError(f"stage must be 'train', 'val' or 'test', got {stage!r}")
     chosen = list(days[:-1]) if stage == "train" else [days[-1]]
     return InMemoryBinaryCriteoIterDataPipe(
         stage, *[[d[k] for d in chosen] for k in BINARY_KINDS], batch_size=batch_size,
-        rank=rank, world_size=world_size, drop_last=stage == "train",
+        rank=rank, world_size=world_size, drop_last=drop_last and stage == "train",
         shuffle_batches=shuffle_batches, shuffle_training_set_random_seed=seed,
         mmap_mode=mmap_mode, hashes=list(num_embeddings))
 

@@ -192,9 +192,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _flag(g, "in_memory_binary_criteo_path", default=None,
           help="folder of TorchRec's preprocessed day_<i>_{dense,sparse,labels}.npy files, read "
           "by TorchRec's InMemoryBinaryCriteoIterDataPipe in a DataLoader (as dlrm_main.py): "
-          "trains on every day but the last (last incomplete batch dropped), validates on the "
-          "first half of the last day, tests on its second half at the end; make one from a "
+          "trains on every day but the last (its last incomplete batch too, unless "
+          "--drop_last_training_batch), validates on the first half of the last day, tests on "
+          "its second half at the end; make one from a "
           "TSV with: python -m torchrec_tt.criteo TSV --in-memory-binary temp")
+    _flag(g, "drop_last_training_batch", action="store_true",
+          help="--in_memory_binary_criteo_path: drop the last non-full training batch (TorchRec's "
+          "meaning; without it the last, smaller batch of each pass is trained on; synthetic and "
+          "--data batches are always full)")
     _flag(g, "mmap_mode", action="store_true",
           help="--in_memory_binary_criteo_path: memory-map the .npy files instead of reading "
           "them into memory (ids are then hashed per batch)")
@@ -391,8 +396,9 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("give --data or --in_memory_binary_criteo_path, not both")
     if args.in_memory_binary_criteo_path is not None:
         criteo.binary_criteo_day_paths(args.in_memory_binary_criteo_path)  # names what is missing
-    elif args.mmap_mode or args.shuffle_batches:
-        raise ValueError("--mmap_mode / --shuffle_batches apply to --in_memory_binary_criteo_path")
+    elif args.mmap_mode or args.shuffle_batches or args.drop_last_training_batch:
+        raise ValueError("--mmap_mode / --shuffle_batches / --drop_last_training_batch apply to "
+                         "--in_memory_binary_criteo_path")
     if args.multi_hot_sizes is not None and (args.data or args.in_memory_binary_criteo_path):
         raise ValueError("--multi_hot_sizes: multi-hot features are synthetic only; real "
                          "Criteo rows have one id per feature")
@@ -546,7 +552,7 @@ def load_binary(args: argparse.Namespace, cards: list[int], rank: int, world: in
              for stage in ("val", "test")}
     pipes["train"] = criteo.binary_criteo_pipe(
         days, "train", args.batch_size, rank, world, cards, shuffle_batches=args.shuffle_batches,
-        mmap_mode=args.mmap_mode, seed=args.seed)
+        mmap_mode=args.mmap_mode, seed=args.seed, drop_last=args.drop_last_training_batch)
     last = len(np.load(days[-1]["labels"], mmap_mode="r"))
     return Data(cards, binary=pipes, description=(
         f"{args.in_memory_binary_criteo_path}: {len(days)} days (TorchRec's "
@@ -956,6 +962,39 @@ def lr_factor(step: int, warmup: int, decay_start: int, decay_steps: int) -> flo
     return 1.0
 
 
+class TrainLoop:
+    """One training step of ``train_one`` (pipeline or plain forward/backward/step, the comms
+    meter, the lossy-comms policy step, the loss kept on the device), apart from its evaluation,
+    checkpoint and logging schedule: what bench/bench_step_host.py ``--loop trainer`` counts."""
+
+    def __init__(self, args: argparse.Namespace, dmp: DistributedModelParallel,
+                 optimizer: CombinedOptimizer, batches: Iterator[Batch], device: torch.device,
+                 pg: dist.ProcessGroup, world: int) -> None:
+        self.dmp, self.optimizer, self.batches, self.device = dmp, optimizer, batches, device
+        self.pipeline: TrainPipelineSparseDist | None = None
+        if not args.no_pipeline:
+            self.pipeline = TrainPipelineSparseDist(dmp, optimizer, device,
+                                                    execute_all_batches=False,
+                                                    pipeline_postproc=True)
+        self.log = LossLog(device, pg, world)
+        self.meter = CommsMeter()  # all-to-all bytes this rank sends, training steps only
+        self.policy = getattr(dmp, "lossy_policy", None)
+
+    def step(self) -> None:
+        with self.meter:
+            if self.pipeline is not None:
+                loss, _, _ = self.pipeline.progress(self.batches)
+            else:
+                batch = next(self.batches).to(self.device, non_blocking=True)
+                self.optimizer.zero_grad()
+                loss, _ = self.dmp(batch)
+                loss.backward()
+                self.optimizer.step()
+        if self.policy is not None:
+            self.policy.step()  # every rank, same step (may all-reduce the table statistics)
+        self.log.add(loss)
+
+
 def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world: int,
               device: torch.device, pg: dist.ProcessGroup, writer_factory: Any) -> RunResult:
     dmp, optimizer, ebc = build(args, data, name == "tt", device, pg)
@@ -980,19 +1019,14 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
                 print(f"[{name}] resumed from step {start}", flush=True)
     eval_every = args.validation_freq_within_epoch or max(1, args.steps // 10)
     writer = writer_factory(name) if rank == 0 else None
-    batches = data.train_batches(args, rank, world, start)
-    pipeline = None
-    if not args.no_pipeline:
-        pipeline = TrainPipelineSparseDist(dmp, optimizer, device, execute_all_batches=False,
-                                           pipeline_postproc=True)
+    loop = TrainLoop(args, dmp, optimizer, data.train_batches(args, rank, world, start),
+                     device, pg, world)
+    pipeline, log, meter = loop.pipeline, loop.log, loop.meter
     bar = None
     if rank == 0 and tqdm is not None and not args.no_progress:
         bar = tqdm(total=args.steps, initial=start, desc=name, dynamic_ncols=True,
                    mininterval=2.0, file=sys.stdout)
-    log = LossLog(device, pg, world)
     samples_per_step = args.batch_size * world
-    meter = CommsMeter()  # all-to-all bytes this rank sends, training steps only
-    policy = getattr(dmp, "lossy_policy", None)
 
     def read_losses(step: int) -> None:
         losses = log.read()
@@ -1021,19 +1055,8 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
                                args.lr_decay_steps)
             for group, base in base_lrs:
                 group["lr"] = base * factor
-        with meter:
-            if pipeline is not None:
-                loss, _, _ = pipeline.progress(batches)
-            else:
-                batch = next(batches).to(device, non_blocking=True)
-                optimizer.zero_grad()
-                loss, _ = dmp(batch)
-                loss.backward()
-                optimizer.step()
+        loop.step()
         steps_metered += 1
-        if policy is not None:
-            policy.step()  # every rank, same step (may all-reduce the table statistics)
-        log.add(loss)
         step += 1
         if pipeline is not None and not result.pipelined:
             result.pipelined = sorted({type(m).__name__ for m in dmp.modules()
@@ -1061,6 +1084,11 @@ def train_one(args: argparse.Namespace, name: str, data: Data, rank: int, world:
             history["skipped_steps"] = skipped_steps(dmp, pg, device, history)
             save_checkpoint(args, name, dmp, optimizer, step, history, rank)
         if evaluating or saving:
+            if pipeline is not None and step < stop_at:
+                # Re-attach now, not in the next progress(): re-attaching re-runs TorchRec's
+                # model rewrite (an fx trace, ~8 steps' worth of host time), a cost of the
+                # evaluation or checkpoint, which the step time leaves out.
+                pipeline.attach(dmp)
             log.restart_clock()  # step time leaves evaluations and checkpoints out
     if bar is not None:
         bar.close()
