@@ -343,6 +343,62 @@ class _FusedUpdateInBackward(torch.autograd.Function):
         return (None,) * (1 + len(grads))
 
 
+def _core_slots(next_functions: Any, params: Sequence[Tensor], cached: list[int]) -> list[int]:
+    """Where each of ``params`` is among a node's ``next_functions`` (by its ``AccumulateGrad``;
+    the op's other inputs come without one): ``cached`` when it still matches (checked without a
+    Python call per core: this runs every step), else looked up again."""
+    if len(cached) == len(params):
+        try:
+            for k, j in enumerate(cached):
+                if next_functions[j][0].variable is not params[k]:
+                    break
+            else:
+                return cached
+        except (AttributeError, IndexError):
+            pass
+    position = {id(p): k for k, p in enumerate(params)}
+    slots = [-1] * len(params)
+    for j, (fn, _) in enumerate(next_functions):
+        k = position.get(id(getattr(fn, "variable", None)), -1)
+        if k >= 0:
+            slots[k] = j
+    if -1 in slots:
+        raise RuntimeError(
+            "TT lookup: the fused update expected every core as a direct input of the TT op"
+        )
+    return slots
+
+
+def _update_in_op_backward(
+    pooled: Tensor, update: Callable[[Sequence[Tensor], Sequence[Tensor]], None],
+    params: Sequence[Tensor], slots: list[int],
+) -> list[int]:
+    """What ``_FusedUpdateInBackward`` does, without its identity views (an op per core and step):
+    a post-hook on the TT op's autograd node hands the core gradients (its grad_inputs) to
+    ``update`` and replaces them by None, so nothing reaches the cores' ``AccumulateGrad`` and no
+    ``.grad`` is left. Needs every one of ``params`` passed to the op once, as a leaf that
+    requires grad (the caller checks). The node's inputs are found by their ``AccumulateGrad``
+    (``_core_slots``), so the slot order of the backend's autograd (Python on the CPU, C++ on
+    CUDA) does not matter. Returns the slots (for the next call's ``slots``)."""
+    node = pooled.grad_fn
+    if node is None:  # no autograd graph: nothing to update
+        return slots
+    slots = _core_slots(node.next_functions, params, slots)
+
+    def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: Any) -> tuple[Any, ...]:
+        out = list(grad_inputs)
+        grads = []
+        for k, j in enumerate(slots):
+            g = out[j]
+            grads.append(g if g is not None else torch.zeros_like(params[k]))
+            out[j] = None
+        update(params, grads)
+        return tuple(out)
+
+    node.register_hook(hook)
+    return slots
+
+
 class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
     """Pooled lookups of the TT tables (or column shards) a rank holds for one sharding type.
 
@@ -439,6 +495,14 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         self._fused_update = fused_update
         if replicated and replicated_group is None and fused_update is None:
             raise ValueError("replicated cores need a process group for their gradient sum")
+        # The fused update runs as a hook on the TT op's node (no identity views) where every
+        # parameter is an op input exactly once: no replicated core outside this rank's shards,
+        # no shared core given twice, no cache slab (those take _FusedUpdateInBackward).
+        self._update_by_hook = (
+            fused_update is not None and not caches
+            and sorted(self._core_index) == list(range(len(self.cores)))
+        )
+        self._hook_slots: list[int] = []
         self._checked_keys = False
         # Set by the sharded module (the unsharded module's options, then the sharder's keys).
         self.kernel_options = TTKernelOptions()
@@ -465,8 +529,14 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         # The ParameterList's own dict, in index order: list(self.cores) costs a Python
         # __getitem__ per core every step.
         params: list[Tensor] = list(self.cores._parameters.values())  # type: ignore[arg-type]
+        hooked = self._update_by_hook and torch.is_grad_enabled()
+        if hooked:
+            for p in params:  # a frozen core is no op input with an AccumulateGrad
+                if not p.requires_grad:
+                    hooked = False
+                    break
         if self._fused_update is not None:
-            if params:
+            if params and not hooked:
                 params = list(_FusedUpdateInBackward.apply(self._fused_update, *params))
         elif self._replicated_index:
             shared = _SumGradientsAcrossRanks.apply(
@@ -501,7 +571,7 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 )
             return self._cached_forward(sparse_features, cores, params, weights)
         if not sparse_features.variable_stride_per_key():
-            return tt_embedding_bag(
+            pooled = tt_embedding_bag(
                 cores,
                 self._layout,
                 sparse_features.values(),
@@ -509,6 +579,11 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 weights,
                 self.kernel_options,
             )
+            if hooked:
+                self._hook_slots = _update_in_op_backward(
+                    pooled, self._fused_update, params, self._hook_slots  # type: ignore[arg-type]
+                )
+            return pooled
         # VBE: the bags padded to the largest batch for the op, then TorchRec's VBE layout: for
         # each destination rank r, each feature's [B_{f,r}, D_f] rows flattened, one after another
         # (what its variable-batch pooled all-to-all splits by rank, and, for one rank,
@@ -524,6 +599,10 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             weights,
             self.kernel_options,
         )
+        if hooked:
+            self._hook_slots = _update_in_op_backward(
+                pooled, self._fused_update, params, self._hook_slots  # type: ignore[arg-type]
+            )
         blocks = pooled.split(self._feature_dims, dim=1)
         parts: list[Tensor] = []
         for r in range(len(per_rank[0])):
