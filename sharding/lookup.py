@@ -256,6 +256,17 @@ class TTLocalTable(nn.Module):
                 out[key] = buffers[f"{self.param_names[k]}_{key}"]
         return out  # type: ignore[return-value]
 
+    def whole_optimizer_states(self) -> list[dict[str, Tensor]]:
+        """``optimizer_state(k)`` of every tensor of ``whole_params`` (empty where this rank
+        holds no whole table): one call a table for the fused update, not one a core."""
+        if not self.holds_whole_table():
+            return []
+        buffers = self._buffers
+        return [
+            {key: buffers[f"{name}_{key}"] for key in shapes}  # type: ignore[misc]
+            for name, shapes in zip(self.param_names, self.optimizer_state_shapes)
+        ]
+
     def state_pieces(self, k: int, key: str) -> list[tuple[Tensor, int]]:
         """This rank's pieces of state ``key`` of core ``k`` as ``(tensor, first column)``
         (like ``local_pieces``; one whole piece unless split, none on a non-owner)."""
