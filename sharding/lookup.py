@@ -27,6 +27,10 @@ from torchrec_tt.sharding.tt_shards import column_shard_core0_columns, column_sh
 __all__ = ["TTLocalTable", "TTPooledEmbeddingsLookup"]
 
 _POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
+# The values once: an enum member's ``.value`` is two Python calls, and the fused update asks
+# every table's sharding type several times a step.
+_COLUMN_WISE = ShardingType.COLUMN_WISE.value
+_TABLE_WISE = ShardingType.TABLE_WISE.value
 
 
 class TTLocalTable(nn.Module):
@@ -75,7 +79,7 @@ class TTLocalTable(nn.Module):
         self.shape = shape
         self.sharding_type = sharding_type
         # The sharded module refuses a cache on column shards before building one.
-        assert cache_rows == 0 or sharding_type != ShardingType.COLUMN_WISE.value
+        assert cache_rows == 0 or sharding_type != _COLUMN_WISE
         self.cache_rows = cache_rows
         self.cache_refresh_steps = cache_refresh_steps
         self.cache_decay = cache_decay
@@ -83,7 +87,7 @@ class TTLocalTable(nn.Module):
         self.last_cache_refresh: hot_cache.CacheRefreshStats | None = None
         core_shapes = shape.core_shapes()
         self.core_0_shard_cols: list[tuple[int, int]] = []
-        if sharding_type == ShardingType.COLUMN_WISE.value:
+        if sharding_type == _COLUMN_WISE:
             for k in range(1, shape.num_cores):
                 self.register_parameter(
                     f"core_{k}", nn.Parameter(torch.empty(core_shapes[k], device=device))
@@ -145,7 +149,7 @@ class TTLocalTable(nn.Module):
     # its Python call per tensor), always the current tensors, so nothing can go stale.
 
     def holds_whole_table(self) -> bool:
-        return self.sharding_type != ShardingType.COLUMN_WISE.value and "core_0" in self._parameters
+        return self.sharding_type != _COLUMN_WISE and "core_0" in self._parameters
 
     def whole_cores(self) -> list[nn.Parameter]:
         """``core_0 ..`` of a data_parallel / table_wise table held here (else empty)."""
@@ -156,7 +160,7 @@ class TTLocalTable(nn.Module):
 
     def replicated_cores(self) -> list[nn.Parameter]:
         """The shared cores ``core_1 ..`` of a column_wise table (else empty)."""
-        if self.sharding_type != ShardingType.COLUMN_WISE.value:
+        if self.sharding_type != _COLUMN_WISE:
             return []
         return [getattr(self, f"core_{k}") for k in range(1, self.shape.num_cores)]
 
@@ -167,7 +171,7 @@ class TTLocalTable(nn.Module):
 
     def shard_cores(self, col_offset: int, num_cols: int) -> tuple[TTShape, list[nn.Parameter]]:
         """TT shape and cores of the local shard starting at column ``col_offset``."""
-        if self.sharding_type != ShardingType.COLUMN_WISE.value:
+        if self.sharding_type != _COLUMN_WISE:
             cores = self.whole_cores()
             if not cores:
                 raise RuntimeError(f"TT table {self.name!r} has no cores on this rank")
@@ -182,7 +186,7 @@ class TTLocalTable(nn.Module):
         Every piece spans all rows of the core; only column-wise ``core_0`` has pieces narrower
         than the core (one per local column shard).
         """
-        if self.sharding_type == ShardingType.COLUMN_WISE.value:
+        if self.sharding_type == _COLUMN_WISE:
             if k > 0:
                 return [(getattr(self, f"core_{k}"), 0)]
             return [
@@ -221,21 +225,21 @@ class TTLocalTable(nn.Module):
     def _state_buffers(
         self, k: int, key: str, shape: tuple[int, ...]
     ) -> list[tuple[str, tuple[int, ...]]]:
-        if self.sharding_type == ShardingType.COLUMN_WISE.value and k == 0:
+        if self.sharding_type == _COLUMN_WISE and k == 0:
             if shape == tuple(self.shape.core_shapes()[0]):
                 return [
                     (f"core_0_shard_{i}_{key}", tuple(piece.shape))
                     for i, piece in enumerate(self.core_0_shards)
                 ]
             return [(f"core_0_{key}", shape)]
-        if self.sharding_type == ShardingType.COLUMN_WISE.value or self.holds_whole_table():
+        if self.sharding_type == _COLUMN_WISE or self.holds_whole_table():
             return [(f"{self.param_names[k]}_{key}", shape)]
         return []
 
     def is_state_split(self, k: int, key: str) -> bool:
         """Whether state ``key`` of core ``k`` is split by columns like column-wise ``core_0``."""
         return (
-            self.sharding_type == ShardingType.COLUMN_WISE.value
+            self.sharding_type == _COLUMN_WISE
             and k == 0
             and self.optimizer_state_shapes[0][key] == tuple(self.shape.core_shapes()[0])
         )
@@ -244,7 +248,7 @@ class TTLocalTable(nn.Module):
         """State of core ``k`` (of column-wise ``core_0`` shard ``piece``: its split states and
         the table's replicated ones)."""
         buffers = self._buffers
-        if self.sharding_type != ShardingType.COLUMN_WISE.value:  # nothing is split
+        if self.sharding_type != _COLUMN_WISE:  # nothing is split
             name = self.param_names[k]
             return {key: buffers[f"{name}_{key}"] for key in self.optimizer_state_shapes[k]}  # type: ignore[misc]
         out = {}
@@ -281,7 +285,7 @@ class TTLocalTable(nn.Module):
     def replicated_state(self) -> list[Tensor]:
         """State buffers that every rank holding them keeps identical (all but split ones and
         table-wise ones)."""
-        if self.sharding_type == ShardingType.TABLE_WISE.value:
+        if self.sharding_type == _TABLE_WISE:
             return []
         return [
             tensor
