@@ -305,7 +305,8 @@ class TTFusedUpdate:
         self._group = group
         # (table names, their skip counts, a 0-dim view per table held as FusedTable.skipped)
         self._skip_counters: tuple[list[str], Tensor, list[Tensor]] | None = None
-        self._whole: dict[int, list[Tensor]] = {}
+        # Each table's whole cores (and slab) by table name, looked up once per call.
+        self._whole: dict[str, list[Tensor]] = {}
 
     def _world_size(self) -> int:
         if not dist.is_initialized():
@@ -326,8 +327,9 @@ class TTFusedUpdate:
             lrs[table.name] = lr
         grad_of = {id(p): g for p, g in zip(params, grads)}
         # Each table's whole cores, looked up once per call (the helpers below need them several
-        # times a table, and TTLocalTable builds the list by module attribute lookups).
-        self._whole = {id(t): t.whole_params() for t in self._tables}
+        # times a table, and TTLocalTable builds the list by module attribute lookups); read by
+        # subscription, not a method: this runs for every table and step.
+        self._whole = {t.name: t.whole_params() for t in self._tables}
         row_stats: dict[str, Tensor] = {}
         bad_shards: dict[str, Tensor] = {}  # column_wise: non-finite core_0 shard gradients
         column_wise = self._reduce == "sum"
@@ -351,7 +353,7 @@ class TTFusedUpdate:
                             flag += (~torch.isfinite(torch.cat([g.reshape(-1) for g in shard_grads]))).any()
                         parts.append((("bad", table.name), flag))
                 else:
-                    for core in self._whole_params(table):
+                    for core in self._whole[table.name]:
                         parts.append((id(core), grad_of[id(core)]))
             world = self._world_size()
             if parts and world > 1:
@@ -416,11 +418,11 @@ class TTFusedUpdate:
         views of one int64 tensor, so a step counts all the tables' skips in one add."""
         checked = [
             t for t in self._tables
-            if self._fused[t.name].cfg.skip_non_finite and self._whole_params(t)
+            if self._fused[t.name].cfg.skip_non_finite and self._whole[t.name]
         ]
         if not checked:
             return {}
-        ok = finite_flags([[grad_of[id(c)] for c in self._whole_params(t)] for t in checked])
+        ok = finite_flags([[grad_of[id(c)] for c in self._whole[t.name]] for t in checked])
         names = [t.name for t in checked]
         counters = self._skip_counters
         if (
@@ -440,18 +442,12 @@ class TTFusedUpdate:
         counters[1].add_(~ok)
         return dict(zip(names, ok.unbind(0)))
 
-    def _whole_params(self, table: Any) -> list[Tensor]:
-        """``table.whole_params()`` (whole cores, then the cache slab where held), as looked up
-        at the start of this call."""
-        cores = self._whole.get(id(table))
-        return table.whole_params() if cores is None else cores
-
     def _apply(self, tables: Sequence[Any], cfg: FusedOptimConfig, lr: float,
                grad_of: Mapping[int, Tensor]) -> None:
         """One :func:`fused_update_many` over the whole cores (and hot-row cache slabs) of
         ``tables``."""
-        cores = [c for t in tables for c in self._whole_params(t)]
-        states = [t.optimizer_state(k) for t in tables for k in range(len(self._whole_params(t)))]
+        cores = [c for t in tables for c in self._whole[t.name]]
+        states = [state for t in tables for state in t.whole_optimizer_states()]
         if cores:
             fused_update_many(cores, [grad_of[id(c)] for c in cores], states, cfg, lr)
 
@@ -459,13 +455,13 @@ class TTFusedUpdate:
         """Whether this rank holds any core of ``table`` (else its update is a no-op)."""
         if self._reduce == "sum":
             return bool(table.replicated_cores() or table.core_0_shards)
-        return bool(self._whole_params(table))
+        return bool(self._whole[table.name])
 
     def _touched_grads(self, table: Any) -> list[Tensor]:
         """The cores of ``table`` on this rank whose gradients an update reads."""
         if self._reduce == "sum":
             return [*table.replicated_cores(), *table.core_0_shards]
-        return list(self._whole_params(table))
+        return list(self._whole[table.name])
 
     def _touched(self, table: Any) -> list[Tensor]:
         """The cores and optimizer state an update of ``table`` may write on this rank."""
@@ -476,7 +472,7 @@ class TTFusedUpdate:
             states = [table.optimizer_state(k) for k in range(len(table.replicated_cores()) + 1)]
             states += [table.optimizer_state(0, piece=i) for i in range(len(table.core_0_shards))]
         else:
-            cores = self._whole_params(table)
+            cores = self._whole[table.name]
             states = [table.optimizer_state(k) for k in range(len(cores))]
         out: dict[int, Tensor] = {id(t): t for t in cores}
         out.update({id(t): t for state in states for t in state.values()})
@@ -499,7 +495,7 @@ class TTFusedUpdate:
             # The summed count of ranks whose core_0 shards held a NaN or inf, as a NaN if > 0.
             local.append(torch.where(bad_shards[table.name] > 0, float("nan"), 0.0))
         else:
-            local = [grad_of[id(c)] for c in self._whole_params(table)]
+            local = [grad_of[id(c)] for c in self._whole[table.name]]
         return finite_flag(local)
 
     def _core0_row_sums(

@@ -27,6 +27,10 @@ from torchrec_tt.sharding.tt_shards import column_shard_core0_columns, column_sh
 __all__ = ["TTLocalTable", "TTPooledEmbeddingsLookup"]
 
 _POOLING = {PoolingType.SUM: PoolingMode.SUM, PoolingType.MEAN: PoolingMode.MEAN}
+# The values once: an enum member's ``.value`` is two Python calls, and the fused update asks
+# every table's sharding type several times a step.
+_COLUMN_WISE = ShardingType.COLUMN_WISE.value
+_TABLE_WISE = ShardingType.TABLE_WISE.value
 
 
 class TTLocalTable(nn.Module):
@@ -75,7 +79,7 @@ class TTLocalTable(nn.Module):
         self.shape = shape
         self.sharding_type = sharding_type
         # The sharded module refuses a cache on column shards before building one.
-        assert cache_rows == 0 or sharding_type != ShardingType.COLUMN_WISE.value
+        assert cache_rows == 0 or sharding_type != _COLUMN_WISE
         self.cache_rows = cache_rows
         self.cache_refresh_steps = cache_refresh_steps
         self.cache_decay = cache_decay
@@ -83,7 +87,7 @@ class TTLocalTable(nn.Module):
         self.last_cache_refresh: hot_cache.CacheRefreshStats | None = None
         core_shapes = shape.core_shapes()
         self.core_0_shard_cols: list[tuple[int, int]] = []
-        if sharding_type == ShardingType.COLUMN_WISE.value:
+        if sharding_type == _COLUMN_WISE:
             for k in range(1, shape.num_cores):
                 self.register_parameter(
                     f"core_{k}", nn.Parameter(torch.empty(core_shapes[k], device=device))
@@ -145,7 +149,7 @@ class TTLocalTable(nn.Module):
     # its Python call per tensor), always the current tensors, so nothing can go stale.
 
     def holds_whole_table(self) -> bool:
-        return self.sharding_type != ShardingType.COLUMN_WISE.value and "core_0" in self._parameters
+        return self.sharding_type != _COLUMN_WISE and "core_0" in self._parameters
 
     def whole_cores(self) -> list[nn.Parameter]:
         """``core_0 ..`` of a data_parallel / table_wise table held here (else empty)."""
@@ -156,7 +160,7 @@ class TTLocalTable(nn.Module):
 
     def replicated_cores(self) -> list[nn.Parameter]:
         """The shared cores ``core_1 ..`` of a column_wise table (else empty)."""
-        if self.sharding_type != ShardingType.COLUMN_WISE.value:
+        if self.sharding_type != _COLUMN_WISE:
             return []
         return [getattr(self, f"core_{k}") for k in range(1, self.shape.num_cores)]
 
@@ -167,7 +171,7 @@ class TTLocalTable(nn.Module):
 
     def shard_cores(self, col_offset: int, num_cols: int) -> tuple[TTShape, list[nn.Parameter]]:
         """TT shape and cores of the local shard starting at column ``col_offset``."""
-        if self.sharding_type != ShardingType.COLUMN_WISE.value:
+        if self.sharding_type != _COLUMN_WISE:
             cores = self.whole_cores()
             if not cores:
                 raise RuntimeError(f"TT table {self.name!r} has no cores on this rank")
@@ -182,7 +186,7 @@ class TTLocalTable(nn.Module):
         Every piece spans all rows of the core; only column-wise ``core_0`` has pieces narrower
         than the core (one per local column shard).
         """
-        if self.sharding_type == ShardingType.COLUMN_WISE.value:
+        if self.sharding_type == _COLUMN_WISE:
             if k > 0:
                 return [(getattr(self, f"core_{k}"), 0)]
             return [
@@ -221,21 +225,21 @@ class TTLocalTable(nn.Module):
     def _state_buffers(
         self, k: int, key: str, shape: tuple[int, ...]
     ) -> list[tuple[str, tuple[int, ...]]]:
-        if self.sharding_type == ShardingType.COLUMN_WISE.value and k == 0:
+        if self.sharding_type == _COLUMN_WISE and k == 0:
             if shape == tuple(self.shape.core_shapes()[0]):
                 return [
                     (f"core_0_shard_{i}_{key}", tuple(piece.shape))
                     for i, piece in enumerate(self.core_0_shards)
                 ]
             return [(f"core_0_{key}", shape)]
-        if self.sharding_type == ShardingType.COLUMN_WISE.value or self.holds_whole_table():
+        if self.sharding_type == _COLUMN_WISE or self.holds_whole_table():
             return [(f"{self.param_names[k]}_{key}", shape)]
         return []
 
     def is_state_split(self, k: int, key: str) -> bool:
         """Whether state ``key`` of core ``k`` is split by columns like column-wise ``core_0``."""
         return (
-            self.sharding_type == ShardingType.COLUMN_WISE.value
+            self.sharding_type == _COLUMN_WISE
             and k == 0
             and self.optimizer_state_shapes[0][key] == tuple(self.shape.core_shapes()[0])
         )
@@ -244,7 +248,7 @@ class TTLocalTable(nn.Module):
         """State of core ``k`` (of column-wise ``core_0`` shard ``piece``: its split states and
         the table's replicated ones)."""
         buffers = self._buffers
-        if self.sharding_type != ShardingType.COLUMN_WISE.value:  # nothing is split
+        if self.sharding_type != _COLUMN_WISE:  # nothing is split
             name = self.param_names[k]
             return {key: buffers[f"{name}_{key}"] for key in self.optimizer_state_shapes[k]}  # type: ignore[misc]
         out = {}
@@ -255,6 +259,17 @@ class TTLocalTable(nn.Module):
             else:
                 out[key] = buffers[f"{self.param_names[k]}_{key}"]
         return out  # type: ignore[return-value]
+
+    def whole_optimizer_states(self) -> list[dict[str, Tensor]]:
+        """``optimizer_state(k)`` of every tensor of ``whole_params`` (empty where this rank
+        holds no whole table): one call a table for the fused update, not one a core."""
+        if not self.holds_whole_table():
+            return []
+        buffers = self._buffers
+        return [
+            {key: buffers[f"{name}_{key}"] for key in shapes}  # type: ignore[misc]
+            for name, shapes in zip(self.param_names, self.optimizer_state_shapes)
+        ]
 
     def state_pieces(self, k: int, key: str) -> list[tuple[Tensor, int]]:
         """This rank's pieces of state ``key`` of core ``k`` as ``(tensor, first column)``
@@ -270,7 +285,7 @@ class TTLocalTable(nn.Module):
     def replicated_state(self) -> list[Tensor]:
         """State buffers that every rank holding them keeps identical (all but split ones and
         table-wise ones)."""
-        if self.sharding_type == ShardingType.TABLE_WISE.value:
+        if self.sharding_type == _TABLE_WISE:
             return []
         return [
             tensor
@@ -341,6 +356,62 @@ class _FusedUpdateInBackward(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor) -> tuple[Any, ...]:
         ctx.update(ctx.params, grads)
         return (None,) * (1 + len(grads))
+
+
+def _core_slots(next_functions: Any, params: Sequence[Tensor], cached: list[int]) -> list[int]:
+    """Where each of ``params`` is among a node's ``next_functions`` (by its ``AccumulateGrad``;
+    the op's other inputs come without one): ``cached`` when it still matches (checked without a
+    Python call per core: this runs every step), else looked up again."""
+    if len(cached) == len(params):
+        try:
+            for k, j in enumerate(cached):
+                if next_functions[j][0].variable is not params[k]:
+                    break
+            else:
+                return cached
+        except (AttributeError, IndexError):
+            pass
+    position = {id(p): k for k, p in enumerate(params)}
+    slots = [-1] * len(params)
+    for j, (fn, _) in enumerate(next_functions):
+        k = position.get(id(getattr(fn, "variable", None)), -1)
+        if k >= 0:
+            slots[k] = j
+    if -1 in slots:
+        raise RuntimeError(
+            "TT lookup: the fused update expected every core as a direct input of the TT op"
+        )
+    return slots
+
+
+def _update_in_op_backward(
+    pooled: Tensor, update: Callable[[Sequence[Tensor], Sequence[Tensor]], None],
+    params: Sequence[Tensor], slots: list[int],
+) -> list[int]:
+    """What ``_FusedUpdateInBackward`` does, without its identity views (an op per core and step):
+    a post-hook on the TT op's autograd node hands the core gradients (its grad_inputs) to
+    ``update`` and replaces them by None, so nothing reaches the cores' ``AccumulateGrad`` and no
+    ``.grad`` is left. Needs every one of ``params`` passed to the op once, as a leaf that
+    requires grad (the caller checks). The node's inputs are found by their ``AccumulateGrad``
+    (``_core_slots``), so the slot order of the backend's autograd (Python on the CPU, C++ on
+    CUDA) does not matter. Returns the slots (for the next call's ``slots``)."""
+    node = pooled.grad_fn
+    if node is None:  # no autograd graph: nothing to update
+        return slots
+    slots = _core_slots(node.next_functions, params, slots)
+
+    def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: Any) -> tuple[Any, ...]:
+        out = list(grad_inputs)
+        grads = []
+        for k, j in enumerate(slots):
+            g = out[j]
+            grads.append(g if g is not None else torch.zeros_like(params[k]))
+            out[j] = None
+        update(params, grads)
+        return tuple(out)
+
+    node.register_hook(hook)
+    return slots
 
 
 class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
@@ -439,6 +510,14 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         self._fused_update = fused_update
         if replicated and replicated_group is None and fused_update is None:
             raise ValueError("replicated cores need a process group for their gradient sum")
+        # The fused update runs as a hook on the TT op's node (no identity views) where every
+        # parameter is an op input exactly once: no replicated core outside this rank's shards,
+        # no shared core given twice, no cache slab (those take _FusedUpdateInBackward).
+        self._update_by_hook = (
+            fused_update is not None and not caches
+            and sorted(self._core_index) == list(range(len(self.cores)))
+        )
+        self._hook_slots: list[int] = []
         self._checked_keys = False
         # Set by the sharded module (the unsharded module's options, then the sharder's keys).
         self.kernel_options = TTKernelOptions()
@@ -465,8 +544,18 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         # The ParameterList's own dict, in index order: list(self.cores) costs a Python
         # __getitem__ per core every step.
         params: list[Tensor] = list(self.cores._parameters.values())  # type: ignore[arg-type]
+        # CUDA keeps the identity-view path until the hook on the op's C++ autograd node has
+        # run on a GPU (the hook is tested on the CPU's Python autograd node only).
+        hooked = self._update_by_hook and torch.is_grad_enabled() and (
+            not params or params[0].device.type == "cpu"
+        )
+        if hooked:
+            for p in params:  # a frozen core is no op input with an AccumulateGrad
+                if not p.requires_grad:
+                    hooked = False
+                    break
         if self._fused_update is not None:
-            if params:
+            if params and not hooked:
                 params = list(_FusedUpdateInBackward.apply(self._fused_update, *params))
         elif self._replicated_index:
             shared = _SumGradientsAcrossRanks.apply(
@@ -495,7 +584,7 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         if self._caches:  # (VBE batches are refused for cached tables by the sharded module)
             return self._cached_forward(sparse_features, cores, params, weights)
         if not sparse_features.variable_stride_per_key():
-            return tt_embedding_bag(
+            pooled = tt_embedding_bag(
                 cores,
                 self._layout,
                 sparse_features.values(),
@@ -503,6 +592,11 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
                 weights,
                 self.kernel_options,
             )
+            if hooked:
+                self._hook_slots = _update_in_op_backward(
+                    pooled, self._fused_update, params, self._hook_slots  # type: ignore[arg-type]
+                )
+            return pooled
         # VBE: the bags padded to the largest batch for the op, then TorchRec's VBE layout: for
         # each destination rank r, each feature's [B_{f,r}, D_f] rows flattened, one after another
         # (what its variable-batch pooled all-to-all splits by rank, and, for one rank,
@@ -518,6 +612,10 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             weights,
             self.kernel_options,
         )
+        if hooked:
+            self._hook_slots = _update_in_op_backward(
+                pooled, self._fused_update, params, self._hook_slots  # type: ignore[arg-type]
+            )
         blocks = pooled.split(self._feature_dims, dim=1)
         parts: list[Tensor] = []
         for r in range(len(per_rank[0])):

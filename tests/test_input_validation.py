@@ -567,11 +567,14 @@ class _LocalTable:
     def whole_cores(self) -> list[torch.Tensor]:
         return self.cores
 
-    def whole_params(self) -> list[torch.Tensor]:  # no hot-row cache slab
+    def whole_params(self) -> list[torch.Tensor]:  # no hot-row cache: the cores
         return self.cores
 
     def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
         return self.state[k]
+
+    def whole_optimizer_states(self) -> list[dict[str, torch.Tensor]]:
+        return self.state
 
 
 def test_sharded_fused_update_checks_lr_first_and_skips_non_finite_tables() -> None:
