@@ -435,7 +435,8 @@ __device__ __forceinline__ void reduce_scatter_down(float* v, int lane, int& bas
 
 // GS: lanes per bag; KPL: float4s of G_last[s] per lane (R * q_last / (4 GS)); QM: bound on Q
 // (a power of two, 4..16). RX, QLX > 0: every table has R = RX, q_last = QLX and Q = QM
-// (compile-time loop bounds and offsets: a third of the instructions at D=64).
+// (compile-time loop bounds and offsets; the generic kernel spent most of its 455 instructions
+// per lookup at D=64 on address arithmetic and masks: docs/benchmarks.md "v7").
 template <typename index_t, int GS, int KPL, int QM, int RX = 0, int QLX = 0>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 forward_rank_kernel(const Params P, const index_t* __restrict__ idx,
@@ -591,9 +592,9 @@ constexpr int kStageFloats = 1024;  // staged dY / len per warp in the backward 
 // kStaged: the warp first copies dY / len of `stage` lookups at a time into shared memory with
 // all its loads in flight at once (16-byte ones when `vec`: every D and dY's row a multiple of
 // 4; lane-parallel metadata, no per-lookup division), so summing a lookup is a shared load and
-// an FMA. Without it (v6, TORCHREC_TT_BWD_STAGED=0, kept
-// for A/B runs) each lookup is loaded one ahead through ~100 instructions of shuffles and 64-bit
-// arithmetic, and ncu showed its first use stalling on the load (28% of the stall samples).
+// an FMA. Without it (v6, TORCHREC_TT_BWD_STAGED=0, kept for A/B runs) each lookup is loaded
+// one ahead through ~100 instructions of shuffles and 64-bit arithmetic, and ncu showed its
+// first use stalling on the load (28% of the stall samples).
 template <typename index_t, int RPL, int QM, int QLM, bool kStaged, bool kExact = false>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __restrict__ svals,
