@@ -304,6 +304,16 @@ class NonFiniteFlag:
     def __init__(self) -> None:
         self._status: dict[torch.device, Tensor] = {}
         self._pending: dict[torch.device, tuple[Tensor, Any]] = {}
+        self._unchecked: dict[torch.device, Tensor] = {}
+
+    def unchecked_status(self, device: torch.device) -> Tensor:
+        """A status tensor for encodes with ``check_finite=False``: they still mark bad groups
+        (sent as NaN), but nobody polls it, so they never raise through this flag."""
+        st = self._unchecked.get(device)
+        if st is None:
+            st = torch.zeros(1, dtype=torch.int32, device=device)
+            self._unchecked[device] = st
+        return st
 
     def status(self, device: torch.device) -> Tensor:
         """The int32 ``[1]`` status tensor the encodes on ``device`` set."""
@@ -401,7 +411,7 @@ def _encode_blocks_checked(x: Tensor, widths: list[int], block: int, row_bytes: 
         return data
     status = None
     if not check_finite:  # bad groups are still sent as NaN; nobody reads the report
-        status = (flag.status(x.device) if flag is not None
+        status = (flag.unchecked_status(x.device) if flag is not None
                   else torch.zeros(1, dtype=torch.int32, device=x.device))
     elif flag is not None and x.device.type == "cuda":
         flag.poll()

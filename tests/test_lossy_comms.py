@@ -413,6 +413,15 @@ def test_compiled_nan_inf_rejected_or_marked(bad: float) -> None:
     mask = torch.ones(2, 3, dtype=torch.bool)
     mask[1, 2] = False
     assert _same_bits(y[mask], ref[mask])
+    # unchecked with a flag (what the codec passes): the flag never reports it, so a policy's
+    # step() cannot raise for an encode that asked not to be checked
+    flag = lossy_codec.NonFiniteFlag()
+    marked = lossy_codec.encode_blocks(x.reshape(2, 1, 48), [4, 4, 4], 16, impl="compiled",
+                                       check_finite=False, flag=flag)
+    assert torch.equal(marked, lossy_codec.encode_blocks(x.reshape(2, 1, 48), [4, 4, 4], 16,
+                                                         impl="compiled", check_finite=False))
+    flag.check()
+    flag.poll()
 
 
 def test_compiled_codec_path_equals_reference_codec() -> None:
