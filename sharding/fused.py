@@ -473,7 +473,7 @@ class TTFusedUpdate:
             states += [table.optimizer_state(0, piece=i) for i in range(len(table.core_0_shards))]
         else:
             cores = self._whole[table.name]
-            states = [table.optimizer_state(k) for k in range(len(cores))]
+            states = table.whole_optimizer_states()
         out: dict[int, Tensor] = {id(t): t for t in cores}
         out.update({id(t): t for state in states for t in state.values()})
         return list(out.values())
