@@ -6,8 +6,8 @@
 # Switches: SKIP_KERNEL (no two-factor tests, Kaggle-7, offload or memcheck), SKIP_OFFLOAD, SKIP_OLDER_TESTS,
 # SKIP_DLRM, SKIP_PROFILE (any value), DLRM_ARGS (bench_dlrm_step.py's flags),
 # DLRM_PROFILE_BATCHES (default 8192), NCU_DIMS (default
-# "64 16"), NCU_SOURCE (D list, see below), EXTRA="scripts" run
-# before the profiles, ITERS (default 20).
+# "64 16"), NCU_SOURCE (D list) and NCU_SOURCE_KERNELS (see below), EXTRA="scripts" run
+# before the profiles, ITERS (default 20), PACK=1 (everything under $OUT in one archive).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

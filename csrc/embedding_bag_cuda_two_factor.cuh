@@ -591,8 +591,8 @@ constexpr int kStageFloats = 1024;  // staged dY / len per warp in the backward 
 // (the latter by one vector atomic per lane and row).
 // kStaged: the warp first copies dY / len of `stage` lookups at a time into shared memory with
 // all its loads in flight at once (16-byte ones when `vec`: every D and dY's row a multiple of
-// 4; lane-parallel metadata, no per-lookup division), so summing a lookup is a shared load and
-// an FMA. Without it (v6, TORCHREC_TT_BWD_STAGED=0, kept for A/B runs) each lookup is loaded
+// 4; lane-parallel metadata, one integer division per copied element instead of 64-bit
+// shuffles and a division per lookup), so summing a lookup is a shared load and an FMA. Without it (v6, TORCHREC_TT_BWD_STAGED=0, kept for A/B runs) each lookup is loaded
 // one ahead through ~100 instructions of shuffles and 64-bit arithmetic, and ncu showed its
 // first use stalling on the load (28% of the stall samples).
 template <typename index_t, int RPL, int QM, int QLM, bool kStaged, bool kExact = false>
@@ -870,7 +870,8 @@ grad_kernel(const Params P, const int32_t* __restrict__ skeys, const int32_t* __
 // ---- dispatch --------------------------------------------------------------------------------
 
 // TORCHREC_TT_BWD_STAGED=0: the v6 per-lookup loop of the backward (for A/B runs; only for the
-// shapes of the Kaggle-sized benchmark, ranks <= 32 and Q <= 8, else the staged kernel runs).
+// shapes of the Kaggle-sized benchmark, one rank per lane (R <= 32) and Q <= 8, else the staged
+// kernel runs).
 inline bool staged_backward_env() {
   const char* e = std::getenv("TORCHREC_TT_BWD_STAGED");
   return e == nullptr || std::string(e) != "0";
@@ -980,7 +981,7 @@ void launch_grad(const Params& P, const BatchInfo& info, const int32_t* skeys, c
   const int ex = staged_backward_env() ? exact_shape(info) : 0;
   if (ex == 4) return launch(grad_kernel<index_t, 1, 4, 4, true, true>);
   if (ex == 8) return launch(grad_kernel<index_t, 1, 8, 8, true, true>);
-  if (!staged_backward_env() && rpl == 1 && std::max(qm, 8) == 8) {
+  if (!staged_backward_env() && rpl == 1 && qm <= 8) {
     if (qlm == 4) return launch(grad_kernel<index_t, 1, 8, 4, false>);
     if (qlm == 8) return launch(grad_kernel<index_t, 1, 8, 8, false>);
   }

@@ -92,15 +92,19 @@ class KernelCost:
 
     @property
     def flops_per_second(self) -> float:
-        """Effective rate of the kernels that run the shape, on their own FLOP count."""
+        """The per-FLOP rate of the kernels that run the shape: for the two-factor kernels only
+        the FLOP term of their model (``step_seconds`` adds per-lookup and per-call terms)."""
         return TWO_FACTOR_FLOPS if self.two_factor else OLDER_KERNEL_FLOPS
+
+    def _two_factor_per_lookup(self) -> float:
+        return TWO_FACTOR_LOOKUP_SECONDS + self.flops_per_lookup / TWO_FACTOR_FLOPS
 
     def forward_seconds(self, lookups: float) -> float:
         """Modelled forward GPU time of ``lookups`` lookups (a third of the per-lookup cost: the
         forward's share of the FLOPs; the prefix build)."""
         if not self.two_factor:
             return lookups * self.forward_flops / self.flops_per_second
-        per_lookup = TWO_FACTOR_LOOKUP_SECONDS + self.flops_per_lookup / TWO_FACTOR_FLOPS
+        per_lookup = self._two_factor_per_lookup()
         prefix = self.prefix_flops / 3 / PREFIX_GEMM_FLOPS
         return lookups * per_lookup * self.forward_flops / self.flops_per_lookup + prefix
 
@@ -109,7 +113,7 @@ class KernelCost:
         costs (sort, gradient zeroing, the update of every core)."""
         if not self.two_factor:
             return lookups * self.backward_flops / self.flops_per_second
-        per_lookup = TWO_FACTOR_LOOKUP_SECONDS + self.flops_per_lookup / TWO_FACTOR_FLOPS
+        per_lookup = self._two_factor_per_lookup()
         fixed = TWO_FACTOR_TABLE_SECONDS + 4 * self.params * TWO_FACTOR_CORE_BYTE_SECONDS
         prefix = 2 * self.prefix_flops / 3 / PREFIX_GEMM_FLOPS
         return lookups * per_lookup * self.backward_flops / self.flops_per_lookup + fixed + prefix
