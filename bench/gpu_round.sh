@@ -5,7 +5,8 @@
 # Usage on the GPU machine, from the repository root:  bash bench/gpu_round.sh
 # Switches: SKIP_KERNEL (no two-factor tests, Kaggle-7, offload or memcheck), SKIP_OFFLOAD, SKIP_OLDER_TESTS,
 # SKIP_DLRM, SKIP_PROFILE (any value), DLRM_ARGS (bench_dlrm_step.py's flags),
-# DLRM_PROFILE_BATCHES (default 8192), NCU_DIMS (default
+# DLRM_PROFILE_BATCHES (default 8192), PROFILE_BATCHES (the kernels' torch.profiler tables;
+# default 65536), NCU_DIMS (default
 # "64 16"), NCU_SOURCE (D list) and NCU_SOURCE_KERNELS (see below), EXTRA="scripts" run
 # before the profiles, ITERS (default 20), PACK=1 (everything under $OUT in one archive).
 set -uo pipefail
@@ -56,8 +57,12 @@ fi
 # Further benchmarks of the round (e.g. bench/gpu_extra.sh), before the profiles.
 for script in ${EXTRA:-}; do bash "$script"; done
 if [ -z "${SKIP_PROFILE:-}" ]; then
-  timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 16 > "$OUT/profile_d16.txt" 2>&1
-  timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim 64 > "$OUT/profile_d64.txt" 2>&1
+  for b in ${PROFILE_BATCHES:-65536}; do
+    for d in 16 64; do
+      timeout 60 python3 bench/profile_embedding_bag.py --kaggle7 --dim $d --batch $b \
+        > "$OUT/profile_d${d}_b$b.txt" 2>&1
+    done
+  done
   for d in ${NCU_DIMS:-64 16}; do
     timeout 100 ncu --clock-control none -k regex:"forward_rank_kernel|forward_kernel|grad_kernel" -c 3 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
