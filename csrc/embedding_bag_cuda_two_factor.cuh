@@ -437,7 +437,11 @@ __device__ __forceinline__ void reduce_scatter_down(float* v, int lane, int& bas
 // (a power of two, 4..16). RX, QLX > 0: every table has R = RX, q_last = QLX and Q = QM
 // (compile-time loop bounds and offsets; the generic kernel spent most of its 455 instructions
 // per lookup at D=64 on address arithmetic and masks: docs/benchmarks.md "v7").
-template <typename index_t, int GS, int KPL, int QM, int RX = 0, int QLX = 0>
+// CR (exact shapes, KPL = 4): lane group g owns the 4 consecutive ranks 4g..4g+3 instead of
+// g, g + GS/CPF, ...: the same products and the same cross-lane reduction, but P[a]'s values
+// of a row m are one float4 (QM 16-byte loads per lane instead of 4 * QM scalar ones: the
+// exact-shape D=64 forward issued 32 scalar P loads per lane and lookup, 20 LDG per lookup).
+template <typename index_t, int GS, int KPL, int QM, int RX = 0, int QLX = 0, bool CR = false>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 forward_rank_kernel(const Params P, const index_t* __restrict__ idx,
                     const int64_t* __restrict__ off, const float* __restrict__ w, int bounds,
@@ -485,6 +489,36 @@ forward_rank_kernel(const Params P, const index_t* __restrict__ idx,
       const int64_t a = lk.a, s = lk.s;
       const float4* g4 = reinterpret_cast<const float4*>(T.G + s * R * ql);
       const float* pa = T.P + a * Q * R;
+      if constexpr (CR) {
+        static_assert(RX > 0 && KPL == 4 && (QLX == 4 || QLX == 8), "CR: exact shapes only");
+        constexpr int CPF = QLX / 4;  // float4s per rank row of G_last[s]
+        static_assert((GS / CPF) * KPL == RX, "CR: the lane groups cover the ranks once");
+        const int g = sl / CPF;
+        float4 gv[KPL];
+#pragma unroll
+        for (int k = 0; k < KPL; ++k) {
+          gv[k] = __ldg(g4 + (g * KPL + k) * CPF + cc);
+          gv[k].x *= wj;
+          gv[k].y *= wj;
+          gv[k].z *= wj;
+          gv[k].w *= wj;
+        }
+        // Rows of P[a] are RX floats, so row m's ranks 4g..4g+3 are 16-byte aligned.
+        const float4* p4 = reinterpret_cast<const float4*>(pa) + g;
+#pragma unroll
+        for (int m = 0; m < QM; ++m) {
+          const float4 pv = __ldg(p4 + m * (RX / 4));
+          const float pr[4] = {pv.x, pv.y, pv.z, pv.w};
+#pragma unroll
+          for (int k = 0; k < KPL; ++k) {
+            acc[m * 4 + 0] += pr[k] * gv[k].x;
+            acc[m * 4 + 1] += pr[k] * gv[k].y;
+            acc[m * 4 + 2] += pr[k] * gv[k].z;
+            acc[m * 4 + 3] += pr[k] * gv[k].w;
+          }
+        }
+        continue;
+      }
 #pragma unroll
       for (int k = 0; k < KPL; ++k) {
         if (k < kpl) {
@@ -877,6 +911,13 @@ inline bool staged_backward_env() {
   return e == nullptr || std::string(e) != "0";
 }
 
+// TORCHREC_TT_FWD_STRIDED_RANKS=1: the exact-shape forward with v7's strided rank layout (for
+// A/B runs against the consecutive-rank one).
+inline bool strided_rank_forward_env() {
+  const char* e = std::getenv("TORCHREC_TT_FWD_STRIDED_RANKS");
+  return e != nullptr && std::string(e) == "1";
+}
+
 // The Kaggle-sized shapes (R = 32 and, for every table of the call, q_last = Q = 4 or 8, i.e.
 // D = 16 or 64) run kernels compiled for that exact shape; TORCHREC_TT_EXACT_SHAPES=0 runs the
 // generic ones (for A/B runs). Returns the common q_last, or 0 when the call has no such shape.
@@ -935,8 +976,16 @@ void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, 
         return false;
       };
       const int ex = exact_shape(info);
-      if (ex == 4 && gs == 8) return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4>, 8);
-      if (ex == 8 && gs == 16) return launch(forward_rank_kernel<index_t, 16, 4, 8, 32, 8>, 16);
+      if (strided_rank_forward_env()) {
+        if (ex == 4 && gs == 8) return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4>, 8);
+        if (ex == 8 && gs == 16) return launch(forward_rank_kernel<index_t, 16, 4, 8, 32, 8>, 16);
+      }
+      if (ex == 4 && gs == 8) {
+        return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4, true>, 8);
+      }
+      if (ex == 8 && gs == 16) {
+        return launch(forward_rank_kernel<index_t, 16, 4, 8, 32, 8, true>, 16);
+      }
       // One bag per warp covers every shape that fits (nf in {32, 64, 128}, qm in {4, 8, 16}).
       if (try_lanes(gs) || try_lanes(32)) return;
     }

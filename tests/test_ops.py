@@ -399,19 +399,20 @@ def _check_two_factor(prob, monkeypatch, weighted: bool,  # type: ignore[no-unty
     """The two-factor kernels (the rank-layout forward where the shapes fit it, with the default
     lanes per bag and with one bag per warp; the unit layout, TORCHREC_TT_RANK_LAYOUT=0; the
     backward's default choice; the v6 backward loop without staged dY, TORCHREC_TT_BWD_STAGED=0;
-    the generic kernels where an exact-shape one exists, TORCHREC_TT_EXACT_SHAPES=0) and the older
+    the generic kernels where an exact-shape one exists, TORCHREC_TT_EXACT_SHAPES=0; the exact-shape
+    forward with v7's strided rank layout, TORCHREC_TT_FWD_STRIDED_RANKS=1) and the older
     kernels (TORCHREC_TT_TWO_FACTOR=0) on the same call against float64: output,
     core gradients and (``weighted``) weight gradients."""
     opts = TTKernelOptions(compute_precision=precision)
     gpu = _to(prob, "cuda")
     results = []
     # The default choice, one bag per warp, the unit layout, the v6 backward loop, the generic
-    # kernels, the older kernels.
+    # kernels, the strided-rank exact-shape forward, the older kernels.
     switches = ("TORCHREC_TT_TWO_FACTOR", "TORCHREC_TT_RANK_LAYOUT", "TORCHREC_TT_FWD_LANES_PER_BAG",
-                "TORCHREC_TT_BWD_STAGED", "TORCHREC_TT_EXACT_SHAPES")
+                "TORCHREC_TT_BWD_STAGED", "TORCHREC_TT_EXACT_SHAPES", "TORCHREC_TT_FWD_STRIDED_RANKS")
     modes = ({}, {"TORCHREC_TT_FWD_LANES_PER_BAG": "32"}, {"TORCHREC_TT_RANK_LAYOUT": "0"},
              {"TORCHREC_TT_BWD_STAGED": "0"}, {"TORCHREC_TT_EXACT_SHAPES": "0"},
-             {"TORCHREC_TT_TWO_FACTOR": "0"})
+             {"TORCHREC_TT_FWD_STRIDED_RANKS": "1"}, {"TORCHREC_TT_TWO_FACTOR": "0"})
     for mode in modes:
         for key in switches:
             if key in mode:
