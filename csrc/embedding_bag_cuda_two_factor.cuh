@@ -911,8 +911,8 @@ inline bool staged_backward_env() {
   return e == nullptr || std::string(e) != "0";
 }
 
-// TORCHREC_TT_FWD_STRIDED_RANKS=1: the exact-shape forward with v7's strided rank layout (for
-// A/B runs against the consecutive-rank one).
+// TORCHREC_TT_FWD_STRIDED_RANKS=1: the exact-shape D=64 forward with v7's strided rank layout
+// (for A/B runs against the consecutive-rank one; D=16 always runs the strided one).
 inline bool strided_rank_forward_env() {
   const char* e = std::getenv("TORCHREC_TT_FWD_STRIDED_RANKS");
   return e != nullptr && std::string(e) == "1";
@@ -976,14 +976,14 @@ void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, 
         return false;
       };
       const int ex = exact_shape(info);
-      if (strided_rank_forward_env()) {
-        if (ex == 4 && gs == 8) return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4>, 8);
-        if (ex == 8 && gs == 16) return launch(forward_rank_kernel<index_t, 16, 4, 8, 32, 8>, 16);
-      }
-      if (ex == 4 && gs == 8) {
-        return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4, true>, 8);
-      }
+      // D=16 keeps the strided ranks: consecutive ones measured 0.349 vs 0.316 ms at B=65,536
+      // (0.139 vs 0.142 at 8,192); at D=64 they measured 0.629 vs 0.643 and 0.211 vs 0.213 ms,
+      // and 248 vs 273 us of forward in ncu (docs/benchmarks.md "v8").
+      if (ex == 4 && gs == 8) return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4>, 8);
       if (ex == 8 && gs == 16) {
+        if (strided_rank_forward_env()) {
+          return launch(forward_rank_kernel<index_t, 16, 4, 8, 32, 8>, 16);
+        }
         return launch(forward_rank_kernel<index_t, 16, 4, 8, 32, 8, true>, 16);
       }
       // One bag per warp covers every shape that fits (nf in {32, 64, 128}, qm in {4, 8, 16}).

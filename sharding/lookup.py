@@ -7,6 +7,8 @@ TorchRec's ``GroupedPooledEmbeddingsLookup`` raises on ``customized_kernel``; th
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -513,9 +515,12 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         # The fused update runs as a hook on the TT op's node (no identity views) where every
         # parameter is an op input exactly once: no replicated core outside this rank's shards,
         # no shared core given twice, no cache slab (those take _FusedUpdateInBackward).
+        # On CUDA the op's node is C++ (tests/test_fused_update_hook.py runs the hook on both).
+        # TORCHREC_TT_FUSED_UPDATE_HOOK=0 keeps the identity views (for A/B runs).
         self._update_by_hook = (
             fused_update is not None and not caches
             and sorted(self._core_index) == list(range(len(self.cores)))
+            and os.environ.get("TORCHREC_TT_FUSED_UPDATE_HOOK", "1") != "0"
         )
         self._hook_slots: list[int] = []
         self._checked_keys = False
@@ -544,11 +549,7 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         # The ParameterList's own dict, in index order: list(self.cores) costs a Python
         # __getitem__ per core every step.
         params: list[Tensor] = list(self.cores._parameters.values())  # type: ignore[arg-type]
-        # CUDA keeps the identity-view path until the hook on the op's C++ autograd node has
-        # run on a GPU (the hook is tested on the CPU's Python autograd node only).
-        hooked = self._update_by_hook and torch.is_grad_enabled() and (
-            not params or params[0].device.type == "cpu"
-        )
+        hooked = self._update_by_hook and torch.is_grad_enabled()
         if hooked:
             for p in params:  # a frozen core is no op input with an AccumulateGrad
                 if not p.requires_grad:

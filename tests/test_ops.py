@@ -400,7 +400,7 @@ def _check_two_factor(prob, monkeypatch, weighted: bool,  # type: ignore[no-unty
     lanes per bag and with one bag per warp; the unit layout, TORCHREC_TT_RANK_LAYOUT=0; the
     backward's default choice; the v6 backward loop without staged dY, TORCHREC_TT_BWD_STAGED=0;
     the generic kernels where an exact-shape one exists, TORCHREC_TT_EXACT_SHAPES=0; the exact-shape
-    forward with v7's strided rank layout, TORCHREC_TT_FWD_STRIDED_RANKS=1) and the older
+    D=64 forward with v7's strided rank layout, TORCHREC_TT_FWD_STRIDED_RANKS=1) and the older
     kernels (TORCHREC_TT_TWO_FACTOR=0) on the same call against float64: output,
     core gradients and (``weighted``) weight gradients."""
     opts = TTKernelOptions(compute_precision=precision)
