@@ -395,29 +395,44 @@ def test_non_finite_tt_updates_are_skipped_and_counted_by_default() -> None:
 # ------------------------------------------------------------------------------ binary days
 
 
+def _convert(tmp_path: Path, rows: int, *flags: str) -> Path:
+    """A synthetic TSV of ``rows`` rows through ``python -m torchrec_tt.criteo --in-memory-binary``
+    (the tool users run) into ``tmp_path/bin``."""
+    tsv = tmp_path / "rows.tsv.gz"
+    SyntheticCriteo(scale=0.001, seed=5).write_tsv(str(tsv), rows=rows)
+    conv = subprocess.run([sys.executable, "-m", "torchrec_tt.criteo", str(tsv), "--cache-dir",
+                           str(tmp_path / "cache"), "--in-memory-binary", str(tmp_path / "bin"),
+                           *flags], capture_output=True, text=True, env=_env(), cwd=ROOT)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    assert conv.stdout.strip() == str(tmp_path / "bin")
+    return tmp_path / "bin"
+
+
+def _trains_and_resumes_exactly(tmp_path: Path, *flags: str) -> str:
+    """3 steps in one go, and stopped after 1 then resumed: the same losses and evaluations.
+    Returns the first run's output."""
+    full = _run(tmp_path / "full", *flags, "--steps", "3", "--eval-every", "3", nproc=1)
+    assert "auc=" in full.strip().splitlines()[-1]
+    _run(tmp_path / "part", *flags, "--steps", "3", "--eval-every", "3", "--stop-after", "1",
+         nproc=1)
+    resumed = _run(tmp_path / "part", *flags, "--steps", "3", "--eval-every", "3", "--resume",
+                   nproc=1)
+    assert "[tt] resumed from step 1" in resumed
+    a, b = _history(tmp_path / "full", "tt"), _history(tmp_path / "part", "tt")
+    assert len(a["loss"]) == 3 and a["loss"] == b["loss"] and a["eval"] == b["eval"]
+    return full
+
+
 def test_in_memory_binary_criteo_path_trains_and_resumes_exactly(tmp_path: Path) -> None:
     """TSV -> TorchRec's day_<i>_*.npy (python -m torchrec_tt.criteo --in-memory-binary) ->
     InMemoryBinaryCriteoIterDataPipe in a DataLoader: trains, and a stopped run resumed gives
     the same losses (the shuffled batches included)."""
-    tsv = tmp_path / "rows.tsv.gz"
-    SyntheticCriteo(scale=0.001, seed=5).write_tsv(str(tsv), rows=1200)
-    conv = subprocess.run([sys.executable, "-m", "torchrec_tt.criteo", str(tsv), "--cache-dir",
-                           str(tmp_path / "cache"), "--in-memory-binary", str(tmp_path / "bin"),
-                           "--days", "3"], capture_output=True, text=True, env=_env(), cwd=ROOT)
-    assert conv.returncode == 0, conv.stderr[-3000:]
-    assert conv.stdout.strip() == str(tmp_path / "bin")
-    flags = ["--in_memory_binary_criteo_path", str(tmp_path / "bin"), "--max-ind-range", "5000",
-             "--steps", "3", "--eval-every", "3", "--shuffle_batches", "--pin_memory",
-             "--mmap_mode"]
-    full = _run(tmp_path / "full", *flags, nproc=1)
+    folder = _convert(tmp_path, 1200, "--days", "3")
+    full = _trains_and_resumes_exactly(
+        tmp_path, "--in_memory_binary_criteo_path", str(folder), "--max-ind-range", "5000",
+        "--shuffle_batches", "--pin_memory", "--mmap_mode")
     assert "3 days (TorchRec's InMemoryBinaryCriteoIterDataPipe, mmap, shuffled batches)" in full
     assert "validation 200 / test 200 rows of day 2" in full
-    assert "auc=" in full.strip().splitlines()[-1]
-    _run(tmp_path / "part", *flags, "--stop-after", "1", nproc=1)
-    resumed = _run(tmp_path / "part", *flags, "--resume", nproc=1)
-    assert "[tt] resumed from step 1" in resumed
-    a, b = _history(tmp_path / "full", "tt"), _history(tmp_path / "part", "tt")
-    assert len(a["loss"]) == 3 and a["loss"] == b["loss"] and a["eval"] == b["eval"]
 
 
 def test_drop_last_training_batch_is_dlrm_mains(tmp_path: Path) -> None:
@@ -454,6 +469,111 @@ def test_in_memory_binary_bad_day_is_named_before_training(tmp_path: Path) -> No
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
     assert proc.returncode != 0
     assert "day_1_labels.npy: row 7: label must be 0 or 1, got 5" in proc.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+def test_criteo_kaggle_layout_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    """TSV -> TorchRec's criteo_kaggle layout (python -m torchrec_tt.criteo --in-memory-binary
+    --dataset-name criteo_kaggle) -> --dataset_name criteo_kaggle: trains on the whole train
+    file, evaluates on its second half (dlrm_main.py's split), and a stopped run resumed gives
+    the same losses (the shuffled batches included)."""
+    folder = _convert(tmp_path, 801, "--dataset-name", "criteo_kaggle")
+    assert sorted(os.listdir(folder)) == ["train_dense.npy", "train_labels.npy",
+                                          "train_sparse.npy"]
+    full = _trains_and_resumes_exactly(
+        tmp_path, "--in_memory_binary_criteo_path", str(folder), "--dataset_name",
+        "criteo_kaggle", "--max-ind-range", "5000", "--shuffle_batches", "--mmap_mode")
+    assert ("criteo_kaggle train file (TorchRec's InMemoryBinaryCriteoIterDataPipe, mmap, "
+            "shuffled batches): all 801 rows trained on, 7 batches/rank; validation = test = its "
+            "last 400 rows") in full
+
+
+def _kaggle_folder(folder: Path, rows: int = 40) -> dict[str, Path]:
+    """A small valid train_{dense,sparse,labels}.npy triple, TorchRec's dtypes and shapes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    arrays = {"dense": np.log(rng.integers(2, 50, (rows, 13))).astype(np.float32),
+              "sparse": rng.integers(0, 2**31, (rows, 26)).astype(np.int64),
+              "labels": rng.integers(0, 2, (rows, 1)).astype(np.int32)}
+    paths = {k: folder / f"train_{k}.npy" for k in arrays}
+    for k, a in arrays.items():
+        np.save(paths[k], a)
+    return paths
+
+
+def _corrupt(paths: dict[str, Path], kind: str, edit) -> None:  # type: ignore[no-untyped-def]
+    np.save(paths[kind], edit(np.load(paths[kind])))
+
+
+def _set(row: int, col: int, value: float):  # type: ignore[no-untyped-def]
+    def edit(a: np.ndarray) -> np.ndarray:
+        a[row, col] = value
+        return a
+    return edit
+
+
+@pytest.mark.parametrize("kind, edit, message", [
+    ("labels", _set(7, 0, 5), "train_labels.npy: row 7: label must be 0 or 1, got 5"),
+    ("dense", _set(11, 2, np.inf), "train_dense.npy: row 11, column 2 (I3): dense value inf is "
+                                   "not finite"),
+    ("sparse", _set(3, 25, -4), "train_sparse.npy: row 3, column 25 (C26): negative id -4"),
+    ("sparse", lambda a: a[:, :25], r"train_sparse.npy: expected shape (rows, 26) (C1..C26), "
+                                    r"got (40, 25)"),
+    ("labels", lambda a: a[:39], "row counts of the Criteo files disagree"),
+    ("dense", lambda a: a.astype(np.int32), "expected floating dense features"),
+])
+def test_criteo_kaggle_bad_files_are_named(tmp_path: Path, kind: str, edit,  # type: ignore[no-untyped-def]
+                                           message: str) -> None:
+    """The trainer's check of the layout (the same checks as the day files), before the pipes
+    or the model exist: the file, the first bad row and value."""
+    train = _import_train()
+    paths = _kaggle_folder(tmp_path / "bin")
+    args = train.parse_args(["--in_memory_binary_criteo_path", str(tmp_path / "bin"),
+                             "--dataset_name", "criteo_kaggle", "--max-ind-range", "5000"])
+    data = train.load_binary(args, train.cardinalities(args), 0, 1)
+    assert len(data.binary["train"]) == 1 and data.binary["test"] is data.binary["val"]
+    _corrupt(paths, kind, edit)
+    with pytest.raises(CriteoFormatError) as e:
+        train.load_binary(args, train.cardinalities(args), 0, 1)
+    assert message in str(e.value)
+
+
+def test_criteo_kaggle_one_row_has_no_evaluation_half(tmp_path: Path) -> None:
+    train = _import_train()
+    _kaggle_folder(tmp_path / "bin", rows=1)
+    args = train.parse_args(["--in_memory_binary_criteo_path", str(tmp_path / "bin"),
+                             "--dataset_name", "criteo_kaggle"])
+    with pytest.raises(CriteoFormatError, match="train_labels.npy: 1 row; validation and test"):
+        train.load_binary(args, train.cardinalities(args), 0, 1)
+
+
+def test_dataset_name_flag_is_dlrm_mains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    train = _import_train()
+    assert train.parse_args([]).dataset_name == "criteo_1t"  # dlrm_main.py's default
+    _kaggle_folder(tmp_path / "bin")
+    cases = [
+        (["--dataset_name", "criteo_kaggle"], "apply to --in_memory_binary_criteo_path"),
+        (["--dataset_name", "criteo_1tb"], "invalid choice: 'criteo_1tb'"),
+        (["--in_memory_binary_criteo_path", str(tmp_path / "bin")],
+         "the Criteo Kaggle layout: --dataset_name criteo_kaggle"),
+        (["--in_memory_binary_criteo_path", str(tmp_path), "--dataset_name", "criteo_kaggle"],
+         "train_{dense,sparse,labels}.npy; missing"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            train.parse_args(argv)
+        assert message in capsys.readouterr().err, argv
+
+
+def test_criteo_kaggle_bad_file_stops_before_training(tmp_path: Path) -> None:
+    paths = _kaggle_folder(tmp_path / "bin", rows=300)
+    _corrupt(paths, "labels", _set(7, 0, 5))
+    cmd = [sys.executable, str(TRAIN), "--nproc", "1", "--out", str(tmp_path / "out"), *SMALL,
+           "--in_memory_binary_criteo_path", str(tmp_path / "bin"), "--dataset_name",
+           "criteo_kaggle", "--steps", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    assert proc.returncode != 0
+    assert "train_labels.npy: row 7: label must be 0 or 1, got 5" in proc.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
 
 

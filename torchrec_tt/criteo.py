@@ -10,6 +10,11 @@
   and line of the first bad row; :func:`preprocess_criteo_tsv` converts a TSV (or ``.tsv.gz``)
   into TorchRec's ``.npy`` triple with ``torchrec.datasets.criteo.BinaryCriteoUtils.tsv_to_npys``;
   :func:`load_criteo_npys` reads the triple back, hashing ids into the tables (``id % rows``).
+* TorchRec's in-memory binary layouts (dlrm_main.py's ``--dataset_name``): the Criteo 1TB days
+  ``day_<i>_{dense,sparse,labels}.npy`` or the Criteo Kaggle ``train_{dense,sparse,labels}.npy``
+  (:func:`binary_criteo_paths`), written from a TSV by :func:`tsv_to_binary_criteo` and read by
+  TorchRec's ``InMemoryBinaryCriteoIterDataPipe`` as dlrm_main.py splits them
+  (:func:`binary_criteo_pipe`).
 * :class:`CriteoArrays`: in-memory rows, a seeded train/test split and TorchRec ``Batch`` es.
 """
 
@@ -38,6 +43,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 __all__ = [
+    "BINARY_DATASET_NAMES",
     "CAT_FEATURE_COUNT",
     "INT_FEATURE_COUNT",
     "KAGGLE_CARDINALITIES",
@@ -45,6 +51,7 @@ __all__ = [
     "CriteoFormatError",
     "SyntheticCriteo",
     "binary_criteo_day_paths",
+    "binary_criteo_paths",
     "binary_criteo_pipe",
     "load_criteo_npys",
     "make_batch",
@@ -649,6 +656,19 @@ def load_criteo_npys(
 
 
 BINARY_KINDS = ("dense", "sparse", "labels")
+#: dlrm_main.py's ``--dataset_name`` values (and default first): the in-memory binary layouts.
+BINARY_DATASET_NAMES = ("criteo_1t", "criteo_kaggle")
+_DAY_FILE = re.compile(r"day_(\d+)_(?:dense|sparse|labels)\.npy")
+
+
+def _check_dataset_name(dataset_name: str) -> None:
+    if dataset_name not in BINARY_DATASET_NAMES:
+        raise ValueError(f"dataset_name must be one of {BINARY_DATASET_NAMES} (dlrm_main.py's "
+                         f"--dataset_name), got {dataset_name!r}")
+
+
+def _kaggle_triple(folder: str) -> dict[str, str]:
+    return {k: os.path.join(folder, f"train_{k}.npy") for k in BINARY_KINDS}
 
 
 def binary_criteo_day_paths(folder: str) -> list[dict[str, str]]:
@@ -657,12 +677,14 @@ def binary_criteo_day_paths(folder: str) -> list[dict[str, str]]:
     days in order; ValueError naming the folder when a file is missing or none is there."""
     if not os.path.isdir(folder):
         raise ValueError(f"--in_memory_binary_criteo_path {folder!r} is not a folder")
-    days = sorted({int(m.group(1)) for f in os.listdir(folder)
-                   if (m := re.fullmatch(r"day_(\d+)_(?:dense|sparse|labels)\.npy", f))})
+    days = sorted({int(m.group(1)) for f in os.listdir(folder) if (m := _DAY_FILE.fullmatch(f))})
     if len(days) < 2:
+        hint = ""
+        if any(os.path.exists(p) for p in _kaggle_triple(folder).values()):
+            hint = " (it holds train_*.npy, the Criteo Kaggle layout: --dataset_name criteo_kaggle)"
         raise ValueError(
             f"{folder}: needs day_<i>_{{dense,sparse,labels}}.npy files for at least 2 days "
-            f"(training days, then the last day for validation/test), found days {days}")
+            f"(training days, then the last day for validation/test), found days {days}{hint}")
     out = []
     for i, day in enumerate(days):
         paths = {k: os.path.join(folder, f"day_{day}_{k}.npy") for k in BINARY_KINDS}
@@ -674,54 +696,109 @@ def binary_criteo_day_paths(folder: str) -> list[dict[str, str]]:
     return out
 
 
+def binary_criteo_paths(folder: str, dataset_name: str = "criteo_1t") -> list[dict[str, str]]:
+    """The ``{dense, sparse, labels}`` file triples of ``folder`` in dlrm_main.py's layout for
+    ``dataset_name``: ``"criteo_1t"``, the days of :func:`binary_criteo_day_paths`;
+    ``"criteo_kaggle"``, the one triple ``train_{dense,sparse,labels}.npy`` that
+    TorchRec's ``npy_preproc_criteo --dataset_name criteo_kaggle`` writes from Kaggle's
+    ``train.txt`` (its ``test_*.npy``, from the unlabelled ``test.txt``, is not read, as in
+    dlrm_main.py). ValueError naming the folder and the missing files."""
+    _check_dataset_name(dataset_name)
+    if dataset_name == "criteo_1t":
+        return binary_criteo_day_paths(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"--in_memory_binary_criteo_path {folder!r} is not a folder")
+    paths = _kaggle_triple(folder)
+    missing = [p for p in paths.values() if not os.path.exists(p)]
+    if missing:
+        hint = ""
+        if any(_DAY_FILE.fullmatch(f) for f in os.listdir(folder)):
+            hint = " (it holds day_<i>_*.npy, the Criteo 1TB layout: --dataset_name criteo_1t)"
+        raise ValueError(f"{folder}: --dataset_name criteo_kaggle reads "
+                         f"train_{{dense,sparse,labels}}.npy; missing {missing}{hint}")
+    return [paths]
+
+
 def binary_criteo_pipe(days: Sequence[Mapping[str, str]], stage: str, batch_size: int, rank: int,
                        world_size: int, num_embeddings: Sequence[int],
                        shuffle_batches: bool = False, mmap_mode: bool = False,
-                       seed: int = 0, drop_last: bool = True) -> InMemoryBinaryCriteoIterDataPipe:
-    """TorchRec's ``InMemoryBinaryCriteoIterDataPipe`` over ``days`` as dlrm_main.py builds it:
-    ``"train"`` reads every day but the last (incomplete last batch dropped, so every step has
-    ``batch_size`` rows), ``"val"`` / ``"test"`` the first / second half of the last day; ids
-    are hashed modulo ``num_embeddings`` (per batch with ``mmap_mode``), batches go round-robin
-    to the ranks, ``shuffle_batches`` shuffles the rows inside each batch (numpy's global RNG,
-    seeded by the pipe with ``seed``); ``drop_last=False`` keeps the last, smaller training batch
-    of each rank (dlrm_main.py's default, without ``--drop_last_training_batch``)."""
+                       seed: int = 0, drop_last: bool = True,
+                       dataset_name: str = "criteo_1t") -> InMemoryBinaryCriteoIterDataPipe:
+    """TorchRec's ``InMemoryBinaryCriteoIterDataPipe`` over ``days`` (the triples of
+    :func:`binary_criteo_paths`) as dlrm_main.py builds it. ``"criteo_1t"``: ``"train"`` reads
+    every day but the last, ``"val"`` / ``"test"`` the first / second half of the last day.
+    ``"criteo_kaggle"`` (one triple, the train file): ``"train"`` reads all of it, and ``"val"``
+    and ``"test"`` both read its second half (dlrm_main.py's "criteo_kaggle has no validation
+    set, so use 2nd half of training set": those rows are trained on too).
+
+    Ids are hashed modulo ``num_embeddings`` (per batch with ``mmap_mode``), batches go
+    round-robin to the ranks, ``shuffle_batches`` shuffles the rows inside each batch (numpy's
+    global RNG, seeded by the pipe with ``seed``); ``drop_last`` drops the last, smaller training
+    batch (so every step has ``batch_size`` rows); ``drop_last=False`` keeps it (dlrm_main.py's
+    default, without ``--drop_last_training_batch``)."""
     if stage not in ("train", "val", "test"):
         raise ValueError(f"stage must be 'train', 'val' or 'test', got {stage!r}")
-    chosen = list(days[:-1]) if stage == "train" else [days[-1]]
+    _check_dataset_name(dataset_name)
+    if dataset_name == "criteo_kaggle":
+        if len(days) != 1:
+            raise ValueError(f"criteo_kaggle takes one file triple (train_*.npy), got {len(days)}")
+        # dlrm_main.py: the pipe's "test" stage is the second half of its (only) file.
+        chosen, pipe_stage = list(days), ("train" if stage == "train" else "test")
+    else:
+        chosen, pipe_stage = (list(days[:-1]) if stage == "train" else [days[-1]]), stage
     return InMemoryBinaryCriteoIterDataPipe(
-        stage, *[[d[k] for d in chosen] for k in BINARY_KINDS], batch_size=batch_size,
+        pipe_stage, *[[d[k] for d in chosen] for k in BINARY_KINDS], batch_size=batch_size,
         rank=rank, world_size=world_size, drop_last=drop_last and stage == "train",
         shuffle_batches=shuffle_batches, shuffle_training_set_random_seed=seed,
         mmap_mode=mmap_mode, hashes=list(num_embeddings))
 
 
-def tsv_to_binary_criteo(path: str, out_dir: str, days: int = 2,
-                         cache_root: str | None = None) -> list[dict[str, str]]:
-    """Converts a Criteo TSV (plain or ``.gz``) into TorchRec's in-memory binary layout:
-    ``out_dir/day_<i>_{dense,sparse,labels}.npy`` for ``days`` consecutive blocks of rows (file
-    order, so the last day is the latest rows; TorchRec trains on all days but the last and
-    splits the last into validation and test halves).
+def _save_npy(path: str, array: np.ndarray) -> None:
+    """Writes ``path`` whole or not at all (a temporary file, then renamed)."""
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def tsv_to_binary_criteo(path: str, out_dir: str, days: int | None = None,
+                         cache_root: str | None = None,
+                         dataset_name: str = "criteo_1t") -> list[dict[str, str]]:
+    """Converts a Criteo TSV (plain or ``.gz``) into TorchRec's in-memory binary layout for
+    ``dataset_name`` (:func:`binary_criteo_paths`). ``"criteo_1t"``:
+    ``out_dir/day_<i>_{dense,sparse,labels}.npy`` for ``days`` (default 2) consecutive blocks of
+    rows (file order, so the last day is the latest rows; TorchRec trains on all days but the
+    last and splits the last into validation and test halves). ``"criteo_kaggle"``:
+    ``out_dir/train_{dense,sparse,labels}.npy`` with every row (what TorchRec's
+    ``npy_preproc_criteo --dataset_name criteo_kaggle`` makes of Kaggle's ``train.txt``; ``days``
+    must not be given).
 
     The rows go through :func:`preprocess_criteo_tsv` (validation, then TorchRec's
     ``BinaryCriteoUtils.tsv_to_npys`` over the whole file) and are only cut into days, so every
     row is the same as on the ``--data`` TSV path (TorchRec's log transform subtracts the file's
-    minimum, which would differ between separately converted day files). Returns the day paths.
+    minimum, which would differ between separately converted day files). Returns the paths.
     """
+    _check_dataset_name(dataset_name)
+    if dataset_name == "criteo_kaggle" and days is not None:
+        raise ValueError("days: the criteo_kaggle layout has no days (one train_*.npy triple)")
+    days = 2 if days is None else days
     if isinstance(days, bool) or not isinstance(days, int) or days < 2:
         raise ValueError(f"days must be an int >= 2 (training days and a last day), got {days!r}")
     folder = preprocess_criteo_tsv(path, cache_root)
     arrays = {k: np.load(os.path.join(folder, f"{k}.npy")) for k in BINARY_KINDS}
     rows = len(arrays["labels"])
+    os.makedirs(out_dir, exist_ok=True)
+    if dataset_name == "criteo_kaggle":
+        for k, p in _kaggle_triple(out_dir).items():
+            _save_npy(p, arrays[k])
+        return binary_criteo_paths(out_dir, dataset_name)
     if rows < 2 * days:
         raise ValueError(f"{path}: {rows} rows cannot fill {days} days of at least 2 rows")
-    os.makedirs(out_dir, exist_ok=True)
     bounds = np.linspace(0, rows, days + 1).astype(int)
     for day in range(days):
         for k, a in arrays.items():
-            tmp = os.path.join(out_dir, f".day_{day}_{k}.npy.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, a[bounds[day]:bounds[day + 1]])
-            os.replace(tmp, os.path.join(out_dir, f"day_{day}_{k}.npy"))
+            _save_npy(os.path.join(out_dir, f"day_{day}_{k}.npy"), a[bounds[day]:bounds[day + 1]])
     return binary_criteo_day_paths(out_dir)
 
 
@@ -736,17 +813,27 @@ def _main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("tsv")
     ap.add_argument("--cache-dir", default=None, help=f"default: {default_cache_root()}")
     ap.add_argument("--in-memory-binary", metavar="DIR", default=None,
-                    help="write TorchRec's day_<i>_{dense,sparse,labels}.npy layout here instead "
-                    "(pass it to train.py --in_memory_binary_criteo_path); 'temp': a new "
-                    "temporary folder")
-    ap.add_argument("--days", type=int, default=2, help="--in-memory-binary: days to cut into")
+                    help="write TorchRec's in-memory binary layout here instead (pass it to "
+                    "train.py --in_memory_binary_criteo_path, with the same --dataset_name); "
+                    "'temp': a new temporary folder")
+    ap.add_argument("--dataset-name", "--dataset_name", dest="dataset_name",
+                    choices=BINARY_DATASET_NAMES, default=BINARY_DATASET_NAMES[0],
+                    help="--in-memory-binary layout, dlrm_main.py's names: criteo_1t writes "
+                    "day_<i>_{dense,sparse,labels}.npy, criteo_kaggle writes "
+                    "train_{dense,sparse,labels}.npy (every row)")
+    ap.add_argument("--days", type=int, default=None,
+                    help="--in-memory-binary criteo_1t: days to cut into (default 2)")
     a = ap.parse_args(argv)
     if a.in_memory_binary is None:
+        if a.days is not None or a.dataset_name != BINARY_DATASET_NAMES[0]:
+            ap.error("--days and --dataset-name apply to --in-memory-binary")
         print(preprocess_criteo_tsv(a.tsv, a.cache_dir))
         return
+    if a.dataset_name == "criteo_kaggle" and a.days is not None:
+        ap.error("--days: the criteo_kaggle layout has no days (one train_*.npy triple)")
     out = tempfile.mkdtemp(prefix="criteo_binary_") if a.in_memory_binary == "temp" \
         else a.in_memory_binary
-    tsv_to_binary_criteo(a.tsv, out, a.days, a.cache_dir)
+    tsv_to_binary_criteo(a.tsv, out, a.days, a.cache_dir, a.dataset_name)
     print(out)
 
 

@@ -190,12 +190,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
           help="multi-hot ids after the first: the Zipf law of the first (pareto) or uniform "
           "over the table")
     _flag(g, "in_memory_binary_criteo_path", default=None,
-          help="folder of TorchRec's preprocessed day_<i>_{dense,sparse,labels}.npy files, read "
-          "by TorchRec's InMemoryBinaryCriteoIterDataPipe in a DataLoader (as dlrm_main.py): "
-          "trains on every day but the last (its last incomplete batch too, unless "
-          "--drop_last_training_batch), validates on the first half of the last day, tests on "
-          "its second half at the end; make one from a "
+          help="folder of TorchRec's preprocessed .npy files (--dataset_name picks the layout), "
+          "read by TorchRec's InMemoryBinaryCriteoIterDataPipe in a DataLoader (as dlrm_main.py): "
+          "criteo_1t, day_<i>_{dense,sparse,labels}.npy: trains on every day but the last (its "
+          "last incomplete batch too, unless --drop_last_training_batch), validates on the first "
+          "half of the last day, tests on its second half at the end; make one from a "
           "TSV with: python -m torchrec_tt.criteo TSV --in-memory-binary temp")
+    _flag(g, "dataset_name", choices=criteo.BINARY_DATASET_NAMES,
+          default=criteo.BINARY_DATASET_NAMES[0],
+          help="--in_memory_binary_criteo_path layout (dlrm_main.py's flag): criteo_1t, the "
+          "day files; criteo_kaggle, train_{dense,sparse,labels}.npy (TorchRec's "
+          "npy_preproc_criteo --dataset_name criteo_kaggle of Kaggle's train.txt): trains on "
+          "all of it and validates and tests on its second half, as dlrm_main.py does (Kaggle's "
+          "test.txt has no labels), so those evaluation rows are trained on too; make one with: "
+          "python -m torchrec_tt.criteo TSV --in-memory-binary DIR --dataset-name criteo_kaggle")
     _flag(g, "drop_last_training_batch", action="store_true",
           help="--in_memory_binary_criteo_path: drop the last non-full training batch (TorchRec's "
           "meaning; without it the last, smaller batch of each pass is trained on; synthetic and "
@@ -395,10 +403,12 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.data is not None and args.in_memory_binary_criteo_path is not None:
         raise ValueError("give --data or --in_memory_binary_criteo_path, not both")
     if args.in_memory_binary_criteo_path is not None:
-        criteo.binary_criteo_day_paths(args.in_memory_binary_criteo_path)  # names what is missing
-    elif args.mmap_mode or args.shuffle_batches or args.drop_last_training_batch:
-        raise ValueError("--mmap_mode / --shuffle_batches / --drop_last_training_batch apply to "
-                         "--in_memory_binary_criteo_path")
+        # Names what is missing; the values are checked (per rank) before the model is built.
+        criteo.binary_criteo_paths(args.in_memory_binary_criteo_path, args.dataset_name)
+    elif (args.mmap_mode or args.shuffle_batches or args.drop_last_training_batch
+          or args.dataset_name != criteo.BINARY_DATASET_NAMES[0]):
+        raise ValueError("--mmap_mode / --shuffle_batches / --drop_last_training_batch / "
+                         "--dataset_name apply to --in_memory_binary_criteo_path")
     if args.multi_hot_sizes is not None and (args.data or args.in_memory_binary_criteo_path):
         raise ValueError("--multi_hot_sizes: multi-hot features are synthetic only; real "
                          "Criteo rows have one id per feature")
@@ -475,8 +485,8 @@ class Data:
 
     def test_batches(self, args: argparse.Namespace, rank: int, world: int,
                      final: bool = True) -> Iterator[Batch]:
-        """Evaluation batches of this rank (binary days: the last day's validation half, its
-        test half for the ``final`` evaluation)."""
+        """Evaluation batches of this rank (binary layout: the ``"val"`` pipe, the ``"test"`` one
+        for the ``final`` evaluation)."""
         if self.binary is not None:
             yield from self.binary["test" if final else "val"]
             return
@@ -539,27 +549,43 @@ def load_data(args: argparse.Namespace, rank: int, device: torch.device) -> Data
 
 
 def load_binary(args: argparse.Namespace, cards: list[int], rank: int, world: int) -> Data:
-    """TorchRec's in-memory binary days (``--in_memory_binary_criteo_path``), each day's files
-    checked first (``criteo.load_criteo_npys``: shapes, row counts, labels, finite dense values,
-    ids), then read by ``InMemoryBinaryCriteoIterDataPipe``."""
-    days = criteo.binary_criteo_day_paths(args.in_memory_binary_criteo_path)
-    for day in days:
-        criteo.load_criteo_npys(args.in_memory_binary_criteo_path, cards, paths=day)
+    """TorchRec's in-memory binary layout (``--in_memory_binary_criteo_path``, ``--dataset_name``),
+    each file triple checked first (``criteo.load_criteo_npys``: shapes, row counts, labels,
+    finite dense values, ids), then read by ``InMemoryBinaryCriteoIterDataPipe``."""
+    folder, name = args.in_memory_binary_criteo_path, args.dataset_name
+    files = criteo.binary_criteo_paths(folder, name)
+    for triple in files:
+        criteo.load_criteo_npys(folder, cards, paths=triple)
+    # The evaluation rows: the second half of the last file (the pipe's "test" stage).
+    last = len(np.load(files[-1]["labels"], mmap_mode="r"))
+    if last < 2:
+        raise criteo.CriteoFormatError(
+            f"{files[-1]['labels']}: {last} row; validation and test need at least 2 (each takes "
+            "a half)")
+
+    def pipe(stage: str, batch_size: int, **kw: Any) -> Any:
+        return criteo.binary_criteo_pipe(files, stage, batch_size, rank, world, cards,
+                                         seed=args.seed, mmap_mode=args.mmap_mode,
+                                         dataset_name=name, **kw)
+
     # Each pipe seeds numpy's global RNG when built: the training pipe comes last, so that its
     # --shuffle_batches order depends on --seed only.
-    pipes = {stage: criteo.binary_criteo_pipe(days, stage, args.test_batch_size, rank, world,
-                                              cards, seed=args.seed, mmap_mode=args.mmap_mode)
-             for stage in ("val", "test")}
-    pipes["train"] = criteo.binary_criteo_pipe(
-        days, "train", args.batch_size, rank, world, cards, shuffle_batches=args.shuffle_batches,
-        mmap_mode=args.mmap_mode, seed=args.seed, drop_last=args.drop_last_training_batch)
-    last = len(np.load(days[-1]["labels"], mmap_mode="r"))
-    return Data(cards, binary=pipes, description=(
-        f"{args.in_memory_binary_criteo_path}: {len(days)} days (TorchRec's "
-        f"InMemoryBinaryCriteoIterDataPipe{', mmap' if args.mmap_mode else ''}"
-        f"{', shuffled batches' if args.shuffle_batches else ''}): train days 0-{len(days) - 2}, "
-        f"{len(pipes['train'])} batches/rank; validation {(last + 1) // 2} / test {last // 2} "
-        f"rows of day {len(days) - 1}"))
+    pipes = {"val": pipe("val", args.test_batch_size)}
+    # criteo_kaggle validates and tests on the same rows: one pipe (one copy in memory).
+    pipes["test"] = pipes["val"] if name == "criteo_kaggle" else pipe("test", args.test_batch_size)
+    pipes["train"] = pipe("train", args.batch_size, shuffle_batches=args.shuffle_batches,
+                          drop_last=args.drop_last_training_batch)
+    how = (f"TorchRec's InMemoryBinaryCriteoIterDataPipe{', mmap' if args.mmap_mode else ''}"
+           f"{', shuffled batches' if args.shuffle_batches else ''}")
+    if name == "criteo_kaggle":
+        where = (f"{name} train file ({how}): all {last} rows trained on, "
+                 f"{len(pipes['train'])} batches/rank; validation = test = its last {last // 2} "
+                 "rows (dlrm_main.py's split: also trained on)")
+    else:
+        where = (f"{len(files)} days ({how}): train days 0-{len(files) - 2}, "
+                 f"{len(pipes['train'])} batches/rank; validation {(last + 1) // 2} / test "
+                 f"{last // 2} rows of day {len(files) - 1}")
+    return Data(cards, binary=pipes, description=f"{folder}: {where}")
 
 
 # ------------------------------------------------------------------------------ model
@@ -791,8 +817,8 @@ class EvalMetrics:
 def evaluate(dmp: DistributedModelParallel, data: Data, args: argparse.Namespace, rank: int,
              world: int, device: torch.device, pg: dist.ProcessGroup,
              final: bool = True) -> dict[str, float]:
-    """Test metrics (:class:`EvalMetrics`) over all ranks' test rows (binary days: the
-    validation half of the last day unless ``final``)."""
+    """Test metrics (:class:`EvalMetrics`) over all ranks' test rows (binary layout: its
+    validation rows unless ``final``)."""
     metrics = EvalMetrics(world, rank, args.test_batch_size, device, pg)
     was_training = dmp.training
     dmp.eval()
