@@ -96,6 +96,22 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     read()
+    phases: list[tuple[float, ...]] = []
+    if loop is None:
+        # Host time of each phase with the GPU left running (no synchronisation inside the step),
+        # then the wait for the GPU: where a host-bound step spends its time.
+        for i in range(args.steps):
+            t0 = time.perf_counter()
+            optimizer.zero_grad()
+            loss, _ = dmp(batches[i % len(batches)])
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            optimizer.step()
+            t3 = time.perf_counter()
+            _sync(device)
+            t4 = time.perf_counter()
+            phases.append(tuple((b - a) * 1e3 for a, b in ((t0, t1), (t1, t2), (t2, t3), (t3, t4))))
 
     n_prof = 5
     from torch.profiler import ProfilerActivity, profile
@@ -150,6 +166,7 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
         reattach["ms"] = (time.perf_counter() - t0) * 1e3
         reattach["py_calls"] = sum(v[1] for v in pstats.Stats(cp_attach).stats.values())  # type: ignore[attr-defined]
     funcs = sorted(stats.stats.items(), key=lambda kv: kv[1][2], reverse=True)[: args.top]  # type: ignore[attr-defined]
+    cum = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[: 2 * args.top]  # type: ignore[attr-defined]
     del dmp, optimizer, ebc, batches, loop
     return {
         "name": f"TT {args.tt_cores}-core ({tt_tables} tables)" if tt else "uncompressed",
@@ -166,6 +183,9 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
                     for a in top_ops],
         "top_funcs": [(f"{Path(k[0]).name}:{k[1]}({k[2]})", v[1] / n_prof, v[2] / n_prof * 1e3)
                       for k, v in funcs],
+        "top_cum": [(f"{Path(k[0]).name}:{k[1]}({k[2]})", v[1] / n_prof, v[3] / n_prof * 1e3)
+                    for k, v in cum],
+        "phases": [statistics.median(col) for col in zip(*phases)] if phases else [],
     }
 
 
@@ -209,6 +229,12 @@ def main() -> None:
     for r in results:
         print(f"| {r['name']} | {r['ops']:.0f} | {r['aten']:.0f} | {r['dispatched']:.0f} | "
               f"{r['launches']:.0f} | {r['py_calls']:.0f} | {r['ms']:.2f} | {r['ms_min']:.2f} |")
+    if any(r["phases"] for r in results):
+        print("\n| model | zero_grad + forward host ms | backward host ms | optimizer.step host ms | "
+              "then waiting for the device ms |\n|---|---|---|---|---|")
+        for r in results:
+            if r["phases"]:
+                print(f"| {r['name']} | " + " | ".join(f"{x:.2f}" for x in r["phases"]) + " |")
     for r in results:
         if r["reattach"]:
             print(f"{r['name']}: re-attaching the pipeline (after an evaluation/checkpoint): "
@@ -233,6 +259,10 @@ def main() -> None:
         print(f"\n== {r['name']}: top {a.top} Python functions by own time (cProfile, per step)")
         print("| function | calls/step | own ms/step |\n|---|---|---|")
         for name, count, ms in r["top_funcs"]:
+            print(f"| {name} | {count:.0f} | {ms:.3f} |")
+        print(f"\n== {r['name']}: top {2 * a.top} Python functions by cumulative time (cProfile, per step)")
+        print("| function | calls/step | cumulative ms/step |\n|---|---|---|")
+        for name, count, ms in r["top_cum"]:
             print(f"| {name} | {count:.0f} | {ms:.3f} |")
     dist.destroy_process_group()
 
