@@ -135,8 +135,6 @@ def add_cache_buffers(table: nn.Module, rows: int, dim: int, device: torch.devic
     table.register_parameter("cache_weight", nn.Parameter(torch.zeros(rows, dim, device=device)))
     for name, (shape, dtype) in cache_buffer_specs(rows).items():
         table.register_buffer(name, torch.empty(shape, dtype=dtype, device=device))
-    #: ``[buffer, its _version, step]``: see ``host_step``.
-    table._cache_step_mirror = [None, -1, 0]
     reset_cache(table)  # (also on meta: the ops only propagate shapes there)
 
 
@@ -164,8 +162,10 @@ def cache_slots(table: nn.Module, ids: Tensor) -> Tensor:
 
 
 def _set_mirror(table: nn.Module, step_buffer: Tensor, step: int) -> None:
+    """Sets the table's ``_cache_step_mirror``, ``[buffer, its _version, step]`` (a plain
+    attribute: not in the state dict), to ``step`` for ``step_buffer`` as it is now."""
     mirror = table.__dict__.get("_cache_step_mirror")
-    if mirror is None:  # (a module pickled before the mirror existed)
+    if mirror is None:  # (first set by reset_cache; or a module pickled before it existed)
         mirror = table.__dict__["_cache_step_mirror"] = [None, -1, 0]
     mirror[0], mirror[1], mirror[2] = step_buffer, step_buffer._version, step
 
