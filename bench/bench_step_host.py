@@ -3,6 +3,7 @@ TT vs uncompressed, counted in aten ops, Python calls and host milliseconds.
 
     nice python bench/bench_step_host.py [--device cpu|cuda] [--batch-size 64] [--scale 0.05]
         [--steps 30] [--tt-cores 2] [--top 15] [--loop model|trainer]
+        [--tt-cache-fraction 0.01 [--tt-cache-refresh-steps 100]]
 
 On a GPU both models are bound by host time at B=8,192 (docs/benchmarks.md, "One-GPU step
 time"), so what the host does per step is what to cut. On the CPU at a tiny batch the kernels cost
@@ -56,6 +57,9 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
             "--scale", str(args.scale), "--embedding_dim", str(args.embedding_dim)]
     if tt:
         argv += ["--tt_cores", str(args.tt_cores)]
+        if args.tt_cache_fraction > 0:
+            argv += ["--tt_cache_fraction", str(args.tt_cache_fraction),
+                     "--tt_cache_refresh_steps", str(args.tt_cache_refresh_steps)]
     targs = train.parse_args(argv)
     data = train.load_data(targs, 0, device)
     dmp, optimizer, ebc = train.build(targs, data, tt, device, pg)
@@ -169,7 +173,9 @@ def measure(args: argparse.Namespace, tt: bool, device: torch.device,
     cum = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[: 2 * args.top]  # type: ignore[attr-defined]
     del dmp, optimizer, ebc, batches, loop
     return {
-        "name": f"TT {args.tt_cores}-core ({tt_tables} tables)" if tt else "uncompressed",
+        "name": (f"TT {args.tt_cores}-core ({tt_tables} tables"
+                 + (f", hot-row cache {args.tt_cache_fraction:g}" if args.tt_cache_fraction > 0 else "")
+                 + ")") if tt else "uncompressed",
         "ops": len(ops) / n_prof,
         "aten": sum(1 for e in ops if e.name.startswith("aten::")) / n_prof,
         "dispatched": sum(dispatched.values()) / n_prof,
@@ -199,6 +205,12 @@ def main() -> None:
                     "on a GPU use 1.0 for the trainer's model)")
     ap.add_argument("--embedding-dim", type=int, default=16)
     ap.add_argument("--tt-cores", type=int, default=2)
+    ap.add_argument("--tt-cache-fraction", type=float, default=0.0,
+                    help="train.py's --tt_cache_fraction for the TT model (a hot-row cache of "
+                    "each TT table; 0: none)")
+    ap.add_argument("--tt-cache-refresh-steps", type=int, default=100,
+                    help="train.py's --tt_cache_refresh_steps (with --tt-cache-fraction; the "
+                    "counted steps include a refresh only if it falls in them)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps (median reported)")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--loop", choices=("model", "trainer"), default="model",

@@ -500,9 +500,10 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
         self._caches = caches
         self._slab_index = {t: position[id(local.cache_weight)] for t, local in caches.items()}
         self._count_group = count_group
-        self._position_tables = feature_table_map
-        self._mean_tables = [p == PoolingMode.MEAN for p in poolings]
-        self._dims = [shapes[t].embedding_dim for t in feature_table_map]
+        self._cache_layout = hot_cache.CachedLookupLayout(
+            feature_table_map, [p == PoolingMode.MEAN for p in poolings],
+            [shapes[t].embedding_dim for t in feature_table_map], list(caches),
+        ) if caches else None
         self._sum_layout: TTBatchLayout | None = (
             TTBatchLayout.from_shapes(names, shapes, [PoolingMode.SUM] * len(names), feature_table_map)
             if caches else None
@@ -564,19 +565,19 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             )
             for i, tensor in zip(self._replicated_index, shared):
                 params[i] = tensor
-        # A VBE batch's output is flat (see below): an empty one is [0].
-        batch = sparse_features.stride() if not sparse_features.variable_stride_per_key() else 0
+        vbe = sparse_features.variable_stride_per_key()
         if self._layout is None:
+            # A VBE batch's output is flat (see below): an empty one is [0].
+            batch = sparse_features.stride() if not vbe else 0
             if self._replicated_index:
                 # Tie the empty output to the shared cores so that this rank joins the sum.
                 anchor = params[self._replicated_index[0]]
                 empty = anchor.reshape(-1)[:0]
-                vbe = sparse_features.variable_stride_per_key()
                 return empty if vbe else empty.reshape(batch, 0)
             first = next(iter(self.cores), None)
             device = first.device if first is not None else sparse_features.values().device
             dtype = first.dtype if first is not None else torch.float32
-            shape = (0,) if sparse_features.variable_stride_per_key() else (batch, 0)
+            shape = (0,) if vbe else (batch, 0)
             return torch.zeros(shape, device=device, dtype=dtype, requires_grad=True)
         cores = [params[i] for i in self._core_index]
         weights = None
@@ -584,39 +585,25 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
             weights = sparse_features.weights().to(cores[0].dtype)
         if self._caches:  # (VBE batches are refused for cached tables by the sharded module)
             return self._cached_forward(sparse_features, cores, params, weights)
-        if not sparse_features.variable_stride_per_key():
-            pooled = tt_embedding_bag(
-                cores,
-                self._layout,
-                sparse_features.values(),
-                sparse_features.offsets(),
-                weights,
-                self.kernel_options,
-            )
-            if hooked:
-                self._hook_slots = _update_in_op_backward(
-                    pooled, self._fused_update, params, self._hook_slots  # type: ignore[arg-type]
-                )
-            return pooled
-        # VBE: the bags padded to the largest batch for the op, then TorchRec's VBE layout: for
-        # each destination rank r, each feature's [B_{f,r}, D_f] rows flattened, one after another
-        # (what its variable-batch pooled all-to-all splits by rank, and, for one rank,
-        # VariableBatchEmbeddingBagCollectionAwaitable lines up by the inverse indices). The
-        # KJT holds feature f's bags rank after rank.
-        per_rank = sparse_features.stride_per_key_per_rank()
-        strides = [sum(s) for s in per_rank]
+        if vbe:
+            # VBE: the bags padded to the largest batch for the op (reordered below).
+            per_rank = sparse_features.stride_per_key_per_rank()
+            offsets = padded_vbe_offsets(sparse_features.lengths(), [sum(s) for s in per_rank])
+        else:
+            offsets = sparse_features.offsets()
         pooled = tt_embedding_bag(
-            cores,
-            self._layout,
-            sparse_features.values(),
-            padded_vbe_offsets(sparse_features.lengths(), strides),
-            weights,
-            self.kernel_options,
+            cores, self._layout, sparse_features.values(), offsets, weights, self.kernel_options
         )
         if hooked:
             self._hook_slots = _update_in_op_backward(
                 pooled, self._fused_update, params, self._hook_slots  # type: ignore[arg-type]
             )
+        if not vbe:
+            return pooled
+        # TorchRec's VBE layout: for each destination rank r, each feature's [B_{f,r}, D_f] rows
+        # flattened, one after another (what its variable-batch pooled all-to-all splits by
+        # rank, and, for one rank, VariableBatchEmbeddingBagCollectionAwaitable lines up by the
+        # inverse indices). The KJT holds feature f's bags rank after rank.
         blocks = pooled.split(self._feature_dims, dim=1)
         parts: list[Tensor] = []
         for r in range(len(per_rank[0])):
@@ -631,12 +618,12 @@ class TTPooledEmbeddingsLookup(BaseEmbeddingLookup[KeyedJaggedTensor, Tensor]):
     ) -> Tensor:
         """``forward`` of a lookup holding hot-row caches (``hot_cache.cached_pooled``); in
         training mode records the step's ids (all ranks' with a ``count_group``)."""
-        assert self._sum_layout is not None
+        assert self._sum_layout is not None and self._cache_layout is not None
         sum_layout = self._sum_layout
         slabs = {t: params[i] for t, i in self._slab_index.items()}
         out, seen = hot_cache.cached_pooled(
-            features.values(), features.offsets(), weights, cores[0].dtype,
-            self._position_tables, self._mean_tables, self._dims, self._caches,
+            features.values(), features.offsets(), weights, cores[0].dtype, self._cache_layout,
+            self._caches,
             lambda v, o, w: tt_embedding_bag(cores, sum_layout, v, o, w, self.kernel_options),
             slabs,
         )

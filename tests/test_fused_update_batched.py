@@ -36,7 +36,7 @@ def test_finite_flags_matches_isfinite_per_group(device: str) -> None:
                 if t.numel() and torch.rand((), generator=gen) < 0.3:
                     t.view(-1)[int(torch.randint(0, t.numel(), (), generator=gen))] = _SPECIALS[trial % 3]
                 if t.numel() and torch.rand((), generator=gen) < 0.3:
-                    t.view(-1)[0] = torch.finfo(dtype).max  # finite: times 0 is 0, no overflow
+                    t.view(-1)[0] = torch.finfo(dtype).max  # finite, and so is its inf-norm
                 group.append(t.to(device))
             groups.append(group)
         flags = finite_flags(groups)
@@ -44,6 +44,61 @@ def test_finite_flags_matches_isfinite_per_group(device: str) -> None:
         assert flags.tolist() == [_isfinite_all(g) for g in groups], trial
         for g in groups:
             assert bool(finite_flag(g)) == _isfinite_all(g)
+
+
+@pytest.mark.parametrize("device", _DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_finite_flags_on_nan_only_inf_only_and_mixed(device: str, dtype: torch.dtype) -> None:
+    nan, inf, big = float("nan"), float("inf"), torch.finfo(dtype).max
+
+    def t(*values: float, zeros: int = 0) -> torch.Tensor:  # ``values`` after ``zeros`` zeros
+        return torch.cat([torch.zeros(zeros, dtype=dtype), torch.tensor(values, dtype=dtype)]).to(device)
+
+    groups = {
+        "nan only": [t(nan, nan)],
+        "inf only": [t(inf), t(-inf, -inf)],
+        "nan, then inf": [t(nan, inf)],
+        "inf, then nan": [t(inf, nan)],
+        "nan and -inf in two tensors": [t(nan), t(1.0, -inf)],
+        "a nan at the end of a long tensor": [t(nan, zeros=10_000)],
+        "a nan first in a long tensor": [t(nan, *([1.0] * 9_999))],
+        "-inf at the end of a long tensor": [t(-inf, zeros=9_999)],
+        "float max, both signs": [t(big, -big), t(big, zeros=9_999)],
+        "a 0-dim nan": [torch.tensor(nan, dtype=dtype, device=device)],
+        "a 0-dim inf among finite": [t(1.0), torch.tensor(inf, dtype=dtype, device=device)],
+        "a 0-dim finite": [torch.tensor(-big, dtype=dtype, device=device)],
+        "empty only": [t(), t().reshape(0, 3)],
+        "empty and a nan": [t(), t(nan)],
+        "empty and finite": [t(2.0), t()],
+    }
+    want = [_isfinite_all(g) for g in groups.values()]
+    assert want == [False] * 8 + [True, False, False, True, True, False, True]
+    assert finite_flags(list(groups.values())).tolist() == want  # unequal group lengths
+    for (name, group), ok in zip(groups.items(), want):
+        assert bool(finite_flag(group)) == ok, name
+
+
+def test_finite_flags_dispatches_five_ops_and_no_copy_of_the_tensors() -> None:
+    """Five ops for all groups (one more, a zero, to pad groups of unequal length), none of
+    them elementwise over the tensors (the inf-norm reads them once)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: list[str] = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            ops.append(str(func.overloadpacket).rsplit(".", 1)[-1])
+            return func(*args, **(kwargs or {}))
+
+    groups = [[torch.randn(50, 40), torch.randn(7)], [torch.randn(3), torch.randn(2, 2)]]
+    with Ops():
+        finite_flags(groups)
+    assert ops == ["_foreach_norm", "stack", "view", "amax", "lt"]
+    ops.clear()
+    groups = [[torch.randn(50, 40), torch.randn(7)], [torch.randn(3)]]
+    with Ops():
+        finite_flags(groups)
+    assert ops == ["_foreach_norm", "new_zeros", "stack", "view", "amax", "lt"]
 
 
 def test_finite_flags_needs_a_tensor_in_every_group() -> None:

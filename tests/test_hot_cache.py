@@ -15,6 +15,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from torchrec_tt.modules import hot_cache
 from torchrec_tt.swap import TTPolicy, config_bytes, count_distinct_ids, select_tt_tables, swap_configs
+from torchrec_tt.testing import ScalarReads
 
 BATCH = 6
 # "a": 2 cores, D=16 -> q=(4,4), R=32: the write-back is exact for up to 8 evicted rows per last
@@ -371,3 +372,71 @@ def test_cuda_matches_cpu_through_refreshes() -> None:
         assert torch.equal(gpu.cached_ids(name).cpu(), cpu.cached_ids(name))
         torch.testing.assert_close(gpu.full_weight(name).detach().cpu(), cpu.full_weight(name).detach(),
                                    rtol=1e-3, atol=1e-4)
+
+
+def _step_buffers(ebc: TTEmbeddingBagCollection) -> list[torch.Tensor]:
+    return [t.cache_step for t in ebc.embedding_bags.values() if t.cache_rows > 0]
+
+
+def _train_logging_refreshes(ebc: TTEmbeddingBagCollection, steps: range) -> list[tuple[int, str]]:
+    """Trains like ``_train`` and returns ``(step, table)`` of every refresh, the step read from
+    the buffer at the refresh (the schedule's source of truth)."""
+    log: list[tuple[torch.Tensor, str]] = []
+    refresh = ebc.refresh_cache
+
+    def logged(name: str) -> hot_cache.CacheRefreshStats:
+        log.append((ebc.embedding_bags[name].cache_step.clone(), name))  # (read after the steps)
+        return refresh(name)
+
+    ebc.refresh_cache = logged  # type: ignore[method-assign]
+    try:
+        for s in steps:
+            ebc(_kjt(s)).values().square().mean().backward()
+    finally:
+        del ebc.refresh_cache
+    return [(int(step), name) for step, name in log]
+
+
+def test_training_forwards_read_no_step_counter_from_the_device() -> None:
+    ebc = _fused(refresh=3)
+    # The first forward reads nothing either: reset_cache leaves the mirror current.
+    with ScalarReads(_step_buffers(ebc)) as reads:
+        log = _train_logging_refreshes(ebc, range(8))
+    assert reads.count == 0
+    # Refreshes at the start of every third forward, as when the step was read from the buffer.
+    assert log == [(3, "a"), (3, "c"), (6, "a"), (6, "c")]
+    for table in ebc.embedding_bags.values():
+        if table.cache_rows > 0:
+            assert hot_cache.host_step(table) == int(table.cache_step) == 8
+    # A write behind the mirror's back (any in-place write bumps the buffer's version) is read
+    # once, at the next forward, and the schedule follows it.
+    ebc.embedding_bags["a"].cache_step.fill_(5)
+    with ScalarReads(_step_buffers(ebc)) as reads:
+        log = _train_logging_refreshes(ebc, range(8, 10))
+    assert reads.count == 1
+    assert log == [(6, "a"), (9, "c")]
+
+
+def test_refresh_schedule_after_loading_a_checkpoint_taken_mid_interval() -> None:
+    ebc = _fused(refresh=3)
+    _train_logging_refreshes(ebc, range(4))  # step 4: one into the interval
+    saved = copy.deepcopy(ebc.state_dict())
+    copied = copy.deepcopy(ebc)
+    moved = copy.deepcopy(ebc)._apply(torch.Tensor.clone)  # new tensors, as a device move makes
+    # A module whose own mirror is current at another step (2) must take the checkpoint's.
+    resumed = _fused(refresh=3)
+    _train_logging_refreshes(resumed, range(100, 102))
+    resumed.load_state_dict(saved)
+    logs, reads = [], []
+    for m in (ebc, resumed, copied, moved):
+        with ScalarReads(_step_buffers(m)) as counted:
+            logs.append(_train_logging_refreshes(m, range(4, 11)))
+        reads.append(counted.count)
+    assert logs[0] == [(6, "a"), (6, "c"), (9, "a"), (9, "c")]
+    assert all(log == logs[0] for log in logs[1:])
+    # Each table's step is read once where the buffer was written (the load) or replaced.
+    assert reads[0] == 0 and reads[1] == 2 and reads[3] == 2
+    state = ebc.state_dict()
+    for other in (resumed, copied, moved):
+        for k, v in other.state_dict().items():
+            assert torch.equal(v, state[k]), k

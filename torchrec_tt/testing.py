@@ -1,4 +1,5 @@
-"""Helpers shared by tests, examples and benchmarks: random table-batched problems.
+"""Helpers shared by tests, examples and benchmarks: random table-batched problems, and a count
+of the host reads of given tensors.
 
 Kept inside the package (not under tests/) so benchmarks and examples can import them.
 """
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchrec_tt.ops import PoolingMode, TTBatchLayout
 from torchrec_tt.shapes import TTShape
@@ -90,3 +92,22 @@ def has_cuda_kernels() -> bool:
     if not torch.cuda.is_available():
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("torchrec_tt::tt_embedding_bag", "CUDA")
+
+
+class ScalarReads(TorchDispatchMode):
+    """While active, counts the reads of one value to the host (``item()``, ``int()``,
+    ``float()``, ``bool()``: aten's ``_local_scalar_dense``, a host sync on a GPU) of the given
+    tensors, matched by storage, in ``count``; ``total`` counts those of any tensor."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        super().__init__()
+        self._storages = {t.untyped_storage().data_ptr() for t in tensors}
+        self.count = 0
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.total += 1
+            if args[0].untyped_storage().data_ptr() in self._storages:
+                self.count += 1
+        return func(*args, **(kwargs or {}))

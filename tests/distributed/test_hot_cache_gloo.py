@@ -3,19 +3,21 @@
 One spawned job runs two plans (each cached table data_parallel in one and table_wise in the
 other), with the fused Adagrad and with plain SGD: the sharded model's forward, cache (ids, id
 map, counts, step), slab, cores and fused-optimizer state equal the unsharded module's trained
-on the union of the ranks' batches, through five training steps with two refreshes (one with evictions and write-back),
-and in eval mode. ``torch.distributed.checkpoint`` then round-trips the sharded state exactly
-into the other plan and into the unsharded module at world size 1; restored under the same plan,
-the model trains on bit for bit as the saved one (under the other plan, to rounding, cache
-buffers exactly). TrainPipelineSparseDist trains a cached model as plain forward/backward does.
-Column-wise sharding of a cached table is refused with the table named, by the sharder and by
-the planner.
+on the union of the ranks' batches, through five training steps with two refreshes (one with
+evictions and write-back), and in eval mode. ``torch.distributed.checkpoint`` then round-trips
+the sharded state exactly into the other plan and into the unsharded module at world size 1;
+restored under the same plan, the model trains on bit for bit as the saved one (under the other
+plan, to rounding, cache buffers exactly), refreshing at the same step, with no read of a step
+counter from the device per step (one per cache after the load). TrainPipelineSparseDist trains
+a cached model as plain forward/backward does. Column-wise sharding of a cached table is refused
+with the table named, by the sharder and by the planner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -41,6 +43,7 @@ from torchrec_tt import TTEmbeddingBagCollection, TTEmbeddingBagConfig
 from torchrec_tt.modules import hot_cache
 from torchrec_tt.sharding import TTEmbeddingBagCollectionSharder, plan
 from torchrec_tt.sharding.testing import run_multiprocess
+from torchrec_tt.testing import ScalarReads
 
 pytestmark = pytest.mark.multiprocess
 
@@ -178,6 +181,33 @@ def _train(dmp: nn.Module, rank: int, world_size: int, steps: range) -> list[Ten
     return outs
 
 
+def _held_caches(dmp: nn.Module) -> list[Any]:
+    return [t for t in dmp.module.tt.embedding_bags.values() if t.holds_cache()]
+
+
+def _held_steps(dmp: nn.Module) -> list[Tensor]:
+    return [t.cache_step for t in _held_caches(dmp)]
+
+
+@contextlib.contextmanager
+def _logged_refreshes(dmp: nn.Module) -> Iterator[list[int]]:
+    """The step (read from the buffer after the steps) of every refresh of a cache held here."""
+    steps: list[Tensor] = []
+    held = _held_caches(dmp)
+    for local in held:
+        def logged(local: Any = local, refresh: Any = local.refresh_cache) -> Any:
+            steps.append(local.cache_step.clone())
+            return refresh()
+        local.refresh_cache = logged
+    out: list[int] = []
+    try:
+        yield out
+    finally:
+        for local in held:
+            del local.refresh_cache
+    out.extend(int(s) for s in steps)
+
+
 def _check_plans(rank: int, world_size: int, fused: Mapping[str, Any] | None, ckpt: str
                  ) -> dict[str, Any]:
     result: dict[str, Any] = {}
@@ -246,8 +276,16 @@ def _check_plans(rank: int, world_size: int, fused: Mapping[str, Any] | None, ck
             state = same.state_dict()
             dcp.load(state, checkpoint_id=ckpt)
             same.load_state_dict(state)
-            a = _train(dmp, rank, world_size, range(5, 8))
-            b = _train(same, rank, world_size, range(5, 8))
+            # Refreshes at the start of step 6 in both (REFRESH=2: cache_step 6), with no read
+            # of a step counter from the device, except once per held cache after the load.
+            with ScalarReads(_held_steps(dmp)) as reads_dmp, _logged_refreshes(dmp) as log_dmp:
+                a = _train(dmp, rank, world_size, range(5, 8))
+            with ScalarReads(_held_steps(same)) as reads_same, _logged_refreshes(same) as log_same:
+                b = _train(same, rank, world_size, range(5, 8))
+            held = len(_held_steps(same))
+            assert held == (1 if rank == 0 else 2)  # a (data_parallel), c (table_wise on rank 1)
+            assert log_dmp == log_same == [6] * held
+            assert reads_dmp.count == 0 and reads_same.count == held
             _train(other, rank, world_size, range(5, 8))
             assert all(torch.equal(x, y) for x, y in zip(a, b))
             after = _full_state(dmp.module)

@@ -436,6 +436,15 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         )
         # Hot-row cache (eager only: TorchScript compiles the no-cache forward).
         self._has_cache: bool = any(cfg.tt_cache_rows > 0 for cfg in tables)
+        if self._has_cache:  # (what the cached forward needs of the layout, once)
+            table_index = {cfg.name: t for t, cfg in enumerate(tables)}
+            self._cache_layout = hot_cache.CachedLookupLayout(
+                [table_index[n] for n in self._feature_tables],
+                [cfg.pooling == PoolingType.MEAN for cfg in tables],
+                self._lengths_per_key,
+                [t for t, cfg in enumerate(tables) if cfg.tt_cache_rows > 0],
+            )
+            self._cache_sum_modes: List[int] = [int(PoolingMode.SUM)] * len(tables)
         #: Refresh statistics per cached table, from the last refresh.
         self.last_cache_refresh: Dict[str, hot_cache.CacheRefreshStats] = {}
         # (A type comment: TorchScript warns on annotated None attributes in __init__.)
@@ -568,26 +577,21 @@ class TTEmbeddingBagCollection(EmbeddingBagCollectionInterface, _TTLookupMixin):
         from it with ``embedding_bag`` (per-sample weights kept; MEAN divides by the full bag
         length), the other ids go through the TT op (their bags re-offset, pooled as SUM with the
         weights pre-divided by the full bag length for MEAN tables), and the two are added. In
-        training mode, refreshes the caches when due (see ``hot_cache``), then counts the ids;
-        reading each table's step counter is a host synchronisation."""
+        training mode, refreshes the caches when due (see ``hot_cache``), then counts the ids
+        (the refresh schedule reads a host-side copy of each table's step counter: no host
+        synchronisation for it)."""
         if self.training:
             self._refresh_due_caches()
         cores = self.cores()
         values, offsets, weights = _lookup_inputs(
             features, self._feature_names, self._feature_tables, self._is_weighted, cores[0]
         )
+        layout = self._cache_layout
         configs = self._embedding_bag_configs
-        table_index = {cfg.name: t for t, cfg in enumerate(configs)}
-        caches = {
-            t: self.embedding_bags[cfg.name] for t, cfg in enumerate(configs) if cfg.tt_cache_rows > 0
-        }
-        sum_modes = [int(PoolingMode.SUM)] * len(self._op_pooling_modes)
+        caches = {t: self.embedding_bags[configs[t].name] for t in layout.cached_tables}
+        sum_modes = self._cache_sum_modes
         out, seen = hot_cache.cached_pooled(
-            values, offsets, weights, cores[0].dtype,
-            [table_index[n] for n in self._feature_tables],
-            [cfg.pooling == PoolingType.MEAN for cfg in configs],
-            self._lengths_per_key,
-            caches,
+            values, offsets, weights, cores[0].dtype, layout, caches,
             lambda v, o, w: self._op(
                 cores, sum_modes, v, o, w, self._op_compute_precision, deterministic
             ),

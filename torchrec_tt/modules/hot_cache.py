@@ -16,7 +16,10 @@ all buffers of the table (so in its state_dict and DCP checkpoints):
   enters with the smallest count there plus its own, and the ``2K`` largest counts stay; ties go
   to the smaller id). While fewer than ``2K`` distinct ids were seen the counts are exact. Counts
   are multiplied by ``tt_cache_decay`` at every refresh (LFU with exponential decay).
-* ``cache_step`` (int64 scalar): training forwards seen, which schedules the refreshes.
+* ``cache_step`` (int64 scalar): training forwards seen, which schedules the refreshes. The
+  schedule reads a host-side copy of it (``host_step``), so a training forward reads no device
+  memory for it (on a GPU, a host sync per cached table and step); the buffer stays the source
+  of truth (checkpoints save it).
 
 The slab's gradient is dense (``[K, D]``, from ``embedding_bag``), and the fused optimizer
 updates it as it does a core (its state buffers ``cache_weight_<state>`` have the slab's
@@ -70,9 +73,9 @@ from torch import Tensor, nn
 from torchrec_tt.reference import _row_digits
 from torchrec_tt.shapes import TTShape
 
-__all__ = ["CACHE_BUFFERS", "CacheRefreshStats", "add_cache_buffers", "cache_buffer_specs", "cache_slots",
-           "cached_pooled", "count_ids", "record_ids", "refresh_cache", "refresh_due", "refuse_hot_cache",
-           "reset_cache", "tt_rows", "write_back"]
+__all__ = ["CACHE_BUFFERS", "CacheRefreshStats", "CachedLookupLayout", "add_cache_buffers",
+           "cache_buffer_specs", "cache_slots", "cached_pooled", "count_ids", "host_step", "record_ids",
+           "refresh_cache", "refresh_due", "refuse_hot_cache", "reset_cache", "tt_rows", "write_back"]
 
 #: Candidate ids counted per cached row.
 CANDIDATES_PER_ROW = 2
@@ -144,7 +147,9 @@ def reset_cache(table: nn.Module) -> None:
     table.cache_sorted_slots.copy_(torch.arange(table.cache_ids.numel(), device=table.cache_ids.device))
     table.cache_cand_ids.fill_(-1)
     table.cache_cand_counts.zero_()
-    table.cache_step.zero_()
+    step = table.cache_step
+    step.zero_()
+    _set_mirror(table, step, 0)
 
 
 def cache_slots(table: nn.Module, ids: Tensor) -> Tensor:
@@ -156,9 +161,39 @@ def cache_slots(table: nn.Module, ids: Tensor) -> Tensor:
     return torch.where(hit, table.cache_sorted_slots[pos], torch.full_like(ids, -1))
 
 
+def _set_mirror(table: nn.Module, step_buffer: Tensor, step: int) -> None:
+    """Sets the table's ``_cache_step_mirror``, ``[buffer, its _version, step]`` (a plain
+    attribute: not in the state dict), to ``step`` for ``step_buffer`` as it is now."""
+    mirror = table.__dict__.get("_cache_step_mirror")
+    if mirror is None:  # (first set by reset_cache; or a module pickled before it existed)
+        mirror = table.__dict__["_cache_step_mirror"] = [None, -1, 0]
+    mirror[0], mirror[1], mirror[2] = step_buffer, step_buffer._version, step
+
+
+def host_step(table: nn.Module) -> int:
+    """The table's ``cache_step``, from its host-side mirror where that is current, else read
+    from the buffer (a host sync on a GPU) and mirrored.
+
+    The mirror holds the buffer it copies and the buffer's version counter then (torch bumps a
+    tensor's version at every in-place write, through views and ``detach()`` too: ``record_ids``,
+    ``reset_cache``, ``load_state_dict``'s copy, ``torch.distributed.checkpoint``'s load, a
+    broadcast); moving or copying the module (``.to``, ``to_empty``, ``deepcopy``,
+    ``load_state_dict(assign=True)``) puts another tensor there. Either way the buffer is read
+    again, so the mirror cannot go stale except by a write through ``.data``, which has a version
+    counter of its own. ``record_ids`` advances the mirror with its own ``add_(1)``."""
+    buf: Tensor = table._buffers["cache_step"]  # type: ignore[assignment]
+    mirror = table.__dict__.get("_cache_step_mirror")
+    if mirror is not None and mirror[0] is buf and mirror[1] == buf._version:
+        return mirror[2]
+    step = int(buf)
+    _set_mirror(table, buf, step)
+    return step
+
+
 def refresh_due(table: nn.Module, refresh_steps: int) -> bool:
-    """Whether the next training forward starts with a refresh (reads the step on the host)."""
-    step = int(table.cache_step)
+    """Whether the next training forward starts with a refresh (from ``host_step``: no device
+    read unless the step buffer was written or replaced since the last one)."""
+    step = host_step(table)
     return step > 0 and step % refresh_steps == 0
 
 
@@ -166,7 +201,59 @@ def refresh_due(table: nn.Module, refresh_steps: int) -> bool:
 def record_ids(table: nn.Module, ids: Tensor) -> None:
     """What a training forward adds to a table's cache: the counts of its ids and one step."""
     count_ids(table, ids)
-    table.cache_step.add_(1)
+    buf: Tensor = table._buffers["cache_step"]  # type: ignore[assignment]
+    mirror = table.__dict__.get("_cache_step_mirror")
+    current = mirror is not None and mirror[0] is buf and mirror[1] == buf._version
+    buf.add_(1)
+    if current:  # advance with the buffer; else leave it stale, for host_step to read it again
+        mirror[1], mirror[2] = buf._version, mirror[2] + 1  # type: ignore[index]
+
+
+class CachedLookupLayout:
+    """What ``cached_pooled`` needs that depends only on the table layout, built once by the
+    collection or lookup, so that a step does only what depends on its batch.
+
+    ``position_tables[f]``: the table of feature position ``f``; ``mean_tables[t]``: whether
+    table ``t`` pools by MEAN; ``dims[f]``: the width of position ``f``; ``cached_tables``: the
+    tables with a cache (the keys of ``cached_pooled``'s ``caches``)."""
+
+    def __init__(self, position_tables: Sequence[int], mean_tables: Sequence[bool],
+                 dims: Sequence[int], cached_tables: Sequence[int]) -> None:
+        if len(position_tables) != len(dims):
+            raise ValueError(f"{len(position_tables)} feature positions but {len(dims)} dims")
+        self.position_tables = list(position_tables)
+        self.cached_tables = list(cached_tables)
+        position_mean = [bool(mean_tables[t]) for t in position_tables]
+        self._position_mean = position_mean
+        self.any_mean = any(position_mean)
+        self.all_mean = all(position_mean)
+        #: Each cached table's feature positions.
+        self.positions: dict[int, list[int]] = {
+            t: [j for j, pt in enumerate(position_tables) if pt == t] for t in cached_tables
+        }
+        # The output's column blocks in position order: (j, 0) for the slab block of a cached
+        # table's position j, (-1, width) for a run of positions without a cache (one zero block).
+        cached = set(cached_tables)
+        pieces: list[tuple[int, int]] = []
+        for j, (t, d) in enumerate(zip(position_tables, dims)):
+            if t in cached:
+                pieces.append((j, 0))
+            elif pieces and pieces[-1][0] < 0:
+                pieces[-1] = (-1, pieces[-1][1] + d)
+            else:
+                pieces.append((-1, d))
+        self.pieces = pieces
+        self._device_tensors: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def device_tensors(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``position_tables`` and each position's MEAN flag as tensors on ``device`` (made on
+        the first call per device: on a GPU each is a host-to-device copy)."""
+        got = self._device_tensors.get(device)
+        if got is None:
+            got = (torch.tensor(self.position_tables, dtype=torch.int64, device=device),
+                   torch.tensor(self._position_mean, dtype=torch.bool, device=device))
+            self._device_tensors[device] = got
+        return got
 
 
 def cached_pooled(
@@ -174,9 +261,7 @@ def cached_pooled(
     offsets: Tensor,
     weights: Tensor | None,
     dtype: torch.dtype,
-    position_tables: Sequence[int],
-    mean_tables: Sequence[bool],
-    dims: Sequence[int],
+    layout: CachedLookupLayout,
     caches: Mapping[int, nn.Module],
     tt_sum: Callable[[Tensor, Tensor, Tensor], Tensor],
     slabs: Mapping[int, Tensor] | None = None,
@@ -184,30 +269,32 @@ def cached_pooled(
     """Pooled lookups ``[B, sum(dims)]`` of a table-batched bag layout with hot-row caches.
 
     ``values`` / ``offsets`` / ``weights``: the op's flat layout (``F * B`` bags, feature-major);
-    ``position_tables[f]``: the table of feature ``f``; ``mean_tables[t]``: whether table ``t``
-    pools by MEAN; ``dims[f]``: the width of feature ``f``; ``caches``: table -> the module
-    holding its cache buffers (cached tables only). Each cached table's ids found in its slab
-    are pooled from it with ``embedding_bag`` (per-sample weights kept; MEAN divides by the full
-    bag length); the other ids go to ``tt_sum(values, offsets, per_sample_weights)``, the TT op
-    over all tables with SUM pooling (weights pre-divided by the full bag length for MEAN
-    tables), and the two are added. ``slabs``: the tensor to pool each cached table's hits from
-    (default: its ``cache_weight``; a sharded lookup passes a view that routes the gradient).
-    Returns the pooled values and each cached table's ids (for ``record_ids``; nothing is
-    counted here)."""
+    ``layout``: the positions' tables, MEAN flags and widths (``CachedLookupLayout``);
+    ``caches``: table -> the module holding its cache buffers (the layout's cached tables). Each
+    cached table's ids found in its slab are pooled from it with ``embedding_bag`` (per-sample
+    weights kept; MEAN divides by the full bag length); the other ids go to
+    ``tt_sum(values, offsets, per_sample_weights)``, the TT op over all tables with SUM pooling
+    (weights pre-divided by the full bag length for MEAN tables), and the two are added.
+    ``slabs``: the tensor to pool each cached table's hits from (default: its ``cache_weight``;
+    a sharded lookup passes a view that routes the gradient). Returns the pooled values and each
+    cached table's ids (for ``record_ids``; nothing is counted here)."""
     dev = values.device
-    num_pos = len(position_tables)
+    pos_table, pos_mean = layout.device_tensors(dev)
     nbags = offsets.numel() - 1
-    batch = nbags // num_pos
+    batch = nbags // len(layout.position_tables)
     lengths = (offsets[1:] - offsets[:-1]).long()
     bag_of = torch.repeat_interleave(
         torch.arange(nbags, device=dev), lengths, output_size=values.numel()
     )
     pos_of = bag_of // batch if batch > 0 else bag_of
-    pos_table = torch.tensor(list(position_tables), device=dev)
-    pos_mean = torch.tensor([mean_tables[t] for t in position_tables], device=dev)
     table_of = pos_table[pos_of]
     w = weights if weights is not None else torch.ones(values.numel(), dtype=dtype, device=dev)
-    scale = torch.where(pos_mean[pos_of], w / lengths.clamp(min=1).to(dtype)[bag_of], w)
+    if w.dtype == dtype and not layout.any_mean:  # what the where below gives, without it
+        scale = w
+    elif w.dtype == dtype and layout.all_mean:
+        scale = w / lengths.clamp(min=1).to(dtype)[bag_of]
+    else:
+        scale = torch.where(pos_mean[pos_of], w / lengths.clamp(min=1).to(dtype)[bag_of], w)
     hit = torch.zeros(values.numel(), dtype=torch.bool, device=dev)
     blocks: dict[int, Tensor] = {}
     seen: dict[int, Tensor] = {}
@@ -225,18 +312,15 @@ def cached_pooled(
             slots[found], slab, off, mode="sum",
             per_sample_weights=scale[hidx], include_last_offset=True,
         )
-        for j, pt in enumerate(position_tables):
-            if pt == t:
-                blocks[j] = pooled[j * batch : (j + 1) * batch]
+        for j in layout.positions[t]:
+            blocks[j] = pooled[j * batch : (j + 1) * batch]
         seen[t] = ids
     keep = ~hit
     kept = torch.bincount(bag_of[keep], minlength=nbags)
     kept_offsets = torch.cat([kept.new_zeros(1), torch.cumsum(kept, 0)]).to(offsets.dtype)
     tt_values = tt_sum(values[keep], kept_offsets, scale[keep])
-    parts = [
-        blocks[j] if j in blocks else tt_values.new_zeros(batch, d) for j, d in enumerate(dims)
-    ]
-    return tt_values + torch.cat(parts, dim=1), seen
+    parts = [blocks[j] if j >= 0 else tt_values.new_zeros(batch, d) for j, d in layout.pieces]
+    return tt_values + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), seen
 
 
 @torch.no_grad()
