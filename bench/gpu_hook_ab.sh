@@ -5,7 +5,7 @@
 # the CUDA case), the host cost of the step (bench_step_host.py --device cuda) and the DLRM step
 # (bench_dlrm_step.py, DLRM_ARGS as gpu_round.sh). Writes into $OUT.
 set -uo pipefail
-timeout 120 python3 -m pytest tests/test_fused_update_hook.py tests/test_fused_update_batched.py -q \
+timeout 150 python3 -m pytest tests/test_fused_update_hook.py tests/test_fused_update_batched.py tests/test_hot_cache.py -q \
   -p no:cacheprovider -rfE > "$OUT/tests_fused_update_hook_cuda.txt" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests_fused_update_hook_cuda.txt" | tail -3
 args=${DLRM_ARGS:---batch-sizes 8192 65536 --tt-cores 2 --steps 40}
