@@ -6,7 +6,7 @@ uncompressed, with the batches already on the GPU and no host read inside the ti
 Per batch size both models are built (8 device-made synthetic batches each, drawn once), 10
 warm-up steps run, then ``--repeats`` windows of ``--steps`` steps (forward, backward,
 optimizer) are timed between two CUDA events (one synchronisation at the end of a window),
-alternating uncompressed / TT windows so that a drift of the machine reaches both; the median
+alternating uncompressed / TT windows (and their order) so that a drift of the machine reaches both; the median
 window is reported. Python's garbage collector is counted: a full (generation-2) collection walks
 every object of both models (TorchRec modules, awaitables), milliseconds on the host of a
 host-bound step, so the table says how many ran inside the timed windows; ``--gc-freeze`` moves
@@ -132,9 +132,10 @@ def main() -> None:
             if a.gc_freeze:
                 gc.freeze()
             collections.count = 0
+            plain.peak_mib = 0.0
             times: dict[bool, list[float]] = {False: [], True: []}
-            for _ in range(a.repeats):
-                for model in (plain, tt):
+            for r in range(a.repeats):  # the order alternates too: no position bias
+                for model in ((plain, tt) if r % 2 == 0 else (tt, plain)):
                     times[model.tt].append(model.window(a.steps, collections))
             if a.profile:
                 plain.profile(batch)
@@ -155,7 +156,7 @@ def main() -> None:
           f"GPU-resident batches, median of {a.repeats} alternating windows of {a.steps} steps "
           f"between CUDA events, gc.freeze() {'on' if a.gc_freeze else 'off'}")
     print("| batch | TT cores | TT ms/step | uncompressed ms/step | TT / uncompressed | compression | "
-          "TT step extra MiB | uncompressed step extra MiB | full GCs in windows | windows TT / uncompressed ms |")
+          "TT step extra MiB | uncompressed step extra MiB | full GCs in both models' windows | windows TT / uncompressed ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for batch, cores, t, p, comp, tpk, ppk, ngc, times in rows:
         spread = (" ".join(f"{x:.2f}" for x in times[True]) + " / "

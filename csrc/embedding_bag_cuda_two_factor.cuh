@@ -976,9 +976,9 @@ void launch_forward(const Params& P, const BatchInfo& info, const index_t* idx, 
         return false;
       };
       const int ex = exact_shape(info);
-      // D=16 keeps the strided ranks: consecutive ones measured 0.349 vs 0.316 ms at B=65,536
-      // (0.139 vs 0.142 at 8,192); at D=64 they measured 0.629 vs 0.643 and 0.211 vs 0.213 ms,
-      // and 248 vs 273 us of forward in ncu (docs/benchmarks.md "v8").
+      // Consecutive ranks at D=64 only: there they cut the forward's warp instructions by 6% and
+      // its loads by 59% (ncu); at D=16 one run measured them slower (0.349 vs 0.316 ms at
+      // B=65,536), within run-to-run variation (docs/benchmarks.md "v8").
       if (ex == 4 && gs == 8) return launch(forward_rank_kernel<index_t, 8, 4, 4, 32, 4>, 8);
       if (ex == 8 && gs == 16) {
         if (strided_rank_forward_env()) {

@@ -4,6 +4,8 @@ the op's other gradients (per-sample weights) on untouched."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -91,3 +93,83 @@ def test_no_graph_no_hook(device: str) -> None:
     with torch.no_grad():
         pooled = tt_embedding_bag(cores, layout, indices, offsets)
     assert _update_in_op_backward(pooled, lambda p, g: None, cores, []) == []
+
+
+def _local(v: torch.Tensor) -> torch.Tensor:
+    """A copy of this rank's values of a plain, sharded (TorchRec's ShardedTensor) or DTensor."""
+    if hasattr(v, "local_shards"):
+        shards = v.local_shards()
+        return torch.cat([sh.tensor.detach().reshape(-1) for sh in shards]) if shards else torch.empty(0)
+    if hasattr(v, "to_local"):
+        return v.to_local().detach().clone()
+    return v.detach().clone()
+
+
+def _trainer_steps(device: str, tmp_path: Any, hook: str, monkeypatch: Any) -> tuple[dict, list]:
+    """Three steps of the trainer's DLRM (examples/dlrm/train.py ``build()``: TT tables sharded
+    data_parallel, their Adagrad fused into the backward) with the fused update as the hook
+    (``TORCHREC_TT_FUSED_UPDATE_HOOK=1``, the default) or as the identity-view Function (``0``):
+    the model's and the optimizer's state, and the names of parameters left with a ``.grad``."""
+    import sys
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    train_dir = Path(__file__).resolve().parents[1] / "examples" / "dlrm"
+    sys.path.insert(0, str(train_dir))
+    try:
+        import train  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("TORCHREC_TT_FUSED_UPDATE_HOOK", hook)
+    from torchrec_tt.sharding import lookup
+
+    views_applied = []
+    original = lookup._FusedUpdateInBackward.apply
+
+    def counted(*a: Any) -> Any:
+        views_applied.append(1)
+        return original(*a)
+
+    monkeypatch.setattr(lookup._FusedUpdateInBackward, "apply", counted)
+    dev = torch.device(device)
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                                init_method=f"file://{tmp_path / ('pg' + hook)}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        args = train.parse_args(["--device", device, "--nproc", "1", "--batch_size", "32",
+                                 "--scale", "0.002", "--tt_cores", "2"])
+        data = train.load_data(args, 0, dev)
+        dmp, optimizer, _ = train.build(args, data, True, dev, dist.group.WORLD)
+        it = data.train_batches(args, 0, 1, 0)
+        dmp.train()
+        for _ in range(3):
+            batch = next(it).to(dev)
+            optimizer.zero_grad()
+            loss, _ = dmp(batch)
+            loss.backward()
+            optimizer.step()
+        model = {k: _local(v) for k, v in dmp.state_dict().items() if isinstance(v, torch.Tensor)}
+        opt = optimizer.state_dict()["state"]
+        flat = {f"{k}/{s}": _local(v) for k, st in opt.items() for s, v in st.items()
+                if isinstance(v, torch.Tensor)}
+        with_grad = [n for n, p in dmp.named_parameters() if p.grad is not None]
+        assert bool(views_applied) == (hook == "0")  # the switch picked the path
+        return {**model, **flat}, with_grad
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_trainer_model_same_with_hook_and_with_identity_views(device: str, tmp_path: Any,
+                                                               monkeypatch: Any) -> None:
+    views, grads_views = _trainer_steps(device, tmp_path, "0", monkeypatch)
+    hooked, grads_hooked = _trainer_steps(device, tmp_path, "1", monkeypatch)
+    assert views.keys() == hooked.keys()
+    for k in views:
+        _same(hooked[k], views[k])
+    assert grads_views == grads_hooked  # the TT cores get no .grad either way
+    assert not any("tt" in n and "cores" in n for n in grads_hooked), grads_hooked
