@@ -516,6 +516,37 @@ def test_cuda_two_factor_kaggle_sized_shapes(monkeypatch, dim: int, q: tuple, ra
 
 
 @requires_cuda
+@pytest.mark.parametrize("dim", [16, 64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_two_factor_exact_shapes_several_features(monkeypatch, dim: int, weighted: bool) -> None:
+    # The exact-shape kernels (R = 32, q_last = Q) with two tables, three features (one table
+    # read by two of them, so feature columns and tables differ) and both poolings.
+    gen = torch.Generator().manual_seed(dim + weighted)
+    q = (dim // 8, 8) if dim == 64 else (4, 4)
+    rank, batch = 32, 512
+    shapes = [TTShape(100_003, dim, (317, 316), q, (rank,)), TTShape(20_011, dim, (142, 141), q, (rank,))]
+    cores = []
+    for shape in shapes:
+        cores += [0.1 * torch.randn(shape.p[0], q[0] * rank, generator=gen),
+                  0.1 * torch.randn(shape.p[1], rank * q[1], generator=gen)]
+    feature_table = [0, 1, 0]
+    layout = TTBatchLayout.from_shapes(["a", "b"], shapes, [PoolingMode.SUM, PoolingMode.MEAN], feature_table)
+    lengths = torch.randint(0, 6, (len(feature_table) * batch,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    rows = [shapes[feature_table[b // batch]].num_rows for b in range(len(lengths))]
+    indices = torch.cat([(torch.randint(0, 300, (int(k),), generator=gen) ** 2 * 7919) % r
+                         for k, r in zip(lengths, rows)])
+    import dataclasses
+
+    prob = dataclasses.replace(
+        random_problem(0, num_tables=2), cores=cores, layout=layout, indices=indices, offsets=offsets,
+        per_sample_weights=torch.rand(indices.numel(), generator=gen) if weighted else None,
+        batch_size=batch,
+    )
+    _check_two_factor(prob, monkeypatch, weighted=weighted)
+
+
+@requires_cuda
 @pytest.mark.parametrize("bounds", [BoundsCheckMode.WARNING, BoundsCheckMode.IGNORE])
 def test_cuda_two_factor_out_of_range_lookups_contribute_zero(bounds: BoundsCheckMode) -> None:
     prob = _to(_two_factor_problem(5, num_tables=2, num_features=3, batch_size=16, num_cores=2,
