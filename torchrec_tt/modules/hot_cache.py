@@ -170,6 +170,14 @@ def _set_mirror(table: nn.Module, step_buffer: Tensor, step: int) -> None:
     mirror[0], mirror[1], mirror[2] = step_buffer, step_buffer._version, step
 
 
+def _current_mirror(table: nn.Module, step_buffer: Tensor) -> list | None:
+    """The table's mirror if it still copies ``step_buffer`` as it is now, else None."""
+    mirror = table.__dict__.get("_cache_step_mirror")
+    if mirror is not None and mirror[0] is step_buffer and mirror[1] == step_buffer._version:
+        return mirror
+    return None
+
+
 def host_step(table: nn.Module) -> int:
     """The table's ``cache_step``, from its host-side mirror where that is current, else read
     from the buffer (a host sync on a GPU) and mirrored.
@@ -182,8 +190,8 @@ def host_step(table: nn.Module) -> int:
     again, so the mirror cannot go stale except by a write through ``.data``, which has a version
     counter of its own. ``record_ids`` advances the mirror with its own ``add_(1)``."""
     buf: Tensor = table._buffers["cache_step"]  # type: ignore[assignment]
-    mirror = table.__dict__.get("_cache_step_mirror")
-    if mirror is not None and mirror[0] is buf and mirror[1] == buf._version:
+    mirror = _current_mirror(table, buf)
+    if mirror is not None:
         return mirror[2]
     step = int(buf)
     _set_mirror(table, buf, step)
@@ -202,11 +210,10 @@ def record_ids(table: nn.Module, ids: Tensor) -> None:
     """What a training forward adds to a table's cache: the counts of its ids and one step."""
     count_ids(table, ids)
     buf: Tensor = table._buffers["cache_step"]  # type: ignore[assignment]
-    mirror = table.__dict__.get("_cache_step_mirror")
-    current = mirror is not None and mirror[0] is buf and mirror[1] == buf._version
+    mirror = _current_mirror(table, buf)
     buf.add_(1)
-    if current:  # advance with the buffer; else leave it stale, for host_step to read it again
-        mirror[1], mirror[2] = buf._version, mirror[2] + 1  # type: ignore[index]
+    if mirror is not None:  # advance with the buffer; else stale, for host_step to read again
+        mirror[1], mirror[2] = buf._version, mirror[2] + 1
 
 
 class CachedLookupLayout:
